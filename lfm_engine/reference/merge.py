@@ -69,7 +69,6 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from lfm_engine.merge_params import (
