@@ -61,7 +61,8 @@ struct Query {
 };
 
 struct Scratch {
-    std::vector<float> b, x, s, mixed, div, o;
+    std::vector<float> b, x, mixed, o;
+    std::vector<double> s, div;  // elected-sign sums and divisors, float64 like the reference
     std::vector<uint8_t> keep;
     std::vector<uint32_t> draws;
 };
@@ -417,11 +418,10 @@ private:
     // ---- the merge pass ------------------------------------------------------------
     void merge_pass() {
         const bool linear = a_.method == LFM_MERGE_LINEAR;
-        std::vector<float> wf(K_), ff(K_);
+        std::vector<float> wf(K_);
         double wsum = 0.0;
         for (int i = 0; i < K_; ++i) {
             wf[i] = static_cast<float>(a_.w[i]);
-            ff[i] = static_cast<float>(factor_[i]);
             wsum += a_.w[i];
         }
         const float plain_div = static_cast<float>(std::fabs(wsum) < 1e-8 ? 1.0 : wsum);
@@ -431,44 +431,49 @@ private:
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             load(s, start, len);
-            float* S = s.s.data();
+            double* S = s.s.data();
             float* mixed = s.mixed.data();
-            float* div = s.div.data();
+            double* div = s.div.data();
             float* o = s.o.data();
             const float* b = s.b.data();
-            std::fill(S, S + len, 0.0f);
-            // dp_i = kept ? factor_i * delta_i : 0, stored in place of delta_i
+            std::fill(S, S + len, 0.0);
+            // dp_i = kept ? factor_i * delta_i : 0, stored in place of delta_i. The elected
+            // sign comes from a float64 sum (as exact as the reference's), so an element whose
+            // sum is near zero does not flip sign with float32 rounding.
             for (int i = 0; i < K_; ++i) {
                 float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
-                if (a_.sparsifier != Sparsifier::None) {
-                    keep_flags(i, start, len, x, s);
-                    const uint8_t* k = s.keep.data();
-                    const float f = ff[i];
-                    for (int64_t j = 0; j < len; ++j) x[j] = k[j] ? f * x[j] : 0.0f;
-                }
-                if (a_.consensus) {
-                    const float w = a_.consensus_unweighted ? 1.0f : wf[i];
-                    for (int64_t j = 0; j < len; ++j) S[j] += w * x[j];
+                const double f = factor_[i];
+                if (a_.sparsifier != Sparsifier::None) keep_flags(i, start, len, x, s);
+                const uint8_t* k = s.keep.data();
+                const bool sparse = a_.sparsifier != Sparsifier::None;
+                const double we = a_.consensus_unweighted ? 1.0 : a_.w[i];
+                for (int64_t j = 0; j < len; ++j) {
+                    const double dd = (!sparse || k[j]) ? static_cast<double>(x[j]) * f : 0.0;
+                    x[j] = static_cast<float>(dd);
+                    if (a_.consensus) S[j] += we * dd;
                 }
             }
             std::fill(mixed, mixed + len, 0.0f);
             if (a_.consensus) {
-                std::fill(div, div + len, 0.0f);
+                std::fill(div, div + len, 0.0);
                 for (int i = 0; i < K_; ++i) {
                     const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
                     const float w = wf[i];
-                    const float wd = a_.disjoint_count ? 1.0f : w;
+                    const double wd = a_.disjoint_count ? 1.0 : a_.w[i];
                     const bool unw = a_.consensus_unweighted;
                     for (int64_t j = 0; j < len; ++j) {
                         const float t = w * x[j];
                         const float sg = unw ? x[j] : t;
-                        const bool m = S[j] >= 0.0f ? sg > 0.0f : sg < 0.0f;
+                        const bool m = S[j] >= 0.0 ? sg > 0.0f : sg < 0.0f;
                         mixed[j] += m ? t : 0.0f;
-                        div[j] += m ? wd : 0.0f;
+                        div[j] += m ? wd : 0.0;
                     }
                 }
                 if (normalize)
-                    for (int64_t j = 0; j < len; ++j) mixed[j] /= (div[j] == 0.0f ? 1.0f : div[j]);
+                    // |divisor| < 1e-8 -> 1 (spec: == 0; agreeing negative weights can cancel to
+                    // ~1e-17, see reference/merge.py), summed in float64 like the reference.
+                    for (int64_t j = 0; j < len; ++j)
+                        mixed[j] = static_cast<float>(mixed[j] / (std::fabs(div[j]) < 1e-8 ? 1.0 : div[j]));
             } else {
                 for (int i = 0; i < K_; ++i) {
                     const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
