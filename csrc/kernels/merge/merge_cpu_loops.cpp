@@ -37,14 +37,29 @@ LFM_MULTIVERSION uint32_t check_finite(const float* __restrict x, int64_t len) {
     return bad;
 }
 
-LFM_MULTIVERSION void cut_interior(const float* __restrict x, uint32_t lo_v, uint32_t hi_v,
-                                   uint8_t* __restrict keep, int64_t len) {
+LFM_MULTIVERSION void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin,
+                               int64_t lo_emax, uint32_t hi_v, int64_t hi_emin, int64_t hi_emax,
+                               uint8_t* __restrict keep, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
         uint32_t u;
         std::memcpy(&u, &x[j], 4);
         u &= 0x7fffffffu;
-        keep[j] = static_cast<uint8_t>((u > lo_v) & (u < hi_v));
+        const int64_t e = start + j;
+        const uint32_t inside = (u >= lo_v) & (u <= hi_v);
+        const uint32_t lo_ok = (u != lo_v) | ((e >= lo_emin) & (e <= lo_emax));
+        const uint32_t hi_ok = (u != hi_v) | ((e >= hi_emin) & (e <= hi_emax));
+        keep[j] = static_cast<uint8_t>(inside & lo_ok & hi_ok);
     }
+}
+
+LFM_MULTIVERSION int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len) {
+    int64_t c = 0;
+    for (int64_t j = 0; j < len; ++j) {
+        uint32_t u;
+        std::memcpy(&u, &x[j], 4);
+        c += (u & 0x7fffffffu) == v;
+    }
+    return c;
 }
 
 LFM_MULTIVERSION void draws_below(const uint32_t* __restrict draws, uint32_t thr, uint8_t* __restrict keep,

@@ -11,8 +11,12 @@ uint32_t sub_check(float* __restrict x, const float* __restrict b, int64_t len);
 // nonzero when any x is NaN/Inf
 uint32_t check_finite(const float* __restrict x, int64_t len);
 
-// keep[j] = lo_v < v < hi_v for v = |x[j]| bits (the interior of a magnitude cut).
-void cut_interior(const float* __restrict x, uint32_t lo_v, uint32_t hi_v, uint8_t* __restrict keep, int64_t len);
+// Magnitude cut on v = |x[j]| bits at flat index e = start + j: keep iff lo_v <= v <= hi_v,
+// where v == lo_v also needs e in [lo_emin, lo_emax] and v == hi_v needs e in [hi_emin, hi_emax].
+void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax,
+              uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* __restrict keep, int64_t len);
+// number of j with |x[j]| bits == v
+int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len);
 // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
 void draws_below(const uint32_t* __restrict draws, uint32_t thr, uint8_t* __restrict keep, int64_t len);
 
