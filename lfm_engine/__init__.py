@@ -18,9 +18,15 @@ __version__ = "0.1.0"
 _PKG = Path(__file__).resolve().parent
 
 
+def _native_dirs() -> list:
+    from lfm_engine._native import has_native, native_dir
+
+    return [native_dir()] if has_native() else []
+
+
 def get_include() -> str:
     """Folder holding lfm/lfm.h (installed with the package; the repo's include/ in a source tree)."""
-    for cand in (_PKG / "include", _PKG.parent / "include"):
+    for cand in [d / "include" for d in _native_dirs()] + [_PKG / "include", _PKG.parent / "include"]:
         if (cand / "lfm" / "lfm.h").is_file():
             return str(cand)
     raise FileNotFoundError("lfm/lfm.h not found next to the package; reinstall lfm_engine")
@@ -28,10 +34,11 @@ def get_include() -> str:
 
 def get_library() -> str:
     """Path of the shared core library liblfm (link against it from C/C++)."""
-    for name in ("liblfm.so", "liblfm.dylib", "lfm.dll"):
-        p = _PKG / name
-        if p.is_file():
-            return str(p)
+    for folder in _native_dirs() + [_PKG]:
+        for name in ("liblfm.so", "liblfm.dylib", "lfm.dll"):
+            p = folder / name
+            if p.is_file():
+                return str(p)
     raise FileNotFoundError("liblfm not found in the package folder; reinstall lfm_engine")
 
 
