@@ -1,0 +1,20 @@
+// A persistent worker pool for the CPU kernels.
+//
+// parallel_for(n_tasks, max_workers, fn) calls fn(task, slot) once for every task in
+// [0, n_tasks); `slot` in [0, workers) identifies the worker so kernels can keep
+// per-worker scratch. Tasks are taken dynamically, so kernels must make results
+// independent of which worker ran which task (they reduce per task, in task order).
+// The first exception thrown by fn is re-thrown in the caller after all workers stop.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace lfm {
+
+int get_num_threads();           // LFM_NUM_THREADS, else hardware concurrency
+void set_num_threads(int n);     // n >= 1
+// How many worker slots parallel_for will use for these arguments (for sizing scratch).
+int plan_workers(int64_t n_tasks, int max_workers);
+void parallel_for(int64_t n_tasks, int max_workers, const std::function<void(int64_t, int)>& fn);
+
+}  // namespace lfm

@@ -1,0 +1,14 @@
+// lfm_engine._C: a thin pybind11 skin over the C ABI (include/lfm/lfm.h).
+// Each op family binds itself in bind_<op>.cpp; add one line below per family.
+#include "python/tensor_arg.h"
+
+namespace lfm::py {
+void bind_common(pyb::module_& m);
+void bind_merge(pyb::module_& m);
+}  // namespace lfm::py
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "lfm_engine native core (C ABI skin)";
+    lfm::py::bind_common(m);
+    lfm::py::bind_merge(m);
+}

@@ -1,0 +1,56 @@
+"""lfm_engine: compiled kernels to merge, compress and serve fine-tuned models.
+
+Top-level API:
+    merge_tensors(base, others, method="ties", ...)   fused sparsify-and-merge of one tensor
+    get_include(), get_library()                      C ABI header folder and liblfm path
+    build_info()                                      what this build has (CUDA, SIMD level)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.ops.merge import merge_tensors
+
+__version__ = "0.1.0"
+_PKG = Path(__file__).resolve().parent
+
+
+def get_include() -> str:
+    """Folder holding lfm/lfm.h (installed with the package; the repo's include/ in a source tree)."""
+    for cand in (_PKG / "include", _PKG.parent / "include"):
+        if (cand / "lfm" / "lfm.h").is_file():
+            return str(cand)
+    raise FileNotFoundError("lfm/lfm.h not found next to the package; reinstall lfm_engine")
+
+
+def get_library() -> str:
+    """Path of the shared core library liblfm (link against it from C/C++)."""
+    for name in ("liblfm.so", "liblfm.dylib", "lfm.dll"):
+        p = _PKG / name
+        if p.is_file():
+            return str(p)
+    raise FileNotFoundError("liblfm not found in the package folder; reinstall lfm_engine")
+
+
+def build_info() -> dict:
+    """{version, abi, cuda, cuda_archs, simd} of the compiled core."""
+    from lfm_engine._native import native
+
+    return json.loads(native().build_info())
+
+
+def set_num_threads(n: int) -> None:
+    """Worker threads of the CPU kernels (default: LFM_NUM_THREADS or all cores)."""
+    from lfm_engine._native import native
+
+    native().set_num_threads(int(n))
+
+
+__all__ = [
+    "METHODS", "MergeConfigError", "merge_tensors", "get_include", "get_library", "build_info",
+    "set_num_threads", "__version__",
+]
+del os

@@ -1,0 +1,58 @@
+"""Backend choice, shared by every ops/<op>.py.
+
+Each op keeps a visible table {backend name: callable}. The backend is chosen by, in
+order: the explicit ``backend=`` argument, the ``LFM_BACKEND`` environment variable
+(when that backend exists for the op and suits the device), then the op's default for
+the tensors' device. Asking for a backend that the op has not, or that cannot run on
+the tensors' device, is an error naming the choices.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+CPU_BACKENDS = ("cpu", "reference")
+CUDA_BACKENDS = ("cuda", "triton", "reference")
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_backends(device: torch.device) -> Sequence[str]:
+    if device.type == "cuda":
+        return CUDA_BACKENDS
+    # The Triton interpreter runs Triton kernels on CPU tensors: that is how CPU-only
+    # machines test them.
+    return CPU_BACKENDS + (("triton",) if triton_interpret() else ())
+
+
+def pick_backend(
+    op: str,
+    table: Mapping[str, Callable],
+    device: torch.device,
+    backend: Optional[str],
+    default: Mapping[str, str],
+) -> str:
+    """Name of the backend to run `op` with. `default` maps device type -> backend."""
+    allowed = [b for b in device_backends(device) if b in table]
+    if backend is None:
+        env = os.environ.get("LFM_BACKEND")
+        if env and env in allowed:
+            backend = env
+    if backend is None:
+        backend = default.get(device.type)
+        if backend is None:
+            raise ValueError(f"{op}: no backend runs on device '{device}'")
+        return backend
+    if backend not in table:
+        raise ValueError(f"{op}: unknown backend '{backend}' (this op has: {', '.join(table)})")
+    if backend not in allowed:
+        raise ValueError(
+            f"{op}: backend '{backend}' cannot run on device '{device}' "
+            f"(available here: {', '.join(allowed)})"
+        )
+    return backend
