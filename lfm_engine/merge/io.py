@@ -216,8 +216,8 @@ class ModelFolder:
         if not os.path.isdir(self.path):
             if is_hub_id(path):
                 raise CheckpointError(
-                    f"'{path}' looks like a Hugging Face hub id; only local folders are "
-                    f"supported (download it first, e.g. `huggingface-cli download {path} "
+                    f"'{path}' looks like a Hugging Face hub id: local folders "
+                    f"only (download it first, e.g. `huggingface-cli download {path} "
                     f"--local-dir DIR`, and use DIR)")
             if os.path.exists(self.path):
                 raise CheckpointError(f"'{path}' is not a folder (expected a model folder)")

@@ -379,7 +379,8 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
                 bad = True
         if bad:
             continue
-        region_t = tuple(region) if tuple(region) != tuple(shape) else None
+        # any input of another size -> every input is cut to the common region
+        region_t = tuple(region) if any(ti.shape != shape for _, ti in present) else None
         if region_t is not None and any(r == 0 for r in region_t):
             errors.add(f"shape0:{out_name}", f"'{out_name}': inputs have no common sub-matrix")
             continue

@@ -106,7 +106,7 @@ def _merge_tensors_fn():
 # ------------------------------------------------------------------- one tensor
 
 def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, n_threads: int = 0) -> torch.Tensor:
     """Compute one output tensor from its loaded inputs (CPU tensors keyed by (file, start))."""
     def get(info):
         return tensors[(info.file, info.start)].to(device, non_blocking=True)
@@ -124,8 +124,8 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
     if method in C.TASK_METHODS or method == "linear":
         kw = task_merge_kwargs(method, task, seed)
         m = kw.pop("method")
-        out = _merge_tensors_fn()(base if base is not None else xs[0], xs, method=m,
-                                  out_dtype=task.dtype, **kw)
+        out = _merge_tensors_fn()(base, xs, method=m, out_dtype=task.dtype,
+                                  n_threads=n_threads, **kw)
     elif method == "slerp":
         out = geometric.slerp(float(sh["t"]), base, xs[0])
     elif method == "nuslerp":
@@ -331,8 +331,10 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                            time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
                            list(plan.warnings), text)
 
+    n_threads = 0  # 0: the C++ library's default (LFM_NUM_THREADS or all cores)
     if threads is not None:
-        torch.set_num_threads(int(threads))
+        n_threads = int(threads)
+        torch.set_num_threads(n_threads)  # for the torch-implemented methods
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -351,7 +353,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         pf = _Prefetcher(plan.tasks)
         n_done = 0
         for task, loaded, nbytes in pf:
-            out = merge_task(cfg.method, task, loaded, plan.seed, dev)
+            out = merge_task(cfg.method, task, loaded, plan.seed, dev, n_threads)
             del loaded
             writer.write(task.name, out)
             del out
