@@ -341,9 +341,17 @@ class ShardedWriter:
         self._f = None
         self.bytes_written = 0
 
+    def _finish_file(self):
+        # fsync before the folder is renamed into place: a rename that reaches the
+        # disk before the data would otherwise leave empty shards after a crash
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+
     def _open_shard(self, si: int):
         if self._f is not None:
-            self._f.close()
+            self._finish_file()
         offs = 0
         header = {}
         for name, dt, shape in self.layout.entries[si]:
@@ -377,10 +385,7 @@ class ShardedWriter:
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
+            self._finish_file()
         if self._pos != len(self._order):
             raise RuntimeError(
                 f"writer: only {self._pos} of {len(self._order)} tensors were written")
