@@ -8,7 +8,9 @@ during the merge (no output folder is left behind), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 
 
@@ -42,6 +44,12 @@ def run(args) -> int:
 
     old = warnings.showwarning
     warnings.showwarning = show
+    # SIGTERM (e.g. a job scheduler) unwinds like Ctrl-C so the temporary folder is removed
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+        old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         res = merge_models(args.config, args.out_dir, device=args.device, threads=args.threads,
                            out_shard_size=args.out_shard_size, seed=args.seed,
@@ -61,6 +69,8 @@ def run(args) -> int:
         return 1
     finally:
         warnings.showwarning = old
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if args.dry_run:
         print(res.summary())
     return 0

@@ -416,6 +416,25 @@ def test_failure_mid_merge_leaves_no_output(family, tmp_path, monkeypatch):
     assert [p for p in os.listdir(tmp_path) if p != "cfg.yml"] == []
 
 
+def test_write_failure_leaves_no_output(family, tmp_path, monkeypatch):
+    paths, _ = family
+    cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
+           "models": [{"model": paths[1], "parameters": {"weight": 1.0}}]}
+    from lfm_engine.merge import io as merge_io
+    real = merge_io.ShardedWriter.write
+    n = []
+
+    def full_disk(self, name, t):
+        n.append(1)
+        if len(n) == 9:
+            raise OSError(28, "No space left on device")
+        return real(self, name, t)
+    monkeypatch.setattr(merge_io.ShardedWriter, "write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        merge_models(cfg, tmp_path / "out", quiet=True, out_shard_size="30KB")
+    assert os.listdir(tmp_path) == []
+
+
 def test_existing_output_needs_allow_overwrite(family, tmp_path):
     paths, T = family
     cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],

@@ -481,7 +481,7 @@ def _quick_folder_check(ref: str, path: str) -> None:
     if not os.path.isdir(path):
         if is_hub_id(ref):
             raise CheckpointError(
-                f"'{ref}' looks like a Hugging Face hub id: local folders only "
+                f"'{ref}' is not a local folder and looks like a Hugging Face hub id: local folders only "
                 f"(download it first, e.g. `huggingface-cli download {ref} --local-dir DIR`)")
         raise CheckpointError(f"model folder '{ref}' does not exist")
     files = os.listdir(path)

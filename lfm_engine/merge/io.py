@@ -216,7 +216,7 @@ class ModelFolder:
         if not os.path.isdir(self.path):
             if is_hub_id(path):
                 raise CheckpointError(
-                    f"'{path}' looks like a Hugging Face hub id: local folders "
+                    f"'{path}' is not a local folder and looks like a Hugging Face hub id: local folders "
                     f"only (download it first, e.g. `huggingface-cli download {path} "
                     f"--local-dir DIR`, and use DIR)")
             if os.path.exists(self.path):

@@ -207,6 +207,48 @@ class _Prefetcher:
         self.thread.join(timeout=10)
 
 
+class _AsyncWriter:
+    """Appends finished tensors to the shards on a second thread (bounded queue), so the
+    write of tensor i overlaps the merge of tensor i+1. Errors surface on the next call."""
+
+    _END = object()
+
+    def __init__(self, writer: ShardedWriter, depth: int = 2):
+        self.writer = writer
+        self.q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="lfm-merge-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is self._END:
+                return
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:
+                    self.error = e
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((name, tensor))
+
+    def finish(self) -> None:
+        self.q.put(self._END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("aborted")
+            self.q.put(self._END)
+            self.thread.join(timeout=30)
+
+
 # ------------------------------------------------------------------- outputs
 
 def _model_card(plan: MergePlan) -> str:
@@ -223,7 +265,7 @@ def _model_card(plan: MergePlan) -> str:
         + "---\n\n# Merged model\n\n"
         f"This model was produced by `lfm-engine merge` with the **{cfg.method}** merge "
         f"method (seed {plan.seed}).\n\n## Inputs\n\n{base_line}{others}\n"
-        "## Configuration\n\n```yaml\n" + cfg.yaml_text.rstrip("\n") + "\n```\n")
+        "## Configuration\n\n```yaml\n" + cfg.yaml_text.strip("\n") + "\n```\n")
 
 
 def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str],
@@ -340,6 +382,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     late_warns: List[str] = []
     writer = None
+    aw = None
     pf = None
     bar = None
     bytes_read = 0
@@ -351,16 +394,18 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                    desc=f"merge {cfg.method}", disable=quiet, file=sys.stderr, dynamic_ncols=True,
                    smoothing=0.1)
         pf = _Prefetcher(plan.tasks)
+        aw = _AsyncWriter(writer)
         n_done = 0
         for task, loaded, nbytes in pf:
             out = merge_task(cfg.method, task, loaded, plan.seed, dev, n_threads)
             del loaded
-            writer.write(task.name, out)
+            aw.write(task.name, out)
             del out
             n_done += 1
             bytes_read += nbytes
             bar.update(nbytes)
             bar.set_postfix_str(f"tensors {n_done}/{len(plan.tasks)}", refresh=False)
+        aw.finish()
         writer.close()
         _write_side_files(plan, tmp, cfg.output_dtype or _dominant_float_dtype(plan), late_warns)
         bar.close()
@@ -374,6 +419,8 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     except BaseException:
         if pf is not None:
             pf.close()
+        if aw is not None:
+            aw.abort()
         if writer is not None:
             writer.abort()
         if bar is not None:
