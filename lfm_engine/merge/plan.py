@@ -419,7 +419,11 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
         try:
             validate_task(method, task, seed_v)
         except MergeConfigError as e:
-            errors.add(f"param:{e}", f"'{out_name}': {e}")
+            # name the model instead of its index among this tensor's inputs
+            msg = re.sub(r"\bmodel (\d+)\b",
+                         lambda m: (f"model {refs[inputs[int(m.group(1))].folder]}"
+                                    if int(m.group(1)) < len(inputs) else m.group(0)), str(e))
+            errors.add(f"param:{msg}", f"'{out_name}': {msg}")
             continue
         tasks.append(task)
 
