@@ -36,7 +36,7 @@ from fixtures_models import finetune, llama_config, load_folder, random_weights,
 from lfm_engine.bench_util import Report, copy_bandwidth  # noqa: E402
 
 SIZES = {
-    "full": dict(hidden=1024, layers=8, intermediate=2816, vocab=8192, heads=16, kv_heads=8),
+    "full": dict(hidden=1024, layers=8, intermediate=2816, vocab=8192, heads=16, kv_heads=16),
     "small": dict(hidden=256, layers=4, intermediate=704, vocab=2048, heads=8, kv_heads=4),
 }
 METHOD_PARAMS = {
