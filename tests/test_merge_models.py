@@ -416,6 +416,34 @@ def test_failure_mid_merge_leaves_no_output(family, tmp_path, monkeypatch):
     assert [p for p in os.listdir(tmp_path) if p != "cfg.yml"] == []
 
 
+def test_read_ahead_is_bounded(family, tmp_path, monkeypatch):
+    """At most PREFETCH_DEPTH (+1 being handed over) tensor groups are read ahead of the merge."""
+    paths, _ = family
+    cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
+           "models": [{"model": q, "parameters": {"weight": 0.3}} for q in paths[1:]]}
+    reads, ahead = [], []
+    real_read, real_merge = merge_runner.read_tensor, merge_runner.merge_task
+
+    def counting_read(info, fd=None):
+        reads.append(info.name)
+        return real_read(info, fd)
+
+    def slow_merge(method, task, *a, **k):
+        import time
+        time.sleep(0.002)  # let the reader run as far ahead as it can
+        done = len(merged) + 1
+        groups_read = len(set(reads))
+        ahead.append(groups_read - done)
+        merged.append(task.name)
+        return real_merge(method, task, *a, **k)
+    merged = []
+    monkeypatch.setattr(merge_runner, "read_tensor", counting_read)
+    monkeypatch.setattr(merge_runner, "merge_task", slow_merge)
+    merge_models(cfg, tmp_path / "out", quiet=True)
+    assert len(merged) == 30 and max(ahead) >= 1
+    assert max(ahead) <= merge_runner.PREFETCH_DEPTH + 1
+
+
 def test_write_failure_leaves_no_output(family, tmp_path, monkeypatch):
     paths, _ = family
     cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
