@@ -498,3 +498,23 @@ def test_corrupt_and_truncated_safetensors_named(family, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match="junk.safetensors"):
         read_safetensors_header(str(tmp_path / "junk.safetensors"))
+
+
+def test_tokenizer_section_and_parameter_lookup():
+    from lfm_engine.merge.config import evaluate_setting, lookup, parse_config
+    c = parse_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                      "tokenizer": {"source": "a"}}, check_files=False)
+    assert c.tokenizer_source == "a"
+    with pytest.raises(MergeConfigErrors, match="tokenizer.tokens: not supported"):
+        parse_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                      "tokenizer": {"source": "base", "tokens": {}}}, check_files=False)
+    # gradients interpolate piecewise-linearly; filters: first match wins, "*" matches all
+    assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.25) == pytest.approx(0.5)
+    assert evaluate_setting([0.2, 0.4], "x", 1.0) == pytest.approx(0.4)
+    f = [{"filter": "mlp", "value": [0.0, 1.0]}, {"filter": "*", "value": 9}]
+    assert evaluate_setting(f, "model.layers.3.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
+    assert evaluate_setting(f, "model.norm.weight", 0.5) == 9
+    # a level whose filters match nothing falls through to the next level
+    levels = [{"weight": [{"filter": "attn", "value": 1.0}]}, {"weight": 0.3}]
+    assert lookup("weight", levels, "model.layers.0.mlp.up_proj.weight", 0.0) == 0.3
+    assert lookup("weight", levels, "model.layers.0.self_attn.q_proj.weight", 0.0) == 1.0

@@ -18,6 +18,7 @@ Accepted vocabulary (mergekit's, spec/merge.md)::
     dtype: bfloat16                    # output dtype unless out_dtype is given
     out_dtype: bfloat16
     tokenizer_source: base             # `base`, a model path, or absent (= base)
+    tokenizer: {source: base}          # the same, mergekit's newer spelling
 
 A parameter value is a scalar, a gradient list of numbers (interpolated
 piecewise-linearly at t), or a list of ``{filter, value}`` entries (first entry
@@ -80,11 +81,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
           "float64": "float64"}
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
-             "out_dtype", "tokenizer_source")
+             "out_dtype", "tokenizer_source", "tokenizer")
 _UNSUPPORTED_TOP = {
     "modules": "multi-module (`modules:`) configs are not supported; use `models:` or `slices:`",
-    "tokenizer": "the `tokenizer:` section (vocabulary alignment) is not supported; "
-                 "use `tokenizer_source: base` or a model",
     "chat_template": "`chat_template` is not supported; edit tokenizer_config.json of the output",
 }
 
@@ -333,6 +332,20 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
             dtypes[key] = DTYPES[v.lower()]
 
     tok = raw.get("tokenizer_source")
+    tsec = raw.get("tokenizer")
+    if tsec is not None:
+        # mergekit's newer spelling; only `source` is supported (no token re-mapping)
+        if not isinstance(tsec, dict):
+            errors.append("tokenizer: expected a mapping with `source`")
+        else:
+            for k in tsec:
+                if k != "source":
+                    errors.append(f"tokenizer.{k}: not supported (embedding re-mapping for a new "
+                                  f"vocabulary is not implemented); only tokenizer.source is")
+            if tok is not None and "source" in tsec:
+                errors.append("tokenizer.source, tokenizer_source: give only one of them")
+            elif "source" in tsec:
+                tok = tsec["source"]
     if tok is not None:
         if tok == "union":
             errors.append("tokenizer_source: 'union' is not supported (it needs vocabulary "

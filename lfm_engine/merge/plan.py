@@ -123,10 +123,17 @@ class MergePlan:
                  f"base: {c.base_ref or '(none)'}",
                  f"models: {len(self.folders)} folders",
                  f"output tensors: {len(self.tasks)} ({n_merge} merged, {len(self.tasks) - n_merge} copied)",
-                 f"read: {self.input_bytes / 1e9:.3f} GB, write: {self.output_bytes / 1e9:.3f} GB",
+                 f"read: {fmt_bytes(self.input_bytes)}, write: {fmt_bytes(self.output_bytes)}",
                  f"tokenizer from: {self.tokenizer_path}",
                  f"seed: {self.seed}"]
         return "\n".join(lines)
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
 
 
 class _Errors:

@@ -48,7 +48,7 @@ import torch
 from lfm_engine.merge import config as C
 from lfm_engine.merge import geometric
 from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
-from lfm_engine.merge.plan import DTYPE_NAMES, MergePlan, TensorTask, build_plan, task_merge_kwargs
+from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
 PREFETCH_DEPTH = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -82,7 +82,7 @@ class MergeResult:
         gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
         return (f"merged {self.tensors} tensors with {self.method} into {self.out_dir} "
                 f"({self.shards} shard{'s' if self.shards != 1 else ''})\n"
-                f"read {self.bytes_read / 1e9:.3f} GB, wrote {self.bytes_written / 1e9:.3f} GB "
+                f"read {fmt_bytes(self.bytes_read)}, wrote {fmt_bytes(self.bytes_written)} "
                 f"in {self.seconds:.2f} s ({gbps:.2f} GB/s), peak RSS "
                 f"{self.peak_rss_bytes / 2**20:.0f} MiB")
 
@@ -93,14 +93,10 @@ def _peak_rss() -> int:
 
 
 def _merge_tensors_fn():
-    import lfm_engine
-    fn = getattr(lfm_engine, "merge_tensors", None)
-    if fn is None:
-        try:
-            from lfm_engine.ops.merge import merge_tensors as fn  # type: ignore
-        except ImportError as e:
-            raise RuntimeError(f"lfm_engine.merge_tensors is not available ({e})") from None
-    return fn
+    # imported lazily: lfm_engine/__init__ re-exports merge_models, so a top-level
+    # import here would be circular
+    from lfm_engine.ops.merge import merge_tensors
+    return merge_tensors
 
 
 # ------------------------------------------------------------------- one tensor
@@ -368,7 +364,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
 
     layout = plan_shards([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_bytes)
     if dry_run:
-        text = plan.describe() + f"\noutput shards: {len(layout.files)} (max {shard_bytes / 1e9:g} GB)"
+        text = plan.describe() + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
         return MergeResult(out_dir, cfg.method, len(plan.tasks), plan.input_bytes, plan.output_bytes,
                            time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
                            list(plan.warnings), text)
