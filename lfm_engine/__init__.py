@@ -2,6 +2,7 @@
 
 Top-level API:
     merge_tensors(base, others, method="ties", ...)   fused sparsify-and-merge of one tensor
+    merge_models(config, out_dir, ...)                mergekit-style model merge, streaming
     get_include(), get_library()                      C ABI header folder and liblfm path
     build_info()                                      what this build has (CUDA, SIMD level)
 """
@@ -13,6 +14,13 @@ from pathlib import Path
 
 from lfm_engine.merge_params import METHODS, MergeConfigError
 from lfm_engine.ops.merge import merge_tensors
+
+
+def merge_models(config_or_path, out_dir, **kwargs):
+    """Merge whole models from a mergekit-style config (see lfm_engine.merge.merge_models)."""
+    from lfm_engine.merge import merge_models as _merge_models
+
+    return _merge_models(config_or_path, out_dir, **kwargs)
 
 __version__ = "0.1.0"
 _PKG = Path(__file__).resolve().parent
@@ -57,7 +65,7 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
-    "METHODS", "MergeConfigError", "merge_tensors", "get_include", "get_library", "build_info",
+    "METHODS", "MergeConfigError", "merge_tensors", "merge_models", "get_include", "get_library", "build_info",
     "set_num_threads", "__version__",
 ]
 del os

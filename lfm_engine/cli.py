@@ -17,7 +17,7 @@ import sys
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMAND_MODULES = [
     "lfm_engine.cli_demo",
-
+    "lfm_engine.cli_merge",
 ]
 
 
