@@ -180,18 +180,18 @@ def _check_values(op: str, T: int, n_slots: int, ts, ss, sl, ranks: Sequence[tor
             _err(op, f"seg_start must be non-decreasing: seg_start[{pos + 1}] = {int(ss[pos + 1])} < "
                      f"seg_start[{pos}] = {int(ss[pos])}")
     for i, (r, R) in enumerate(zip(ranks, R_maxes)):
-        if r.numel():
-            lo, hi = int(r.min()), int(r.max())
+        bad = (r < 0) | (r > R)
+        if r.numel() and bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
             where = f" of slice {i}" if len(ranks) > 1 else ""
-            if lo < 0:
-                _err(op, f"ranks{where} hold a negative rank {lo}")
-            if hi > R:
-                pos = int((r == hi).nonzero()[0, 0])
-                _err(op, f"ranks{where}[{pos}] = {hi} exceeds R_max = {R} of the slot table")
+            _err(op, f"ranks{where}[{pos}] = {int(r[pos])} is outside 0..R_max = {R}")
     if scales is not None:
         for i, sc in enumerate(scales):
-            if sc.numel() and not bool(torch.isfinite(sc).all()):
-                _err(op, f"scales{' of slice ' + str(i) if len(scales) > 1 else ''} hold a non-finite value")
+            bad = ~torch.isfinite(sc)
+            if sc.numel() and bool(bad.any()):
+                pos = int(bad.nonzero()[0, 0])
+                where = f" of slice {i}" if len(scales) > 1 else ""
+                _err(op, f"scales{where}[{pos}] = {float(sc[pos])} is not finite")
 
 
 def _offsets(op: str, y_col_offset, H_outs: Sequence[int], H_y: int, multi: bool) -> List[int]:

@@ -72,6 +72,16 @@ void axpy_rows_portable(const float* c, const float* bt, int64_t ldb, int r, int
     }
 }
 
+// out[o] = dot(c[0..rp), bf[o * ld .. + rp)) for o < n (rp a multiple of 8, c zero-padded)
+void gemv_rows_portable(const float* bf, int64_t ld, int64_t n, int rp, const float* c, float* out) {
+    for (int64_t o = 0; o < n; ++o) {
+        const float* b = bf + o * ld;
+        float s = 0.f;
+        for (int j = 0; j < rp; ++j) s += c[j] * b[j];
+        out[o] = s;
+    }
+}
+
 #ifdef LFM_LORA_X86
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -153,6 +163,29 @@ __attribute__((target("avx2,fma"))) void axpy_rows_avx2(const float* c, const fl
     }
 }
 
+// Eight rows at a time: eight FMA chains, then one hadd tree gives eight dots at once.
+__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* bf, int64_t ld, int64_t n, int rp,
+                                                       const float* c, float* out) {
+    int64_t o = 0;
+    for (; o + 8 <= n; o += 8) {
+        __m256 s[8];
+        for (int q = 0; q < 8; ++q) s[q] = _mm256_setzero_ps();
+        for (int j = 0; j < rp; j += 8) {
+            const __m256 cj = _mm256_loadu_ps(c + j);
+            for (int q = 0; q < 8; ++q) s[q] = _mm256_fmadd_ps(_mm256_loadu_ps(bf + (o + q) * ld + j), cj, s[q]);
+        }
+        const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+        const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+        _mm256_storeu_ps(out + o, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                                                _mm256_permute2f128_ps(t0, t1, 0x31)));
+    }
+    for (; o < n; ++o) {
+        __m256 v = _mm256_setzero_ps();
+        for (int j = 0; j < rp; j += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(bf + o * ld + j), _mm256_loadu_ps(c + j), v);
+        out[o] = hsum256(v);
+    }
+}
+
 __attribute__((target("avx2,fma"))) void add_avx2(float* y, const float* d, int64_t n) {
     int64_t o = 0;
     for (; o + 8 <= n; o += 8) _mm256_storeu_ps(y + o, _mm256_add_ps(_mm256_loadu_ps(y + o), _mm256_loadu_ps(d + o)));
@@ -168,12 +201,14 @@ struct Kernels {
     void (*dot_tile)(const float*, const float* const*, int, int64_t, float*) = dot_tile_portable;
     void (*axpy_rows)(const float*, const float*, int64_t, int, int64_t, float*) = axpy_rows_portable;
     void (*add)(float*, const float*, int64_t) = add_portable;
+    void (*gemv_rows)(const float*, int64_t, int64_t, int, const float*, float*) = gemv_rows_portable;
     Kernels() {
 #ifdef LFM_LORA_X86
         if (cpu_has_avx2()) {
             dot_tile = dot_tile_avx2;
             axpy_rows = axpy_rows_avx2;
             add = add_avx2;
+            gemv_rows = gemv_rows_avx2;
         }
 #endif
     }
@@ -368,10 +403,10 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
         if (!sp) {
             sp = std::make_unique<ExpandScratch>();
             sp->bt.resize(static_cast<size_t>(Rmax * kNChunk));
-            sp->brow.resize(static_cast<size_t>(Rmax));
+            sp->brow.resize(static_cast<size_t>(((Rmax + 7) & ~int64_t(7)) * kNChunk));
             sp->acc.resize(static_cast<size_t>(kNChunk));
             sp->ybuf.resize(static_cast<size_t>(kNChunk));
-            sp->c.resize(static_cast<size_t>(Rmax));
+            sp->c.resize(static_cast<size_t>((Rmax + 7) & ~int64_t(7)));
         }
         int si = 0;
         while (item >= first_item[si + 1]) ++si;
@@ -383,19 +418,33 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
         const int r = rank_of(sl, tile.slot);
         if (r == 0) return;
         const int64_t o0 = chunk * kNChunk, n = std::min(kNChunk, sl.H_out - o0);
-        // Transpose B[s, o0:o0+n, :r] into bt[j][o] (fp32) once for the whole tile.
-        float* bt = sp->bt.data();
-        for (int64_t o = 0; o < n; ++o) {
-            const int64_t bidx = (static_cast<int64_t>(tile.slot) * sl.H_out + o0 + o) * sl.R;
-            const float* brow;
-            if (sl.b_dt == LFM_DTYPE_F32) {
-                brow = static_cast<const float*>(sl.B) + bidx;
-            } else {
-                load_f32(at(sl.B, sl.b_dt, bidx), sl.b_dt, sp->brow.data(), r);
-                brow = sp->brow.data();
+        const int nt = static_cast<int>(tile.end - tile.begin);
+        // B[s, o0:o0+n, :r] as fp32 rows of stride ld (rp = r rounded up to 8, zero padded).
+        const int rp = (r + 7) & ~7;
+        const int64_t bidx0 = (static_cast<int64_t>(tile.slot) * sl.H_out + o0) * sl.R;
+        const float* bf;
+        int64_t ld;
+        if (r == sl.R && rp == r && sl.b_dt == LFM_DTYPE_F32) {
+            bf = static_cast<const float*>(sl.B) + bidx0;  // read in place
+            ld = sl.R;
+        } else if (r == sl.R && rp == r) {
+            load_f32(at(sl.B, sl.b_dt, bidx0), sl.b_dt, sp->brow.data(), n * r);  // one bulk conversion
+            bf = sp->brow.data();
+            ld = r;
+        } else {  // a lower rank than R_max: read only the first r entries of each row
+            float* d = sp->brow.data();
+            for (int64_t o = 0; o < n; ++o) {
+                load_f32(at(sl.B, sl.b_dt, bidx0 + o * sl.R), sl.b_dt, d + o * rp, r);
+                for (int j = r; j < rp; ++j) d[o * rp + j] = 0.f;
             }
-            for (int j = 0; j < r; ++j) bt[j * kNChunk + o] = brow[j];
+            bf = d;
+            ld = rp;
         }
+        const bool transposed = nt >= 4;  // a transposed tile pays off when several tokens share it
+        float* bt = sp->bt.data();
+        if (transposed)
+            for (int64_t o = 0; o < n; ++o)
+                for (int j = 0; j < r; ++j) bt[j * kNChunk + o] = bf[o * ld + j];
         const float scale = sl.scales[tile.slot];
         float* c = sp->c.data();
         float* acc = sp->acc.data();
@@ -403,7 +452,11 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             const int64_t t = p.order[static_cast<size_t>(q)];
             const float* ut = U + (si * T + t) * ldR;
             for (int j = 0; j < r; ++j) c[j] = scale * ut[j];
-            K.axpy_rows(c, bt, kNChunk, r, n, acc);
+            for (int j = r; j < rp; ++j) c[j] = 0.f;
+            if (transposed)
+                K.axpy_rows(c, bt, kNChunk, r, n, acc);
+            else
+                K.gemv_rows(bf, ld, n, rp, c, acc);
             const int64_t yidx = t * a.y_ld + sl.off + o0;
             if (a.y_dt == LFM_DTYPE_F32) {
                 K.add(static_cast<float*>(a.y) + yidx, acc, n);
