@@ -42,6 +42,15 @@ constexpr int64_t kSub = 2048;     // H_in sub-block inside a shrink item (keeps
 constexpr int64_t kMinK = 512;     // smallest H_in chunk when splitting for parallelism
 constexpr int64_t kNChunk = 256;   // H_out columns per expand item
 constexpr int64_t kTargetItems = 32;
+// Waking a worker costs microseconds (more on a loaded machine): small steps run on fewer
+// threads, one per this many bytes streamed. Results do not depend on it.
+constexpr int64_t kBytesPerWorker = 256 << 10;
+
+int size_workers(int64_t items, int64_t bytes, int n_threads) {
+    const int cap = n_threads > 0 ? n_threads : get_num_threads();
+    const int64_t by_size = std::max<int64_t>(1, bytes / kBytesPerWorker);
+    return plan_workers(items, static_cast<int>(std::min<int64_t>(cap, by_size)));
+}
 
 // ---- inner loops (portable + AVX2/FMA picked at run time) ---------------------------------
 
@@ -298,7 +307,12 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
     // Partial sums per H_in chunk when split: P[slice][chunk][t][j].
     std::vector<float> P;
     if (nk > 1) P.assign(static_cast<size_t>(n_sl * nk * T * Rmax), 0.f);
-    const int workers = plan_workers(base_items * nk, a.n_threads);
+    int64_t bytes = 0;
+    for (auto& sl : a.slices)
+        for (const Tile& tl : p.shrink_tiles)
+            bytes += (rank_of(sl, tl.slot) * static_cast<int64_t>(dtype_size(sl.a_dt)) +
+                      (tl.end - tl.begin) * static_cast<int64_t>(dtype_size(a.x_dt))) * H_in;
+    const int workers = size_workers(base_items * nk, bytes, a.n_threads);
     std::vector<std::unique_ptr<ShrinkScratch>> scratch(static_cast<size_t>(workers));
     const Kernels& K = kernels();
 
@@ -394,7 +408,12 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
     if (n_items == 0) return;
     int64_t Rmax = 0;
     for (auto& s : a.slices) Rmax = std::max(Rmax, s.R);
-    const int workers = plan_workers(n_items, a.n_threads);
+    int64_t bytes = 0;
+    for (auto& sl : a.slices)
+        for (const Tile& tl : p.expand_tiles)
+            bytes += (rank_of(sl, tl.slot) * static_cast<int64_t>(dtype_size(sl.b_dt)) +
+                      2 * (tl.end - tl.begin) * static_cast<int64_t>(dtype_size(a.y_dt))) * sl.H_out;
+    const int workers = size_workers(n_items, bytes, a.n_threads);
     std::vector<std::unique_ptr<ExpandScratch>> scratch(static_cast<size_t>(workers));
     const Kernels& K = kernels();
 
