@@ -3,6 +3,7 @@
 Top-level API:
     merge_tensors(base, others, method="ties", ...)   fused sparsify-and-merge of one tensor
     merge_models(config, out_dir, ...)                mergekit-style model merge, streaming
+    lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (spec/lora.md)
     get_include(), get_library()                      C ABI header folder and liblfm path
     build_info()                                      what this build has (CUDA, SIMD level)
 """
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.ops.lora import lora_apply, lora_apply_slices, lora_expand, lora_shrink
 from lfm_engine.ops.merge import merge_tensors
 
 
@@ -65,7 +67,8 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
-    "METHODS", "MergeConfigError", "merge_tensors", "merge_models", "get_include", "get_library", "build_info",
+    "METHODS", "MergeConfigError", "merge_tensors", "merge_models",
+    "lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices", "get_include", "get_library", "build_info",
     "set_num_threads", "__version__",
 ]
 del os
