@@ -81,8 +81,8 @@ class LoRALinear(nn.Module):
             return y
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.key}: input has {x.shape[-1]} features, expected {self.in_features}")
+        ts = asg.token_slot(tuple(x.shape[:-1]))
         x2 = x.reshape(-1, self.in_features)
-        ts = asg.token_slot(x2.shape[0])
         if torch.is_grad_enabled() and y.requires_grad:
             delta = torch.zeros(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
             with torch.no_grad():

@@ -274,7 +274,10 @@ class Engine:
             if eos is None:
                 eos = getattr(cfg, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._has_logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.2x names the cache argument `cache` (past_key_values is deprecated)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._submit_lock = threading.Lock()
         self._step_lock = threading.Lock()
         self._wake = threading.Condition(self._submit_lock)
@@ -439,8 +442,8 @@ class Engine:
         return joined
 
     def _forward(self, seqs: Sequence[_Seq], input_ids, attention_mask, position_ids, cache, last_only: bool):
-        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=cache, use_cache=True)
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        kw[self._cache_kw] = cache
         if last_only and self._has_logits_to_keep:
             kw["logits_to_keep"] = 1
         with torch.inference_mode(), self.pool.assign([s.adapter for s in seqs]):

@@ -207,12 +207,15 @@ def open_adapter(folder: str) -> AdapterSpec:
     if not shapes:
         raise AdapterFormatError(f"{weights_path}: holds no tensors")
 
-    parts: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
-    for key, (shape, _dt) in shapes.items():
+    # feature markers first, so the error names the feature rather than a side tensor
+    # (PEFT also saves the base embedding when embeddings carry LoRA)
+    for key in shapes:
         if "lora_embedding_A" in key or "lora_embedding_B" in key:
             raise AdapterFormatError(f"{weights_path}: embedding LoRA ({key}) is not supported")
         if "lora_magnitude_vector" in key:
             raise AdapterFormatError(f"{weights_path}: DoRA magnitude vector ({key}) is not supported")
+    parts: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
+    for key, (shape, _dt) in shapes.items():
         name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
         m = _KEY_RE.match(name)
         if m is None:

@@ -94,9 +94,17 @@ class Assignment:
     any_adapter: bool
     _by_len: Dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def token_slot(self, n_tokens: int) -> torch.Tensor:
-        """Slot of each token for a [rows, n_tokens/rows, ...] activation flattened row-major."""
+    def token_slot(self, lead: Tuple[int, ...]) -> torch.Tensor:
+        """Slot of each token of an activation whose leading dims are `lead` (flattened
+        row-major): [rows, seq, ...] uses row i's slot for all of row i's tokens; a flat
+        [T] activation is taken as rows stored one after another (T a multiple of rows)."""
         rows = self.row_slot.numel()
+        if len(lead) >= 2 and lead[0] != rows:
+            raise ValueError(f"pool.assign() was given {rows} names but the batch has {lead[0]} rows: "
+                             "give one name per batch row")
+        n_tokens = 1
+        for d in lead:
+            n_tokens *= int(d)
         ts = self._by_len.get(n_tokens)
         if ts is None:
             if rows == 0 or n_tokens % rows != 0:
