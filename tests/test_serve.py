@@ -146,6 +146,50 @@ def test_fan_in_fan_out_gpt2_conv1d(tmp_path):
     assert_close(got, ref)
 
 
+def test_assign_is_private_to_each_thread(llama_setup):
+    base, paths = llama_setup
+    model, pool = _ours(base, paths)
+    ids = torch.randint(0, V, (2, 6))
+    want = {}
+    with torch.no_grad():
+        for names in (("a", "b"), ("c", None)):
+            with pool.assign(names):
+                want[names] = model(ids).logits
+    got, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def worker(names):
+        try:
+            with torch.no_grad(), pool.assign(names):
+                barrier.wait(10)  # both assignments are active at once
+                got[names] = model(ids).logits
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(n,)) for n in want]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert not errors
+    for names in want:
+        torch.testing.assert_close(got[names], want[names], rtol=0, atol=0)
+
+
+def test_low_precision_pool_on_fp32_model(llama_setup):
+    base, paths = llama_setup
+    m32, p32 = _ours(base, paths)
+    m16, p16 = _ours(base, paths, dtype=torch.bfloat16)
+    ids = torch.randint(0, V, (3, 5))
+    with torch.no_grad():
+        with p32.assign(["a", "b", "c"]):
+            want = m32(ids).logits
+        with p16.assign(["a", "b", "c"]):
+            got = m16(ids).logits
+    assert p16.table("model.layers.0.self_attn.q_proj").A.dtype == torch.bfloat16
+    assert_close(got, want, dtype=torch.bfloat16)  # adapters rounded to bf16, math in fp32
+
+
 # ----------------------------------------------------------------------------- engine
 
 
