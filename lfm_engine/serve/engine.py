@@ -357,7 +357,7 @@ class Engine:
         t0 = time.perf_counter()
         while not all(h.done() for h in handles):
             if self.step() == 0 and not all(h.done() for h in handles):
-                time.sleep(0.001)  # waiting for an adapter load
+                time.sleep(0.002)  # nothing runnable: waiting for an adapter load
         self.last_generate_s = time.perf_counter() - t0
         return [h.result() for h in handles]
 
@@ -370,7 +370,8 @@ class Engine:
         while not stop.is_set():
             if self.step() == 0:
                 with self._submit_lock:
-                    self._wake.wait(idle_wait)
+                    # requests waiting for an adapter load: poll soon; otherwise sleep until a submit
+                    self._wake.wait(min(idle_wait, 0.005) if self._waiting else idle_wait)
 
     def stats(self) -> dict:
         """Aggregate counters: steps, prefill/decode/generated tokens, finished requests,
@@ -385,22 +386,20 @@ class Engine:
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> int:
-        """One scheduling step (module docstring). Returns the number of running sequences
-        after it plus those still waiting with nothing runnable (0 = idle)."""
+        """One scheduling step (module docstring). Returns the number of sequences that ran a
+        forward in it (0: idle, or every waiting request waits for its adapter)."""
         with self._step_lock:
             t0 = time.perf_counter()
-            did = False
-            if self._running:
+            n = len(self._running)
+            if n:
                 self._guarded(self._decode)
-                did = True
             joined = self._admit()
             if joined:
                 self._guarded(lambda: self._prefill(joined), joined)
-                did = True
-            if did:
+                n += len(joined)
+            if n:
                 self._stats["busy_s"] += time.perf_counter() - t0
-            with self._submit_lock:
-                return len(self._running) + len(self._waiting)
+            return n
 
     def _guarded(self, fn: Callable[[], None], extra: Sequence[_Seq] = ()) -> None:
         # A failing forward (out of memory, a broken adapter...) ends the affected requests
