@@ -22,7 +22,10 @@ Cases:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lfm_engine.bench_util import Report, copy_bandwidth, device_name, time_fn  # noqa: E402
+from lfm_engine.bench_util import Report, copy_bandwidth, device_name  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -57,10 +60,10 @@ def main(argv=None) -> int:
         a.hidden, a.layers, a.intermediate, a.heads, a.vocab = 128, 2, 352, 4, 1000
         a.adapters, a.rank, a.seqs, a.ctx, a.prompt, a.new, a.reps = 4, 8, 8, 16, 8, 4, 3
 
-    from peft import LoraConfig, PeftModel, get_peft_model  # noqa: F401
+    from peft import LoraConfig, get_peft_model
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-    from lfm_engine.serve import AdapterPool, Engine, Request, attach, detach
+    from lfm_engine.serve import AdapterPool, Engine, Request, attach
 
     dev = torch.device(a.device)
     torch.manual_seed(0)
@@ -84,91 +87,91 @@ def main(argv=None) -> int:
           f"{a.adapters} adapters r={a.rank} on {len(proj)} projections; {a.seqs} sequences, ctx {a.ctx}",
           flush=True)
 
-    def decode_case(run_full, run_layers, label, lora_bytes):
-        """Time one decode token over a ctx-long cache (the cache is cropped back after each step)."""
-        with torch.inference_mode():
-            cache = DynamicCache()
-            run_full(ctx_ids, cache)
-
-            def step():
-                run_full(step_ids, cache)
-                cache.crop(-1)
-
-            t = time_fn(step, device=a.device, warmup=1, reps=a.reps)
-            rep.add("decode step", label, t, base_bytes + lora_bytes)
-
-            def step_layers():
-                run_layers(step_ids, cache)
-                cache.crop(-1)
-
-            t = time_fn(step_layers, device=a.device, warmup=1, reps=a.reps)
-            rep.add("decode layers (no lm_head)", label, t, layer_bytes + lora_bytes)
-
-    # ---- base
-    decode_case(lambda ids, c: model(ids, cache=c, use_cache=True),
-                lambda ids, c: model.model(ids, cache=c, use_cache=True), "base", 0)
-    gen_results = {}
-    if not a.no_generate:
-        pool0 = AdapterPool(capacity=1, device=dev)
-        attach(model, pool0)
-        eng = Engine(model, pool0, max_batch_size=a.seqs)
-        reqs = [Request(prompt=p, adapter=None, max_new_tokens=a.new, ignore_eos=True) for p in prompts]
-        eng.generate(reqs[:2])
-        t0 = time.perf_counter()
-        eng.generate(reqs)
-        gen_results["base"] = time.perf_counter() - t0
-        detach(model)
-
-    # ---- peft (also writes the adapter folders our pool loads)
+    # Three copies of one base model: plain, PEFT-wrapped, ours. Each provider keeps its own
+    # KV cache; the decode steps of the providers are interleaved round by round (order
+    # rotating) so that load from other processes on a shared machine hits them alike.
     tmp = tempfile.mkdtemp(prefix="bench_serve_")
     lcfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=proj, init_lora_weights=False)
-    pm = get_peft_model(model, lcfg, adapter_name=names[0])
+    pm = get_peft_model(copy.deepcopy(model), lcfg, adapter_name=names[0])
     for n in names[1:]:
         pm.add_adapter(n, lcfg)
     pm.eval()
     pm.save_pretrained(tmp, selected_adapters=names)
     one = sum(p.numel() * p.element_size() for n, p in pm.named_parameters() if f".{names[0]}." in n)
     lora_bytes = one * len(set(rows))
-    decode_case(lambda ids, c: pm(input_ids=ids, cache=c, use_cache=True, adapter_names=rows),
-                lambda ids, c: _peft_layers(pm, ids, c, rows), "peft", lora_bytes)
-    if not a.no_generate:
-        with torch.inference_mode():
-            batch = torch.tensor(prompts, device=dev)
-            kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0)
-            pm.generate(input_ids=batch[:2], adapter_names=rows[:2], **dict(kw, max_new_tokens=2, min_new_tokens=2))
-            t0 = time.perf_counter()
-            pm.generate(input_ids=batch, attention_mask=torch.ones_like(batch), adapter_names=rows, **kw)
-            gen_results["peft"] = time.perf_counter() - t0
-    model = pm.unload()  # the plain base model again, LoRA layers removed
 
-    # ---- ours
+    ours = copy.deepcopy(model)
     pool = AdapterPool(capacity=a.adapters, device=dev, dtype=torch.float32)
-    attach(model, pool)
+    attach(ours, pool)
     for f in [pool.load(n, os.path.join(tmp, n)) for n in names]:
         f.result()
 
-    def ours(fn):
+    def with_pool(fn):
         def run(ids, c):
             with pool.assign(rows):
                 return fn(ids, c)
         return run
 
-    decode_case(ours(lambda ids, c: model(ids, cache=c, use_cache=True)),
-                ours(lambda ids, c: model.model(ids, cache=c, use_cache=True)), "lfm", lora_bytes)
+    providers = {
+        "base": (lambda ids, c: model(ids, cache=c, use_cache=True),
+                 lambda ids, c: model.model(ids, cache=c, use_cache=True), 0),
+        "lfm": (with_pool(lambda ids, c: ours(ids, cache=c, use_cache=True)),
+                with_pool(lambda ids, c: ours.model(ids, cache=c, use_cache=True)), lora_bytes),
+        "peft": (lambda ids, c: pm(input_ids=ids, cache=c, use_cache=True, adapter_names=rows),
+                 lambda ids, c: _peft_layers(pm, ids, c, rows), lora_bytes),
+    }
+    times = {(p, k): [] for p in providers for k in (0, 1)}
+    with torch.inference_mode():
+        caches = {}
+        for p, (full, _layers, _b) in providers.items():
+            caches[p] = DynamicCache()
+            full(ctx_ids, caches[p])
+        order = list(providers)
+        for rnd in range(a.reps + 1):  # round 0 is warm-up
+            for p in order[rnd % 3:] + order[:rnd % 3]:
+                for k in (0, 1):
+                    fn, c = providers[p][k], caches[p]
+                    t0 = time.perf_counter()
+                    fn(step_ids, c)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    c.crop(-1)  # back to the ctx-long cache for the next round
+                    if rnd:
+                        times[(p, k)].append(dt)
+    for p, (_f, _l, lb) in providers.items():
+        rep.add("decode step", p, statistics.median(times[(p, 0)]), base_bytes + lb)
+        rep.add("decode layers (no lm_head)", p, statistics.median(times[(p, 1)]), layer_bytes + lb)
+
     if not a.no_generate:
-        eng = Engine(model, pool, max_batch_size=a.seqs)
+        gen_results = {}
+        pool0 = AdapterPool(capacity=1, device=dev)
+        attach(model, pool0)
+        eng0 = Engine(model, pool0, max_batch_size=a.seqs)
+        eng = Engine(ours, pool, max_batch_size=a.seqs)
+        reqs0 = [Request(prompt=p, adapter=None, max_new_tokens=a.new, ignore_eos=True) for p in prompts]
         reqs = [Request(prompt=p, adapter=r, max_new_tokens=a.new, ignore_eos=True) for p, r in zip(prompts, rows)]
+        eng0.generate(reqs0[:2])
         eng.generate(reqs[:2])
+        t0 = time.perf_counter()
+        eng0.generate(reqs0)
+        gen_results["base"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = eng.generate(reqs)
         gen_results["lfm"] = time.perf_counter() - t0
+        with torch.inference_mode():
+            batch = torch.tensor(prompts, device=dev)
+            kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0)
+            t0 = time.perf_counter()
+            pm.generate(input_ids=batch, attention_mask=torch.ones_like(batch), adapter_names=rows, **kw)
+            gen_results["peft"] = time.perf_counter() - t0
         ttft = sorted(r.time_to_first_token_s for r in res)[len(res) // 2]
         dec = sorted(r.decode_tokens_per_s for r in res)[len(res) // 2]
         print(f"# lfm engine: median time to first token {ttft * 1e3:.0f} ms, median per-request decode "
               f"{dec:.1f} tok/s, engine stats {eng.stats()}", flush=True)
-        for prov, t in gen_results.items():
-            rep.add(f"generate {a.seqs}x{a.new} tok", prov, t, 0,
-                    tokens_per_s=a.seqs * a.new / t)
+        for prov in ("base", "peft", "lfm"):
+            t = gen_results[prov]
+            rep.add(f"generate {a.seqs}x{a.new} tok", prov, t, 0, tokens_per_s=a.seqs * a.new / t)
 
     print(rep.table(baseline="base"))
     print(f"{'case':<34} {'provider':<16} {'LoRA overhead':>14} {'tokens/s':>10}")
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
         r.extra["lora_overhead"] = ov
         print(f"{r.case:<34} {r.provider:<16} {100 * ov:13.1f}% {'' if tps is None else f'{tps:10.1f}'}")
     rep.write_json(a.json)
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
