@@ -522,3 +522,46 @@ def test_http_errors_and_adapter_management(server):
     assert _http(url, "DELETE", "/v1/adapters/c")[0] == 404
     assert _http(url, "POST", "/v1/completions", dict(model="c", prompt=[1]))[0] == 404
     assert _http(url, "GET", "/health")[0] == 200  # still serving after all the errors
+
+
+def test_http_concurrent_clients_batch_together(server):
+    url, app, _ = server
+    jobs = [dict(model=m, prompt=[i + 1, i + 2, i + 3], max_tokens=4 + i % 3, temperature=0, ignore_eos=True)
+            for i, m in enumerate(["a", "b", "tiny-llama", "a", "b", "tiny-llama"])]
+    out = [None] * len(jobs)
+    steps_before = app.engine.stats()["steps"]
+
+    def call(i):
+        out[i] = _http(url, "POST", "/v1/completions", jobs[i])
+
+    ts = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    with app.engine._step_lock:  # hold the engine loop until every request is queued
+        for t in ts:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(app.engine._waiting) < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in ts:
+        t.join(60)
+    for job, (st, body) in zip(jobs, out):
+        assert st == 200, body
+        adapter = None if job["model"] == "tiny-llama" else job["model"]
+        want = _naive_greedy(app.engine.model, app.pool, job["prompt"], adapter, job["max_tokens"])
+        assert json.loads(body)["choices"][0]["token_ids"] == want
+    # all six ran as one batch: as many decode steps as the longest request needs
+    assert app.engine.stats()["steps"] - steps_before == max(j["max_tokens"] for j in jobs) - 1
+
+
+def test_cli_serve_bad_arguments(tmp_path, capsys):
+    import argparse
+
+    from lfm_engine import cli_serve
+
+    ap = argparse.ArgumentParser()
+    cli_serve.add_parser(ap.add_subparsers())
+    for argv, msg in [(["--model", str(tmp_path)], "config.json"),
+                      (["--model", str(tmp_path), "--adapter", "x"], "NAME=DIR"),
+                      (["--model", str(tmp_path), "--adapter", "x=/a", "--adapter", "x=/b"], "repeated"),
+                      (["--model", str(tmp_path), "--pin", "y"], "--pin")]:
+        assert cli_serve.run(ap.parse_args(["serve"] + argv)) == 2
+        assert msg in capsys.readouterr().err
