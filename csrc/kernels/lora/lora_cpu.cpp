@@ -38,10 +38,22 @@ namespace {
 
 constexpr int kTileS = 8;          // tokens per shrink item (x tile: 8 x kSub fp32 = 64 KiB)
 constexpr int kTileE = 32;         // tokens per expand item (reuses one transposed B tile)
-constexpr int64_t kSub = 2048;     // H_in sub-block inside a shrink item (keeps the x tile in L1/L2)
+// x tile budget of a shrink item (fp32 elements, 256 KiB: stays in L2). The H_in sub-block is
+// as long as the budget allows for the tile's tokens, so A rows are streamed sequentially
+// (a short sub-block would hop between the r rows and defeat the hardware prefetcher).
+constexpr int64_t kXTile = 64 << 10;
 constexpr int64_t kMinK = 512;     // smallest H_in chunk when splitting for parallelism
 constexpr int64_t kNChunk = 256;   // H_out columns per expand item
 constexpr int64_t kTargetItems = 32;
+// Waking a worker costs microseconds (more on a loaded machine): small steps run on fewer
+// threads, one per this many bytes streamed. Results do not depend on it.
+constexpr int64_t kBytesPerWorker = 256 << 10;
+
+int size_workers(int64_t items, int64_t bytes, int n_threads) {
+    const int cap = n_threads > 0 ? n_threads : get_num_threads();
+    const int64_t by_size = std::max<int64_t>(1, bytes / kBytesPerWorker);
+    return plan_workers(items, static_cast<int>(std::min<int64_t>(cap, by_size)));
+}
 
 // ---- inner loops (portable + AVX2/FMA picked at run time) ---------------------------------
 
@@ -72,6 +84,16 @@ void axpy_rows_portable(const float* c, const float* bt, int64_t ldb, int r, int
     }
 }
 
+// out[o] = dot(c[0..rp), bf[o * ld .. + rp)) for o < n (rp a multiple of 8, c zero-padded)
+void gemv_rows_portable(const float* bf, int64_t ld, int64_t n, int rp, const float* c, float* out) {
+    for (int64_t o = 0; o < n; ++o) {
+        const float* b = bf + o * ld;
+        float s = 0.f;
+        for (int j = 0; j < rp; ++j) s += c[j] * b[j];
+        out[o] = s;
+    }
+}
+
 #ifdef LFM_LORA_X86
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -81,8 +103,31 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-__attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const float* const* xs, int nt, int64_t n,
-                                                      float* out) {
+// Load 8 elements of a row in its storage dtype as fp32 (conversion stays in registers, so
+// A is streamed straight from memory into the FMAs, with no fp32 copy of the row).
+struct LdF32 {
+    __attribute__((target("avx2,fma"))) static __m256 ld(const void* p, int64_t k) {
+        return _mm256_loadu_ps(static_cast<const float*>(p) + k);
+    }
+    static float one(const void* p, int64_t k) { return static_cast<const float*>(p)[k]; }
+};
+struct LdBF16 {
+    __attribute__((target("avx2,fma"))) static __m256 ld(const void* p, int64_t k) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + k));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    static float one(const void* p, int64_t k) { return bf16_to_f32(static_cast<const uint16_t*>(p)[k]); }
+};
+struct LdF16 {
+    __attribute__((target("avx2,fma,f16c"))) static __m256 ld(const void* p, int64_t k) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + k)));
+    }
+    static float one(const void* p, int64_t k) { return f16_to_f32(static_cast<const uint16_t*>(p)[k]); }
+};
+
+template <typename L>
+__attribute__((target("avx2,fma,f16c"))) void dot_tile_avx2(const void* a, const float* const* xs, int nt,
+                                                           int64_t n, float* out) {
     const int64_t n8 = n & ~int64_t(7);
     int i = 0;
     // Four tokens share each load of the A row: four independent FMA chains.
@@ -90,7 +135,7 @@ __attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const flo
         const float *x0 = xs[i], *x1 = xs[i + 1], *x2 = xs[i + 2], *x3 = xs[i + 3];
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (int64_t k = 0; k < n8; k += 8) {
-            const __m256 va = _mm256_loadu_ps(a + k);
+            const __m256 va = L::ld(a, k);
             s0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x0 + k), s0);
             s1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x1 + k), s1);
             s2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x2 + k), s2);
@@ -98,10 +143,11 @@ __attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const flo
         }
         float r0 = hsum256(s0), r1 = hsum256(s1), r2 = hsum256(s2), r3 = hsum256(s3);
         for (int64_t k = n8; k < n; ++k) {
-            r0 += a[k] * x0[k];
-            r1 += a[k] * x1[k];
-            r2 += a[k] * x2[k];
-            r3 += a[k] * x3[k];
+            const float av = L::one(a, k);
+            r0 += av * x0[k];
+            r1 += av * x1[k];
+            r2 += av * x2[k];
+            r3 += av * x3[k];
         }
         out[i] += r0;
         out[i + 1] += r1;
@@ -113,12 +159,12 @@ __attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const flo
         __m256 s0 = _mm256_setzero_ps(), s1 = s0;
         int64_t k = 0;
         for (; k + 16 <= n8; k += 16) {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(x + k), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(x + k + 8), s1);
+            s0 = _mm256_fmadd_ps(L::ld(a, k), _mm256_loadu_ps(x + k), s0);
+            s1 = _mm256_fmadd_ps(L::ld(a, k + 8), _mm256_loadu_ps(x + k + 8), s1);
         }
-        for (; k < n8; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(x + k), s0);
+        for (; k < n8; k += 8) s0 = _mm256_fmadd_ps(L::ld(a, k), _mm256_loadu_ps(x + k), s0);
         float r = hsum256(_mm256_add_ps(s0, s1));
-        for (k = n8; k < n; ++k) r += a[k] * x[k];
+        for (k = n8; k < n; ++k) r += L::one(a, k) * x[k];
         out[i] += r;
     }
 }
@@ -153,6 +199,29 @@ __attribute__((target("avx2,fma"))) void axpy_rows_avx2(const float* c, const fl
     }
 }
 
+// Eight rows at a time: eight FMA chains, then one hadd tree gives eight dots at once.
+__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* bf, int64_t ld, int64_t n, int rp,
+                                                       const float* c, float* out) {
+    int64_t o = 0;
+    for (; o + 8 <= n; o += 8) {
+        __m256 s[8];
+        for (int q = 0; q < 8; ++q) s[q] = _mm256_setzero_ps();
+        for (int j = 0; j < rp; j += 8) {
+            const __m256 cj = _mm256_loadu_ps(c + j);
+            for (int q = 0; q < 8; ++q) s[q] = _mm256_fmadd_ps(_mm256_loadu_ps(bf + (o + q) * ld + j), cj, s[q]);
+        }
+        const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+        const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+        _mm256_storeu_ps(out + o, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                                                _mm256_permute2f128_ps(t0, t1, 0x31)));
+    }
+    for (; o < n; ++o) {
+        __m256 v = _mm256_setzero_ps();
+        for (int j = 0; j < rp; j += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(bf + o * ld + j), _mm256_loadu_ps(c + j), v);
+        out[o] = hsum256(v);
+    }
+}
+
 __attribute__((target("avx2,fma"))) void add_avx2(float* y, const float* d, int64_t n) {
     int64_t o = 0;
     for (; o + 8 <= n; o += 8) _mm256_storeu_ps(y + o, _mm256_add_ps(_mm256_loadu_ps(y + o), _mm256_loadu_ps(d + o)));
@@ -164,16 +233,24 @@ void add_portable(float* y, const float* d, int64_t n) {
     for (int64_t o = 0; o < n; ++o) y[o] += d[o];
 }
 
+using DotFn = void (*)(const void*, const float* const*, int, int64_t, float*);
+
 struct Kernels {
+    // dot_tile[dtype of A] when the row is read in place (AVX2); nullptr = convert the row first
+    DotFn dot_direct[3] = {nullptr, nullptr, nullptr};
     void (*dot_tile)(const float*, const float* const*, int, int64_t, float*) = dot_tile_portable;
     void (*axpy_rows)(const float*, const float*, int64_t, int, int64_t, float*) = axpy_rows_portable;
     void (*add)(float*, const float*, int64_t) = add_portable;
+    void (*gemv_rows)(const float*, int64_t, int64_t, int, const float*, float*) = gemv_rows_portable;
     Kernels() {
 #ifdef LFM_LORA_X86
         if (cpu_has_avx2()) {
-            dot_tile = dot_tile_avx2;
+            dot_direct[LFM_DTYPE_F32] = dot_tile_avx2<LdF32>;
+            dot_direct[LFM_DTYPE_BF16] = dot_tile_avx2<LdBF16>;
+            if (cpu_has_f16c()) dot_direct[LFM_DTYPE_F16] = dot_tile_avx2<LdF16>;
             axpy_rows = axpy_rows_avx2;
             add = add_avx2;
+            gemv_rows = gemv_rows_avx2;
         }
 #endif
     }
@@ -263,7 +340,12 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
     // Partial sums per H_in chunk when split: P[slice][chunk][t][j].
     std::vector<float> P;
     if (nk > 1) P.assign(static_cast<size_t>(n_sl * nk * T * Rmax), 0.f);
-    const int workers = plan_workers(base_items * nk, a.n_threads);
+    int64_t bytes = 0;
+    for (auto& sl : a.slices)
+        for (const Tile& tl : p.shrink_tiles)
+            bytes += (rank_of(sl, tl.slot) * static_cast<int64_t>(dtype_size(sl.a_dt)) +
+                      (tl.end - tl.begin) * static_cast<int64_t>(dtype_size(a.x_dt))) * H_in;
+    const int workers = size_workers(base_items * nk, bytes, a.n_threads);
     std::vector<std::unique_ptr<ShrinkScratch>> scratch(static_cast<size_t>(workers));
     const Kernels& K = kernels();
 
@@ -271,8 +353,8 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
         auto& sp = scratch[static_cast<size_t>(w)];
         if (!sp) {
             sp = std::make_unique<ShrinkScratch>();
-            sp->xs.resize(static_cast<size_t>(kTileS * kSub));
-            sp->arow.resize(static_cast<size_t>(kSub));
+            sp->xs.resize(static_cast<size_t>(kXTile));
+            sp->arow.resize(static_cast<size_t>(kXTile));
             sp->acc.resize(static_cast<size_t>(kTileS * Rmax));
         }
         const int64_t kchunk = item % nk;
@@ -289,29 +371,35 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
         const int64_t k0 = kchunk * kc, k1 = std::min(H_in, k0 + kc);
         float col[kTileS];
         const float* xp[kTileS];
-        for (int64_t kb = k0; kb < k1; kb += kSub) {
-            const int64_t n = std::min(kSub, k1 - kb);
+        const int64_t ksub = (kXTile / nt) & ~int64_t(7);
+        for (int64_t kb = k0; kb < k1; kb += ksub) {
+            const int64_t n = std::min(ksub, k1 - kb);
             for (int i = 0; i < nt; ++i) {
                 const int64_t idx = static_cast<int64_t>(toks[i]) * a.x_ld + kb;
                 if (a.x_dt == LFM_DTYPE_F32) {
                     xp[i] = static_cast<const float*>(a.x) + idx;
                 } else {
-                    float* d = sp->xs.data() + i * kSub;
+                    float* d = sp->xs.data() + i * ksub;
                     load_f32(at(a.x, a.x_dt, idx), a.x_dt, d, n);
                     xp[i] = d;
                 }
             }
+            const DotFn direct = sl.a_dt <= LFM_DTYPE_BF16 ? K.dot_direct[sl.a_dt] : nullptr;
             for (int j = 0; j < r; ++j) {
                 const int64_t aidx = (static_cast<int64_t>(tile.slot) * sl.R + j) * H_in + kb;
-                const float* arow;
-                if (sl.a_dt == LFM_DTYPE_F32) {
-                    arow = static_cast<const float*>(sl.A) + aidx;
-                } else {
-                    load_f32(at(sl.A, sl.a_dt, aidx), sl.a_dt, sp->arow.data(), n);
-                    arow = sp->arow.data();
-                }
                 for (int i = 0; i < nt; ++i) col[i] = 0.f;
-                K.dot_tile(arow, xp, nt, n, col);
+                if (direct) {
+                    direct(at(sl.A, sl.a_dt, aidx), xp, nt, n, col);
+                } else {
+                    const float* arow;
+                    if (sl.a_dt == LFM_DTYPE_F32) {
+                        arow = static_cast<const float*>(sl.A) + aidx;
+                    } else {
+                        load_f32(at(sl.A, sl.a_dt, aidx), sl.a_dt, sp->arow.data(), n);
+                        arow = sp->arow.data();
+                    }
+                    K.dot_tile(arow, xp, nt, n, col);
+                }
                 for (int i = 0; i < nt; ++i) acc[i * r + j] += col[i];
             }
         }
@@ -359,7 +447,12 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
     if (n_items == 0) return;
     int64_t Rmax = 0;
     for (auto& s : a.slices) Rmax = std::max(Rmax, s.R);
-    const int workers = plan_workers(n_items, a.n_threads);
+    int64_t bytes = 0;
+    for (auto& sl : a.slices)
+        for (const Tile& tl : p.expand_tiles)
+            bytes += (rank_of(sl, tl.slot) * static_cast<int64_t>(dtype_size(sl.b_dt)) +
+                      2 * (tl.end - tl.begin) * static_cast<int64_t>(dtype_size(a.y_dt))) * sl.H_out;
+    const int workers = size_workers(n_items, bytes, a.n_threads);
     std::vector<std::unique_ptr<ExpandScratch>> scratch(static_cast<size_t>(workers));
     const Kernels& K = kernels();
 
@@ -368,10 +461,10 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
         if (!sp) {
             sp = std::make_unique<ExpandScratch>();
             sp->bt.resize(static_cast<size_t>(Rmax * kNChunk));
-            sp->brow.resize(static_cast<size_t>(Rmax));
+            sp->brow.resize(static_cast<size_t>(((Rmax + 7) & ~int64_t(7)) * kNChunk));
             sp->acc.resize(static_cast<size_t>(kNChunk));
             sp->ybuf.resize(static_cast<size_t>(kNChunk));
-            sp->c.resize(static_cast<size_t>(Rmax));
+            sp->c.resize(static_cast<size_t>((Rmax + 7) & ~int64_t(7)));
         }
         int si = 0;
         while (item >= first_item[si + 1]) ++si;
@@ -383,19 +476,33 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
         const int r = rank_of(sl, tile.slot);
         if (r == 0) return;
         const int64_t o0 = chunk * kNChunk, n = std::min(kNChunk, sl.H_out - o0);
-        // Transpose B[s, o0:o0+n, :r] into bt[j][o] (fp32) once for the whole tile.
-        float* bt = sp->bt.data();
-        for (int64_t o = 0; o < n; ++o) {
-            const int64_t bidx = (static_cast<int64_t>(tile.slot) * sl.H_out + o0 + o) * sl.R;
-            const float* brow;
-            if (sl.b_dt == LFM_DTYPE_F32) {
-                brow = static_cast<const float*>(sl.B) + bidx;
-            } else {
-                load_f32(at(sl.B, sl.b_dt, bidx), sl.b_dt, sp->brow.data(), r);
-                brow = sp->brow.data();
+        const int nt = static_cast<int>(tile.end - tile.begin);
+        // B[s, o0:o0+n, :r] as fp32 rows of stride ld (rp = r rounded up to 8, zero padded).
+        const int rp = (r + 7) & ~7;
+        const int64_t bidx0 = (static_cast<int64_t>(tile.slot) * sl.H_out + o0) * sl.R;
+        const float* bf;
+        int64_t ld;
+        if (r == sl.R && rp == r && sl.b_dt == LFM_DTYPE_F32) {
+            bf = static_cast<const float*>(sl.B) + bidx0;  // read in place
+            ld = sl.R;
+        } else if (r == sl.R && rp == r) {
+            load_f32(at(sl.B, sl.b_dt, bidx0), sl.b_dt, sp->brow.data(), n * r);  // one bulk conversion
+            bf = sp->brow.data();
+            ld = r;
+        } else {  // a lower rank than R_max: read only the first r entries of each row
+            float* d = sp->brow.data();
+            for (int64_t o = 0; o < n; ++o) {
+                load_f32(at(sl.B, sl.b_dt, bidx0 + o * sl.R), sl.b_dt, d + o * rp, r);
+                for (int j = r; j < rp; ++j) d[o * rp + j] = 0.f;
             }
-            for (int j = 0; j < r; ++j) bt[j * kNChunk + o] = brow[j];
+            bf = d;
+            ld = rp;
         }
+        const bool transposed = nt >= 4;  // a transposed tile pays off when several tokens share it
+        float* bt = sp->bt.data();
+        if (transposed)
+            for (int64_t o = 0; o < n; ++o)
+                for (int j = 0; j < r; ++j) bt[j * kNChunk + o] = bf[o * ld + j];
         const float scale = sl.scales[tile.slot];
         float* c = sp->c.data();
         float* acc = sp->acc.data();
@@ -403,7 +510,11 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             const int64_t t = p.order[static_cast<size_t>(q)];
             const float* ut = U + (si * T + t) * ldR;
             for (int j = 0; j < r; ++j) c[j] = scale * ut[j];
-            K.axpy_rows(c, bt, kNChunk, r, n, acc);
+            for (int j = r; j < rp; ++j) c[j] = 0.f;
+            if (transposed)
+                K.axpy_rows(c, bt, kNChunk, r, n, acc);
+            else
+                K.gemv_rows(bf, ld, n, rp, c, acc);
             const int64_t yidx = t * a.y_ld + sl.off + o0;
             if (a.y_dt == LFM_DTYPE_F32) {
                 K.add(static_cast<float*>(a.y) + yidx, acc, n);
