@@ -38,7 +38,10 @@ namespace {
 
 constexpr int kTileS = 8;          // tokens per shrink item (x tile: 8 x kSub fp32 = 64 KiB)
 constexpr int kTileE = 32;         // tokens per expand item (reuses one transposed B tile)
-constexpr int64_t kSub = 2048;     // H_in sub-block inside a shrink item (keeps the x tile in L1/L2)
+// x tile budget of a shrink item (fp32 elements, 256 KiB: stays in L2). The H_in sub-block is
+// as long as the budget allows for the tile's tokens, so A rows are streamed sequentially
+// (a short sub-block would hop between the r rows and defeat the hardware prefetcher).
+constexpr int64_t kXTile = 64 << 10;
 constexpr int64_t kMinK = 512;     // smallest H_in chunk when splitting for parallelism
 constexpr int64_t kNChunk = 256;   // H_out columns per expand item
 constexpr int64_t kTargetItems = 32;
@@ -100,8 +103,31 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-__attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const float* const* xs, int nt, int64_t n,
-                                                      float* out) {
+// Load 8 elements of a row in its storage dtype as fp32 (conversion stays in registers, so
+// A is streamed straight from memory into the FMAs, with no fp32 copy of the row).
+struct LdF32 {
+    __attribute__((target("avx2,fma"))) static __m256 ld(const void* p, int64_t k) {
+        return _mm256_loadu_ps(static_cast<const float*>(p) + k);
+    }
+    static float one(const void* p, int64_t k) { return static_cast<const float*>(p)[k]; }
+};
+struct LdBF16 {
+    __attribute__((target("avx2,fma"))) static __m256 ld(const void* p, int64_t k) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + k));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    static float one(const void* p, int64_t k) { return bf16_to_f32(static_cast<const uint16_t*>(p)[k]); }
+};
+struct LdF16 {
+    __attribute__((target("avx2,fma,f16c"))) static __m256 ld(const void* p, int64_t k) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + k)));
+    }
+    static float one(const void* p, int64_t k) { return f16_to_f32(static_cast<const uint16_t*>(p)[k]); }
+};
+
+template <typename L>
+__attribute__((target("avx2,fma,f16c"))) void dot_tile_avx2(const void* a, const float* const* xs, int nt,
+                                                           int64_t n, float* out) {
     const int64_t n8 = n & ~int64_t(7);
     int i = 0;
     // Four tokens share each load of the A row: four independent FMA chains.
@@ -109,7 +135,7 @@ __attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const flo
         const float *x0 = xs[i], *x1 = xs[i + 1], *x2 = xs[i + 2], *x3 = xs[i + 3];
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (int64_t k = 0; k < n8; k += 8) {
-            const __m256 va = _mm256_loadu_ps(a + k);
+            const __m256 va = L::ld(a, k);
             s0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x0 + k), s0);
             s1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x1 + k), s1);
             s2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x2 + k), s2);
@@ -117,10 +143,11 @@ __attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const flo
         }
         float r0 = hsum256(s0), r1 = hsum256(s1), r2 = hsum256(s2), r3 = hsum256(s3);
         for (int64_t k = n8; k < n; ++k) {
-            r0 += a[k] * x0[k];
-            r1 += a[k] * x1[k];
-            r2 += a[k] * x2[k];
-            r3 += a[k] * x3[k];
+            const float av = L::one(a, k);
+            r0 += av * x0[k];
+            r1 += av * x1[k];
+            r2 += av * x2[k];
+            r3 += av * x3[k];
         }
         out[i] += r0;
         out[i + 1] += r1;
@@ -132,12 +159,12 @@ __attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const flo
         __m256 s0 = _mm256_setzero_ps(), s1 = s0;
         int64_t k = 0;
         for (; k + 16 <= n8; k += 16) {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(x + k), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(x + k + 8), s1);
+            s0 = _mm256_fmadd_ps(L::ld(a, k), _mm256_loadu_ps(x + k), s0);
+            s1 = _mm256_fmadd_ps(L::ld(a, k + 8), _mm256_loadu_ps(x + k + 8), s1);
         }
-        for (; k < n8; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(x + k), s0);
+        for (; k < n8; k += 8) s0 = _mm256_fmadd_ps(L::ld(a, k), _mm256_loadu_ps(x + k), s0);
         float r = hsum256(_mm256_add_ps(s0, s1));
-        for (k = n8; k < n; ++k) r += a[k] * x[k];
+        for (k = n8; k < n; ++k) r += L::one(a, k) * x[k];
         out[i] += r;
     }
 }
@@ -206,7 +233,11 @@ void add_portable(float* y, const float* d, int64_t n) {
     for (int64_t o = 0; o < n; ++o) y[o] += d[o];
 }
 
+using DotFn = void (*)(const void*, const float* const*, int, int64_t, float*);
+
 struct Kernels {
+    // dot_tile[dtype of A] when the row is read in place (AVX2); nullptr = convert the row first
+    DotFn dot_direct[3] = {nullptr, nullptr, nullptr};
     void (*dot_tile)(const float*, const float* const*, int, int64_t, float*) = dot_tile_portable;
     void (*axpy_rows)(const float*, const float*, int64_t, int, int64_t, float*) = axpy_rows_portable;
     void (*add)(float*, const float*, int64_t) = add_portable;
@@ -214,7 +245,9 @@ struct Kernels {
     Kernels() {
 #ifdef LFM_LORA_X86
         if (cpu_has_avx2()) {
-            dot_tile = dot_tile_avx2;
+            dot_direct[LFM_DTYPE_F32] = dot_tile_avx2<LdF32>;
+            dot_direct[LFM_DTYPE_BF16] = dot_tile_avx2<LdBF16>;
+            if (cpu_has_f16c()) dot_direct[LFM_DTYPE_F16] = dot_tile_avx2<LdF16>;
             axpy_rows = axpy_rows_avx2;
             add = add_avx2;
             gemv_rows = gemv_rows_avx2;
@@ -320,8 +353,8 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
         auto& sp = scratch[static_cast<size_t>(w)];
         if (!sp) {
             sp = std::make_unique<ShrinkScratch>();
-            sp->xs.resize(static_cast<size_t>(kTileS * kSub));
-            sp->arow.resize(static_cast<size_t>(kSub));
+            sp->xs.resize(static_cast<size_t>(kXTile));
+            sp->arow.resize(static_cast<size_t>(kXTile));
             sp->acc.resize(static_cast<size_t>(kTileS * Rmax));
         }
         const int64_t kchunk = item % nk;
@@ -338,29 +371,35 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
         const int64_t k0 = kchunk * kc, k1 = std::min(H_in, k0 + kc);
         float col[kTileS];
         const float* xp[kTileS];
-        for (int64_t kb = k0; kb < k1; kb += kSub) {
-            const int64_t n = std::min(kSub, k1 - kb);
+        const int64_t ksub = (kXTile / nt) & ~int64_t(7);
+        for (int64_t kb = k0; kb < k1; kb += ksub) {
+            const int64_t n = std::min(ksub, k1 - kb);
             for (int i = 0; i < nt; ++i) {
                 const int64_t idx = static_cast<int64_t>(toks[i]) * a.x_ld + kb;
                 if (a.x_dt == LFM_DTYPE_F32) {
                     xp[i] = static_cast<const float*>(a.x) + idx;
                 } else {
-                    float* d = sp->xs.data() + i * kSub;
+                    float* d = sp->xs.data() + i * ksub;
                     load_f32(at(a.x, a.x_dt, idx), a.x_dt, d, n);
                     xp[i] = d;
                 }
             }
+            const DotFn direct = sl.a_dt <= LFM_DTYPE_BF16 ? K.dot_direct[sl.a_dt] : nullptr;
             for (int j = 0; j < r; ++j) {
                 const int64_t aidx = (static_cast<int64_t>(tile.slot) * sl.R + j) * H_in + kb;
-                const float* arow;
-                if (sl.a_dt == LFM_DTYPE_F32) {
-                    arow = static_cast<const float*>(sl.A) + aidx;
-                } else {
-                    load_f32(at(sl.A, sl.a_dt, aidx), sl.a_dt, sp->arow.data(), n);
-                    arow = sp->arow.data();
-                }
                 for (int i = 0; i < nt; ++i) col[i] = 0.f;
-                K.dot_tile(arow, xp, nt, n, col);
+                if (direct) {
+                    direct(at(sl.A, sl.a_dt, aidx), xp, nt, n, col);
+                } else {
+                    const float* arow;
+                    if (sl.a_dt == LFM_DTYPE_F32) {
+                        arow = static_cast<const float*>(sl.A) + aidx;
+                    } else {
+                        load_f32(at(sl.A, sl.a_dt, aidx), sl.a_dt, sp->arow.data(), n);
+                        arow = sp->arow.data();
+                    }
+                    K.dot_tile(arow, xp, nt, n, col);
+                }
                 for (int i = 0; i < nt; ++i) acc[i * r + j] += col[i];
             }
         }
