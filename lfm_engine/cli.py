@@ -18,6 +18,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "lfm_engine.cli_demo",
     "lfm_engine.cli_merge",
+    "lfm_engine.cli_serve",
 ]
 
 
