@@ -50,7 +50,8 @@ Codecs (fields -> decode):
              mode "emr" (EMR-merging): tau_m = elect(sign of sum_i tau_i) * max over the
              agreeing |tau_i|; m_i = (tau_i * tau_m > 0); lambda_i = sum|tau_i| / sum|m_i tau_m|.
              mode "tall" (TALL-masks): tau_m = sum_i tau_i; m_i = |tau_i| >= lam_t |tau_m - tau_i|;
-             lambda_i = 1 (rescale="lsq" gives the least-squares scalar instead).
+             lambda_i = the least-squares scalar <tau_i, m_i tau_m> / ||m_i tau_m||^2 (TALL's
+             paper scales tau_m by a tuned lambda instead; rescale="none" gives lambda_i = 1).
              The mask is computed against the *decoded* merged vector, so the codec's
              error is accounted for.
 """
@@ -465,7 +466,7 @@ def encode_masks(deltas: torch.Tensor, *, mode: str = "emr", merged_codec: str =
         rescale = rescale or "emr"
     elif mode == "tall":
         tau = flat.sum(0)
-        rescale = rescale or "none"
+        rescale = rescale or "lsq"
     else:
         raise CodecError(f"masks: mode must be 'emr' or 'tall', got '{mode}'")
     if rescale not in ("emr", "lsq", "none"):
