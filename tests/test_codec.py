@@ -379,12 +379,13 @@ def test_delta_apply_errors():
 
 @pytest.fixture
 def triton_env(monkeypatch):
+    # Set before triton is first imported: @triton.jit picks the interpreter at decoration.
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
         import triton  # noqa: F401
     except Exception:
         pytest.skip("triton is not installed")
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
