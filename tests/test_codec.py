@@ -420,3 +420,18 @@ def test_triton_delta_apply(triton_env, codec, dtype):
     y = y0.to(dev)
     delta_apply(x.to(dev), dd, slot.to(dev), y, backend="triton")
     assert_close(y, want, dtype, atol=1e-4 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("codec", NATIVE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_decode_add(codec, dtype):
+    d = torch.randn(37, 301) * 0.02
+    opts = {} if codec == "sign1" else {"group_size": 64}
+    e = encode_delta(d, codec, **opts)
+    b = torch.randn(37, 301).to(dtype)
+    want = decode_add(e, b)
+    e_dev = Encoded(e.codec, e.shape, e.dtype, {k: v.cuda() for k, v in e.fields.items()}, e.options)
+    out = poison(torch.empty(37, 301, dtype=dtype, device="cuda"))
+    got = decode_add(e_dev, b.cuda(), out=out, backend="cuda")
+    assert torch.equal(got.cpu(), want)
