@@ -38,18 +38,45 @@ LFM_ALWAYS_INLINE float rint_small(float v) {
 }
 
 // ---- unpacking one row of codes to fp32 (q values, or +-1 for sign1) -------------------
+//
+// Byte-indexed tables turn each packed byte into its 8 / 4 / 2 floats with one small
+// memcpy (a vector move): far faster than extracting bits one by one.
+
+struct Luts {
+    float sign[256][8];
+    float i2[256][4];
+    float i4[256][2];
+    Luts() {
+        for (int b = 0; b < 256; ++b) {
+            for (int j = 0; j < 8; ++j) sign[b][j] = ((b >> j) & 1) ? -1.0f : 1.0f;
+            for (int j = 0; j < 4; ++j) {
+                const int v = (b >> (2 * j)) & 3;
+                i2[b][j] = static_cast<float>(v - ((v >> 1) << 2));
+            }
+            for (int j = 0; j < 2; ++j) {
+                const int v = (b >> (4 * j)) & 15;
+                i4[b][j] = static_cast<float>(v - ((v >> 3) << 4));
+            }
+        }
+    }
+};
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "sign1 rows are read byte-wise: little-endian hosts only");
+
+const Luts& luts() {
+    static const Luts t;
+    return t;
+}
 
 LFM_ALWAYS_INLINE void unpack_row(lfm_codec codec, const void* data_row, int64_t cols, float* q) {
+    const Luts& L = luts();
     switch (codec) {
         case LFM_CODEC_SIGN1: {
-            const uint32_t* w = static_cast<const uint32_t*>(data_row);
-            const int64_t full = cols / 32;
-            for (int64_t i = 0; i < full; ++i) {
-                const uint32_t word = w[i];
-                float* dst = q + 32 * i;
-                for (int j = 0; j < 32; ++j) dst[j] = ((word >> j) & 1u) ? -1.0f : 1.0f;
-            }
-            for (int64_t c = full * 32; c < cols; ++c) q[c] = ((w[c / 32] >> (c % 32)) & 1u) ? -1.0f : 1.0f;
+            // words are little-endian uint32: byte k of word i holds elements 32i + 8k .. +7
+            const uint8_t* p = static_cast<const uint8_t*>(data_row);
+            const int64_t full = cols / 8;
+            for (int64_t i = 0; i < full; ++i) std::memcpy(q + 8 * i, L.sign[p[i]], 8 * sizeof(float));
+            for (int64_t c = full * 8; c < cols; ++c) q[c] = L.sign[p[full]][c - full * 8];
             break;
         }
         case LFM_CODEC_INT8: {
@@ -60,28 +87,15 @@ LFM_ALWAYS_INLINE void unpack_row(lfm_codec codec, const void* data_row, int64_t
         case LFM_CODEC_INT4: {
             const uint8_t* p = static_cast<const uint8_t*>(data_row);
             const int64_t pairs = cols / 2;
-            for (int64_t i = 0; i < pairs; ++i) {
-                const int8_t b = static_cast<int8_t>(p[i]);
-                q[2 * i] = static_cast<float>(static_cast<int8_t>(b << 4) >> 4);
-                q[2 * i + 1] = static_cast<float>(b >> 4);
-            }
-            if (cols & 1) q[cols - 1] = static_cast<float>(static_cast<int8_t>(p[pairs] << 4) >> 4);
+            for (int64_t i = 0; i < pairs; ++i) std::memcpy(q + 2 * i, L.i4[p[i]], 2 * sizeof(float));
+            if (cols & 1) q[cols - 1] = L.i4[p[pairs]][0];
             break;
         }
         case LFM_CODEC_INT2: {
             const uint8_t* p = static_cast<const uint8_t*>(data_row);
             const int64_t quads = cols / 4;
-            for (int64_t i = 0; i < quads; ++i) {
-                const int8_t b = static_cast<int8_t>(p[i]);
-                q[4 * i] = static_cast<float>(static_cast<int8_t>(b << 6) >> 6);
-                q[4 * i + 1] = static_cast<float>(static_cast<int8_t>(b << 4) >> 6);
-                q[4 * i + 2] = static_cast<float>(static_cast<int8_t>(b << 2) >> 6);
-                q[4 * i + 3] = static_cast<float>(b >> 6);
-            }
-            for (int64_t c = quads * 4; c < cols; ++c) {
-                const int sh = 2 * static_cast<int>(c % 4);
-                q[c] = static_cast<float>(static_cast<int8_t>(p[quads] << (6 - sh)) >> 6);
-            }
+            for (int64_t i = 0; i < quads; ++i) std::memcpy(q + 4 * i, L.i2[p[i]], 4 * sizeof(float));
+            for (int64_t c = quads * 4; c < cols; ++c) q[c] = L.i2[p[quads]][c - quads * 4];
             break;
         }
     }
@@ -115,8 +129,36 @@ LFM_ALWAYS_INLINE void scale_add_row(const float* q, const float* s, int64_t col
     }
 }
 
+// sign1 with alpha == 1 fused in one pass: +-s is s with its sign bit flipped by the code
+// bit (exactly the reference's where(neg, -s, s)), added to the base.
+LFM_ALWAYS_INLINE void sign1_add_row(const uint32_t* w, float s, int64_t cols, const float* base, float* out) {
+    const uint32_t sb = f32_bits(s);
+    const int64_t full = cols / 32;
+    for (int64_t i = 0; i < full; ++i) {
+        const uint32_t word = w[i];
+        const float* b = base + 32 * i;
+        float* o = out + 32 * i;
+        for (int j = 0; j < 32; ++j) {
+            uint32_t u = sb ^ (((word >> j) & 1u) << 31);
+            float v;
+            std::memcpy(&v, &u, 4);
+            o[j] = b[j] + v;
+        }
+    }
+    for (int64_t c = full * 32; c < cols; ++c) {
+        uint32_t u = sb ^ (((w[full] >> (c - 32 * full)) & 1u) << 31);
+        float v;
+        std::memcpy(&v, &u, 4);
+        out[c] = base[c] + v;
+    }
+}
+
 LFM_ALWAYS_INLINE void decode_row_body(lfm_codec codec, const void* data_row, const float* s, int64_t cols,
                                        int64_t group, const float* base, float alpha, float* q, float* out) {
+    if (codec == LFM_CODEC_SIGN1 && base && alpha == 1.0f) {
+        sign1_add_row(static_cast<const uint32_t*>(data_row), s[0], cols, base, out);
+        return;
+    }
     unpack_row(codec, data_row, cols, q);
     scale_add_row(q, s, cols, group, codec == LFM_CODEC_SIGN1, base, alpha, out);
 }
@@ -159,19 +201,69 @@ LFM_ALWAYS_INLINE float dot_body(const float* a, const float* b, int64_t n) {
     return s + tail;
 }
 
-float dot_baseline(const float* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+// sum_c x[c] * (+-1 from the sign bits): x with its sign bit flipped where the code bit
+// is 1, summed in 32 lanes. No decoded row exists at all.
+LFM_ALWAYS_INLINE float dot_sign1_body(const float* x, const uint32_t* w, int64_t n) {
+    float acc[32] = {0};
+    const int64_t full = n / 32;
+    for (int64_t i = 0; i < full; ++i) {
+        const uint32_t word = w[i];
+        const float* xi = x + 32 * i;
+        for (int j = 0; j < 32; ++j) {
+            uint32_t u;
+            std::memcpy(&u, xi + j, 4);
+            u ^= ((word >> j) & 1u) << 31;
+            float v;
+            std::memcpy(&v, &u, 4);
+            acc[j] += v;
+        }
+    }
+    float tail = 0.0f;
+    for (int64_t c = full * 32; c < n; ++c) tail += ((w[full] >> (c - 32 * full)) & 1u) ? -x[c] : x[c];
+    float s = 0.0f;
+    for (int j = 0; j < 32; ++j) s += acc[j];
+    return s + tail;
+}
+
+// sum over groups of s_g * (q_g . x_g): codes unscaled, one multiply per group.
+LFM_ALWAYS_INLINE float dot_groups_body(const float* x, const float* q, const float* sc, int64_t n, int64_t group) {
+    float total = 0.0f;
+    for (int64_t g0 = 0, gi = 0; g0 < n; g0 += group, ++gi)
+        total += sc[gi] * dot_body(x + g0, q + g0, std::min(group, n - g0));
+    return total;
+}
+
+// Row r of one slot against nt tokens: out[i] = row . x_i.
+LFM_ALWAYS_INLINE void row_dots_body(lfm_codec codec, const void* data_row, const float* sc, int64_t n, int64_t group,
+                                     const float* xs, int64_t nt, float* q, float* out, int64_t out_stride) {
+    if (codec == LFM_CODEC_SIGN1) {
+        const uint32_t* w = static_cast<const uint32_t*>(data_row);
+        for (int64_t i = 0; i < nt; ++i) out[i * out_stride] = sc[0] * dot_sign1_body(xs + i * n, w, n);
+        return;
+    }
+    unpack_row(codec, data_row, n, q);
+    for (int64_t i = 0; i < nt; ++i) out[i * out_stride] = dot_groups_body(xs + i * n, q, sc, n, group);
+}
+
+void row_dots_baseline(lfm_codec codec, const void* data_row, const float* sc, int64_t n, int64_t group,
+                       const float* xs, int64_t nt, float* q, float* out, int64_t out_stride) {
+    row_dots_body(codec, data_row, sc, n, group, xs, nt, q, out, out_stride);
+}
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-    return dot_body(a, b, n);
+__attribute__((target("avx2,fma"))) void row_dots_avx2(lfm_codec codec, const void* data_row, const float* sc,
+                                                       int64_t n, int64_t group, const float* xs, int64_t nt,
+                                                       float* q, float* out, int64_t out_stride) {
+    row_dots_body(codec, data_row, sc, n, group, xs, nt, q, out, out_stride);
 }
 #endif
 
-using DotFn = float (*)(const float*, const float*, int64_t);
-DotFn pick_dot() {
+using RowDotsFn = void (*)(lfm_codec, const void*, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                           float*, int64_t);
+RowDotsFn pick_row_dots() {
 #if defined(__x86_64__)
-    if (cpu_has_avx2()) return dot_avx2;
+    if (cpu_has_avx2()) return row_dots_avx2;
 #endif
-    return dot_baseline;
+    return row_dots_baseline;
 }
 
 // ---- encode --------------------------------------------------------------------------
@@ -384,16 +476,14 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
     }();
     std::vector<std::vector<float>> scratch(
         static_cast<size_t>(workers), std::vector<float>(static_cast<size_t>(2 * in + ns_row + rb * max_tok + rb)));
-    const DecodeRowFn decode_row = pick_decode_row();
-    const DotFn dot = pick_dot();
+    const RowDotsFn row_dots = pick_row_dots();
 
     parallel_for(n_tasks, a.n_threads, [&](int64_t task, int wslot) {
         const int64_t s = task_slot[static_cast<size_t>(task / blocks)];
         const int64_t r0 = (task % blocks) * rb, r1 = std::min(out, r0 + rb), nr = r1 - r0;
         const int64_t t0 = count[static_cast<size_t>(s)], nt = count[static_cast<size_t>(s + 1)] - t0;
         float* q = scratch[static_cast<size_t>(wslot)].data();
-        float* w = q + in;
-        float* sc = w + in;
+        float* sc = q + 2 * in;
         float* acc = sc + ns_row;  // [nt, nr]
         float* yrow = acc + rb * max_tok;
         const char* data = static_cast<const char*>(a.data[static_cast<size_t>(s)]);
@@ -401,8 +491,8 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
         for (int64_t r = r0; r < r1; ++r) {
             load_f32(scales + (sign1 && a.per_tensor ? 0 : r * ns_row) * static_cast<int64_t>(s_es), a.scale_dtype, sc,
                      ns_row);
-            decode_row(a.codec, data + r * pc * static_cast<int64_t>(data_es), sc, in, a.group, nullptr, 1.0f, q, w);
-            for (int64_t i = 0; i < nt; ++i) acc[i * nr + (r - r0)] = dot(xs.data() + (t0 + i) * in, w, in);
+            row_dots(a.codec, data + r * pc * static_cast<int64_t>(data_es), sc, in, a.group, xs.data() + t0 * in, nt,
+                     q, acc + (r - r0), nr);
         }
         // y[t, r0:r1] += alpha * acc (fp32, one rounding to y's dtype).
         for (int64_t i = 0; i < nt; ++i) {
