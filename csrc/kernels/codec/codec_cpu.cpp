@@ -284,6 +284,94 @@ struct RowError {
     int kind = 0;  // 1 = non-finite, 2 = scale overflow
 };
 
+// Encode hot loops (row in fp32 scratch), compiled twice like the decoders. No FMA in
+// the AVX2 clone: the quantizer's true division and the magic-number rounding stay exact.
+struct RowStats {
+    bool finite;
+    double abs_sum;  // sign1 only
+};
+
+LFM_ALWAYS_INLINE RowStats sign1_row_body(const float* buf, int64_t cols, uint32_t* w, int64_t pc) {
+    bool finite = true;
+    double part[8] = {0};
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8)
+        for (int j = 0; j < 8; ++j) {
+            finite &= std::fabs(buf[c + j]) <= FLT_MAX;
+            part[j] += std::fabs(static_cast<double>(buf[c + j]));
+        }
+    double tail = 0.0;
+    for (; c < cols; ++c) {
+        finite &= std::fabs(buf[c]) <= FLT_MAX;
+        tail += std::fabs(static_cast<double>(buf[c]));
+    }
+    for (int64_t i = 0; i < pc; ++i) {
+        uint32_t word = 0;
+        const int64_t c0 = 32 * i, n = std::min<int64_t>(32, cols - c0);
+        if (n == 32)
+            for (int j = 0; j < 32; ++j) word |= static_cast<uint32_t>(buf[c0 + j] < 0.0f) << j;
+        else
+            for (int64_t j = 0; j < n; ++j) word |= static_cast<uint32_t>(buf[c0 + j] < 0.0f) << j;
+        w[i] = word;
+    }
+    double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
+    return {finite, sum};
+}
+
+// Quantize elements [g0, g1) with the (already rounded) scale s into qb.
+LFM_ALWAYS_INLINE float group_absmax_body(const float* buf, int64_t g0, int64_t g1, bool* finite) {
+    float amax = 0.0f;
+    bool ok = true;
+    for (int64_t c = g0; c < g1; ++c) {
+        const float v = std::fabs(buf[c]);
+        ok &= v <= FLT_MAX;
+        amax = amax > v ? amax : v;
+    }
+    *finite = ok;
+    return amax;
+}
+
+LFM_ALWAYS_INLINE void quantize_group_body(const float* buf, int64_t g0, int64_t g1, float s, float fmax, int8_t* qb) {
+    for (int64_t c = g0; c < g1; ++c) {
+        float v = buf[c] / s;  // a true division, like the reference
+        v = v < -fmax - 1.0f ? -fmax - 1.0f : (v > fmax + 1.0f ? fmax + 1.0f : v);
+        v = rint_small(v);
+        v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
+        qb[c] = static_cast<int8_t>(static_cast<int>(v));
+    }
+}
+
+struct EncodeFns {
+    RowStats (*sign1_row)(const float*, int64_t, uint32_t*, int64_t);
+    float (*absmax)(const float*, int64_t, int64_t, bool*);
+    void (*quantize)(const float*, int64_t, int64_t, float, float, int8_t*);
+};
+
+RowStats sign1_row_base(const float* b, int64_t c, uint32_t* w, int64_t pc) { return sign1_row_body(b, c, w, pc); }
+float absmax_base(const float* b, int64_t g0, int64_t g1, bool* f) { return group_absmax_body(b, g0, g1, f); }
+void quantize_base(const float* b, int64_t g0, int64_t g1, float s, float m, int8_t* q) {
+    quantize_group_body(b, g0, g1, s, m, q);
+}
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) RowStats sign1_row_avx2(const float* b, int64_t c, uint32_t* w, int64_t pc) {
+    return sign1_row_body(b, c, w, pc);
+}
+__attribute__((target("avx2"))) float absmax_avx2(const float* b, int64_t g0, int64_t g1, bool* f) {
+    return group_absmax_body(b, g0, g1, f);
+}
+__attribute__((target("avx2"))) void quantize_avx2(const float* b, int64_t g0, int64_t g1, float s, float m,
+                                                   int8_t* q) {
+    quantize_group_body(b, g0, g1, s, m, q);
+}
+#endif
+
+EncodeFns pick_encode() {
+#if defined(__x86_64__)
+    if (cpu_has_avx2()) return {sign1_row_avx2, absmax_avx2, quantize_avx2};
+#endif
+    return {sign1_row_base, absmax_base, quantize_base};
+}
+
 }  // namespace
 
 void encode_cpu(const CodecArgs& a) {
@@ -301,6 +389,7 @@ void encode_cpu(const CodecArgs& a) {
     const int qmax = codec_qmax(a.codec);
     const int64_t pc = packed_cols(a.codec, cols);
     const float fmax = static_cast<float>(qmax);
+    const EncodeFns fns = pick_encode();
 
     parallel_for(n_tasks, a.n_threads, [&](int64_t task, int slot) {
         float* buf = scratch[static_cast<size_t>(slot)].data();
@@ -309,46 +398,33 @@ void encode_cpu(const CodecArgs& a) {
         for (int64_t r = r0; r < r1; ++r) {
             load_f32(static_cast<const char*>(a.delta->data) + r * cols * static_cast<int64_t>(in_es),
                      a.delta->dtype, buf, cols);
-            bool finite = true;
-            for (int64_t c = 0; c < cols; ++c) finite &= std::fabs(buf[c]) <= FLT_MAX;
-            if (!finite) {
-                errs[static_cast<size_t>(task)] = {r, 1};
-                return;
-            }
             if (a.codec == LFM_CODEC_SIGN1) {
-                uint32_t* w = static_cast<uint32_t*>(a.data->data) + r * pc;
-                double sum = 0.0;
-                for (int64_t c = 0; c < cols; ++c) sum += std::fabs(static_cast<double>(buf[c]));
-                row_sum[static_cast<size_t>(r)] = sum;
-                for (int64_t i = 0; i < pc; ++i) {
-                    uint32_t word = 0;
-                    const int64_t c0 = 32 * i, n = std::min<int64_t>(32, cols - c0);
-                    for (int64_t j = 0; j < n; ++j) word |= static_cast<uint32_t>(buf[c0 + j] < 0.0f) << j;
-                    w[i] = word;
+                const RowStats st = fns.sign1_row(buf, cols, static_cast<uint32_t*>(a.data->data) + r * pc, pc);
+                if (!st.finite) {
+                    errs[static_cast<size_t>(task)] = {r, 1};
+                    return;
                 }
+                row_sum[static_cast<size_t>(r)] = st.abs_sum;
                 continue;
             }
             for (int64_t g0 = 0, gi = 0; g0 < cols; g0 += a.group, ++gi) {
                 const int64_t g1 = std::min(cols, g0 + a.group);
-                float amax = 0.0f;
-                for (int64_t c = g0; c < g1; ++c) amax = std::max(amax, std::fabs(buf[c]));
+                bool finite = true;
+                const float amax = fns.absmax(buf, g0, g1, &finite);
+                if (!finite) {
+                    errs[static_cast<size_t>(task)] = {r, 1};
+                    return;
+                }
                 const float s = round_to(sdt, amax / fmax);
                 if (!(std::fabs(s) <= FLT_MAX)) {
                     errs[static_cast<size_t>(task)] = {r, 2};
                     return;
                 }
                 store_one(sdt, a.scales->data, r * a.n_groups + gi, s);
-                if (s > 0.0f) {
-                    for (int64_t c = g0; c < g1; ++c) {
-                        float v = buf[c] / s;  // a true division, like the reference
-                        v = std::min(std::max(v, -fmax - 1.0f), fmax + 1.0f);
-                        v = rint_small(v);
-                        v = std::min(std::max(v, -fmax), fmax);
-                        qb[c] = static_cast<int8_t>(v);
-                    }
-                } else {
-                    for (int64_t c = g0; c < g1; ++c) qb[c] = 0;
-                }
+                if (s > 0.0f)
+                    fns.quantize(buf, g0, g1, s, fmax, qb);
+                else
+                    std::memset(qb + g0, 0, static_cast<size_t>(g1 - g0));
             }
             uint8_t* dst = static_cast<uint8_t*>(a.data->data) + r * pc;
             if (a.codec == LFM_CODEC_INT8) {
