@@ -25,7 +25,6 @@ import torch
 
 from lfm_engine.bench_util import Report, copy_bandwidth, device_name, time_fn
 from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
-from lfm_engine.reference import codec as ref
 
 
 def structured_delta(rows, cols, rank=16, outliers=0.002, noise=0.3, seed=0, dtype=torch.float32):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +435,22 @@ def test_cuda_decode_add(codec, dtype):
     out = poison(torch.empty(37, 301, dtype=dtype, device="cuda"))
     got = decode_add(e_dev, b.cuda(), out=out, backend="cuda")
     assert torch.equal(got.cpu(), want)
+
+
+def test_c_abi_program(tmp_path):
+    """The codec C ABI from C: compile tests/c/codec_capi.c against liblfm and run it."""
+    import shutil
+    import subprocess
+
+    import lfm_engine
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib = Path(lfm_engine.get_library())
+    exe = tmp_path / "codec_capi"
+    src = Path(__file__).parent / "c" / "codec_capi.c"
+    subprocess.run([cc, "-std=c99", "-O1", str(src), "-I", lfm_engine.get_include(), "-L", str(lib.parent), "-llfm",
+                    f"-Wl,-rpath,{lib.parent}", "-lm", "-o", str(exe)], check=True, capture_output=True)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
