@@ -4,6 +4,8 @@ Top-level API:
     merge_tensors(base, others, method="ties", ...)   fused sparsify-and-merge of one tensor
     merge_models(config, out_dir, ...)                mergekit-style model merge, streaming
     lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (spec/lora.md)
+    encode_delta / decode_delta / delta_apply(...)    task-vector codecs (spec/codec.md)
+    compress_model / decompress_model(...)            .lfmd containers of whole fine-tunes
     get_include(), get_library()                      C ABI header folder and liblfm path
     build_info()                                      what this build has (CUDA, SIMD level)
 """
@@ -14,6 +16,7 @@ import os
 from pathlib import Path
 
 from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
 from lfm_engine.ops.lora import lora_apply, lora_apply_slices, lora_expand, lora_shrink
 from lfm_engine.ops.merge import merge_tensors
 
@@ -32,6 +35,20 @@ def _native_dirs() -> list:
     from lfm_engine._native import has_native, native_dir
 
     return [native_dir()] if has_native() else []
+
+
+def compress_model(base_dir, model_dir, out_path, **kwargs):
+    """Encode a fine-tune's task vectors into an .lfmd container (see lfm_engine.compress)."""
+    from lfm_engine.compress import compress_model as _compress_model
+
+    return _compress_model(base_dir, model_dir, out_path, **kwargs)
+
+
+def decompress_model(base_dir, path, out_dir, **kwargs):
+    """Rebuild a model folder from its base and an .lfmd container (see lfm_engine.compress)."""
+    from lfm_engine.compress import decompress_model as _decompress_model
+
+    return _decompress_model(base_dir, path, out_dir, **kwargs)
 
 
 def get_include() -> str:
@@ -68,7 +85,8 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "METHODS", "MergeConfigError", "merge_tensors", "merge_models",
-    "lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices", "get_include", "get_library", "build_info",
+    "lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices",
+    "encode_delta", "decode_delta", "decode_add", "delta_apply", "compress_model", "decompress_model", "get_include", "get_library", "build_info",
     "set_num_threads", "__version__",
 ]
 del os
