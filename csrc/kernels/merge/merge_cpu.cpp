@@ -25,6 +25,7 @@
 #include "core/tensor.h"
 #include "core/thread_pool.h"
 #include "kernels/merge/merge.h"
+#include "kernels/merge/merge_cpu_loops.h"
 
 namespace lfm::merge {
 namespace {
@@ -61,7 +62,8 @@ struct Query {
 };
 
 struct Scratch {
-    std::vector<float> b, x, s, mixed, div, o;
+    std::vector<float> b, x, mixed, o;
+    std::vector<double> s, div;  // elected-sign sums and divisors, float64 like the reference
     std::vector<uint8_t> keep;
     std::vector<uint32_t> draws;
 };
@@ -133,20 +135,18 @@ private:
              a_.name, "'");
     }
 
-    // Load x_i (minus the base, unless linear) for block [start, start+len) into s.x.
-    void load(Scratch& s, int64_t start, int64_t len) const {
+    // Load x_i (minus the base, unless linear) for block [start, start+len) into s.x;
+    // only model `only` when only >= 0.
+    void load(Scratch& s, int64_t start, int64_t len, int only = -1) const {
         float* b = s.b.data();
         if (a_.base) load_f32(ptr(a_.base, start), a_.base->dtype, b, len);
         uint32_t bad = 0;
         for (int i = 0; i < K_; ++i) {
+            if (only >= 0 && i != only) continue;
             float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
             load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x, len);
-            if (a_.base)
-                for (int64_t j = 0; j < len; ++j) x[j] -= b[j];
-            for (int64_t j = 0; j < len; ++j) bad |= (f32_bits(x[j]) & 0x7f800000u) == 0x7f800000u;
+            bad |= a_.base ? loops::sub_check(x, b, len) : loops::check_finite(x, len);
         }
-        if (a_.base)
-            for (int64_t j = 0; j < len; ++j) bad |= (f32_bits(b[j]) & 0x7f800000u) == 0x7f800000u;
         if (bad) nonfinite(start, len, s);
     }
 
@@ -273,7 +273,7 @@ private:
         };
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
-            load(s, blk * kBlock, block_len(blk));
+            load(s, blk * kBlock, block_len(blk), model);
             counts[static_cast<size_t>(blk)] = count_block(s, blk);
         });
         int64_t cum = 0;
@@ -281,7 +281,7 @@ private:
             if (cum + counts[blk] > ordinal) {
                 Scratch& s = scratch(0);
                 const int64_t len = block_len(blk);
-                load(s, blk * kBlock, len);
+                load(s, blk * kBlock, len, model);
                 const float* x = s.x.data() + static_cast<int64_t>(model) * kBlock;
                 for (int64_t j = 0; j < len; ++j)
                     if ((f32_bits(x[j]) & 0x7fffffffu) == v && cum++ == ordinal) return blk * kBlock + j;
@@ -294,13 +294,11 @@ private:
     // ---- random draws --------------------------------------------------------------
     // draws[j] = Philox word for element start + j, j < len (start need not be aligned).
     void fill_draws(uint32_t stream, int64_t start, int64_t len, uint32_t* draws) const {
-        int64_t e = start;
-        const int64_t end = start + len;
-        while (e < end) {
-            const uint64_t q = static_cast<uint64_t>(e) >> 2;
-            Philox4 r = philox_block(a_.seed, stream, q);
-            for (int w = static_cast<int>(e & 3); w < 4 && e < end; ++w, ++e) draws[e - start] = r.v[w];
-        }
+        const int64_t q0 = start >> 2, q1 = (start + len + 3) >> 2;
+        thread_local std::vector<uint32_t> words;
+        words.resize(static_cast<size_t>(q1 - q0) * 4);
+        loops::philox_blocks(a_.seed, stream, static_cast<uint64_t>(q0), q1 - q0, words.data());
+        std::memcpy(draws, words.data() + (start & 3), static_cast<size_t>(len) * 4);
     }
 
     // ---- DELLA masks ---------------------------------------------------------------
@@ -317,35 +315,74 @@ private:
                 thr[i][r] = keep_threshold((a_.d[i] - a_.eps[i]) + (2.0 * a_.eps[i]) * rn);
             }
         }
-        parallel_for(rows, a_.n_threads, [&](int64_t row, int slot) {
+        parallel_for(rows, a_.n_threads, [&](int64_t row, int) {
             thread_local std::vector<float> b, x;
-            thread_local std::vector<uint64_t> keys;
-            thread_local std::vector<uint32_t> draws;
+            thread_local std::vector<uint32_t> keys, idx, keys2, idx2, draws;
             b.resize(cols);
             x.resize(cols);
             keys.resize(cols);
+            idx.resize(cols);
+            keys2.resize(cols);
+            idx2.resize(cols);
             draws.resize(cols);
-            (void)slot;
             const int64_t start = row * cols;
             load_f32(ptr(a_.base, start), a_.base->dtype, b.data(), cols);
             for (int i = 0; i < K_; ++i) {
                 load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x.data(), cols);
+                if (loops::sub_check(x.data(), b.data(), cols)) nonfinite_row(start, cols);
                 for (int64_t j = 0; j < cols; ++j) {
-                    float dlt = x[j] - b[j];
-                    uint32_t v = f32_bits(dlt) & 0x7fffffffu;
-                    keys[j] = (static_cast<uint64_t>(v) << 32) | static_cast<uint64_t>(j);
+                    keys[j] = f32_bits(x[j]) & 0x7fffffffu;
+                    idx[j] = static_cast<uint32_t>(j);
                 }
-                std::sort(keys.begin(), keys.end());
+                // rank = position in (|delta| bits, column) ascending order: a stable LSD
+                // radix sort on the bits keeps equal values in column order.
+                radix_sort_stable(keys, idx, keys2, idx2, cols);
                 fill_draws(a_.stream[i], start, cols, draws.data());
                 const uint64_t* t = thr[i].data();
                 uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
                 const uint8_t bit = static_cast<uint8_t>(1u << (i & 7));
                 for (int64_t r = 0; r < cols; ++r) {
-                    const int64_t j = static_cast<int64_t>(keys[r] & 0xffffffffu);
+                    const int64_t j = idx[r];
                     if (draws[j] < t[r]) m[j * mbytes_] |= bit;
                 }
             }
         });
+    }
+
+    // Stable LSD radix sort of (keys, idx) by keys, 8-bit digits; digits on which all
+    // keys agree are skipped. Result in keys/idx.
+    static void radix_sort_stable(std::vector<uint32_t>& keys, std::vector<uint32_t>& idx,
+                                  std::vector<uint32_t>& keys2, std::vector<uint32_t>& idx2, int64_t n) {
+        uint32_t cnt[4][256];
+        std::memset(cnt, 0, sizeof(cnt));
+        for (int64_t j = 0; j < n; ++j) {
+            const uint32_t k = keys[j];
+            ++cnt[0][k & 255u];
+            ++cnt[1][(k >> 8) & 255u];
+            ++cnt[2][(k >> 16) & 255u];
+            ++cnt[3][k >> 24];
+        }
+        for (int d = 0; d < 4; ++d) {
+            const int sh = 8 * d;
+            if (cnt[d][(keys[0] >> sh) & 255u] == static_cast<uint32_t>(n)) continue;  // all equal here
+            uint32_t off[256], sum = 0;
+            for (int v = 0; v < 256; ++v) {
+                off[v] = sum;
+                sum += cnt[d][v];
+            }
+            for (int64_t j = 0; j < n; ++j) {
+                const uint32_t p = off[(keys[j] >> sh) & 255u]++;
+                keys2[p] = keys[j];
+                idx2[p] = idx[j];
+            }
+            keys.swap(keys2);
+            idx.swap(idx2);
+        }
+    }
+
+    [[noreturn]] void nonfinite_row(int64_t start, int64_t len) const {
+        Scratch dummy;
+        nonfinite(start, len, dummy);
     }
 
     // ---- keep flags of one model over one block ------------------------------------
@@ -361,9 +398,11 @@ private:
                 const Cut& c = cuts_[i];
                 if (c.all) { std::memset(k, 1, static_cast<size_t>(len)); return; }
                 if (c.none) { std::memset(k, 0, static_cast<size_t>(len)); return; }
+                loops::cut_interior(x, c.lo_v, c.hi_v, k, len);
+                // the two cut values need the index rule (rare: only exact ties with a cut)
                 for (int64_t j = 0; j < len; ++j) {
-                    uint32_t v = f32_bits(x[j]) & 0x7fffffffu;
-                    k[j] = (v > c.lo_v && v < c.hi_v) ? 1 : static_cast<uint8_t>(c.keep(v, start + j));
+                    const uint32_t v = f32_bits(x[j]) & 0x7fffffffu;
+                    if (v == c.lo_v || v == c.hi_v) k[j] = static_cast<uint8_t>(c.keep(v, start + j));
                 }
                 return;
             }
@@ -372,7 +411,7 @@ private:
                 if (t >= 0x100000000ull) { std::memset(k, 1, static_cast<size_t>(len)); return; }
                 uint32_t* dr = s.draws.data();
                 fill_draws(a_.stream[i], start, len, dr);
-                for (int64_t j = 0; j < len; ++j) k[j] = dr[j] < t;
+                loops::draws_below(dr, static_cast<uint32_t>(t), k, len);
                 return;
             }
             case Sparsifier::Della: {
@@ -416,73 +455,48 @@ private:
 
     // ---- the merge pass ------------------------------------------------------------
     void merge_pass() {
-        const bool linear = a_.method == LFM_MERGE_LINEAR;
-        std::vector<float> wf(K_), ff(K_);
+        std::vector<float> wf(K_);
         double wsum = 0.0;
         for (int i = 0; i < K_; ++i) {
             wf[i] = static_cast<float>(a_.w[i]);
-            ff[i] = static_cast<float>(factor_[i]);
             wsum += a_.w[i];
         }
-        const float plain_div = static_cast<float>(std::fabs(wsum) < 1e-8 ? 1.0 : wsum);
+        const float inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
         const float lam = static_cast<float>(a_.lambda);
-        const bool normalize = a_.normalize;
+        const bool sparse = a_.sparsifier != Sparsifier::None;
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             load(s, start, len);
-            float* S = s.s.data();
+            double* S = s.s.data();
             float* mixed = s.mixed.data();
-            float* div = s.div.data();
-            float* o = s.o.data();
-            const float* b = s.b.data();
-            std::fill(S, S + len, 0.0f);
-            // dp_i = kept ? factor_i * delta_i : 0, stored in place of delta_i
+            if (a_.consensus) std::fill(S, S + len, 0.0);
+            // dp_i = kept ? factor_i * delta_i : 0, stored in place of delta_i. The elected
+            // sign comes from a float64 sum (as exact as the reference's), so an element whose
+            // sum is near zero does not flip sign with float32 rounding.
             for (int i = 0; i < K_; ++i) {
                 float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
-                if (a_.sparsifier != Sparsifier::None) {
-                    keep_flags(i, start, len, x, s);
-                    const uint8_t* k = s.keep.data();
-                    const float f = ff[i];
-                    for (int64_t j = 0; j < len; ++j) x[j] = k[j] ? f * x[j] : 0.0f;
-                }
-                if (a_.consensus) {
-                    const float w = a_.consensus_unweighted ? 1.0f : wf[i];
-                    for (int64_t j = 0; j < len; ++j) S[j] += w * x[j];
-                }
+                if (sparse) keep_flags(i, start, len, x, s);
+                loops::sparsify_accumulate(x, sparse ? s.keep.data() : nullptr, factor_[i],
+                                           a_.consensus_unweighted ? 1.0 : a_.w[i], a_.consensus ? S : nullptr, len);
             }
             std::fill(mixed, mixed + len, 0.0f);
             if (a_.consensus) {
-                std::fill(div, div + len, 0.0f);
-                for (int i = 0; i < K_; ++i) {
-                    const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
-                    const float w = wf[i];
-                    const float wd = a_.disjoint_count ? 1.0f : w;
-                    const bool unw = a_.consensus_unweighted;
-                    for (int64_t j = 0; j < len; ++j) {
-                        const float t = w * x[j];
-                        const float sg = unw ? x[j] : t;
-                        const bool m = S[j] >= 0.0f ? sg > 0.0f : sg < 0.0f;
-                        mixed[j] += m ? t : 0.0f;
-                        div[j] += m ? wd : 0.0f;
-                    }
-                }
-                if (normalize)
-                    for (int64_t j = 0; j < len; ++j) mixed[j] /= (div[j] == 0.0f ? 1.0f : div[j]);
+                double* div = s.div.data();
+                std::fill(div, div + len, 0.0);
+                for (int i = 0; i < K_; ++i)
+                    loops::consensus_add(s.x.data() + static_cast<int64_t>(i) * kBlock, wf[i],
+                                         a_.disjoint_count ? 1.0 : a_.w[i], a_.consensus_unweighted, S, mixed, div,
+                                         len);
+                // |divisor| < 1e-8 -> 1 (spec: == 0; agreeing negative weights can cancel to
+                // ~1e-17, see reference/merge.py), summed in float64 like the reference.
+                if (a_.normalize) loops::divide_guarded(mixed, div, len);
             } else {
-                for (int i = 0; i < K_; ++i) {
-                    const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
-                    const float w = wf[i];
-                    for (int64_t j = 0; j < len; ++j) mixed[j] += w * x[j];
-                }
-                if (normalize)
-                    for (int64_t j = 0; j < len; ++j) mixed[j] /= plain_div;
+                for (int i = 0; i < K_; ++i) loops::axpy(s.x.data() + static_cast<int64_t>(i) * kBlock, wf[i], mixed, len);
+                if (a_.normalize) loops::scale(mixed, inv_plain_div, len);
             }
-            if (linear) {
-                std::memcpy(o, mixed, static_cast<size_t>(len) * 4);
-            } else {
-                for (int64_t j = 0; j < len; ++j) o[j] = b[j] + lam * mixed[j];
-            }
+            float* o = s.o.data();
+            loops::finish(a_.base ? s.b.data() : nullptr, lam, mixed, o, len);
             char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
             store_f32(o, a_.out->dtype, dst, len);
         });
