@@ -63,13 +63,23 @@ def _run(backend, b, xs, method, out_dtype=None, **kw):
     return merge_tensors(b, xs, method, backend=backend, out_dtype=out_dtype, **kw)
 
 
-def _check_outputs(method, got, want, rescale_l1):
-    if rescale_l1:
-        # the L1 factor's float64 sum order may differ; allow one rounding of the output
-        torch.testing.assert_close(got.float().cpu(), want.float().cpu(), atol=1e-6, rtol=2e-3
-                                   if got.dtype != torch.float32 else 2e-6)
-    else:
-        assert torch.equal(got.cpu(), want.cpu()), f"{method}: output differs from the CPU kernel"
+# One rounding step of each output dtype: the CPU kernel's FMA loops exist only on
+# x86-64-v3 CPUs (baseline x86-64 rounds twice), and the L1 factor's float64 sums may be
+# ordered differently, so an output may differ from the CPU kernel's by one rounding.
+_ONE_ROUNDING = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def _check_outputs(method, got, want, rescale_l1=False):
+    got, want = got.cpu(), want.cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if torch.equal(got, want):
+        return
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=_ONE_ROUNDING[got.dtype],
+                               msg=lambda m: f"{method}: output differs from the CPU kernel beyond one rounding: {m}")
+    # a different mask would show as large differences in a few elements; rounding
+    # differences stay rare
+    frac = (got != want).float().mean().item()
+    assert frac < (0.05 if rescale_l1 else 0.01), f"{method}: {frac:.3%} of the outputs differ"
 
 
 def _check_masks(b, xs, method, masks, **kw):

@@ -29,12 +29,19 @@ The definition shared with the CPU and CUDA kernels (so masks are bit-identical)
   summed in float64; factor = ||delta||_1 / ||delta'||_1 (skipped below 1e-7), used as
   fp32. "inverse_density": 1/d.
 * the merge pass (one kernel, reads base and the K models once per block and writes
-  ``out``): dp_i = keep ? f_i * delta_i : 0; consensus S = sum_i w_i dp_i (or dp_i when
-  unweighted), entry i takes part iff sign(w_i dp_i) == (S >= 0 ? +1 : -1);
-  mixed = sum m_i w_i dp_i, div = sum m_i w_i (or m_i); normalise; out = b + lam * mixed.
-  All in fp32 in the CPU kernel's order, with FMA contraction disabled on the GPU, so
-  the outputs equal the CPU kernel's bit for bit except for the L1 factor, whose
-  float64 sums may differ in the last bit (summation order).
+  ``out``), the CPU kernel's arithmetic step by step: dd_i = keep ? delta_i * f_i : 0 in
+  float64 (f_i the float64 factor), dp_i = fp32(dd_i); consensus: S = sum_i w_i dd_i in
+  float64 (w_i = 1 when unweighted), entry i takes part iff sign(w_i dp_i) (or sign(dp_i))
+  equals (S >= 0 ? +1 : -1), mixed = sum_i part_i fp32(w_i dp_i) in fp32,
+  div = sum_i part_i w_i (or part_i) in float64, normalise as
+  mixed = fp32(mixed / (|div| < 1e-8 ? 1 : div)); without consensus
+  mixed = fma(w_i, dp_i, mixed) in fp32, normalise by multiplying with
+  fp32(1 / sum_i w_i); out = fma(lam, mixed, b) (linear: mixed), rounded to out's dtype.
+  The CPU kernel's x86-64-v3 loops use FMA exactly at those places (its baseline x86-64
+  loops round twice, so CPUs without AVX2 differ by an ulp there). Other FMA contraction
+  is disabled on the GPU. So outputs equal the CPU kernel's (v3 path) bit for bit except
+  where the L1 factor's float64 sums differ in summation order, and, under the
+  interpreter, in rare double-rounding cases of the emulated fp32 FMA.
 
 NaN/Inf in the base or a model (or a task vector overflowing fp32) raises ValueError
 naming the tensor and the element, like the CPU kernel. Tensors must have fewer than
@@ -170,8 +177,10 @@ def _keep(i, delta, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS: t
         thr = tl.load(rnd_ptr + i * 2 + 0)
         stream = tl.load(rnd_ptr + i * 2 + 1)
         k = _draw(e, stream, seed_lo, seed_hi) < thr
-    else:
+    elif SPARS == 3:
         k = tl.load(mask_ptr + i * n + e, mask=e < n, other=0) != 0
+    else:
+        k = e >= 0
     return k
 
 
@@ -273,65 +282,103 @@ def _della_apply_kernel(order_ptr, thr_ptr, mask_ptr, i, stream, n, cols, seed_l
 
 
 @triton.jit
-def _merge_kernel(b_ptr, xs, out_ptr, wf_ptr, ff_ptr, cut_ptr, rnd_ptr, mask_ptr, bad_ptr,
-                  n, seed_lo, seed_hi, plain_div, lam,
+def _fma32(a, b, c, INTERP: tl.constexpr):
+    """a * b + c in fp32 with one rounding, like the CPU kernel's FMA (x86-64-v3) loops.
+    The interpreter's tl.fma rounds twice, so it goes through float64 there (the exact
+    product plus c, rounded to double then to float: equal to the fused result except
+    in rare double-rounding cases)."""
+    if INTERP:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def _fma64(a, b, c, INTERP: tl.constexpr):
+    """a * b + c in float64 with one rounding (the CPU kernel's v3 loops fuse here; the
+    sign of the elected-sign sum S depends on it when the terms cancel). The interpreter
+    has no fused float64 multiply-add, so it uses the error-free transformations
+    (Dekker's product with Veltkamp splitting, Knuth's two-sum): exact sign, and the
+    fused value except in rare last-bit cases."""
+    if INTERP:
+        p = a * b
+        ca = a * 134217729.0
+        ah = ca - (ca - a)
+        al = a - ah
+        cb = b * 134217729.0
+        bh = cb - (cb - b)
+        bl = b - bh
+        err = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+        s = p + c
+        bb = s - p
+        t = (p - (s - bb)) + (c - bb)
+        return s + (t + err)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def _merge_kernel(b_ptr, xs, out_ptr, wf_ptr, wd_ptr, ff_ptr, cut_ptr, rnd_ptr, mask_ptr, bad_ptr,
+                  n, seed_lo, seed_hi, inv_plain_div, lam,
                   K: tl.constexpr, SPARS: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, UNWEIGHTED: tl.constexpr, DCOUNT: tl.constexpr,
-                  HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
-    """The fused merge pass over one block (see the module docstring for the formula)."""
+                  HAS_BASE: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """The fused merge pass over one block (see the module docstring for the formula).
+
+    wf: fp32 weights, wd: float64 weights, ff: float64 rescale factors (as the CPU kernel).
+    """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     e = offs.to(tl.int64)
     if HAS_BASE:
         b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    S = tl.zeros([BLOCK], tl.float32)
     mixed = tl.zeros([BLOCK], tl.float32)
-    div = tl.zeros([BLOCK], tl.float32)
     bad = offs < 0
     if CONSENSUS:
-        # first sweep: the elected sign needs S over all models
+        # first sweep: the elected sign needs S = sum_i we_i * dp_i over all models, float64
+        S = tl.zeros([BLOCK], tl.float64)
+        div = tl.zeros([BLOCK], tl.float64)
         for i in tl.static_range(K):
             d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
             bad = bad | bd
-            if SPARS != 0:
-                k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
-                d = tl.where(k, tl.load(ff_ptr + i) * d, 0.0)
+            k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
+            dd = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0)
             if UNWEIGHTED:
-                S = S + d
+                S = S + dd
             else:
-                S = S + tl.load(wf_ptr + i) * d
+                S = _fma64(tl.zeros_like(dd) + tl.load(wd_ptr + i), dd, S, INTERP)
         for i in tl.static_range(K):
             d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
-            if SPARS != 0:
-                k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
-                d = tl.where(k, tl.load(ff_ptr + i) * d, 0.0)
-            w = tl.load(wf_ptr + i)
-            t = w * d
+            k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
+            dp = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0).to(tl.float32).to(tl.float64)
+            w = tl.load(wf_ptr + i).to(tl.float64)
+            t = (w * dp).to(tl.float32)  # exact product, one rounding: the fp32 product
             if UNWEIGHTED:
-                sg = d
+                sg = dp
             else:
-                sg = t
+                sg = w * dp
             part = tl.where(S >= 0.0, sg > 0.0, sg < 0.0)
             mixed = mixed + tl.where(part, t, 0.0)
             if DCOUNT:
-                div = div + tl.where(part, 1.0, 0.0)
+                div = div + tl.where(part, 1.0, 0.0).to(tl.float64)
             else:
-                div = div + tl.where(part, w, 0.0)
+                div = div + tl.where(part, tl.load(wd_ptr + i), 0.0)
         if NORMALIZE:
-            mixed = mixed / tl.where(div == 0.0, 1.0, div)
+            # |divisor| < 1e-8 -> 1, divided in float64 like the CPU kernel
+            mixed = (mixed.to(tl.float64) / tl.where(tl.abs(div) < 1e-8, 1.0, div)).to(tl.float32)
     else:
         for i in tl.static_range(K):
             d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
             bad = bad | bd
             if SPARS != 0:
                 k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
-                d = tl.where(k, tl.load(ff_ptr + i) * d, 0.0)
-            mixed = mixed + tl.load(wf_ptr + i) * d
+                d = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0).to(tl.float32)
+            mixed = _fma32(tl.zeros_like(d) + tl.load(wf_ptr + i), d, mixed, INTERP)
         if NORMALIZE:
-            mixed = mixed / plain_div
+            mixed = mixed * inv_plain_div
     _report_bad(bad_ptr, bad, offs)
     if HAS_BASE:
-        o = b + lam * mixed
+        o = _fma32(tl.zeros_like(mixed) + lam, mixed, b, INTERP)
     else:
         o = mixed
     tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=m)
@@ -603,18 +650,19 @@ def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], o
             factors = [1.0 / d if d > 0.0 else 1.0 for d in params.densities]
 
     wf = torch.tensor([float(w) for w in params.weights], dtype=torch.float32, device=ctx.dev)
-    ff = torch.tensor(factors, dtype=torch.float32, device=ctx.dev)
+    wd = torch.tensor([float(w) for w in params.weights], dtype=torch.float64, device=ctx.dev)
+    ff = torch.tensor(factors, dtype=torch.float64, device=ctx.dev)
     wsum = 0.0
     for w in params.weights:
         wsum += float(w)
-    plain_div = 1.0 if abs(wsum) < _DIVISOR_EPS else wsum
+    inv_plain_div = 1.0 / (1.0 if abs(wsum) < _DIVISOR_EPS else wsum)
     out_flat = out.reshape(-1)
     _merge_kernel[(ctx.nblocks,)](
-        ctx.bptr(), tuple(flat), out_flat, wf, ff, cut, rnd, dmask, ctx.bad,
-        n, ctx.seed_lo, ctx.seed_hi, float(plain_div), float(params.lam),
+        ctx.bptr(), tuple(flat), out_flat, wf, wd, ff, cut, rnd, dmask, ctx.bad,
+        n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam),
         K=K, SPARS=code, CONSENSUS=spec.consensus, NORMALIZE=bool(params.normalize),
         UNWEIGHTED=params.consensus_weighting == "unweighted", DCOUNT=params.disjoint == "count",
-        HAS_BASE=ctx.has_base, BLOCK=BLOCK, **_launch_opts())
+        HAS_BASE=ctx.has_base, INTERP=_interpret(), BLOCK=BLOCK, **_launch_opts())
     ctx.check_bad()
     if not return_masks:
         return out

@@ -14,10 +14,11 @@
 //   rescale "l1": per 4096-element chunk float64 block reductions (fixed tree), chunk
 //   partials summed on the host in chunk order;
 //   the merge pass: one kernel reading base + K models per quad of elements, writing
-//   `out` in its dtype. All fp32 arithmetic uses __fadd_rn/__fmul_rn/__fdiv_rn, so nvcc
-//   cannot contract it into FMAs, in the CPU kernel's order: outputs equal the CPU
-//   kernel's bit for bit, except that the L1 factor's float64 sums may differ in
-//   summation order (last bit of the factor).
+//   `out` in its dtype. Every floating-point step is an explicit rounding intrinsic
+//   (__fadd_rn, __fmul_rn, __fmaf_rn, __fma_rn, __ddiv_rn ...), so nvcc contracts nothing
+//   on its own, and the steps are the CPU kernel's (x86-64-v3 loops, fused where they
+//   fuse): outputs equal the CPU kernel's bit for bit, except that the L1 factor's
+//   float64 sums may differ in summation order (last bit of the factor).
 // Scratch comes from cudaMallocAsync on the caller's stream; every CUDA error becomes
 // lfm::fail(LFM_STATUS_DEVICE_ERROR, ...); NaN/Inf inputs -> LFM_STATUS_NONFINITE with
 // the tensor and element named, like the CPU kernel.
@@ -67,7 +68,9 @@ enum SpCode : int { kSpNone = 0, kSpCut = 1, kSpRandom = 2, kSpDella = 3 };
 struct ModelDev {
     const void* x;
     int dtype;
-    float w, f;                      // weight and rescale factor, as the CPU's fp32 casts
+    float w;                         // weight as fp32 (the CPU kernel's wf)
+    double wd;                       // weight as given (float64)
+    double f;                        // rescale factor (float64, like the CPU kernel)
     uint32_t lo_v, hi_v;             // cut: keep lo_v <= v <= hi_v ...
     long long lo_emin, lo_emax;      // ... with the flat index limited at v == lo_v
     long long hi_emin, hi_emax;      // ... and at v == hi_v
@@ -86,7 +89,7 @@ struct MergeKernelArgs {
     const uint8_t* dmask;            // DELLA keep bytes [K, n]
     int sparsifier;
     int consensus, normalize, unweighted, dcount, vec;
-    float plain_div, lam;
+    float inv_plain_div, lam;
     ull seed;
     ull* bad;                        // smallest flat index with a non-finite value
 };
@@ -275,14 +278,21 @@ __device__ __forceinline__ void keep4(const MergeKernelArgs& a, const ModelDev& 
     }
 }
 
-// dp = kept ? f * delta : 0 (only for methods with a sparsifier, as the CPU kernel)
-__device__ __forceinline__ void sparsified4(const MergeKernelArgs& a, int i, long long q, float d[4]) {
+// dd = kept ? delta * f : 0 in float64, d = fp32(dd) (only for methods with a
+// sparsifier, as the CPU kernel's sparsify_accumulate)
+__device__ __forceinline__ void sparsified4(const MergeKernelArgs& a, int i, long long q, float d[4], double dd[4]) {
     const ModelDev& m = a.models[i];
     delta4(a.base, a.bdtype, m.x, m.dtype, q, a.n, a.vec, d, a.bad);
-    if (a.sparsifier == kSpNone) return;
+    if (a.sparsifier == kSpNone) {
+        for (int k = 0; k < 4; ++k) dd[k] = d[k];
+        return;
+    }
     bool kp[4];
     keep4(a, m, i, q, d, kp);
-    for (int k = 0; k < 4; ++k) d[k] = kp[k] ? __fmul_rn(m.f, d[k]) : 0.0f;
+    for (int k = 0; k < 4; ++k) {
+        dd[k] = kp[k] ? __dmul_rn(static_cast<double>(d[k]), m.f) : 0.0;
+        d[k] = static_cast<float>(dd[k]);
+    }
 }
 
 // ---- L1 norms -----------------------------------------------------------------------------
@@ -346,6 +356,12 @@ __global__ void k_row_offsets(long long rows, long long cols, int* off) {
 }
 
 // ---- the merge pass -------------------------------------------------------------------------
+// The CPU kernel's arithmetic, step by step (its x86-64-v3 loops, which fuse exactly where
+// __fma_rn / __fmaf_rn stand here): S = fma(we_i, dd_i, S) in float64; t_i = fp32(w_i dp_i);
+// part_i = sign(w_i dp_i) (or sign(dp_i)) == (S >= 0 ? + : -); mixed += part_i ? t_i : 0 in
+// fp32; div += part_i ? wd_i (or 1) : 0 in float64; mixed = fp32(mixed / (|div| < 1e-8 ? 1 :
+// div)). Without consensus mixed = fma(w_i, dp_i, mixed) and *= fp32(1 / sum w). out =
+// fma(lam, mixed, b).
 __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
     const long long nq = (a.n + 3) / 4;
     for (long long q = global_tid(); q < nq; q += grid_stride()) {
@@ -353,39 +369,43 @@ __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
         if (a.base) load4(a.base, a.bdtype, q, a.n, a.vec, b);
         float mixed[4] = {0.f, 0.f, 0.f, 0.f};
         float d[4];
+        double dd[4];
         if (a.consensus) {
-            float S[4] = {0.f, 0.f, 0.f, 0.f}, div[4] = {0.f, 0.f, 0.f, 0.f};
+            double S[4] = {0.0, 0.0, 0.0, 0.0}, div[4] = {0.0, 0.0, 0.0, 0.0};
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, d);
-                const float w = a.unweighted ? 1.0f : a.models[i].w;
-                for (int k = 0; k < 4; ++k) S[k] = __fadd_rn(S[k], __fmul_rn(w, d[k]));
+                sparsified4(a, i, q, d, dd);
+                const double we = a.unweighted ? 1.0 : a.models[i].wd;
+                for (int k = 0; k < 4; ++k) S[k] = __fma_rn(we, dd[k], S[k]);
             }
             // second sweep: the inputs are re-read (L2-resident) rather than held per model
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, d);
+                sparsified4(a, i, q, d, dd);
                 const float w = a.models[i].w;
-                const float wd = a.dcount ? 1.0f : w;
+                const double wdiv = a.dcount ? 1.0 : a.models[i].wd;
                 for (int k = 0; k < 4; ++k) {
                     const float t = __fmul_rn(w, d[k]);
-                    const float sg = a.unweighted ? d[k] : t;
-                    const bool part = S[k] >= 0.0f ? sg > 0.0f : sg < 0.0f;
+                    const double sg = a.unweighted ? static_cast<double>(d[k])
+                                                   : __dmul_rn(static_cast<double>(w), static_cast<double>(d[k]));
+                    const bool part = S[k] >= 0.0 ? sg > 0.0 : sg < 0.0;
                     mixed[k] = __fadd_rn(mixed[k], part ? t : 0.0f);
-                    div[k] = __fadd_rn(div[k], part ? wd : 0.0f);
+                    div[k] = __dadd_rn(div[k], part ? wdiv : 0.0);
                 }
             }
             if (a.normalize)
-                for (int k = 0; k < 4; ++k) mixed[k] = __fdiv_rn(mixed[k], div[k] == 0.0f ? 1.0f : div[k]);
+                for (int k = 0; k < 4; ++k)
+                    mixed[k] = static_cast<float>(
+                        __ddiv_rn(static_cast<double>(mixed[k]), fabs(div[k]) < 1e-8 ? 1.0 : div[k]));
         } else {
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, d);
+                sparsified4(a, i, q, d, dd);
                 const float w = a.models[i].w;
-                for (int k = 0; k < 4; ++k) mixed[k] = __fadd_rn(mixed[k], __fmul_rn(w, d[k]));
+                for (int k = 0; k < 4; ++k) mixed[k] = __fmaf_rn(w, d[k], mixed[k]);
             }
             if (a.normalize)
-                for (int k = 0; k < 4; ++k) mixed[k] = __fdiv_rn(mixed[k], a.plain_div);
+                for (int k = 0; k < 4; ++k) mixed[k] = __fmul_rn(mixed[k], a.inv_plain_div);
         }
         float o[4];
-        for (int k = 0; k < 4; ++k) o[k] = a.base ? __fadd_rn(b[k], __fmul_rn(a.lam, mixed[k])) : mixed[k];
+        for (int k = 0; k < 4; ++k) o[k] = a.base ? __fmaf_rn(a.lam, mixed[k], b[k]) : mixed[k];
         store4(a.out, a.odtype, q, a.n, a.vec, o);
     }
 }
@@ -465,7 +485,8 @@ public:
             m.x = a_.models[i]->data;
             m.dtype = static_cast<int>(a_.models[i]->dtype);
             m.w = static_cast<float>(a_.w[i]);
-            m.f = 1.0f;
+            m.wd = a_.w[i];
+            m.f = 1.0;
             m.lo_v = 0;
             m.hi_v = 0xffffffffu;
             m.lo_emin = 0;
@@ -502,7 +523,7 @@ public:
                 upload_models();
             } else if (a_.rescale == LFM_RESCALE_INVERSE_DENSITY) {
                 for (int i = 0; i < K_; ++i)
-                    host_models_[i].f = static_cast<float>(a_.d[i] > 0.0 ? 1.0 / a_.d[i] : 1.0);
+                    host_models_[i].f = a_.d[i] > 0.0 ? 1.0 / a_.d[i] : 1.0;
                 upload_models();
             }
         }
@@ -543,7 +564,7 @@ private:
         ka.vec = vec_;
         double wsum = 0.0;
         for (int i = 0; i < K_; ++i) wsum += a_.w[i];
-        ka.plain_div = static_cast<float>(std::fabs(wsum) < 1e-8 ? 1.0 : wsum);
+        ka.inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
         ka.lam = static_cast<float>(a_.lambda);
         ka.seed = a_.seed;
         ka.bad = bad_;
@@ -778,7 +799,7 @@ private:
                 t += hp[c];
                 k += hp[nchunks_ + c];
             }
-            host_models_[i].f = static_cast<float>((t >= 1e-7 && k >= 1e-7) ? t / k : 1.0);
+            host_models_[i].f = (t >= 1e-7 && k >= 1e-7) ? t / k : 1.0;
         }
     }
 
