@@ -122,10 +122,13 @@ def _draw(e, stream, seed_lo, seed_hi):
     q = e >> 2
     c0 = (q & 0xFFFFFFFF).to(tl.uint32)
     c1 = (q >> 32).to(tl.uint32)
-    c2 = (tl.zeros_like(c0) + stream.to(tl.uint32))
+    # scalars go through an int64 tensor: a kernel argument equal to 1 may arrive as a
+    # constexpr (Triton's specialisation), which has no .to()
+    z = tl.zeros_like(q)
+    c2 = (z + stream).to(tl.uint32)
     c3 = tl.zeros_like(c0)
-    k0 = seed_lo.to(tl.uint32)
-    k1 = seed_hi.to(tl.uint32)
+    k0 = (z + seed_lo).to(tl.uint32)
+    k1 = (z + seed_hi).to(tl.uint32)
     r0, r1, r2, r3 = _philox(c0, c1, c2, c3, k0, k1)
     w = e & 3
     r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
@@ -550,7 +553,8 @@ def _della_masks(ctx: _Ctx, rows: int, cols: int, sort_max_cols: int) -> torch.T
         if cols <= sort_max_cols:
             _della_sort_kernel[(triton.cdiv(rows, R),)](
                 ctx.bptr(), x, thr, mask, ctx.bad, i, ctx.streams[i], n, rows, cols,
-                ctx.seed_lo, ctx.seed_hi, HAS_BASE=ctx.has_base, R=R, COLS_P2=cols_p2)
+                ctx.seed_lo, ctx.seed_hi, HAS_BASE=ctx.has_base, R=R, COLS_P2=cols_p2,
+                **({} if _interpret() else {"num_warps": min(16, max(4, (R * cols_p2) // 1024))}))
         else:
             d = x.reshape(rows, cols).to(torch.float32) - ctx.base.reshape(rows, cols).to(torch.float32)
             if not bool(torch.isfinite(d).all()):
