@@ -143,6 +143,20 @@ __device__ __forceinline__ void store4(void* p, int dt, long long q, long long n
 
 __device__ __forceinline__ bool nonfinite(float f) { return (f32_bits(f) & 0x7f800000u) == 0x7f800000u; }
 
+// delta of quad q from base values b already loaded (b == nullptr: no base); records
+// the first non-finite element in *bad.
+__device__ __forceinline__ void delta4_pre(const float* b, const void* x, int xdt, long long q, long long n, int vec,
+                                           float d[4], ull* bad) {
+    load4(x, xdt, q, n, vec, d);
+    bool any = false;
+    long long first = 0;
+    for (int k = 3; k >= 0; --k) {
+        if (b) d[k] = __fsub_rn(d[k], b[k]);
+        if (q * 4 + k < n && (nonfinite(d[k]) || (b && nonfinite(b[k])))) { any = true; first = q * 4 + k; }
+    }
+    if (any && bad) atomicMin(bad, static_cast<ull>(first));
+}
+
 // delta of quad q; records the first non-finite element in *bad.
 __device__ __forceinline__ void delta4(const void* base, int bdt, const void* x, int xdt, long long q, long long n,
                                        int vec, float d[4], ull* bad) {
@@ -280,9 +294,10 @@ __device__ __forceinline__ void keep4(const MergeKernelArgs& a, const ModelDev& 
 
 // dd = kept ? delta * f : 0 in float64, d = fp32(dd) (only for methods with a
 // sparsifier, as the CPU kernel's sparsify_accumulate)
-__device__ __forceinline__ void sparsified4(const MergeKernelArgs& a, int i, long long q, float d[4], double dd[4]) {
+__device__ __forceinline__ void sparsified4(const MergeKernelArgs& a, int i, long long q, const float* b, float d[4],
+                                            double dd[4]) {
     const ModelDev& m = a.models[i];
-    delta4(a.base, a.bdtype, m.x, m.dtype, q, a.n, a.vec, d, a.bad);
+    delta4_pre(b, m.x, m.dtype, q, a.n, a.vec, d, a.bad);
     if (a.sparsifier == kSpNone) {
         for (int k = 0; k < 4; ++k) dd[k] = d[k];
         return;
@@ -373,13 +388,13 @@ __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
         if (a.consensus) {
             double S[4] = {0.0, 0.0, 0.0, 0.0}, div[4] = {0.0, 0.0, 0.0, 0.0};
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, d, dd);
+                sparsified4(a, i, q, a.base ? b : nullptr, d, dd);
                 const double we = a.unweighted ? 1.0 : a.models[i].wd;
                 for (int k = 0; k < 4; ++k) S[k] = __fma_rn(we, dd[k], S[k]);
             }
             // second sweep: the inputs are re-read (L2-resident) rather than held per model
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, d, dd);
+                sparsified4(a, i, q, a.base ? b : nullptr, d, dd);
                 const float w = a.models[i].w;
                 const double wdiv = a.dcount ? 1.0 : a.models[i].wd;
                 for (int k = 0; k < 4; ++k) {
@@ -397,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
                         __ddiv_rn(static_cast<double>(mixed[k]), fabs(div[k]) < 1e-8 ? 1.0 : div[k]));
         } else {
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, d, dd);
+                sparsified4(a, i, q, a.base ? b : nullptr, d, dd);
                 const float w = a.models[i].w;
                 for (int k = 0; k < 4; ++k) mixed[k] = __fmaf_rn(w, d[k], mixed[k]);
             }
