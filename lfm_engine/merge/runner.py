@@ -376,6 +376,9 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary folder
     late_warns: List[str] = []
     writer = None
     aw = None
