@@ -132,6 +132,28 @@ def test_task_vector_methods_match_reference(method, family, tmp_path):
         assert_close(got[name], exp, torch.float32, msg=lambda m: f"{method} {name}: {m}")
 
 
+def test_real_command_line(family, tmp_path):
+    """`python -m lfm_engine.cli merge` in a subprocess: exit status, output, summary."""
+    import subprocess
+    paths, T = family
+    cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
+           "models": [{"model": paths[2], "parameters": {"weight": 0.5}}]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "lfm_engine.cli", "merge", str(tmp_path / "c.yml"),
+                        str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "merged 30 tensors with task_arithmetic" in p.stderr and "peak RSS" in p.stderr
+    got = load_folder(str(tmp_path / "out"))
+    n = "model.layers.1.mlp.down_proj.weight"
+    exp = ref_merge(T[0][n], [T[2][n]], method="task_arithmetic", weights=0.5)
+    assert_close(got[n], exp, torch.float32)
+    p = subprocess.run([sys.executable, "-m", "lfm_engine.cli", "merge", str(tmp_path / "c.yml"),
+                        str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "already exists" in p.stderr
+
+
 def test_linear_includes_listed_models_only(family, tmp_path):
     paths, T = family
     cfg = {"merge_method": "linear",
