@@ -220,6 +220,58 @@ def test_model_stock(family, tmp_path, filter_wise):
         assert_close(got[name], exp, torch.float32, msg=lambda m: f"{name}: {m}")
 
 
+def multislerp64(ws, xs, b):
+    w = torch.tensor(ws, dtype=torch.float64)
+    w = w / w.sum()
+    V = torch.stack([(x.double() - b.double()).flatten() for x in xs])
+    n = V.norm(dim=1)
+    U = V / (n[:, None] + 1e-8)
+    mu = (w[:, None] * U).sum(0)
+    mu = mu / mu.norm()
+    G = (w[:, None] * (U - (U @ mu)[:, None] * mu[None])).sum(0)
+    gn = G.norm() + 1e-8
+    r = (mu * torch.cos(gn) + G * torch.sin(gn) / gn) * (w * n).sum()
+    return b.double() + r.reshape(b.shape)
+
+
+def karcher64(xs, iters=10, tol=1e-5):
+    X = torch.stack([x.double().flatten() for x in xs])
+    n = X.norm(dim=1)
+    U = X / n[:, None]
+    mu = U.mean(0)
+    mu = mu / mu.norm()
+    for _ in range(iters):
+        c = (U @ mu).clamp(-1, 1)
+        th = torch.acos(c)
+        coef = torch.where(th < tol, torch.zeros_like(th), th / torch.sin(th)) / len(xs)
+        g = (coef[:, None] * (U - c[:, None] * mu[None])).sum(0)
+        if g.norm() < tol:
+            break
+        mu = torch.cos(g.norm()) * mu + torch.sin(g.norm()) * g / g.norm()
+        mu = mu / mu.norm()
+    return (n.mean() * mu).reshape(xs[0].shape)
+
+
+def test_multislerp_and_karcher(family, tmp_path):
+    paths, T = family
+    cfg = {"merge_method": "multislerp", "base_model": paths[0],
+           "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths[1:], (0.2, 0.5, 0.3))]}
+    rc, out = run_cli(cfg, tmp_path, "ms.yml")
+    assert rc == 0
+    got = load_folder(str(out))
+    for name, b in T[0].items():
+        exp = multislerp64([0.2, 0.5, 0.3], [T[i][name] for i in (1, 2, 3)], b)
+        assert_close(got[name], exp, torch.float32, msg=lambda m: f"multislerp {name}: {m}")
+    cfg = {"merge_method": "karcher", "models": [{"model": p} for p in paths[1:]],
+           "parameters": {"max_iter": 20}}
+    rc, out = run_cli(cfg, tmp_path, "ka.yml")
+    assert rc == 0
+    got = load_folder(str(out))
+    for name, b in T[0].items():
+        exp = karcher64([T[i][name] for i in (1, 2, 3)], iters=20)
+        assert_close(got[name], exp, torch.float32, msg=lambda m: f"karcher {name}: {m}")
+
+
 # ------------------------------------------------------------------ parameters per tensor
 
 def test_gradient_and_filter_parameters_with_precedence(family, tmp_path):

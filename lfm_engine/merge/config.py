@@ -47,7 +47,7 @@ import yaml
 from lfm_engine.merge_params import METHODS, MergeConfigError
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
-TORCH_METHODS = ("slerp", "nuslerp", "model_stock")
+TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher")
 ALL_METHODS = tuple(METHODS) + TORCH_METHODS
 
 # parameters read per input model (may appear at any level) and shared ones
@@ -68,9 +68,10 @@ for _m, _spec in METHODS.items():
         extra = ("epsilon",)
     INPUT_PARAMS[_m] = _TASK_INPUT + extra
     SHARED_PARAMS[_m] = _TASK_SHARED
-INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=())
+INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("weight",), karcher=())
 SHARED_PARAMS.update(slerp=("t",), nuslerp=("nuslerp_flatten", "nuslerp_row_wise"),
-                     model_stock=("filter_wise",))
+                     model_stock=("filter_wise",), multislerp=("normalize_weights", "eps"),
+                     karcher=("max_iter", "tol"))
 # methods whose per-model `weight` must be given explicitly (as in mergekit)
 WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if "weight" in INPUT_PARAMS[m])
 BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock")
@@ -438,18 +439,20 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
         if method in BASE_REQUIRED and base_ref is None and not (
                 slices and all(s.base_ref for s in slices)):
             errors.append(f"base_model: method '{method}' needs a base model")
-        if models is not None and method in BASE_REQUIRED + ("nuslerp",):
+        if models is not None and method in BASE_REQUIRED + ("nuslerp", "multislerp"):
             nonbase = [m for m in models if base_ref is None or m.path != base_path]
             if method == "slerp" and len(nonbase) != 1:
                 errors.append(f"models: slerp merges the base with exactly one other model, "
                               f"got {len(nonbase)} non-base models")
             if method == "nuslerp" and len(nonbase) != 2:
                 errors.append(f"models: nuslerp needs exactly two non-base models, got {len(nonbase)}")
+            if method == "multislerp" and len(nonbase) < 1:
+                errors.append("models: multislerp needs at least one non-base model")
             if method == "model_stock" and len(nonbase) < 2:
                 errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
         if method in WEIGHT_REQUIRED and models is not None:
             for m in models:
-                if method != "linear" and base_ref is not None and m.path == base_path:
+                if method not in ("linear", "karcher") and base_ref is not None and m.path == base_path:
                     continue  # the base's parameters are unused by base-relative methods
                 if "weight" not in m.parameters and "weight" not in gparams:
                     errors.append(f"{m.where}.parameters.weight: missing (method '{method}' "

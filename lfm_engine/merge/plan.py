@@ -225,7 +225,8 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
     if errors.first:
         raise C.MergeConfigErrors(errors.messages())
 
-    uses_base = method in C.BASE_REQUIRED or (method == "nuslerp" and base_path is not None)
+    # methods with an optional base use it when one is given; linear and karcher never do
+    uses_base = method in C.BASE_REQUIRED or (method in ("nuslerp", "multislerp") and base_path is not None)
 
     # ---------------------------------------------------------------- layout + architecture
     if cfg.models is not None:
@@ -257,8 +258,8 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
     num_layers_out: Optional[int] = None
     if cfg.models is not None:
         nonbase = [m for m in cfg.models if not (uses_base and m.path == base_path)]
-        if method == "linear":
-            nonbase = list(cfg.models)
+        if method in ("linear", "karcher"):
+            nonbase = list(cfg.models)  # the base is an input only when listed (spec: linear)
         L = _num_layers(layout)
         num_layers_out = L
         for name in sorted(layout.tensors, key=_sort_key):
@@ -540,3 +541,20 @@ def validate_task(method: str, task: TensorTask, seed: int) -> None:
         _as_bool(sh.get("nuslerp_row_wise"), "nuslerp_row_wise")
     elif method == "model_stock":
         _as_bool(sh.get("filter_wise"), "filter_wise")
+    elif method == "multislerp":
+        for i in task.inputs:
+            w = i.params.get("weight")
+            if not C._is_num(w):
+                raise MergeConfigError(f"parameter 'weight' must be a number, got {w!r}")
+        if _as_bool(sh.get("normalize_weights"), "normalize_weights") is not False:
+            if abs(sum(float(i.params["weight"]) for i in task.inputs)) < 1e-12:
+                raise MergeConfigError("multislerp: the weights sum to 0 and cannot be normalised")
+        eps = sh.get("eps")
+        if eps is not None and (not C._is_num(eps) or not eps > 0):
+            raise MergeConfigError(f"parameter 'eps' must be a positive number, got {eps!r}")
+    elif method == "karcher":
+        mi, tol = sh.get("max_iter"), sh.get("tol")
+        if mi is not None and (not C._is_num(mi) or int(mi) != mi or mi < 1):
+            raise MergeConfigError(f"parameter 'max_iter' must be an integer >= 1, got {mi!r}")
+        if tol is not None and (not C._is_num(tol) or not tol > 0):
+            raise MergeConfigError(f"parameter 'tol' must be a positive number, got {tol!r}")

@@ -7,9 +7,10 @@ Where each method runs
   fused multi-threaded C++ kernel (CUDA on a GPU): sparsification (exact top-k
   select, Philox masks), sign election and the weighted sum are fused into a few
   streaming passes, which is where nearly all the time of a merge goes.
-* slerp, nuslerp and model_stock run in plain torch (:mod:`.geometric`): each is
-  one global reduction (norms/dots/cosines) and one scaled sum, two vectorised
-  torch ops that already run at memory bandwidth; there is nothing to fuse.
+* slerp, nuslerp, model_stock, multislerp and karcher run in plain torch
+  (:mod:`.geometric`): each is a global reduction (norms/dots/cosines; karcher a few
+  such iterations) and one scaled sum, vectorised torch ops that already run at
+  memory bandwidth; there is no sparsification or sign election to fuse.
 
 Streaming and memory
 --------------------
@@ -131,6 +132,14 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
                                 row_wise=bool(sh.get("nuslerp_row_wise") or False))
     elif method == "model_stock":
         out = geometric.model_stock(base, xs, filter_wise=bool(sh.get("filter_wise") or False))
+    elif method == "multislerp":
+        nw = sh.get("normalize_weights")
+        out = geometric.multislerp([float(i.params["weight"]) for i in task.inputs], xs, base,
+                                   normalize_weights=True if nw is None else bool(nw),
+                                   eps=1e-8 if sh.get("eps") is None else float(sh["eps"]))
+    elif method == "karcher":
+        out = geometric.karcher(xs, max_iter=10 if sh.get("max_iter") is None else int(sh["max_iter"]),
+                                tol=1e-5 if sh.get("tol") is None else float(sh["tol"]))
     else:  # pragma: no cover - the config parser rejects unknown methods
         raise ValueError(f"unknown merge method {method!r}")
     out = out.to(task.dtype)
