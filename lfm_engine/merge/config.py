@@ -94,6 +94,7 @@ class MergeConfigErrors(MergeConfigError):
 
     def __init__(self, errors: Sequence[str]):
         self.errors = list(errors)
+        self.partial: Optional["MergeConfig"] = None  # set by parse_config, see there
         n = len(self.errors)
         head = f"{n} problem{'s' if n != 1 else ''} in the merge configuration:"
         super().__init__("\n".join([head] + [f"  - {e}" for e in self.errors]))
@@ -474,6 +475,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
                 refs.append((s.base_ref, _resolve_path(s.base_ref, origin_dir), s.where + ".base_model"))
         if tok not in (None, "base"):
             refs.append((tok, _resolve_path(tok, origin_dir), "tokenizer_source"))
+        n_before = len(errors)
         for ref, path, where in refs:
             if path in seen:
                 continue
@@ -482,13 +484,22 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
                 _quick_folder_check(ref, path)
             except CheckpointError as e:
                 errors.append(f"{where}: {e}")
+        files_ok = len(errors) == n_before
+    else:
+        files_ok = False
 
+    cfg = MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
+                      slices=slices, parameters=gparams, dtype=dtypes["dtype"],
+                      out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
+                      yaml_text=text, origin=origin)
     if errors:
-        raise MergeConfigErrors(errors)
-    return MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
-                       slices=slices, parameters=gparams, dtype=dtypes["dtype"],
-                       out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
-                       yaml_text=text, origin=origin)
+        err = MergeConfigErrors(errors)
+        # What could still be planned, so a caller can add the tensor-level problems
+        # (shapes, architectures, per-tensor parameter values) to the same report.
+        usable = method is not None and (models or slices) and (base_ref is None or base_path)
+        err.partial = cfg if (usable and files_ok) else None
+        raise err
+    return cfg
 
 
 def _quick_folder_check(ref: str, path: str) -> None:

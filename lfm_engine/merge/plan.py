@@ -153,7 +153,7 @@ class _Errors:
         out = []
         for k, m in self.first.items():
             n = self.count[k]
-            out.append(m + (f" (and {n - 1} more tensors)" if n > 1 else ""))
+            out.append(m + (f" (and {n - 1} more tensor{'s' if n > 2 else ''})" if n > 1 else ""))
         return out
 
 
@@ -237,11 +237,13 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
     if layout.config is None:
         errors.add("cfg:layout", f"{refs[layout_path]}: no config.json (needed for the output model)")
     lcfg = layout.config or {}
+    arch_bad = set()
     for path, fo in folders.items():
         if path == layout_path or fo.config is None:
             continue
         for k in ARCH_KEYS:
             if k in lcfg and k in fo.config and lcfg[k] != fo.config[k]:
+                arch_bad.add(path)
                 errors.add(f"arch:{path}:{k}",
                            f"architecture mismatch: {refs[path]} has {k}={fo.config[k]!r} but "
                            f"{refs[layout_path]} has {k}={lcfg[k]!r}")
@@ -380,8 +382,10 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
                 mismatch_warn.append(f"{out_name}: {refs[s.folder]} has shape {list(ti.shape)}, "
                                      f"{refs[layout_path] if base is None else refs[base.folder]} has "
                                      f"{list(shape)}")
+            elif s.folder in arch_bad:
+                bad = True  # already reported as an architecture mismatch
             else:
-                errors.add(f"shape:{s.folder}:{out_name}",
+                errors.add(f"shape:{s.folder}",
                            f"shape mismatch for '{out_name}': {refs[s.folder]} has {list(ti.shape)}, "
                            f"{refs[base.folder] if base else refs[layout_path]} has {list(shape)}")
                 bad = True

@@ -362,7 +362,17 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         cfg = C.parse_config(config_or_path)
         plan = build_plan(cfg, seed=seed)
     except C.MergeConfigErrors as e:
-        raise C.MergeConfigErrors(pre_errors + e.errors) from None
+        errs = pre_errors + e.errors
+        if e.partial is not None:
+            # the config has problems but its folders open: report the tensor-level
+            # problems (shapes, architectures, parameter values) in the same list
+            try:
+                build_plan(e.partial, seed=seed)
+            except C.MergeConfigErrors as e2:
+                errs += [m for m in e2.errors if m not in errs]
+            except Exception:  # a malformed setting already reported above
+                pass
+        raise C.MergeConfigErrors(errs) from None
     for path in plan.folders:
         if os.path.abspath(path) == out_dir:
             pre_errors.append(f"output folder '{out_dir}' is one of the input models")
