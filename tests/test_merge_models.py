@@ -536,6 +536,24 @@ def test_write_failure_leaves_no_output(family, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("method", ["ties", "model_stock"])
+def test_nan_input_named_and_nothing_written(tmp_path, capsys, method):
+    cfg_m = llama_config(hidden=32, layers=2, intermediate=48, vocab=64)
+    base = random_weights(cfg_m, 1)
+    bad = finetune(base, 2)
+    bad["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    p = [write_model(str(tmp_path / "base"), cfg_m, base), write_model(str(tmp_path / "ok"), cfg_m, finetune(base, 3)),
+         write_model(str(tmp_path / "bad"), cfg_m, bad)]
+    cfg = {"merge_method": method, "base_model": p[0],
+           "models": [{"model": q, "parameters": {"weight": 0.5, "density": 0.5} if method == "ties" else {}}
+                      for q in p[1:]]}
+    rc, out = run_cli(cfg, tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists()
+    assert "model.layers.1.mlp.down_proj.weight" in err and str(tmp_path / "bad") in err, err
+    assert not [q for q in os.listdir(tmp_path) if ".tmp-" in q]
+
+
 def test_existing_output_needs_allow_overwrite(family, tmp_path):
     paths, T = family
     cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
