@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
@@ -461,7 +461,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
 
     # files
     if check_files:
-        from lfm_engine.merge.io import CheckpointError, ModelFolder  # noqa: F401
+        from lfm_engine.merge.io import CheckpointError
         seen = {}
         refs = []
         if base_ref:

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -291,7 +291,7 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
         if errors.first:
             raise C.MergeConfigErrors(errors.messages())
 
-        def slice_srcs(entry, name_of, t_levels_extra=None):
+        def slice_srcs(entry, name_of):
             s, base_src, nonbase = entry
             base = (_Src(base_src.path, name_of(base_src), [base_src.parameters, s.parameters, gparams], -1)
                     if base_src else None)
@@ -446,10 +446,6 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
         warnings.append(f"{len(mismatch_warn)} embedding tensor(s) differ in vocabulary size; "
                         f"merging their common sub-matrix and keeping the "
                         f"base's other rows: " + "; ".join(mismatch_warn[:4]))
-    used = set()
-    for t_ in tasks:
-        for i in t_.inputs:
-            used.add((i.folder, i.info.name))
     for path, fo in folders.items():
         if path == layout_path or cfg.slices is not None:
             continue
