@@ -350,6 +350,23 @@ def test_sharded_in_sharded_out_and_side_files(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
+def test_output_loads_in_transformers(family, tmp_path):
+    """The sharded output is a regular HF checkpoint: transformers loads it unchanged."""
+    transformers = pytest.importorskip("transformers")
+    paths, T = family
+    cfg = {"merge_method": "ties", "base_model": paths[0], "dtype": "bfloat16",
+           "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]}
+    rc, out = run_cli(cfg, tmp_path, "cfg.yml", "--out-shard-size", "40KB")
+    assert rc == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 3
+    got = load_folder(str(out))
+    assert torch.equal(model.model.layers[2].mlp.up_proj.weight.detach(),
+                       got["model.layers.2.mlp.up_proj.weight"])
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 96) and torch.isfinite(logits.float()).all()
+
+
 def test_missing_tensor_and_vocab_mismatch(tmp_path):
     cfg_m = llama_config(hidden=32, layers=2, intermediate=48, vocab=96)
     base = random_weights(cfg_m, 1)
