@@ -454,3 +454,22 @@ def test_c_abi_program(tmp_path):
                     f"-Wl,-rpath,{lib.parent}", "-lm", "-o", str(exe)], check=True, capture_output=True)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_lowrank_mixed_precision_bands():
+    d = structured_delta(128, 256)
+    fp, mp = ref.encode(d, "lowrank", rank=48)
+    fb, mb = ref.encode(d, "lowrank", bands="float16:8,int8:16,int4:24")
+    assert mb["rank"] == 48 and mb["bands"] == [["float16", 8], ["int8", 16], ["int4", 24]]
+    e_fp = rel_err(ref.decode(fp, d.shape, "lowrank", mp), d)
+    e_b = rel_err(ref.decode(fb, d.shape, "lowrank", mb), d)
+    bits = lambda f: sum(t.numel() * t.element_size() for t in f.values())  # noqa: E731
+    assert bits(fb) < 0.6 * bits(fp)
+    assert e_b < e_fp + 0.01  # the quantized tail bands cost little accuracy
+    e = encode_delta(d, "lowrank", bands="float16:8,int8:16,int4:24")  # through the API, JSON-able options
+    import json
+
+    json.dumps(e.options)
+    assert torch.allclose(decode_delta(e), ref.decode(fb, d.shape, "lowrank", mb))
+    with pytest.raises(CodecError, match="bad band"):
+        ref.encode(d, "lowrank", bands="int3:4")
