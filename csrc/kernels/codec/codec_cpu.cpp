@@ -159,6 +159,15 @@ LFM_ALWAYS_INLINE void decode_row_body(lfm_codec codec, const void* data_row, co
         sign1_add_row(static_cast<const uint32_t*>(data_row), s[0], cols, base, out);
         return;
     }
+    if (codec == LFM_CODEC_INT8 && base && alpha == 1.0f) {  // one pass, no unpacked row
+        const int8_t* p = static_cast<const int8_t*>(data_row);
+        for (int64_t g0 = 0, gi = 0; g0 < cols; g0 += group, ++gi) {
+            const int64_t g1 = std::min(cols, g0 + group);
+            const float sv = s[gi];
+            for (int64_t c = g0; c < g1; ++c) out[c] = base[c] + static_cast<float>(p[c]) * sv;
+        }
+        return;
+    }
     unpack_row(codec, data_row, cols, q);
     scale_add_row(q, s, cols, group, codec == LFM_CODEC_SIGN1, base, alpha, out);
 }
