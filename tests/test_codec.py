@@ -473,3 +473,21 @@ def test_lowrank_mixed_precision_bands():
     assert torch.allclose(decode_delta(e), ref.decode(fb, d.shape, "lowrank", mb))
     with pytest.raises(CodecError, match="bad band"):
         ref.encode(d, "lowrank", bands="int3:4")
+
+
+def test_delta_apply_torch_op():
+    """delta_apply_packed is a registered torch op (mutates y) that passes torch's opcheck."""
+    from lfm_engine.ops.codec import _native_args, delta_apply_packed
+
+    deltas = [encode_delta(torch.randn(24, 64) * 0.1, "int4", group_size=32) for _ in range(2)]
+    args = [_native_args(e) for e in deltas]
+    x = torch.randn(5, 64)
+    slot = torch.tensor([0, 1, -1, 1, 0], dtype=torch.int32)
+    y = torch.randn(5, 24)
+    want = y.clone()
+    delta_apply(x, deltas, slot, want, backend="reference")
+    got = y.clone()
+    torch.ops.lfm.delta_apply_packed(x, [a[0] for a in args], [a[1] for a in args], slot, got, 2, 32, False, 1.0)
+    assert_close(got, want, atol=1e-4)
+    torch.library.opcheck(delta_apply_packed, (x, [a[0] for a in args], [a[1] for a in args], slot, y.clone(), 2, 32,
+                                               False, 1.0), test_utils=("test_schema", "test_faketensor"))
