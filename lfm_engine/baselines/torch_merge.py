@@ -149,7 +149,7 @@ def merge_tensors_torch_multipass(base: Optional[torch.Tensor], others: Sequence
         mask = (votes.sign() == elected).to(dtype)
         mixed = (weighted * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0) if params.disjoint == "weight" else mask.sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor[divisor.abs() < 1e-8] = 1
     else:
         mixed = weighted.sum(dim=0)
         divisor = weights.sum(dim=0)

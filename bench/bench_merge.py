@@ -1,0 +1,90 @@
+"""Benchmark: fused task-vector merge (CPU kernel) vs a plain-torch multi-pass merge.
+
+K fine-tuned 7B-layer tensors (bf16) merged into their base with each method:
+  ours        lfm_engine.merge_tensors(backend="cpu"), all cores
+  torch       lfm_engine.baselines.torch_merge (mergekit's way: stacked deltas, topk, ...)
+Bytes: one pass reads base + K models and writes the output,
+(K+1)*n*2 + n*2 for bf16. The kernel makes `passes` read passes (see PASSES); the
+"% copy" column divides the bytes of one pass by the time; "per pass" divides all the
+bytes the kernel streams, which is what the floor is made of.
+
+    python bench/bench_merge.py [--shapes 4096x4096,11008x4096] [--k 3] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from lfm_engine import merge_tensors
+from lfm_engine.baselines.torch_merge import merge_tensors_torch_multipass
+from lfm_engine.bench_util import Report, copy_bandwidth, device_name, time_fn
+from lfm_engine.merge_params import resolve_merge_params
+
+# Read passes over (base + K models) that the CPU kernel makes per method with its
+# default options (csrc/kernels/merge/merge_cpu.cpp): selection histograms (2), the
+# DELLA mask pass, the L1-rescale norm pass, and the merge pass. A partial tie at a
+# cut adds a short counting pass; ignored here.
+PASSES = {
+    "task_arithmetic": 1, "linear": 1, "ties": 3, "dare_linear": 2, "dare_ties": 2,
+    "breadcrumbs": 3, "breadcrumbs_ties": 3, "della": 3, "della_linear": 3,
+}
+METHODS = ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties", "della", "linear"]
+
+
+def method_kwargs(method: str) -> dict:
+    if method.startswith("della"):
+        return dict(density=0.5, epsilon=0.1)
+    if method in ("task_arithmetic", "linear"):
+        return {}
+    return dict(density=0.2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x4096,11008x4096")
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-torch", action="store_true", help="skip the slow plain-torch baseline")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    bw = copy_bandwidth("cpu")
+    rep = Report("fused merge, CPU (bf16, K=%d)" % args.k, device_name("cpu"), bw)
+    for shape_s in args.shapes.split(","):
+        shape = tuple(int(v) for v in shape_s.split("x"))
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(shape, generator=g).to(torch.bfloat16)
+        others = [(base.float() + 0.01 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+                  for _ in range(args.k)]
+        n = base.numel()
+        one_pass = (args.k + 1) * n * 2 + n * 2
+        for method in args.methods.split(","):
+            kw = method_kwargs(method)
+            b = None if method == "linear" else base
+            case = f"{method} {shape_s}"
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            t = time_fn(lambda: merge_tensors(b, others, method, name="w", out=out, **kw), reps=args.reps)
+            passes = PASSES[method]
+            rep.add(case, "ours-cpu", t, one_pass, passes=passes,
+                    per_pass_gbps=((args.k + 1) * n * 2 * passes + n * 2) / t / 1e9)
+            if not args.no_torch:
+                p = resolve_merge_params(method, args.k, name="w", **kw)
+                tt = time_fn(lambda: merge_tensors_torch_multipass(b, others, p), reps=max(1, args.reps - 1),
+                             warmup=0)
+                rep.add(case, "torch-multipass", tt, one_pass)
+            print(f"  done {case}", file=sys.stderr, flush=True)
+    print(rep.table(baseline="torch-multipass"))
+    print("\nper-pass bandwidth of ours (all bytes streamed / time, vs copy):")
+    for r in rep.rows:
+        if r.provider == "ours-cpu":
+            pp = r.extra["per_pass_gbps"]
+            print(f"  {r.case:<34} passes={r.extra['passes']}  {pp:6.2f} GB/s  {100 * pp * 1e9 / bw:5.1f}% of copy")
+    rep.write_json(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

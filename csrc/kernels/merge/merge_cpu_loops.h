@@ -1,0 +1,55 @@
+// Inner loops of the CPU merge kernel, over one block of `len` elements.
+// Each is compiled for baseline x86-64 and for x86-64-v3 (AVX2/FMA), picked at run
+// time (GCC function multi-versioning), and written branch-free so it vectorizes.
+#pragma once
+#include <cstdint>
+
+namespace lfm::merge::loops {
+
+// x -= b; returns nonzero when any x or b is NaN/Inf (or the difference overflows).
+uint32_t sub_check(float* __restrict x, const float* __restrict b, int64_t len);
+// nonzero when any x is NaN/Inf
+uint32_t check_finite(const float* __restrict x, int64_t len);
+
+// Magnitude cut on v = |x[j]| bits at flat index e = start + j: keep iff lo_v <= v <= hi_v,
+// where v == lo_v also needs e in [lo_emin, lo_emax] and v == hi_v needs e in [hi_emin, hi_emax].
+void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax,
+              uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* __restrict keep, int64_t len);
+// number of j with |x[j]| bits == v
+int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len);
+// keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
+void draws_below(const uint32_t* __restrict draws, uint32_t thr, uint8_t* __restrict keep, int64_t len);
+
+// t = keep ? c * x : 0 (keep == nullptr: keep all); t may alias x.
+void weigh(const float* x, const uint8_t* __restrict keep, float c, float* t, int64_t len);
+// mixed += keep ? c * x : 0
+void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float c, float* __restrict mixed,
+               int64_t len);
+// S += e; A += |e|
+void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A, int64_t len);
+// sgn = +1 where S >= 0, -1 where S < 0, and 0 where |S| <= tol * A (float32 cannot tell);
+// returns the number of undecided elements.
+int64_t elect_sign(const float* __restrict S, const float* __restrict A, float tol, float* __restrict sgn,
+                   int64_t len);
+// agree = e * sgn > 0: mixed += agree ? t : 0; bits += agree ? bit : 0. `bits` holds the
+// agreement pattern as a float (sums of distinct powers of two <= 128 are exact), so the
+// loop has one element width and vectorizes.
+void agree_add_bits(const float* e, const float* t, const float* __restrict sgn, float bit,
+                    float* __restrict mixed, float* __restrict bits, int64_t len);
+// agree = e * sgn > 0: mixed += agree ? t : 0; div += agree ? wd : 0
+void agree_add_div(const float* e, const float* t, const float* __restrict sgn, double wd,
+                   float* __restrict mixed, double* __restrict div, int64_t len);
+// mixed *= table[bits]
+void scale_by_table(float* __restrict mixed, const float* __restrict bits, const float* __restrict table,
+                    int64_t len);
+// mixed /= (|div| < 1e-8 ? 1 : div)
+void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len);
+// o = b + lam * mixed   (b == nullptr: o = mixed)
+void finish(const float* __restrict b, float lam, const float* __restrict mixed, float* __restrict o, int64_t len);
+// mixed *= s
+void scale(float* __restrict mixed, float s, int64_t len);
+
+// Philox4x32-10 words for blocks q0 .. q0 + nblocks - 1 (4 words each) into out.
+void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out);
+
+}  // namespace lfm::merge::loops
