@@ -577,6 +577,7 @@ private:
                 return;
             }
             case Sparsifier::Random: {
+                if (random_stored_) return mask_bits(i, start, len, k);
                 const uint64_t t = thr_[i];
                 if (t >= 0x100000000ull) { std::memset(k, 1, static_cast<size_t>(len)); return; }
                 uint32_t* dr = s.draws.data();
@@ -584,18 +585,27 @@ private:
                 loops::draws_below(dr, static_cast<uint32_t>(t), k, len);
                 return;
             }
-            case Sparsifier::Della: {
-                const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
-                const int sh = i & 7;
-                for (int64_t j = 0; j < len; ++j) k[j] = (m[j * mbytes_] >> sh) & 1u;
-                return;
-            }
+            case Sparsifier::Della:
+                return mask_bits(i, start, len, k);
         }
+    }
+
+    void mask_bits(int i, int64_t start, int64_t len, uint8_t* k) const {
+        const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
+        const int sh = i & 7;
+        for (int64_t j = 0; j < len; ++j) k[j] = (m[j * mbytes_] >> sh) & 1u;
     }
 
     // ---- rescale: L1 norm matching -------------------------------------------------
     void l1_factors() {
         std::vector<double> tot(static_cast<size_t>(nblocks_) * K_, 0.0), kept(tot.size(), 0.0);
+        // DARE: keep the drawn masks (ceil(K/8) bytes per element) so the merge pass
+        // reads them instead of drawing again (Philox is most of DARE's cost).
+        const bool store = a_.sparsifier == Sparsifier::Random;
+        if (store) {
+            mbytes_ = (K_ + 7) / 8;
+            mask_.assign(static_cast<size_t>(n_) * mbytes_, 0);
+        }
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
@@ -603,16 +613,16 @@ private:
             for (int i = 0; i < K_; ++i) {
                 const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
                 keep_flags(i, start, len, x, s);
+                if (store)
+                    loops::or_bit(s.keep.data(), static_cast<uint8_t>(1u << (i & 7)),
+                                  mask_.data() + start * mbytes_ + (i >> 3), mbytes_, len);
                 double t = 0.0, k = 0.0;
-                for (int64_t j = 0; j < len; ++j) {
-                    double v = std::fabs(static_cast<double>(x[j]));
-                    t += v;
-                    k += s.keep[j] ? v : 0.0;
-                }
+                loops::l1_sums(x, s.keep.data(), len, &t, &k);
                 tot[blk * K_ + i] = t;
                 kept[blk * K_ + i] = k;
             }
         });
+        if (store) random_stored_ = true;
         for (int i = 0; i < K_; ++i) {
             double t = 0.0, k = 0.0;
             for (int64_t blk = 0; blk < nblocks_; ++blk) {
@@ -741,6 +751,7 @@ private:
     std::vector<uint64_t> thr_;
     std::vector<uint8_t> mask_;
     int64_t mbytes_ = 0;
+    bool random_stored_ = false;  // DARE masks kept in mask_ by l1_factors
     std::vector<std::unique_ptr<Scratch>> scratch_ =
         std::vector<std::unique_ptr<Scratch>>(static_cast<size_t>(std::max({1, get_num_threads(), a_.n_threads})));
 };

@@ -47,6 +47,11 @@ void agree_add_div(const float* e, const float* t, const float* __restrict sgn, 
 // mixed *= table[bits]
 void scale_by_table(float* __restrict mixed, const float* __restrict bits, const float* __restrict table,
                     int64_t len);
+// *tot = sum |x|, *kept = sum over keep of |x|, in float64 with 8 interleaved partial
+// sums combined in a fixed order (vectorizes; the result depends only on the block).
+void l1_sums(const float* __restrict x, const uint8_t* __restrict keep, int64_t len, double* tot, double* kept);
+// m[j * stride] |= keep[j] ? bit : 0
+void or_bit(const uint8_t* __restrict keep, uint8_t bit, uint8_t* __restrict m, int64_t stride, int64_t len);
 // mixed /= (|div| < 1e-8 ? 1 : div)
 void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len);
 // o = b + lam * mixed   (b == nullptr: o = mixed)
