@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
+import os
 import queue
 import threading
 import time
@@ -223,8 +225,8 @@ class Engine:
         r = request
         if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
-        if not (isinstance(r.temperature, (int, float)) and r.temperature >= 0 and r.temperature == r.temperature):
-            raise ValueError(f"temperature must be a number >= 0, got {r.temperature!r}")
+        if not (isinstance(r.temperature, (int, float)) and math.isfinite(r.temperature) and r.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {r.temperature!r}")
         if not (isinstance(r.top_p, (int, float)) and 0 < r.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {r.top_p!r}")
         if r.seed is not None and not isinstance(r.seed, int):
@@ -249,7 +251,8 @@ class Engine:
         gen = None
         if r.temperature > 0:
             gen = torch.Generator()
-            gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            # no seed: a fresh one from the OS (the global torch RNG of the caller is left alone)
+            gen.manual_seed(r.seed % (1 << 64) if r.seed is not None else int.from_bytes(os.urandom(8), "little"))
         rid = r.request_id or f"req-{next(self._ids)}"
         h = Handle(r, rid, ids)
         h._stops = stops
