@@ -203,8 +203,13 @@ def _naive_greedy(model, pool, prompt, adapter, n):
     return out
 
 
-def test_engine_continuous_batching_matches_single_sequence(llama_setup):
-    base, paths = llama_setup
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_engine_continuous_batching_matches_single_sequence(arch, llama_setup, tmp_path):
+    if arch == "llama":
+        base, paths = llama_setup
+    else:  # a sliding-window architecture: padding must stay invisible there too
+        base = _base(arch)
+        paths = _save_adapters(base, str(tmp_path), _adapter_configs())
     model, pool = _ours(base, paths)
     g = torch.Generator().manual_seed(3)
     reqs = []
