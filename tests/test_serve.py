@@ -301,6 +301,26 @@ def test_pool_lru_pinning_capacity_and_reload(llama_setup):
     assert small.state("a") == "evicted" and small.resident_bytes() <= small.max_bytes
 
 
+def test_pool_tables_grow_for_higher_ranks(llama_setup):
+    base, paths = llama_setup
+    model, pool = _ours(base, {"c": paths["c"]})  # r=2 everywhere
+    q = "model.layers.0.self_attn.q_proj"
+    assert pool.table(q).r_max == 2
+    ids = torch.randint(0, V, (2, 5))
+    with torch.no_grad(), pool.assign(["c", None]):
+        before = model(ids).logits
+    pool.load("a", paths["a"], wait=True)  # r=4 on q/v/down: those tables grow, c's rows move along
+    assert pool.table(q).r_max == 4 and pool.table("model.layers.0.self_attn.k_proj").r_max == 2
+    ref, ref_pool = _ours(base, {"a": paths["a"]})
+    with torch.no_grad():
+        with pool.assign(["c", "a"]):
+            after = model(ids).logits
+        with ref_pool.assign([None, "a"]):
+            want_a = ref(ids).logits
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    assert_close(after[1], want_a[1])
+
+
 def test_pool_async_load_does_not_stall_running_batches(llama_setup, monkeypatch):
     import lfm_engine.serve.pool as pool_mod
 
