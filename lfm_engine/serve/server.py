@@ -30,6 +30,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional
+from urllib.parse import unquote
 
 from .engine import Engine, Handle, Request
 from .peft_format import AdapterFormatError
@@ -271,7 +272,7 @@ def _make_handler(app: ServeApp):
                 if path.startswith("/v1/adapters/"):
                     if method != "DELETE":
                         raise ApiError(405, "use DELETE /v1/adapters/NAME to unload")
-                    return self._send_json(200, app.unload_adapter(path[len("/v1/adapters/"):]))
+                    return self._send_json(200, app.unload_adapter(unquote(path[len("/v1/adapters/"):])))
                 if path in ("/v1/models", "/health", "/v1/adapters"):
                     raise ApiError(405, f"{method} is not allowed on {path}")
                 raise ApiError(404, f"no route {method} {path}", "not_found_error")
