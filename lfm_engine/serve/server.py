@@ -83,7 +83,9 @@ class ServeApp:
         return dict(object="list", data=data)
 
     def adapters(self) -> dict:
-        return dict(object="list", data=self.pool.info())
+        return dict(object="list", data=self.pool.info(), capacity=self.pool.capacity,
+                    resident_bytes=self.pool.resident_bytes(), table_bytes=self.pool.table_bytes(),
+                    max_bytes=self.pool.max_bytes)
 
     def load_adapter(self, body: dict) -> dict:
         name = body.get("name")
