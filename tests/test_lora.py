@@ -400,3 +400,22 @@ def test_gpu_multi_slice_segments(backend):
     lora_apply(x.cpu(), [a.cpu() for a, _ in tabs], [b.cpu() for _, b in tabs], None, ranks, [1.0, 2.0, 0.5], yr,
                seg_start=ss.cpu(), seg_slot=sl.cpu(), backend="reference")
     assert_close(y, yr, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if triton_available() and not torch.cuda.is_available()
+                                                    else []))
+@pytest.mark.parametrize("case", ["no_tokens", "rmax_0", "h_in_0", "no_slots"])
+def test_empty_shapes(backend, case):
+    """Degenerate but legal shapes: nothing to do, nothing written, u all zero."""
+    T, H_in, n, R, H_out = {"no_tokens": (0, 16, 2, 4, 8), "rmax_0": (3, 16, 2, 0, 8), "h_in_0": (3, 0, 2, 4, 8),
+                            "no_slots": (3, 16, 0, 4, 8)}[case]
+    x = torch.randn(T, H_in)
+    A = torch.randn(n, R, H_in)
+    B = torch.randn(n, H_out, R)
+    ts = torch.full((T,), -1 if n == 0 else 1, dtype=torch.int32)
+    y = torch.randn(T, H_out)
+    y0 = y.clone()
+    lora_apply(x, A, B, ts, None, [1.0] * n, y, backend=backend)
+    assert torch.equal(y, y0)
+    u = lora_shrink(x, A, ts, backend=backend)
+    assert u.shape == (T, R) and not u.any()

@@ -276,8 +276,8 @@ struct Plan {
 Plan make_plan(const LoraArgs& a) {
     const int64_t T = a.T, n_slots = a.n_slots;
     std::vector<int32_t> slot(static_cast<size_t>(T), -1);
-    if (a.token_slot) {
-        std::memcpy(slot.data(), a.token_slot, static_cast<size_t>(T) * sizeof(int32_t));
+    if (!a.segments) {
+        if (T > 0) std::memcpy(slot.data(), a.token_slot, static_cast<size_t>(T) * sizeof(int32_t));
     } else {
         for (int64_t i = 0; i < a.S; ++i) {
             // clamped so that unchecked malformed segments can never index outside [0, T)
