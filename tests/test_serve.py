@@ -279,7 +279,8 @@ def test_engine_survives_a_failing_forward(llama_setup, monkeypatch):
     res = eng.generate([Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=4, ignore_eos=True),
                         Request(prompt=[4, 5], max_new_tokens=4, ignore_eos=True)])
     assert [r.finish_reason for r in res] == ["error", "error"]
-    assert "simulated device error" in res[0].error and len(res[0].token_ids) == 1  # from the prefill
+    assert "simulated device error" in res[0].error and res[0].error_type == "internal"
+    assert len(res[0].token_ids) == 1  # from the prefill
     assert all(i["in_use"] == 0 for i in pool.info())  # references released
     ok = eng.generate([Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=3, ignore_eos=True)])[0]
     assert ok.finish_reason == "length" and ok.token_ids == _naive_greedy(model, pool, [1, 2, 3], "a", 3)

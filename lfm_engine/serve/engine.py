@@ -75,6 +75,9 @@ class Result:
     text: Optional[str]
     finish_reason: str  # "stop" | "length" | "error" | "cancelled"
     error: Optional[str] = None
+    # with finish_reason "error": "adapter_not_found" (unloaded while queued), "adapter_failed"
+    # (its weights could not be loaded) or "internal" (the forward raised)
+    error_type: Optional[str] = None
     time_to_first_token_s: float = 0.0
     latency_s: float = 0.0
     queue_s: float = 0.0
@@ -321,7 +324,7 @@ class Engine:
             victims = list(self._running) + [s for s in extra if s not in self._running]
             self._running, self._cache, self._pads = [], None, []
             for s in victims:
-                self._finish(s, "error", f"{type(e).__name__}: {e}")
+                self._finish(s, "error", f"{type(e).__name__}: {e}", "internal")
 
     def _admit(self) -> List[_Seq]:
         room = self.max_batch_size - len(self._running)
@@ -340,7 +343,8 @@ class Engine:
                     try:
                         ok = self.pool.try_acquire(s.adapter)
                     except (KeyError, AdapterNotReadyError) as e:
-                        self._finish(s, "error", str(e))
+                        kind = "adapter_not_found" if isinstance(e, KeyError) else "adapter_failed"
+                        self._finish(s, "error", e.args[0] if isinstance(e, KeyError) else str(e), kind)
                         continue
                     if not ok:
                         keep.append(s)  # loading: others go ahead
@@ -454,7 +458,7 @@ class Engine:
         for s in done:
             self._finish(s, s.handle._finish_reason)
 
-    def _finish(self, s: _Seq, reason: str, error: Optional[str] = None) -> None:
+    def _finish(self, s: _Seq, reason: str, error: Optional[str] = None, error_type: Optional[str] = None) -> None:
         h = s.handle
         if s.held:
             s.held = False
@@ -468,7 +472,7 @@ class Engine:
             text = self.tokenizer.decode(h.tokens, skip_special_tokens=True)
         start = s.t_admit or now
         h._result = Result(request_id=h.request_id, adapter=s.adapter, prompt_token_ids=list(h.prompt_ids),
-                           token_ids=list(h.tokens), text=text, finish_reason=reason, error=error,
+                           token_ids=list(h.tokens), text=text, finish_reason=reason, error=error, error_type=error_type,
                            time_to_first_token_s=(s.t_first - s.t_submit) if s.t_first else 0.0,
                            latency_s=now - s.t_submit, queue_s=start - s.t_submit)
         if reason in ("stop", "length"):

@@ -18,8 +18,9 @@ Streaming ("stream": true, one prompt) sends Server-Sent Events "data: {chunk}" 
 stop is ruled out, so a stop string is never streamed.
 
 Errors are JSON {"error": {"message", "type", "param", "code"}} with 400 (bad request), 404
-(unknown model/adapter/route), 405, 409 (duplicate adapter name), 411/413 (body), 503 (adapter
-pool full); an unexpected failure is a 500 and the server keeps running.
+(unknown model/adapter/route, or an adapter unloaded while the request waited), 405, 409
+(duplicate adapter name), 411/413 (body), 424 (the adapter's weights failed to load), 503
+(adapter pool full); an unexpected failure is a 500 and the server keeps running.
 Loading adapters by path over HTTP trusts the client: bind to 127.0.0.1 (the default).
 """
 from __future__ import annotations
@@ -201,7 +202,9 @@ class ServeApp:
                     x.cancel()
                 raise ApiError(504, f"generation did not finish within {self.request_timeout} s", "server_error")
             if res.finish_reason == "error":
-                raise ApiError(500, f"generation failed: {res.error}", "server_error")
+                code = {"adapter_not_found": 404, "adapter_failed": 424}.get(res.error_type, 500)
+                raise ApiError(code, f"generation failed: {res.error}",
+                               "server_error" if code == 500 else "invalid_request_error")
             choices.append(dict(index=i, text=res.text or "", token_ids=res.token_ids, logprobs=None,
                                 finish_reason=res.finish_reason))
             p_tok += res.prompt_tokens
