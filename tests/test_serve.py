@@ -391,7 +391,7 @@ def test_pool_load_errors(llama_setup, tmp_path):
         return str(d)
 
     for name, changes, msg in [
-        ("dora", dict(use_dora=True), "DoRA"),
+        ("broken", dict(use_dora=True), "DoRA"),
         ("bias", dict(bias="all"), "bias"),
         ("mts", dict(modules_to_save=["lm_head"]), "modules_to_save"),
         ("ia3", dict(peft_type="IA3"), "IA3"),
@@ -538,7 +538,7 @@ def test_http_completions(server):
     assert streamed == cut["text"]
 
 
-def test_http_errors_and_adapter_management(server):
+def test_http_errors_and_adapter_management(server, tmp_path):
     url, app, paths = server
     bad = [
         (dict(model="nope", prompt=[1]), 404, "not found"),
@@ -570,6 +570,27 @@ def test_http_errors_and_adapter_management(server):
     assert _http(url, "DELETE", "/v1/adapters/c")[0] == 200
     assert _http(url, "DELETE", "/v1/adapters/c")[0] == 404
     assert _http(url, "POST", "/v1/completions", dict(model="c", prompt=[1]))[0] == 404
+    # weights that fail to load (NaN): a 400 naming the cause, and the name is free again
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(paths["c"], bad)
+    sd = load_file(str(bad / "adapter_model.safetensors"))
+    next(iter(sd.values())).fill_(float("nan"))
+    save_file(sd, str(bad / "adapter_model.safetensors"))
+    st, out = _http(url, "POST", "/v1/adapters", dict(name="n", path=str(bad)))
+    assert st == 400 and "NaN" in json.loads(out)["error"]["message"]
+    assert "n" not in [a["name"] for a in json.loads(_http(url, "GET", "/v1/adapters")[1])["data"]]
+    st, out = _http(url, "POST", "/v1/adapters", dict(name="broken", path=str(bad), wait=False))
+    assert st == 200  # accepted; the failure shows in the listing and in requests that use it
+    deadline = time.monotonic() + 30
+    while app.pool.state("broken") == "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    st, out = _http(url, "POST", "/v1/completions", dict(model="broken", prompt=[1], max_tokens=1))
+    assert st == 424 and "NaN" in json.loads(out)["error"]["message"]
+    assert _http(url, "DELETE", "/v1/adapters/broken")[0] == 200
     assert _http(url, "GET", "/health")[0] == 200  # still serving after all the errors
 
 
