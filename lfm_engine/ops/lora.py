@@ -315,9 +315,31 @@ def _native_has_lora() -> bool:
     return has_native() and hasattr(native(), "lora_apply")
 
 
+def _native_has_cuda() -> bool:
+    import json
+
+    return _native_has_lora() and bool(json.loads(native().build_info()).get("cuda"))
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_DEFAULTS = None
+
+
 def _default_backends() -> dict:
-    # Until the native core is built, the CPU falls back to the reference (documented).
-    return {"cpu": "cpu" if _native_has_lora() else "reference", "cuda": "cuda"}
+    """cpu: the C++ kernel (the reference when the core is not built); cuda: the CUDA C++
+    kernel when this build has it, else Triton, else the reference."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        cuda = "cuda" if _native_has_cuda() else ("triton" if _triton_importable() else "reference")
+        _DEFAULTS = {"cpu": "cpu" if _native_has_lora() else "reference", "cuda": cuda}
+    return _DEFAULTS
 
 
 def _pick(op: str, device: torch.device, backend: Optional[str]) -> str:
