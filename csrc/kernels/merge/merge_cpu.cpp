@@ -524,29 +524,29 @@ private:
         });
     }
 
-    // Stable LSD radix sort of (keys, idx) by keys, 8-bit digits; digits on which all
-    // keys agree are skipped. Result in keys/idx.
+    // Stable LSD radix sort of (keys, idx) by keys < 2^31, three 11-bit digits (the
+    // counts fit in L1); digits on which all keys agree are skipped. Result in keys/idx.
     static void radix_sort_stable(std::vector<uint32_t>& keys, std::vector<uint32_t>& idx,
                                   std::vector<uint32_t>& keys2, std::vector<uint32_t>& idx2, int64_t n) {
-        uint32_t cnt[4][256];
+        constexpr int kBits = 11, kBins = 1 << kBits;
+        static thread_local uint32_t cnt[3][kBins];
         std::memset(cnt, 0, sizeof(cnt));
         for (int64_t j = 0; j < n; ++j) {
             const uint32_t k = keys[j];
-            ++cnt[0][k & 255u];
-            ++cnt[1][(k >> 8) & 255u];
-            ++cnt[2][(k >> 16) & 255u];
-            ++cnt[3][k >> 24];
+            ++cnt[0][k & (kBins - 1)];
+            ++cnt[1][(k >> kBits) & (kBins - 1)];
+            ++cnt[2][(k >> (2 * kBits)) & (kBins - 1)];
         }
-        for (int d = 0; d < 4; ++d) {
-            const int sh = 8 * d;
-            if (cnt[d][(keys[0] >> sh) & 255u] == static_cast<uint32_t>(n)) continue;  // all equal here
-            uint32_t off[256], sum = 0;
-            for (int v = 0; v < 256; ++v) {
+        for (int d = 0; d < 3; ++d) {
+            const int sh = kBits * d;
+            if (cnt[d][(keys[0] >> sh) & (kBins - 1)] == static_cast<uint32_t>(n)) continue;  // all equal here
+            uint32_t off[kBins], sum = 0;
+            for (int v = 0; v < kBins; ++v) {
                 off[v] = sum;
                 sum += cnt[d][v];
             }
             for (int64_t j = 0; j < n; ++j) {
-                const uint32_t p = off[(keys[j] >> sh) & 255u]++;
+                const uint32_t p = off[(keys[j] >> sh) & (kBins - 1)]++;
                 keys2[p] = keys[j];
                 idx2[p] = idx[j];
             }
