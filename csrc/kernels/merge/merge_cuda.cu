@@ -361,7 +361,9 @@ __global__ void k_della_apply(const ull* sorted, long long e0, long long len, lo
         const long long row_start = e0 + (p / cols) * cols;
         const long long r = p % cols;  // rank (0-based) within the row
         const long long e = row_start + static_cast<long long>(sorted[p] & jmask);
-        const uint32_t draw = philox_draw(seed, stream, static_cast<uint64_t>(e));
+        const Philox4 pr = philox_block(seed, stream, static_cast<uint64_t>(e) >> 2);
+        const int w = static_cast<int>(e & 3);  // select, not r.v[w]: a dynamic index spills to local memory
+        const uint32_t draw = w == 0 ? pr.v[0] : w == 1 ? pr.v[1] : w == 2 ? pr.v[2] : pr.v[3];
         mask[e] = static_cast<long long>(draw) < thr[r] ? 1 : 0;
     }
 }
