@@ -4,14 +4,19 @@ A model merge is a sequence of independent tensor jobs (one output tensor each, 
 base tensor and K fine-tuned tensors). On a GPU the merge kernel is far faster than the
 PCIe copies that feed it, so the copies must run back to back while the GPU computes:
 
-    host thread:  read job j+1 into pinned buffer slot (j+1) % depth     (memcpy)
-    copy stream:  H2D copy of slot (j+1) % depth                          (DMA engine)
-    compute:      merge job j on the device, D2H copy of its result      (SMs + DMA)
+    stager thread:  read job j+1 into a free pinned slot (host memcpy), then issue its
+                    H2D copy on the copy stream (DMA engine)
+    caller thread:  merge job j on the compute stream (after job j's copy event), then
+                    its D2H copy into pinned memory; yield results in job order
 
-``stream_jobs`` runs that pipeline with ``depth`` slots (2 = double buffering): a slot's
-pinned and device buffers are reused only after the compute stream has finished with
-them (CUDA events), so at most ``depth`` jobs are in flight and memory stays bounded by
-``depth`` times the largest job. Results come back in job order as ordinary CPU tensors.
+``stream_jobs`` runs that pipeline with ``depth`` slots (2 = double buffering). A slot's
+pinned buffer is refilled only after the compute that consumed it has finished (CUDA
+event), so at most ``depth`` jobs are staged ahead and host memory stays bounded by
+``depth`` times the largest job. The stager is a thread because the merge call blocks
+its caller (the kernels read selection results back to the host); torch's copies and
+the native merge release the GIL, so staging and merging overlap. The ``jobs``
+iterable is consumed by the stager thread only (a generator reading checkpoint shards
+is fine). Results come back in job order as ordinary (pinned) CPU tensors.
 
 How ``lfm-engine merge --device cuda`` uses it (lfm_engine/merge/runner.py):
 
@@ -31,6 +36,8 @@ which keeps the code path testable on machines without a GPU.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -91,12 +98,15 @@ def stream_jobs(jobs: Iterable[GpuJob],
     """Run ``compute(job, device_inputs) -> device tensor`` over ``jobs``, overlapping the
     host->device copies of the next jobs with the compute of the current one.
 
-    jobs: iterable of GpuJob (consumed lazily: job j+depth-1 is read while job j computes).
+    jobs: iterable of GpuJob, consumed lazily by the stager thread (up to ``depth`` jobs
+        ahead of the compute).
     compute: called on the compute stream with the job and its inputs on ``device``
         (same order, None kept); returns one tensor on ``device``.
     depth: pipeline slots (2 = double buffering; 1 = no overlap).
     Yields (job.key, result) in job order; result is a CPU tensor the caller owns.
-    Errors raised by ``compute`` propagate after in-flight work is drained.
+    Errors raised by ``compute`` or while staging (e.g. a bad job) propagate to the
+    caller after the stager has stopped and in-flight GPU work is drained; closing the
+    generator early does the same.
     """
     device = torch.device(device)
     if depth < 1:
@@ -116,69 +126,109 @@ def stream_jobs(jobs: Iterable[GpuJob],
     copy_stream = torch.cuda.Stream(device=device)
     compute_stream = torch.cuda.Stream(device=device)
     slots = [_Slot() for _ in range(depth)]
+    free_slots: "queue.Queue[_Slot]" = queue.Queue()
+    for sl in slots:
+        free_slots.put(sl)
+    staged: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    producer = threading.Thread(target=_stage_jobs, name="lfm-gpu-stream-stager", daemon=True,
+                                args=(iter(jobs), device, copy_stream, free_slots, staged, stop, stats))
+    producer.start()
     # in flight: (key, pinned host result, event after its D2H copy)
     pending: Deque[Tuple[Any, torch.Tensor, torch.cuda.Event]] = deque()
-    it = iter(jobs)
-    j = 0
-    with torch.cuda.device(device):
-        for job in it:
-            _check_job(job)
-            slot = slots[j % depth]
-            # the slot's pinned buffer may still feed a copy of job j - depth
-            if slot.free_event is not None:
-                slot.free_event.synchronize()
-            total = sum(_nbytes(t) for t in job.tensors if t is not None)
-            buf = slot.staging(total)
-            dev_inputs: List[Optional[torch.Tensor]] = []
-            off = 0
-            staged = []
-            for t in job.tensors:
-                if t is None:
-                    staged.append(None)
-                    continue
-                nb = _nbytes(t)
-                view = buf[off:off + nb].view(t.dtype).view(t.shape) if nb else torch.empty(t.shape, dtype=t.dtype)
-                view.copy_(t)  # host memcpy into pinned memory (overlaps earlier GPU work)
-                staged.append(view)
-                off += nb
-                # keep later views 64-byte aligned for the DMA engine and vector loads
-                off = (off + 63) & ~63
-            if off > buf.numel():
-                raise RuntimeError("internal: staging buffer overflow")
-            with torch.cuda.stream(copy_stream):
-                for v in staged:
-                    dev_inputs.append(None if v is None else v.to(device, non_blocking=True))
-                copied = torch.cuda.Event()
-                copied.record(copy_stream)
-            stats.h2d_bytes += total
-            compute_stream.wait_event(copied)
-            with torch.cuda.stream(compute_stream):
-                for t in dev_inputs:
-                    if t is not None:
-                        t.record_stream(compute_stream)  # allocated on copy_stream, used here
-                result = compute(job, dev_inputs)
-                if not isinstance(result, torch.Tensor) or result.device.type != "cuda":
-                    raise TypeError(f"stream_jobs: compute for job {job.key!r} must return a CUDA tensor")
-                host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-                host.copy_(result, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(compute_stream)
-            # the copy stream may refill this slot only once compute has consumed it
-            slot.free_event = done
-            stats.d2h_bytes += _nbytes(host)
-            pending.append((job.key, host, done))
-            j += 1
-            # hand back finished results without stalling the pipeline
-            while len(pending) >= depth:
+    try:
+        with torch.cuda.device(device):
+            while True:
+                item = staged.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                job, dev_inputs, copied, slot = item
+                compute_stream.wait_event(copied)
+                with torch.cuda.stream(compute_stream):
+                    for t in dev_inputs:
+                        if t is not None:
+                            t.record_stream(compute_stream)  # allocated on copy_stream, used here
+                    result = compute(job, dev_inputs)
+                    if not isinstance(result, torch.Tensor) or result.device.type != "cuda":
+                        raise TypeError(f"stream_jobs: compute for job {job.key!r} must return a CUDA tensor")
+                    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                    host.copy_(result, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(compute_stream)
+                # the stager refills this slot only after `done` (it synchronizes on it)
+                slot.free_event = done
+                free_slots.put(slot)
+                stats.d2h_bytes += _nbytes(host)
+                pending.append((job.key, host, done))
+                while len(pending) >= depth:
+                    key, host_res, ev = pending.popleft()
+                    ev.synchronize()
+                    stats.jobs += 1
+                    yield key, host_res
+            while pending:
                 key, host_res, ev = pending.popleft()
                 ev.synchronize()
                 stats.jobs += 1
                 yield key, host_res
-        while pending:
-            key, host_res, ev = pending.popleft()
-            ev.synchronize()
-            stats.jobs += 1
-            yield key, host_res
+    finally:
+        stop.set()
+        # unblock a stager waiting for room, then drain the GPU before buffers go away
+        while producer.is_alive():
+            try:
+                staged.get_nowait()
+            except queue.Empty:
+                pass
+            free_slots.put(_Slot())
+            producer.join(timeout=0.05)
+        copy_stream.synchronize()
+        compute_stream.synchronize()
+
+
+_END = object()
+
+
+def _stage_jobs(it, device, copy_stream, free_slots, staged, stop, stats) -> None:
+    """Stager thread: host memcpy of each job into a free pinned slot, then its H2D copy on
+    the copy stream; hands (job, device inputs, copied event, slot) to the consumer. Runs
+    ahead of the compute by up to `depth` jobs; torch releases the GIL in the copies and
+    the native merge releases it while it runs, so staging overlaps the merges."""
+    try:
+        with torch.cuda.device(device):
+            for job in it:
+                if stop.is_set():
+                    return
+                _check_job(job)
+                slot = free_slots.get()
+                if stop.is_set():
+                    return
+                # the slot's pinned buffer may still feed the copy of an older job
+                if slot.free_event is not None:
+                    slot.free_event.synchronize()
+                total = sum(_nbytes(t) for t in job.tensors if t is not None)
+                buf = slot.staging(total + 64 * len(job.tensors))
+                views: List[Optional[torch.Tensor]] = []
+                off = 0
+                for t in job.tensors:
+                    if t is None:
+                        views.append(None)
+                        continue
+                    nb = _nbytes(t)
+                    view = buf[off:off + nb].view(t.dtype).view(t.shape) if nb else torch.empty(t.shape, dtype=t.dtype)
+                    view.copy_(t)  # host memcpy into pinned memory
+                    views.append(view)
+                    # keep every view 64-byte aligned for the DMA engine and vector loads
+                    off = (off + nb + 63) & ~63
+                with torch.cuda.stream(copy_stream):
+                    dev_inputs = [None if v is None else v.to(device, non_blocking=True) for v in views]
+                    copied = torch.cuda.Event()
+                    copied.record(copy_stream)
+                stats.h2d_bytes += total
+                staged.put((job, dev_inputs, copied, slot))
+        staged.put(_END)
+    except BaseException as exc:  # handed to the consumer, which re-raises it
+        staged.put(exc)
 
 
 def merge_on_device(jobs: Iterable[GpuJob], device: str | torch.device = "cuda",
