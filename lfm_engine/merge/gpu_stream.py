@@ -63,17 +63,62 @@ class StreamStats:
     d2h_bytes: int = 0
 
 
+class _CudaOps:
+    """The CUDA primitives the pipeline uses (a fake with the same methods lets the tests
+    run the threaded pipeline on the CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def stream(self):
+        return torch.cuda.Stream(device=self.device)
+
+    def use_stream(self, s):
+        return torch.cuda.stream(s)
+
+    def use_device(self):
+        return torch.cuda.device(self.device)
+
+    def record(self, s):
+        ev = torch.cuda.Event()
+        ev.record(s)
+        return ev
+
+    def wait(self, s, ev) -> None:
+        s.wait_event(ev)
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def h2d(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    def used_on(self, t: torch.Tensor, s) -> None:
+        t.record_stream(s)  # allocated on the copy stream, used on s
+
+    def is_result(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.device.type == "cuda"
+
+    def d2h(self, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def synchronize(self, s) -> None:
+        s.synchronize()
+
+
 class _Slot:
-    """One pipeline slot: a growable pinned staging buffer and the events guarding it."""
+    """One pipeline slot: a growable pinned staging buffer and the event guarding it."""
 
     def __init__(self) -> None:
         self.pinned: Optional[torch.Tensor] = None
-        self.free_event: Optional[torch.cuda.Event] = None  # compute done with this slot
+        self.free_event = None  # compute done with this slot's inputs
 
-    def staging(self, nbytes: int) -> torch.Tensor:
+    def staging(self, ops, nbytes: int) -> torch.Tensor:
         if self.pinned is None or self.pinned.numel() < nbytes:
             # grow by 25% beyond the need so slowly growing tensors do not re-pin every job
-            self.pinned = torch.empty(int(nbytes * 1.25) + 256, dtype=torch.uint8, pin_memory=True)
+            self.pinned = ops.pinned(int(nbytes * 1.25) + 256)
         return self.pinned
 
 
@@ -94,7 +139,7 @@ def _check_job(job: GpuJob) -> None:
 def stream_jobs(jobs: Iterable[GpuJob],
                 compute: Callable[[GpuJob, List[Optional[torch.Tensor]]], torch.Tensor],
                 device: str | torch.device = "cuda", depth: int = 2,
-                stats: Optional[StreamStats] = None) -> Iterator[Tuple[Any, torch.Tensor]]:
+                stats: Optional[StreamStats] = None, _ops=None) -> Iterator[Tuple[Any, torch.Tensor]]:
     """Run ``compute(job, device_inputs) -> device tensor`` over ``jobs``, overlapping the
     host->device copies of the next jobs with the compute of the current one.
 
@@ -112,7 +157,7 @@ def stream_jobs(jobs: Iterable[GpuJob],
     if depth < 1:
         raise ValueError(f"stream_jobs: depth must be >= 1, got {depth}")
     stats = stats if stats is not None else StreamStats()
-    if device.type != "cuda":
+    if device.type != "cuda" and _ops is None:
         for job in jobs:
             _check_job(job)
             ins = [None if t is None else t.to(device) for t in job.tensors]
@@ -120,11 +165,11 @@ def stream_jobs(jobs: Iterable[GpuJob],
             stats.jobs += 1
             yield job.key, out.to("cpu")
         return
-    if not torch.cuda.is_available():
+    if _ops is None and not torch.cuda.is_available():
         raise RuntimeError("stream_jobs: device 'cuda' requested but torch sees no CUDA device")
-
-    copy_stream = torch.cuda.Stream(device=device)
-    compute_stream = torch.cuda.Stream(device=device)
+    ops = _ops if _ops is not None else _CudaOps(device)
+    copy_stream = ops.stream()
+    compute_stream = ops.stream()
     slots = [_Slot() for _ in range(depth)]
     free_slots: "queue.Queue[_Slot]" = queue.Queue()
     for sl in slots:
@@ -132,12 +177,12 @@ def stream_jobs(jobs: Iterable[GpuJob],
     staged: "queue.Queue" = queue.Queue(maxsize=depth)
     stop = threading.Event()
     producer = threading.Thread(target=_stage_jobs, name="lfm-gpu-stream-stager", daemon=True,
-                                args=(iter(jobs), device, copy_stream, free_slots, staged, stop, stats))
+                                args=(ops, iter(jobs), copy_stream, free_slots, staged, stop, stats))
     producer.start()
     # in flight: (key, pinned host result, event after its D2H copy)
-    pending: Deque[Tuple[Any, torch.Tensor, torch.cuda.Event]] = deque()
+    pending: Deque[Tuple[Any, torch.Tensor, Any]] = deque()
     try:
-        with torch.cuda.device(device):
+        with ops.use_device():
             while True:
                 item = staged.get()
                 if item is _END:
@@ -145,18 +190,17 @@ def stream_jobs(jobs: Iterable[GpuJob],
                 if isinstance(item, BaseException):
                     raise item
                 job, dev_inputs, copied, slot = item
-                compute_stream.wait_event(copied)
-                with torch.cuda.stream(compute_stream):
+                ops.wait(compute_stream, copied)
+                with ops.use_stream(compute_stream):
                     for t in dev_inputs:
                         if t is not None:
-                            t.record_stream(compute_stream)  # allocated on copy_stream, used here
+                            ops.used_on(t, compute_stream)
                     result = compute(job, dev_inputs)
-                    if not isinstance(result, torch.Tensor) or result.device.type != "cuda":
-                        raise TypeError(f"stream_jobs: compute for job {job.key!r} must return a CUDA tensor")
-                    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-                    host.copy_(result, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(compute_stream)
+                    if not ops.is_result(result):
+                        raise TypeError(f"stream_jobs: compute for job {job.key!r} must return a tensor on "
+                                        f"{device}, got {getattr(result, 'device', type(result).__name__)}")
+                    host = ops.d2h(result)
+                    done = ops.record(compute_stream)
                 # the stager refills this slot only after `done` (it synchronizes on it)
                 slot.free_event = done
                 free_slots.put(slot)
@@ -182,20 +226,20 @@ def stream_jobs(jobs: Iterable[GpuJob],
                 pass
             free_slots.put(_Slot())
             producer.join(timeout=0.05)
-        copy_stream.synchronize()
-        compute_stream.synchronize()
+        ops.synchronize(copy_stream)
+        ops.synchronize(compute_stream)
 
 
 _END = object()
 
 
-def _stage_jobs(it, device, copy_stream, free_slots, staged, stop, stats) -> None:
+def _stage_jobs(ops, it, copy_stream, free_slots, staged, stop, stats) -> None:
     """Stager thread: host memcpy of each job into a free pinned slot, then its H2D copy on
     the copy stream; hands (job, device inputs, copied event, slot) to the consumer. Runs
     ahead of the compute by up to `depth` jobs; torch releases the GIL in the copies and
     the native merge releases it while it runs, so staging overlaps the merges."""
     try:
-        with torch.cuda.device(device):
+        with ops.use_device():
             for job in it:
                 if stop.is_set():
                     return
@@ -207,7 +251,7 @@ def _stage_jobs(it, device, copy_stream, free_slots, staged, stop, stats) -> Non
                 if slot.free_event is not None:
                     slot.free_event.synchronize()
                 total = sum(_nbytes(t) for t in job.tensors if t is not None)
-                buf = slot.staging(total + 64 * len(job.tensors))
+                buf = slot.staging(ops, total + 64 * len(job.tensors))
                 views: List[Optional[torch.Tensor]] = []
                 off = 0
                 for t in job.tensors:
@@ -220,10 +264,9 @@ def _stage_jobs(it, device, copy_stream, free_slots, staged, stop, stats) -> Non
                     views.append(view)
                     # keep every view 64-byte aligned for the DMA engine and vector loads
                     off = (off + nb + 63) & ~63
-                with torch.cuda.stream(copy_stream):
-                    dev_inputs = [None if v is None else v.to(device, non_blocking=True) for v in views]
-                    copied = torch.cuda.Event()
-                    copied.record(copy_stream)
+                with ops.use_stream(copy_stream):
+                    dev_inputs = [None if v is None else ops.h2d(v) for v in views]
+                    copied = ops.record(copy_stream)
                 stats.h2d_bytes += total
                 staged.put((job, dev_inputs, copied, slot))
         staged.put(_END)
