@@ -5,10 +5,14 @@
 namespace lfm::py {
 void bind_common(pyb::module_& m);
 void bind_merge(pyb::module_& m);
+void bind_lora(pyb::module_& m);
+void bind_codec(pyb::module_& m);
 }  // namespace lfm::py
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "lfm_engine native core (C ABI skin)";
     lfm::py::bind_common(m);
     lfm::py::bind_merge(m);
+    lfm::py::bind_lora(m);
+    lfm::py::bind_codec(m);
 }

@@ -95,5 +95,7 @@ LFM_API lfm_status lfm_set_num_threads(int n);
 #endif
 
 #include "lfm/merge.h"
+#include "lfm/lora.h"
+#include "lfm/codec.h"
 
 #endif /* LFM_LFM_H */

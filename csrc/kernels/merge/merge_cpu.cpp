@@ -14,6 +14,9 @@
 // order, and random draws depend only on (seed, stream, element), so the result is
 // bit-identical for any number of threads.
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -41,14 +44,6 @@ struct Cut {
     bool none = false;
     uint32_t lo_v = 0, hi_v = 0xffffffffu;
     int64_t lo_emin = 0, lo_emax = kNoLimit, hi_emin = 0, hi_emax = kNoLimit;
-
-    bool keep(uint32_t v, int64_t e) const {
-        if (v < lo_v || v > hi_v) return false;
-        bool ok = true;
-        if (v == lo_v) ok = e >= lo_emin && e <= lo_emax;
-        if (v == hi_v) ok = ok && e >= hi_emin && e <= hi_emax;
-        return ok;
-    }
 };
 
 // A radix-select query: the element at ascending position `pos` of model `model`.
@@ -61,11 +56,32 @@ struct Query {
     int64_t c_lt = 0, c_eq = 0;
 };
 
+// Where a cut needs the flat index of the ordinal-th tie of `value` in model `model`.
+struct TieRequest {
+    int model;
+    uint32_t value;
+    int64_t ordinal;
+    int64_t* target;
+};
+
 struct Scratch {
-    std::vector<float> b, x, mixed, o;
-    std::vector<double> s, div;  // elected-sign sums and divisors, float64 like the reference
-    std::vector<uint8_t> keep;
+    std::vector<float> b, x, t, mixed, o, s32, a32, sgn, bits;
+    std::vector<double> div;  // divisors in float64 (K > 8 only)
+    std::vector<uint8_t> keep, keepk;
     std::vector<uint32_t> draws;
+};
+
+// LFM_PROFILE=1 prints the time of each pass to stderr (for tuning; off by default).
+struct PhaseTimer {
+    bool on = std::getenv("LFM_PROFILE") != nullptr;
+    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+    void mark(const char* what) {
+        if (!on) return;
+        auto now = std::chrono::steady_clock::now();
+        std::fprintf(stderr, "[lfm merge] %-12s %8.2f ms\n", what,
+                     std::chrono::duration<double, std::milli>(now - t).count());
+        t = now;
+    }
 };
 
 class CpuMerge {
@@ -79,16 +95,27 @@ public:
 
     void run() {
         if (n_ == 0) return;
-        if (a_.sparsifier == Sparsifier::Magnitude || a_.sparsifier == Sparsifier::MagnitudeOutliers) select();
+        PhaseTimer timer;
+        if (a_.sparsifier == Sparsifier::Magnitude || a_.sparsifier == Sparsifier::MagnitudeOutliers) {
+            select();
+            timer.mark("select");
+        }
         if (a_.sparsifier == Sparsifier::Random)
             for (int i = 0; i < K_; ++i) thr_[i] = keep_threshold(a_.d[i]);
-        if (a_.sparsifier == Sparsifier::Della) della_masks();
+        if (a_.sparsifier == Sparsifier::Della) {
+            della_masks();
+            timer.mark("della_masks");
+        }
         if (a_.sparsifier != Sparsifier::None) {
-            if (a_.rescale == LFM_RESCALE_L1) l1_factors();
+            if (a_.rescale == LFM_RESCALE_L1) {
+                l1_factors();
+                timer.mark("l1_norms");
+            }
             if (a_.rescale == LFM_RESCALE_INVERSE_DENSITY)
                 for (int i = 0; i < K_; ++i) factor_[i] = a_.d[i] > 0.0 ? 1.0 / a_.d[i] : 1.0;
         }
         merge_pass();
+        timer.mark("merge_pass");
     }
 
 private:
@@ -99,7 +126,12 @@ private:
             s = std::make_unique<Scratch>();
             s->b.resize(kBlock);
             s->x.resize(static_cast<size_t>(K_) * kBlock);
-            s->s.resize(kBlock);
+            s->t.resize(static_cast<size_t>(K_) * kBlock);
+            s->keepk.resize(static_cast<size_t>(K_) * kBlock);
+            s->s32.resize(kBlock);
+            s->a32.resize(kBlock);
+            s->sgn.resize(kBlock);
+            s->bits.resize(kBlock);
             s->mixed.resize(kBlock);
             s->div.resize(kBlock);
             s->o.resize(kBlock);
@@ -180,30 +212,37 @@ private:
         }
         if (queries.empty()) return;
         run_queries(queries);
+        // Turn each answer into a cut; a cut that keeps only part of the equal values
+        // needs the flat index of one tie, found for all cuts together in one pass.
+        std::vector<TieRequest> ties;
         for (auto& q : queries) {
             Cut& c = cuts_[q.model];
             const bool upper = q.pos < 0;
             const int64_t pos = upper ? -q.pos - 1 : q.pos;
             const int64_t ordinal = pos - q.c_lt;  // 0-based among the ties of q.value
             if (a_.sparsifier == Sparsifier::Magnitude) {
-                // keep the k = n - pos largest; ties keep lower indices: n_keep_ties of them
+                // keep the k = n - pos largest; ties keep lower indices: keep_ties of them
                 const int64_t c_gt = n_ - q.c_lt - q.c_eq;
                 const int64_t keep_ties = (n_ - pos) - c_gt;  // 1..c_eq
                 c.lo_v = q.value;
                 c.lo_emin = 0;
-                c.lo_emax = keep_ties >= q.c_eq ? kNoLimit : nth_tie(q.model, q.value, keep_ties - 1);
+                c.lo_emax = kNoLimit;
+                if (keep_ties < q.c_eq) ties.push_back(TieRequest{q.model, q.value, keep_ties - 1, &c.lo_emax});
             } else if (!upper) {
                 // drop the `ordinal` lowest-index ties of the lower cut value
                 c.lo_v = q.value;
-                c.lo_emin = ordinal == 0 ? 0 : nth_tie(q.model, q.value, ordinal);
+                c.lo_emin = 0;
                 c.lo_emax = kNoLimit;
+                if (ordinal > 0) ties.push_back(TieRequest{q.model, q.value, ordinal, &c.lo_emin});
             } else {
                 // keep ties of the upper cut value up to `ordinal` (lower indices first)
                 c.hi_v = q.value;
                 c.hi_emin = 0;
-                c.hi_emax = ordinal >= q.c_eq - 1 ? kNoLimit : nth_tie(q.model, q.value, ordinal);
+                c.hi_emax = kNoLimit;
+                if (ordinal < q.c_eq - 1) ties.push_back(TieRequest{q.model, q.value, ordinal, &c.hi_emax});
             }
         }
+        if (!ties.empty()) find_ties(ties);
     }
 
     void run_queries(std::vector<Query>& queries) {
@@ -261,34 +300,43 @@ private:
         hist_pass(true);
     }
 
-    // Flat index of the `ordinal`-th (0-based) element of model i whose |delta| bits == v.
-    int64_t nth_tie(int model, uint32_t v, int64_t ordinal) {
-        std::vector<int64_t> counts(static_cast<size_t>(nblocks_), 0);
-        auto count_block = [&](Scratch& s, int64_t blk) {
-            const int64_t len = block_len(blk);
-            const float* x = s.x.data() + static_cast<int64_t>(model) * kBlock;
-            int64_t c = 0;
-            for (int64_t j = 0; j < len; ++j) c += (f32_bits(x[j]) & 0x7fffffffu) == v;
-            return c;
-        };
+    // For each request: the flat index of the `ordinal`-th (0-based) element of its model
+    // whose |delta| bits equal its value. One counting pass for all requests, then a
+    // serial scan of the one block that holds each answer.
+    void find_ties(std::vector<TieRequest>& reqs) {
+        const size_t nr = reqs.size();
+        std::vector<int64_t> counts(static_cast<size_t>(nblocks_) * nr, 0);
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
-            load(s, blk * kBlock, block_len(blk), model);
-            counts[static_cast<size_t>(blk)] = count_block(s, blk);
-        });
-        int64_t cum = 0;
-        for (int64_t blk = 0; blk < nblocks_; ++blk) {
-            if (cum + counts[blk] > ordinal) {
-                Scratch& s = scratch(0);
-                const int64_t len = block_len(blk);
-                load(s, blk * kBlock, len, model);
-                const float* x = s.x.data() + static_cast<int64_t>(model) * kBlock;
-                for (int64_t j = 0; j < len; ++j)
-                    if ((f32_bits(x[j]) & 0x7fffffffu) == v && cum++ == ordinal) return blk * kBlock + j;
+            const int64_t len = block_len(blk);
+            load(s, blk * kBlock, len);
+            for (size_t r = 0; r < nr; ++r) {
+                const float* x = s.x.data() + static_cast<int64_t>(reqs[r].model) * kBlock;
+                counts[static_cast<size_t>(blk) * nr + r] = loops::count_equal_abs(x, reqs[r].value, len);
             }
-            cum += counts[blk];
+        });
+        for (size_t r = 0; r < nr; ++r) {
+            TieRequest& q = reqs[r];
+            int64_t cum = 0;
+            bool found = false;
+            for (int64_t blk = 0; blk < nblocks_ && !found; ++blk) {
+                const int64_t c = counts[static_cast<size_t>(blk) * nr + r];
+                if (cum + c > q.ordinal) {
+                    Scratch& s = scratch(0);
+                    const int64_t len = block_len(blk);
+                    load(s, blk * kBlock, len, q.model);
+                    const float* x = s.x.data() + static_cast<int64_t>(q.model) * kBlock;
+                    for (int64_t j = 0; j < len; ++j)
+                        if ((f32_bits(x[j]) & 0x7fffffffu) == q.value && cum++ == q.ordinal) {
+                            *q.target = blk * kBlock + j;
+                            found = true;
+                            break;
+                        }
+                }
+                cum += c;
+            }
+            if (!found) fail(LFM_STATUS_INTERNAL, "radix select lost a tie (model ", q.model, ")");
         }
-        fail(LFM_STATUS_INTERNAL, "radix select lost a tie (model ", model, ")");
     }
 
     // ---- random draws --------------------------------------------------------------
@@ -398,12 +446,7 @@ private:
                 const Cut& c = cuts_[i];
                 if (c.all) { std::memset(k, 1, static_cast<size_t>(len)); return; }
                 if (c.none) { std::memset(k, 0, static_cast<size_t>(len)); return; }
-                loops::cut_interior(x, c.lo_v, c.hi_v, k, len);
-                // the two cut values need the index rule (rare: only exact ties with a cut)
-                for (int64_t j = 0; j < len; ++j) {
-                    const uint32_t v = f32_bits(x[j]) & 0x7fffffffu;
-                    if (v == c.lo_v || v == c.hi_v) k[j] = static_cast<uint8_t>(c.keep(v, start + j));
-                }
+                loops::cut_keep(x, start, c.lo_v, c.lo_emin, c.lo_emax, c.hi_v, c.hi_emin, c.hi_emax, k, len);
                 return;
             }
             case Sparsifier::Random: {
@@ -455,45 +498,105 @@ private:
 
     // ---- the merge pass ------------------------------------------------------------
     void merge_pass() {
-        std::vector<float> wf(K_);
+        // t_i = w_i * factor_i * delta_i where kept, in float32 (one rounding of the
+        // coefficient, one of the product). The elected sign uses a float32 sum with an
+        // error bound; the few elements whose sum is too close to zero for float32 to
+        // decide are recomputed in float64, so the sign always equals the reference's.
+        std::vector<float> coef(K_), ecoef(K_);
         double wsum = 0.0;
         for (int i = 0; i < K_; ++i) {
-            wf[i] = static_cast<float>(a_.w[i]);
+            coef[i] = static_cast<float>(a_.w[i] * factor_[i]);
+            ecoef[i] = static_cast<float>(a_.consensus_unweighted ? factor_[i] : a_.w[i] * factor_[i]);
             wsum += a_.w[i];
         }
         const float inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
         const float lam = static_cast<float>(a_.lambda);
         const bool sparse = a_.sparsifier != Sparsifier::None;
+        const bool unw = a_.consensus_unweighted;
+        // |S32 - S| <= (K + 2) * 2^-24 * sum|e_i| (rounding of coefficients, products and
+        // the sum); twice that is the margin below which float32 cannot decide the sign.
+        const float tol = static_cast<float>((K_ + 2) * std::ldexp(1.0, -23));
+        // Divisor of each agreement pattern (K <= 8): sum of the agreeing w_i (or their
+        // count), in float64 and model order like the reference; |d| < 1e-8 -> 1.
+        const bool table = a_.consensus && K_ <= 8;
+        std::vector<float> inv_div;
+        if (table) {
+            inv_div.resize(size_t(1) << K_);
+            for (uint32_t m = 0; m < (1u << K_); ++m) {
+                double d = 0.0;
+                for (int i = 0; i < K_; ++i)
+                    if (m >> i & 1u) d += a_.disjoint_count ? 1.0 : a_.w[i];
+                inv_div[m] = a_.normalize ? static_cast<float>(1.0 / (std::fabs(d) < 1e-8 ? 1.0 : d)) : 1.0f;
+            }
+        }
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             load(s, start, len);
-            double* S = s.s.data();
             float* mixed = s.mixed.data();
-            if (a_.consensus) std::fill(S, S + len, 0.0);
-            // dp_i = kept ? factor_i * delta_i : 0, stored in place of delta_i. The elected
-            // sign comes from a float64 sum (as exact as the reference's), so an element whose
-            // sum is near zero does not flip sign with float32 rounding.
-            for (int i = 0; i < K_; ++i) {
-                float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
-                if (sparse) keep_flags(i, start, len, x, s);
-                loops::sparsify_accumulate(x, sparse ? s.keep.data() : nullptr, factor_[i],
-                                           a_.consensus_unweighted ? 1.0 : a_.w[i], a_.consensus ? S : nullptr, len);
-            }
             std::fill(mixed, mixed + len, 0.0f);
-            if (a_.consensus) {
-                double* div = s.div.data();
-                std::fill(div, div + len, 0.0);
-                for (int i = 0; i < K_; ++i)
-                    loops::consensus_add(s.x.data() + static_cast<int64_t>(i) * kBlock, wf[i],
-                                         a_.disjoint_count ? 1.0 : a_.w[i], a_.consensus_unweighted, S, mixed, div,
-                                         len);
-                // |divisor| < 1e-8 -> 1 (spec: == 0; agreeing negative weights can cancel to
-                // ~1e-17, see reference/merge.py), summed in float64 like the reference.
-                if (a_.normalize) loops::divide_guarded(mixed, div, len);
-            } else {
-                for (int i = 0; i < K_; ++i) loops::axpy(s.x.data() + static_cast<int64_t>(i) * kBlock, wf[i], mixed, len);
+            auto X = [&](int i) { return s.x.data() + static_cast<int64_t>(i) * kBlock; };
+            auto T = [&](int i) { return s.t.data() + static_cast<int64_t>(i) * kBlock; };
+            auto KP = [&](int i) { return s.keepk.data() + static_cast<int64_t>(i) * kBlock; };
+            if (!a_.consensus) {
+                for (int i = 0; i < K_; ++i) {
+                    const uint8_t* k = nullptr;
+                    if (sparse) {
+                        keep_flags(i, start, len, X(i), s);
+                        k = s.keep.data();
+                    }
+                    loops::weigh_add(X(i), k, coef[i], mixed, len);
+                }
                 if (a_.normalize) loops::scale(mixed, inv_plain_div, len);
+            } else {
+                float* S = s.s32.data();
+                float* A = s.a32.data();
+                std::fill(S, S + len, 0.0f);
+                std::fill(A, A + len, 0.0f);
+                for (int i = 0; i < K_; ++i) {
+                    const uint8_t* k = nullptr;
+                    if (sparse) {
+                        keep_flags(i, start, len, X(i), s);
+                        std::memcpy(KP(i), s.keep.data(), static_cast<size_t>(len));
+                        k = KP(i);
+                    }
+                    loops::weigh(X(i), k, coef[i], T(i), len);
+                    // the election value e_i: t_i itself (weighted) or factor_i * delta'_i
+                    if (unw) loops::weigh(X(i), k, ecoef[i], X(i), len);
+                    loops::elect_add(unw ? X(i) : T(i), S, A, len);
+                }
+                float* sgn = s.sgn.data();
+                if (loops::elect_sign(S, A, tol, sgn, len)) {
+                    // Undecided in float32: recompute S in float64 like the reference,
+                    // from delta = fp32(x) - fp32(b) reloaded for that element.
+                    for (int64_t j = 0; j < len; ++j) {
+                        if (sgn[j] != 0.0f) continue;
+                        double sd = 0.0;
+                        for (int i = 0; i < K_; ++i) {
+                            if (sparse && !KP(i)[j]) continue;
+                            float xi;
+                            load_f32(ptr(a_.models[i], start + j), a_.models[i]->dtype, &xi, 1);
+                            const double dp = static_cast<double>(xi - s.b[j]) * factor_[i];
+                            sd += unw ? dp : a_.w[i] * dp;
+                        }
+                        sgn[j] = sd >= 0.0 ? 1.0f : -1.0f;
+                    }
+                }
+                if (table) {
+                    float* bits = s.bits.data();
+                    std::fill(bits, bits + len, 0.0f);
+                    for (int i = 0; i < K_; ++i)
+                        loops::agree_add_bits(unw ? X(i) : T(i), T(i), sgn, static_cast<float>(1u << i), mixed,
+                                              bits, len);
+                    loops::scale_by_table(mixed, bits, inv_div.data(), len);
+                } else {
+                    double* div = s.div.data();
+                    std::fill(div, div + len, 0.0);
+                    for (int i = 0; i < K_; ++i)
+                        loops::agree_add_div(unw ? X(i) : T(i), T(i), sgn, a_.disjoint_count ? 1.0 : a_.w[i], mixed,
+                                             div, len);
+                    if (a_.normalize) loops::divide_guarded(mixed, div, len);
+                }
             }
             float* o = s.o.data();
             loops::finish(a_.base ? s.b.data() : nullptr, lam, mixed, o, len);

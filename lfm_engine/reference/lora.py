@@ -1,0 +1,112 @@
+"""Plain-torch reference of the multi-LoRA batched ops (spec/lora.md).
+
+This is the *definition* the CPU, CUDA and Triton backends are tested against:
+a Python loop over the slots that occur in the batch, each computing
+
+    u[t, :r_s]          = x[t, :] @ A[s][:r_s, :]^T                 (shrink)
+    y[t, off:off+H_out] += scale[s] * u[t, :r_s] @ B[s][:, :r_s]^T   (expand)
+
+for the tokens t that use slot s (token_slot[t] == s). Tokens with slot -1 are left
+untouched (their u row is zero). Columns r_s..R_max-1 of u are zero. A rank of 0 means
+"this adapter has no weights in this slice" (it contributes nothing).
+
+Precision: the spec asks for fp32; the reference computes in float64 (strictly more
+exact), so the kernels' fp32 accumulation error is exactly what the per-dtype
+tolerance of tests/conftest.py measures. u is returned as float32 (as every backend),
+and y is rounded once to its own dtype: y_new = dtype(float64(y_old) + delta).
+
+No validation happens here: lfm_engine/ops/lora.py checks the arguments before any
+backend (this one included) runs.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def segments_to_token_slot(seg_start: torch.Tensor, seg_slot: torch.Tensor) -> torch.Tensor:
+    """token_slot[T] (int32) of the segment form: tokens seg_start[i]..seg_start[i+1]-1 use seg_slot[i]."""
+    lengths = (seg_start[1:] - seg_start[:-1]).long()
+    return torch.repeat_interleave(seg_slot.to(torch.int32), lengths)
+
+
+def lora_shrink_reference(x: torch.Tensor, A: torch.Tensor, token_slot: torch.Tensor,
+                          ranks: torch.Tensor) -> torch.Tensor:
+    """u [T, R_max] float32: u[t, :r_s] = x[t] @ A[s, :r_s]^T, s = token_slot[t]; zero elsewhere."""
+    T = x.shape[0]
+    R_max = A.shape[1]
+    u = torch.zeros(T, R_max, dtype=torch.float64, device=x.device)
+    slots = token_slot.long().cpu()
+    ranks_h = ranks.long().cpu()
+    for s in torch.unique(slots).tolist():
+        if s < 0:
+            continue
+        r = int(ranks_h[s])
+        if r == 0:
+            continue
+        idx = (slots == s).nonzero(as_tuple=True)[0].to(x.device)
+        u[idx, :r] = x[idx].double() @ A[s, :r, :].double().t()
+    return u.float()
+
+
+def _expand_delta(u: torch.Tensor, B: torch.Tensor, token_slot: torch.Tensor, ranks: torch.Tensor,
+                  scales: torch.Tensor) -> torch.Tensor:
+    """float64 [T, H_out]: scale[s] * u[t, :r_s] @ B[s, :, :r_s]^T (zero rows for slot -1)."""
+    T = u.shape[0]
+    H_out = B.shape[1]
+    d = torch.zeros(T, H_out, dtype=torch.float64, device=u.device)
+    slots = token_slot.long().cpu()
+    ranks_h = ranks.long().cpu()
+    scales_h = scales.double().cpu()
+    for s in torch.unique(slots).tolist():
+        if s < 0:
+            continue
+        r = int(ranks_h[s])
+        if r == 0:
+            continue
+        idx = (slots == s).nonzero(as_tuple=True)[0].to(u.device)
+        d[idx] = float(scales_h[s]) * (u[idx, :r].double() @ B[s, :, :r].double().t())
+    return d
+
+
+def lora_expand_reference(u: torch.Tensor, B: torch.Tensor, token_slot: torch.Tensor, ranks: torch.Tensor,
+                          scales: torch.Tensor, y: torch.Tensor, y_col_offset: int = 0) -> torch.Tensor:
+    """y[:, off:off+H_out] += scale[s] * u[t, :r_s] @ B[s, :, :r_s]^T, in place; returns y."""
+    H_out = B.shape[1]
+    d = _expand_delta(u, B, token_slot, ranks, scales)
+    active = (token_slot.long() >= 0).to(y.device)
+    cols = y[:, y_col_offset:y_col_offset + H_out]
+    new = (cols.double() + d).to(y.dtype)
+    # tokens without adapter keep their bits (no round trip through float64)
+    cols.copy_(torch.where(active[:, None], new, cols))
+    return y
+
+
+def lora_apply_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, token_slot: torch.Tensor,
+                         ranks: torch.Tensor, scales: torch.Tensor, y: torch.Tensor,
+                         y_col_offset: int = 0) -> torch.Tensor:
+    """Shrink then expand of one slice (u kept in float64 here; the kernels keep fp32)."""
+    T = x.shape[0]
+    R_max = A.shape[1]
+    u = torch.zeros(T, R_max, dtype=torch.float64, device=x.device)
+    slots = token_slot.long().cpu()
+    ranks_h = ranks.long().cpu()
+    for s in torch.unique(slots).tolist():
+        if s < 0:
+            continue
+        r = int(ranks_h[s])
+        if r:
+            idx = (slots == s).nonzero(as_tuple=True)[0].to(x.device)
+            u[idx, :r] = x[idx].double() @ A[s, :r, :].double().t()
+    return lora_expand_reference(u, B, token_slot, ranks, scales, y, y_col_offset)
+
+
+def lora_apply_slices_reference(x: torch.Tensor, As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                                token_slot: torch.Tensor, ranks: Sequence[torch.Tensor],
+                                scales: Sequence[torch.Tensor], y: torch.Tensor,
+                                offsets: Sequence[int]) -> torch.Tensor:
+    """Multi-slice apply: slice i adds into y[:, offsets[i]:offsets[i]+H_out_i]."""
+    for A, B, r, sc, off in zip(As, Bs, ranks, scales, offsets):
+        lora_apply_reference(x, A, B, token_slot, r, sc, y, off)
+    return y
