@@ -52,6 +52,44 @@ LFM_MULTIVERSION void cut_keep(const float* __restrict x, int64_t start, uint32_
     }
 }
 
+LFM_MULTIVERSION int64_t bracket(const float* __restrict x, uint32_t lo, uint32_t hi, uint32_t* __restrict pos,
+                                 int64_t* below, int64_t len) {
+    // Chunks of 16: counting vectorizes; the scalar extraction runs only for the chunks
+    // that hold a candidate (a narrow bracket leaves most chunks empty).
+    constexpr int C = 16;
+    int64_t nb = 0, c = 0, j0 = 0;
+    for (; j0 + C <= len; j0 += C) {
+        uint32_t inside = 0, under = 0;
+        for (int j = 0; j < C; ++j) {
+            uint32_t u;
+            std::memcpy(&u, &x[j0 + j], 4);
+            u &= 0x7fffffffu;
+            under += u < lo;
+            inside += (u >= lo) & (u <= hi);
+        }
+        nb += under;
+        if (inside) {
+            for (int j = 0; j < C; ++j) {
+                uint32_t u;
+                std::memcpy(&u, &x[j0 + j], 4);
+                u &= 0x7fffffffu;
+                pos[c] = static_cast<uint32_t>(j0 + j);  // always written, kept only when inside
+                c += (u >= lo) & (u <= hi);
+            }
+        }
+    }
+    for (int64_t j = j0; j < len; ++j) {
+        uint32_t u;
+        std::memcpy(&u, &x[j], 4);
+        u &= 0x7fffffffu;
+        nb += u < lo;
+        pos[c] = static_cast<uint32_t>(j);
+        c += (u >= lo) & (u <= hi);
+    }
+    *below = nb;
+    return c;
+}
+
 LFM_MULTIVERSION int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len) {
     int64_t c = 0;
     for (int64_t j = 0; j < len; ++j) {
@@ -102,7 +140,8 @@ LFM_MULTIVERSION int64_t elect_sign(const float* __restrict S, const float* __re
                                     float* __restrict sgn, int64_t len) {
     int64_t undecided = 0;
     for (int64_t j = 0; j < len; ++j) {
-        const bool sure = std::fabs(S[j]) > tol * A[j];
+        // A == 0: every term is zero, so S is exactly 0 in any precision (sign +)
+        const bool sure = (std::fabs(S[j]) > tol * A[j]) | (A[j] == 0.0f);
         const float v = S[j] >= 0.0f ? 1.0f : -1.0f;
         sgn[j] = sure ? v : 0.0f;
         undecided += !sure;

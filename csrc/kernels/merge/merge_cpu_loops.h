@@ -15,6 +15,10 @@ uint32_t check_finite(const float* __restrict x, int64_t len);
 // where v == lo_v also needs e in [lo_emin, lo_emax] and v == hi_v needs e in [hi_emin, hi_emax].
 void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax,
               uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* __restrict keep, int64_t len);
+// For v = |x[j]| bits: *below = #(v < lo); writes the j with lo <= v <= hi to pos (in
+// order) and returns how many (branch-free compaction).
+int64_t bracket(const float* __restrict x, uint32_t lo, uint32_t hi, uint32_t* __restrict pos,
+                int64_t* below, int64_t len);
 // number of j with |x[j]| bits == v
 int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len);
 // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
@@ -27,7 +31,8 @@ void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float 
                int64_t len);
 // S += e; A += |e|
 void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A, int64_t len);
-// sgn = +1 where S >= 0, -1 where S < 0, and 0 where |S| <= tol * A (float32 cannot tell);
+// sgn = +1 where S >= 0, -1 where S < 0, and 0 where 0 < |S| <= tol * A or S == 0 < A
+// (float32 cannot tell);
 // returns the number of undecided elements.
 int64_t elect_sign(const float* __restrict S, const float* __restrict A, float tol, float* __restrict sgn,
                    int64_t len);
