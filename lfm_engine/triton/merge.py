@@ -340,7 +340,7 @@ def _merge_kernel(b_ptr, xs, out_ptr, coef_ptr, ecoef_ptr, wd_ptr, ff_ptr, dw_pt
                 sd = tl.where(k, sd + dp, sd)
             else:
                 sd = tl.where(k, sd + tl.load(wd_ptr + i) * dp, sd)
-        sure = tl.abs(S) > tol * A
+        sure = (tl.abs(S) > tol * A) | (A == 0.0)
         pos = tl.where(sure, S >= 0.0, sd >= 0.0)
         bits = tl.zeros([BLOCK], tl.int32)
         div = tl.zeros([BLOCK], tl.float64)

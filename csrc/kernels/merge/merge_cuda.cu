@@ -404,7 +404,10 @@ __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
                 }
             }
             bool pos[4];
-            for (int k = 0; k < 4; ++k) pos[k] = fabsf(S[k]) > __fmul_rn(a.tol, A[k]) ? S[k] >= 0.0f : sd[k] >= 0.0;
+            for (int k = 0; k < 4; ++k) {
+                const bool sure = fabsf(S[k]) > __fmul_rn(a.tol, A[k]) || A[k] == 0.0f;
+                pos[k] = sure ? S[k] >= 0.0f : sd[k] >= 0.0;
+            }
             // second sweep: the inputs are re-read (L2-resident) rather than held per model
             unsigned bits[4] = {0u, 0u, 0u, 0u};
             double div[4] = {0.0, 0.0, 0.0, 0.0};
