@@ -375,9 +375,9 @@ def test_triton_multi_slice_and_segments():
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------
 
 def skip_unbuilt(backend):
-    from lfm_engine.ops.lora import _native_has_cuda
+    from lfm_engine.ops._dispatch import native_has_cuda
 
-    if backend == "cuda" and not _native_has_cuda():
+    if backend == "cuda" and not native_has_cuda():
         pytest.skip("this build of lfm_engine has no CUDA kernels")
 
 

@@ -263,12 +263,7 @@ def test_triton_philox_matches_reference():
 # On a GPU: CUDA C++ and Triton against the CPU kernel (skipped without a GPU)
 
 
-def _native_has_cuda() -> bool:
-    import json
-
-    from lfm_engine._native import native
-
-    return bool(json.loads(native().build_info()).get("cuda"))
+from lfm_engine.ops._dispatch import native_has_cuda as _native_has_cuda  # noqa: E402
 
 
 GPU_BACKENDS = ["cuda", "triton"]

@@ -55,7 +55,7 @@ import torch
 
 from lfm_engine import _tensor
 from lfm_engine._native import has_native, native
-from lfm_engine.ops._dispatch import pick_backend
+from lfm_engine.ops._dispatch import default_backends, pick_backend
 
 _FLOATS = _tensor.FLOAT_DTYPES
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -315,31 +315,10 @@ def _native_has_lora() -> bool:
     return has_native() and hasattr(native(), "lora_apply")
 
 
-def _native_has_cuda() -> bool:
-    import json
-
-    return _native_has_lora() and bool(json.loads(native().build_info()).get("cuda"))
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-_DEFAULTS = None
-
-
 def _default_backends() -> dict:
     """cpu: the C++ kernel (the reference when the core is not built); cuda: the CUDA C++
     kernel when this build has it, else Triton, else the reference."""
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        cuda = "cuda" if _native_has_cuda() else ("triton" if _triton_importable() else "reference")
-        _DEFAULTS = {"cpu": "cpu" if _native_has_lora() else "reference", "cuda": cuda}
-    return _DEFAULTS
+    return default_backends(BACKENDS, native_ok=_native_has_lora())
 
 
 def _pick(op: str, device: torch.device, backend: Optional[str]) -> str:
