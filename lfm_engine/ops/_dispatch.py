@@ -77,10 +77,21 @@ def triton_importable() -> bool:
     return True
 
 
+_DEFAULTS: dict = {}
+
+
 def default_backends(table: Mapping[str, Callable], native_ok: bool = True) -> dict:
     """Default backend per device type for an op with this table:
     cpu -> the C++ kernel ("reference" when the core lacks the op: native_ok False);
-    cuda -> the CUDA C++ kernel when this build has CUDA, else Triton, else the reference."""
+    cuda -> the CUDA C++ kernel when this build has CUDA, else Triton, else the reference.
+    Computed once per table (a plain dict lookup afterwards, which torch.compile traces)."""
+    key = (id(table), native_ok)
+    if key not in _DEFAULTS:
+        _DEFAULTS[key] = _compute_defaults(table, native_ok)
+    return _DEFAULTS[key]
+
+
+def _compute_defaults(table: Mapping[str, Callable], native_ok: bool) -> dict:
     from lfm_engine._native import has_native
 
     cpu = "cpu" if (native_ok and has_native() and "cpu" in table) else "reference"

@@ -315,10 +315,16 @@ def _native_has_lora() -> bool:
     return has_native() and hasattr(native(), "lora_apply")
 
 
+_NATIVE_LORA = None
+
+
 def _default_backends() -> dict:
     """cpu: the C++ kernel (the reference when the core is not built); cuda: the CUDA C++
     kernel when this build has it, else Triton, else the reference."""
-    return default_backends(BACKENDS, native_ok=_native_has_lora())
+    global _NATIVE_LORA
+    if _NATIVE_LORA is None:  # asked once: torch.compile cannot trace into the extension
+        _NATIVE_LORA = _native_has_lora()
+    return default_backends(BACKENDS, native_ok=_NATIVE_LORA)
 
 
 def _pick(op: str, device: torch.device, backend: Optional[str]) -> str:
