@@ -28,18 +28,12 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-}
+from lfm_engine.safetensors_format import ST_DTYPES as _ST, SafetensorsFormatError  # noqa: F401
+from lfm_engine.safetensors_format import read_header as _read_header
+
+ST_DTYPES = {tag: dt for tag, (dt, _) in _ST.items()}  # tag -> torch dtype
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-MAX_HEADER = 100 << 20  # the safetensors format's own limit
 SAMPLES_PER_TENSOR = 64
-
-
-class SafetensorsFormatError(ValueError):
-    """A safetensors file is truncated, corrupt or not a safetensors file."""
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -54,48 +48,11 @@ def parse_dtype_name(name: str) -> torch.dtype:
 
 
 def read_header(path) -> tuple[dict, dict, int]:
-    """(tensors: name -> {dtype, shape, data_offsets}, metadata, data_start) of a safetensors file."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SafetensorsFormatError(f"{path}: truncated ({size} bytes): no safetensors header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise SafetensorsFormatError(
-                    f"{path}: truncated or not a safetensors file: header length {n} but the file has {size} bytes")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsFormatError(f"{path}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise SafetensorsFormatError(f"{path}: corrupt __metadata__ (must map strings to strings)")
-    data_start = 8 + n
-    data_len = size - data_start
-    end_max = 0
-    for name, info in header.items():
-        try:
-            dt = ST_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            b, e = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsFormatError(f"{path}: corrupt header entry for tensor '{name}': {info!r}") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dt).element_size()
-        if any(s < 0 for s in shape) or b < 0 or e - b != nbytes:
-            raise SafetensorsFormatError(
-                f"{path}: corrupt header: tensor '{name}' {info['dtype']} {shape} has byte range [{b}, {e})")
-        end_max = max(end_max, e)
-    if end_max > data_len:
-        raise SafetensorsFormatError(
-            f"{path}: truncated: the header needs {end_max} bytes of tensor data but the file holds {data_len}")
+    """(tensors: name -> {dtype, shape, data_offsets}, metadata, data_start) of a safetensors file,
+    validated by lfm_engine.safetensors_format.read_header."""
+    entries, meta, data_start = _read_header(path)
+    header = {n: {"dtype": x.tag, "shape": list(x.shape),
+                  "data_offsets": [x.start - data_start, x.end - data_start]} for n, x in entries.items()}
     return header, meta, data_start
 
 

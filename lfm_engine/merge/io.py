@@ -43,22 +43,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-# safetensors dtype tag -> (torch dtype, bytes per element)
-ST_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-}
-if hasattr(torch, "float8_e4m3fn"):
-    ST_DTYPES["F8_E4M3"] = (torch.float8_e4m3fn, 1)
-    ST_DTYPES["F8_E5M2"] = (torch.float8_e5m2, 1)
-TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+from lfm_engine.safetensors_format import ST_DTYPES, TORCH_TO_ST, SafetensorsFormatError  # noqa: F401
+from lfm_engine.safetensors_format import read_header as _read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
 class CheckpointError(ValueError):
@@ -107,57 +97,12 @@ class TensorInfo:
 def read_safetensors_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
     """Parse and validate one safetensors file's header. Returns (tensors, metadata)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (hlen,) = struct.unpack("<Q", raw)
-            if hlen > _MAX_HEADER or 8 + hlen > size:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file or truncated (header length {hlen}, "
-                    f"file size {size})")
-            hdr = f.read(hlen)
+        entries, meta, _ = _read_header(path)
+    except (SafetensorsFormatError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        meta = json.loads(hdr.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start = 8 + hlen
-    out: Dict[str, TensorInfo] = {}
-    user_meta = meta.pop("__metadata__", None) or {}
-    spans = []
-    for name, info in meta.items():
-        try:
-            tag, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor '{name}'") from None
-        if tag not in ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {tag}")
-        dt, isz = ST_DTYPES[tag]
-        n = 1
-        for s in shape:
-            if s < 0:
-                raise CheckpointError(f"{path}: tensor '{name}' has a negative dimension {shape}")
-            n *= s
-        if not (0 <= b <= e) or e - b != n * isz:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' byte range [{b}, {e}) does not match shape "
-                f"{list(shape)} of {tag}")
-        if data_start + e > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor '{name}' ends at byte {data_start + e} "
-                f"but the file has {size} bytes")
-        spans.append((b, e, name))
-        out[name] = TensorInfo(name, path, dt, shape, data_start + b, data_start + e)
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors '{n0}' and '{n1}' overlap")
-    return out, user_meta
+    return {n: TensorInfo(n, path, x.dtype, x.shape, x.start, x.end) for n, x in entries.items()}, meta
 
 
 def read_tensor(info: TensorInfo, fd: Optional[int] = None) -> torch.Tensor:

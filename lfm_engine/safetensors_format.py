@@ -1,0 +1,111 @@
+"""The safetensors file format: dtype tags and one validating header parser.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+({name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {str: str}}), then
+the data section; offsets are relative to the data section. Both the model-merge
+reader (lfm_engine/merge/io.py) and the .lfmd container (lfm_engine/compress) parse
+headers here, so a truncated or corrupt file gets the same clear error everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+ST_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
+    "U16": (torch.uint16, 2), "U32": (torch.uint32, 4), "U64": (torch.uint64, 8),
+    "BOOL": (torch.bool, 1),
+}
+if hasattr(torch, "float8_e4m3fn"):
+    ST_DTYPES["F8_E4M3"] = (torch.float8_e4m3fn, 1)
+    ST_DTYPES["F8_E5M2"] = (torch.float8_e5m2, 1)
+TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+MAX_HEADER = 100 << 20  # the format's own limit
+
+
+class SafetensorsFormatError(ValueError):
+    """A safetensors file is truncated, corrupt or not a safetensors file."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a file: dtype tag, torch dtype, shape, absolute byte range [start, end)."""
+    name: str
+    tag: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def offsets(self) -> Tuple[int, int]:
+        """The header's data_offsets (relative to the data section)."""
+        return self.start, self.end
+
+
+def read_header(path) -> Tuple[Dict[str, Entry], Dict[str, str], int]:
+    """(entries by name, __metadata__, data_start) of a safetensors file, validated:
+    header length within the file, JSON object, known dtypes, non-negative shapes, byte
+    ranges that match shape x itemsize, lie inside the file and do not overlap."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsFormatError(f"{path}: not a safetensors file or truncated ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise SafetensorsFormatError(
+                    f"{path}: not a safetensors file or truncated (header length {n}, file size {size})")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SafetensorsFormatError(f"{path}: is a directory, not a safetensors file") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsFormatError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise SafetensorsFormatError(f"{path}: corrupt __metadata__ (must map strings to strings)")
+    data_start = 8 + n
+    entries: Dict[str, Entry] = {}
+    for name, info in header.items():
+        try:
+            tag = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            b, e = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsFormatError(f"{path}: corrupt header entry for tensor '{name}': {info!r}") from None
+        if tag not in ST_DTYPES:
+            raise SafetensorsFormatError(f"{path}: tensor '{name}' has unsupported dtype {tag}")
+        dt, isz = ST_DTYPES[tag]
+        count = 1
+        for s in shape:
+            if s < 0:
+                raise SafetensorsFormatError(f"{path}: tensor '{name}' has a negative dimension {list(shape)}")
+            count *= s
+        if not 0 <= b <= e or e - b != count * isz:
+            raise SafetensorsFormatError(
+                f"{path}: corrupt header: tensor '{name}' {tag} {list(shape)} has byte range [{b}, {e})")
+        if data_start + e > size:
+            raise SafetensorsFormatError(
+                f"{path}: truncated: tensor '{name}' ends at byte {data_start + e} but the file has {size} bytes")
+        entries[name] = Entry(name, tag, dt, shape, data_start + b, data_start + e)
+    spans = sorted((x.start, x.end, x.name) for x in entries.values())
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise SafetensorsFormatError(f"{path}: corrupt header: tensors '{n0}' and '{n1}' overlap")
+    return entries, meta, data_start
