@@ -2,6 +2,10 @@
 
 Top-level API:
     merge_tensors(base, others, method="ties", ...)   fused sparsify-and-merge of one tensor
+    merge_models(config, out_dir, ...)                mergekit-style model merge, streaming
+    lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (spec/lora.md)
+    encode_delta / decode_delta / delta_apply(...)    task-vector codecs (spec/codec.md)
+    compress_model / decompress_model(...)            .lfmd containers of whole fine-tunes
     get_include(), get_library()                      C ABI header folder and liblfm path
     build_info()                                      what this build has (CUDA, SIMD level)
 """
@@ -12,15 +16,44 @@ import os
 from pathlib import Path
 
 from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
+from lfm_engine.ops.lora import lora_apply, lora_apply_slices, lora_expand, lora_shrink
 from lfm_engine.ops.merge import merge_tensors
+
+
+def merge_models(config_or_path, out_dir, **kwargs):
+    """Merge whole models from a mergekit-style config (see lfm_engine.merge.merge_models)."""
+    from lfm_engine.merge import merge_models as _merge_models
+
+    return _merge_models(config_or_path, out_dir, **kwargs)
 
 __version__ = "0.1.0"
 _PKG = Path(__file__).resolve().parent
 
 
+def _native_dirs() -> list:
+    from lfm_engine._native import has_native, native_dir
+
+    return [native_dir()] if has_native() else []
+
+
+def compress_model(base_dir, model_dir, out_path, **kwargs):
+    """Encode a fine-tune's task vectors into an .lfmd container (see lfm_engine.compress)."""
+    from lfm_engine.compress import compress_model as _compress_model
+
+    return _compress_model(base_dir, model_dir, out_path, **kwargs)
+
+
+def decompress_model(base_dir, path, out_dir, **kwargs):
+    """Rebuild a model folder from its base and an .lfmd container (see lfm_engine.compress)."""
+    from lfm_engine.compress import decompress_model as _decompress_model
+
+    return _decompress_model(base_dir, path, out_dir, **kwargs)
+
+
 def get_include() -> str:
     """Folder holding lfm/lfm.h (installed with the package; the repo's include/ in a source tree)."""
-    for cand in (_PKG / "include", _PKG.parent / "include"):
+    for cand in [d / "include" for d in _native_dirs()] + [_PKG / "include", _PKG.parent / "include"]:
         if (cand / "lfm" / "lfm.h").is_file():
             return str(cand)
     raise FileNotFoundError("lfm/lfm.h not found next to the package; reinstall lfm_engine")
@@ -28,10 +61,11 @@ def get_include() -> str:
 
 def get_library() -> str:
     """Path of the shared core library liblfm (link against it from C/C++)."""
-    for name in ("liblfm.so", "liblfm.dylib", "lfm.dll"):
-        p = _PKG / name
-        if p.is_file():
-            return str(p)
+    for folder in _native_dirs() + [_PKG]:
+        for name in ("liblfm.so", "liblfm.dylib", "lfm.dll"):
+            p = folder / name
+            if p.is_file():
+                return str(p)
     raise FileNotFoundError("liblfm not found in the package folder; reinstall lfm_engine")
 
 
@@ -50,7 +84,9 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
-    "METHODS", "MergeConfigError", "merge_tensors", "get_include", "get_library", "build_info",
+    "METHODS", "MergeConfigError", "merge_tensors", "merge_models",
+    "lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices",
+    "encode_delta", "decode_delta", "decode_add", "delta_apply", "compress_model", "decompress_model", "get_include", "get_library", "build_info",
     "set_num_threads", "__version__",
 ]
 del os

@@ -5,7 +5,8 @@
     lfm-engine info                     what this build has (CUDA, SIMD, threads)
 
 Each subcommand lives in its own module (lfm_engine/cli_<name>.py) exposing
-add_parser(subparsers) and run(args) -> exit code; this file only wires them.
+add_parser(subparsers) (or register(subparsers) for several commands) and run(args) ->
+exit code; a command's parser may set its own `func` default. This file only wires them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import sys
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMAND_MODULES = [
     "lfm_engine.cli_demo",
-
+    "lfm_engine.cli_merge",
+    "lfm_engine.cli_serve",
+    "lfm_engine.cli_compress",
 ]
 
 
@@ -47,13 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     for modname in SUBCOMMAND_MODULES:
         mod = importlib.import_module(modname)
         before = set(sub.choices)
-        mod.add_parser(sub)
+        if hasattr(mod, "register"):
+            mod.register(sub)
+        else:
+            mod.add_parser(sub)
         for name in set(sub.choices) - before:
             # a module may register several commands with their own run functions
-            if sub.choices[name].get_default("_run") is None:
-                sub.choices[name].set_defaults(_run=mod.run)
+            if sub.choices[name].get_default("func") is None:
+                sub.choices[name].set_defaults(func=mod.run)
     info = sub.add_parser("info", help="show what this build has (CUDA, SIMD level, threads)")
-    info.set_defaults(_run=_info_run)
+    info.set_defaults(func=_info_run)
     return parser
 
 
@@ -61,7 +67,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -276,3 +276,16 @@ def test_7b_layer_shape_bf16():
     expect = merge_tensors(base, others, "ties", density=0.2, name="model.layers.0.mlp.up_proj.weight",
                            backend="reference")
     assert_close(ours, expect, torch.bfloat16)
+
+
+@pytest.mark.parametrize("cw", ["weighted", "unweighted"])
+def test_sign_election_exact_where_float32_cannot_decide(cw):
+    """0.7*0.0625 and 0.4*0.109375 are equal in float32 but not in float64: the kernel
+    must elect the reference's (float64) sign, not float32's."""
+    base = torch.zeros(3)
+    xs = [torch.tensor([0.0625, 1.0, -2.0]), torch.tensor([0.0, 1.0, 2.0]), torch.tensor([-0.109375, 1.0, 2.0])]
+    w = [0.7, 1.0, 0.4] if cw == "weighted" else [1.0, 1.0, 1.0]
+    if cw == "unweighted":
+        xs[0][0], xs[2][0] = 0.1, -0.1  # sum 0.1 + (-0.1) is exactly 0 in both: sign +
+    ours, expect = run_both(base, xs, "ties", density=1.0, weights=w, consensus_weighting=cw)
+    assert_close(ours, expect, torch.float32)

@@ -6,6 +6,7 @@ namespace lfm::py {
 void bind_common(pyb::module_& m);
 void bind_merge(pyb::module_& m);
 void bind_lora(pyb::module_& m);
+void bind_codec(pyb::module_& m);
 }  // namespace lfm::py
 
 PYBIND11_MODULE(_C, m) {
@@ -13,4 +14,5 @@ PYBIND11_MODULE(_C, m) {
     lfm::py::bind_common(m);
     lfm::py::bind_merge(m);
     lfm::py::bind_lora(m);
+    lfm::py::bind_codec(m);
 }

@@ -96,5 +96,6 @@ LFM_API lfm_status lfm_set_num_threads(int n);
 
 #include "lfm/merge.h"
 #include "lfm/lora.h"
+#include "lfm/codec.h"
 
 #endif /* LFM_LFM_H */

@@ -65,9 +65,9 @@ struct TieRequest {
 };
 
 struct Scratch {
-    std::vector<float> b, x, mixed, o;
-    std::vector<double> s, div;  // elected-sign sums and divisors, float64 like the reference
-    std::vector<uint8_t> keep;
+    std::vector<float> b, x, t, mixed, o, s32, a32, sgn, bits;
+    std::vector<double> div;  // divisors in float64 (K > 8 only)
+    std::vector<uint8_t> keep, keepk;
     std::vector<uint32_t> draws;
 };
 
@@ -126,7 +126,12 @@ private:
             s = std::make_unique<Scratch>();
             s->b.resize(kBlock);
             s->x.resize(static_cast<size_t>(K_) * kBlock);
-            s->s.resize(kBlock);
+            s->t.resize(static_cast<size_t>(K_) * kBlock);
+            s->keepk.resize(static_cast<size_t>(K_) * kBlock);
+            s->s32.resize(kBlock);
+            s->a32.resize(kBlock);
+            s->sgn.resize(kBlock);
+            s->bits.resize(kBlock);
             s->mixed.resize(kBlock);
             s->div.resize(kBlock);
             s->o.resize(kBlock);
@@ -493,45 +498,105 @@ private:
 
     // ---- the merge pass ------------------------------------------------------------
     void merge_pass() {
-        std::vector<float> wf(K_);
+        // t_i = w_i * factor_i * delta_i where kept, in float32 (one rounding of the
+        // coefficient, one of the product). The elected sign uses a float32 sum with an
+        // error bound; the few elements whose sum is too close to zero for float32 to
+        // decide are recomputed in float64, so the sign always equals the reference's.
+        std::vector<float> coef(K_), ecoef(K_);
         double wsum = 0.0;
         for (int i = 0; i < K_; ++i) {
-            wf[i] = static_cast<float>(a_.w[i]);
+            coef[i] = static_cast<float>(a_.w[i] * factor_[i]);
+            ecoef[i] = static_cast<float>(a_.consensus_unweighted ? factor_[i] : a_.w[i] * factor_[i]);
             wsum += a_.w[i];
         }
         const float inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
         const float lam = static_cast<float>(a_.lambda);
         const bool sparse = a_.sparsifier != Sparsifier::None;
+        const bool unw = a_.consensus_unweighted;
+        // |S32 - S| <= (K + 2) * 2^-24 * sum|e_i| (rounding of coefficients, products and
+        // the sum); twice that is the margin below which float32 cannot decide the sign.
+        const float tol = static_cast<float>((K_ + 2) * std::ldexp(1.0, -23));
+        // Divisor of each agreement pattern (K <= 8): sum of the agreeing w_i (or their
+        // count), in float64 and model order like the reference; |d| < 1e-8 -> 1.
+        const bool table = a_.consensus && K_ <= 8;
+        std::vector<float> inv_div;
+        if (table) {
+            inv_div.resize(size_t(1) << K_);
+            for (uint32_t m = 0; m < (1u << K_); ++m) {
+                double d = 0.0;
+                for (int i = 0; i < K_; ++i)
+                    if (m >> i & 1u) d += a_.disjoint_count ? 1.0 : a_.w[i];
+                inv_div[m] = a_.normalize ? static_cast<float>(1.0 / (std::fabs(d) < 1e-8 ? 1.0 : d)) : 1.0f;
+            }
+        }
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             load(s, start, len);
-            double* S = s.s.data();
             float* mixed = s.mixed.data();
-            if (a_.consensus) std::fill(S, S + len, 0.0);
-            // dp_i = kept ? factor_i * delta_i : 0, stored in place of delta_i. The elected
-            // sign comes from a float64 sum (as exact as the reference's), so an element whose
-            // sum is near zero does not flip sign with float32 rounding.
-            for (int i = 0; i < K_; ++i) {
-                float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
-                if (sparse) keep_flags(i, start, len, x, s);
-                loops::sparsify_accumulate(x, sparse ? s.keep.data() : nullptr, factor_[i],
-                                           a_.consensus_unweighted ? 1.0 : a_.w[i], a_.consensus ? S : nullptr, len);
-            }
             std::fill(mixed, mixed + len, 0.0f);
-            if (a_.consensus) {
-                double* div = s.div.data();
-                std::fill(div, div + len, 0.0);
-                for (int i = 0; i < K_; ++i)
-                    loops::consensus_add(s.x.data() + static_cast<int64_t>(i) * kBlock, wf[i],
-                                         a_.disjoint_count ? 1.0 : a_.w[i], a_.consensus_unweighted, S, mixed, div,
-                                         len);
-                // |divisor| < 1e-8 -> 1 (spec: == 0; agreeing negative weights can cancel to
-                // ~1e-17, see reference/merge.py), summed in float64 like the reference.
-                if (a_.normalize) loops::divide_guarded(mixed, div, len);
-            } else {
-                for (int i = 0; i < K_; ++i) loops::axpy(s.x.data() + static_cast<int64_t>(i) * kBlock, wf[i], mixed, len);
+            auto X = [&](int i) { return s.x.data() + static_cast<int64_t>(i) * kBlock; };
+            auto T = [&](int i) { return s.t.data() + static_cast<int64_t>(i) * kBlock; };
+            auto KP = [&](int i) { return s.keepk.data() + static_cast<int64_t>(i) * kBlock; };
+            if (!a_.consensus) {
+                for (int i = 0; i < K_; ++i) {
+                    const uint8_t* k = nullptr;
+                    if (sparse) {
+                        keep_flags(i, start, len, X(i), s);
+                        k = s.keep.data();
+                    }
+                    loops::weigh_add(X(i), k, coef[i], mixed, len);
+                }
                 if (a_.normalize) loops::scale(mixed, inv_plain_div, len);
+            } else {
+                float* S = s.s32.data();
+                float* A = s.a32.data();
+                std::fill(S, S + len, 0.0f);
+                std::fill(A, A + len, 0.0f);
+                for (int i = 0; i < K_; ++i) {
+                    const uint8_t* k = nullptr;
+                    if (sparse) {
+                        keep_flags(i, start, len, X(i), s);
+                        std::memcpy(KP(i), s.keep.data(), static_cast<size_t>(len));
+                        k = KP(i);
+                    }
+                    loops::weigh(X(i), k, coef[i], T(i), len);
+                    // the election value e_i: t_i itself (weighted) or factor_i * delta'_i
+                    if (unw) loops::weigh(X(i), k, ecoef[i], X(i), len);
+                    loops::elect_add(unw ? X(i) : T(i), S, A, len);
+                }
+                float* sgn = s.sgn.data();
+                if (loops::elect_sign(S, A, tol, sgn, len)) {
+                    // Undecided in float32: recompute S in float64 like the reference,
+                    // from delta = fp32(x) - fp32(b) reloaded for that element.
+                    for (int64_t j = 0; j < len; ++j) {
+                        if (sgn[j] != 0.0f) continue;
+                        double sd = 0.0;
+                        for (int i = 0; i < K_; ++i) {
+                            if (sparse && !KP(i)[j]) continue;
+                            float xi;
+                            load_f32(ptr(a_.models[i], start + j), a_.models[i]->dtype, &xi, 1);
+                            const double dp = static_cast<double>(xi - s.b[j]) * factor_[i];
+                            sd += unw ? dp : a_.w[i] * dp;
+                        }
+                        sgn[j] = sd >= 0.0 ? 1.0f : -1.0f;
+                    }
+                }
+                if (table) {
+                    float* bits = s.bits.data();
+                    std::fill(bits, bits + len, 0.0f);
+                    for (int i = 0; i < K_; ++i)
+                        loops::agree_add_bits(unw ? X(i) : T(i), T(i), sgn, static_cast<float>(1u << i), mixed,
+                                              bits, len);
+                    loops::scale_by_table(mixed, bits, inv_div.data(), len);
+                } else {
+                    double* div = s.div.data();
+                    std::fill(div, div + len, 0.0);
+                    for (int i = 0; i < K_; ++i)
+                        loops::agree_add_div(unw ? X(i) : T(i), T(i), sgn, a_.disjoint_count ? 1.0 : a_.w[i], mixed,
+                                             div, len);
+                    if (a_.normalize) loops::divide_guarded(mixed, div, len);
+                }
             }
             float* o = s.o.data();
             loops::finish(a_.base ? s.b.data() : nullptr, lam, mixed, o, len);

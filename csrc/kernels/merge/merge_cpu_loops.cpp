@@ -67,47 +67,72 @@ LFM_MULTIVERSION void draws_below(const uint32_t* __restrict draws, uint32_t thr
     for (int64_t j = 0; j < len; ++j) keep[j] = static_cast<uint8_t>(draws[j] < thr);
 }
 
-LFM_MULTIVERSION void sparsify_accumulate(float* __restrict x, const uint8_t* __restrict keep, double f,
-                                          double we, double* __restrict S, int64_t len) {
+LFM_MULTIVERSION void weigh(const float* x, const uint8_t* __restrict keep, float c, float* t, int64_t len) {
     if (keep) {
-        if (S) {
-            // keep is 0/1: multiplying by it (instead of selecting) keeps the loop branch-free
-            for (int64_t j = 0; j < len; ++j) {
-                const double dd = static_cast<double>(x[j]) * f * static_cast<double>(keep[j]);
-                x[j] = static_cast<float>(dd);
-                S[j] += we * dd;
-            }
-        } else {
-            for (int64_t j = 0; j < len; ++j)
-                x[j] = static_cast<float>(static_cast<double>(x[j]) * f * static_cast<double>(keep[j]));
-        }
-    } else if (S) {
         for (int64_t j = 0; j < len; ++j) {
-            double dd = static_cast<double>(x[j]) * f;
-            x[j] = static_cast<float>(dd);
-            S[j] += we * dd;
+            const float v = c * x[j];  // loaded unconditionally: the select then vectorizes
+            t[j] = keep[j] ? v : 0.0f;
         }
-    } else if (f != 1.0) {
-        for (int64_t j = 0; j < len; ++j) x[j] = static_cast<float>(static_cast<double>(x[j]) * f);
+    } else {
+        for (int64_t j = 0; j < len; ++j) t[j] = c * x[j];
     }
 }
 
-LFM_MULTIVERSION void consensus_add(const float* __restrict x, float w, double wd, bool unw,
-                                    const double* __restrict S, float* __restrict mixed, double* __restrict div,
-                                    int64_t len) {
-    // sign(t) = sign(w) * sign(x); with unw the sign of x alone counts. Computed in
-    // float64 throughout so the loop has one element width and vectorizes.
-    const double wdbl = w, ws = unw ? 1.0 : wdbl;
-    for (int64_t j = 0; j < len; ++j) {
-        const double xd = x[j];
-        const double sg = ws * xd;
-        // agree: sg > 0 where S >= 0, sg < 0 where S < 0 (zeros never agree)
-        // S is never -0.0 (it starts at +0.0), so copysign gives +1 exactly where S >= 0
-        const double sS = sg * std::copysign(1.0, S[j]);
-        const double m = static_cast<double>(sS > 0.0);
-        mixed[j] += static_cast<float>(m * (wdbl * xd));
-        div[j] += m * wd;
+LFM_MULTIVERSION void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float c,
+                                float* __restrict mixed, int64_t len) {
+    if (keep) {
+        for (int64_t j = 0; j < len; ++j) {
+            const float v = c * x[j];
+            mixed[j] += keep[j] ? v : 0.0f;
+        }
+    } else {
+        for (int64_t j = 0; j < len; ++j) mixed[j] += c * x[j];
     }
+}
+
+LFM_MULTIVERSION void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A,
+                                int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+        S[j] += e[j];
+        A[j] += std::fabs(e[j]);
+    }
+}
+
+LFM_MULTIVERSION int64_t elect_sign(const float* __restrict S, const float* __restrict A, float tol,
+                                    float* __restrict sgn, int64_t len) {
+    int64_t undecided = 0;
+    for (int64_t j = 0; j < len; ++j) {
+        const bool sure = std::fabs(S[j]) > tol * A[j];
+        const float v = S[j] >= 0.0f ? 1.0f : -1.0f;
+        sgn[j] = sure ? v : 0.0f;
+        undecided += !sure;
+    }
+    return undecided;
+}
+
+LFM_MULTIVERSION void agree_add_bits(const float* e, const float* t, const float* __restrict sgn, float bit,
+                                     float* __restrict mixed, float* __restrict bits, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+        const bool agree = e[j] * sgn[j] > 0.0f;
+        const float tj = t[j];  // loaded unconditionally: the select then vectorizes
+        mixed[j] += agree ? tj : 0.0f;
+        bits[j] += agree ? bit : 0.0f;
+    }
+}
+
+LFM_MULTIVERSION void agree_add_div(const float* e, const float* t, const float* __restrict sgn, double wd,
+                                    float* __restrict mixed, double* __restrict div, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+        const bool agree = e[j] * sgn[j] > 0.0f;
+        const float tj = t[j];
+        mixed[j] += agree ? tj : 0.0f;
+        div[j] += agree ? wd : 0.0;
+    }
+}
+
+LFM_MULTIVERSION void scale_by_table(float* __restrict mixed, const float* __restrict bits,
+                                     const float* __restrict table, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) mixed[j] *= table[static_cast<int32_t>(bits[j])];
 }
 
 LFM_MULTIVERSION void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len) {
@@ -115,10 +140,6 @@ LFM_MULTIVERSION void divide_guarded(float* __restrict mixed, const double* __re
         const double d = std::fabs(div[j]) < 1e-8 ? 1.0 : div[j];
         mixed[j] = static_cast<float>(static_cast<double>(mixed[j]) / d);
     }
-}
-
-LFM_MULTIVERSION void axpy(const float* __restrict x, float w, float* __restrict mixed, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) mixed[j] += w * x[j];
 }
 
 LFM_MULTIVERSION void finish(const float* __restrict b, float lam, const float* __restrict mixed,

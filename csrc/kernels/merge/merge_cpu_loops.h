@@ -20,18 +20,30 @@ int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len);
 // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
 void draws_below(const uint32_t* __restrict draws, uint32_t thr, uint8_t* __restrict keep, int64_t len);
 
-// dp = keep ? x * f : 0 in float64, stored back as float into x; S += we * dp when S != nullptr.
-// keep == nullptr means keep all.
-void sparsify_accumulate(float* __restrict x, const uint8_t* __restrict keep, double f, double we,
-                         double* __restrict S, int64_t len);
-// TIES disjoint merge of one model: t = w * x; agrees = sign(unw ? x : t) == sign(S) (S >= 0 -> +);
-// mixed += agrees ? t : 0; div += agrees ? wd : 0.
-void consensus_add(const float* __restrict x, float w, double wd, bool unw, const double* __restrict S,
+// t = keep ? c * x : 0 (keep == nullptr: keep all); t may alias x.
+void weigh(const float* x, const uint8_t* __restrict keep, float c, float* t, int64_t len);
+// mixed += keep ? c * x : 0
+void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float c, float* __restrict mixed,
+               int64_t len);
+// S += e; A += |e|
+void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A, int64_t len);
+// sgn = +1 where S >= 0, -1 where S < 0, and 0 where |S| <= tol * A (float32 cannot tell);
+// returns the number of undecided elements.
+int64_t elect_sign(const float* __restrict S, const float* __restrict A, float tol, float* __restrict sgn,
+                   int64_t len);
+// agree = e * sgn > 0: mixed += agree ? t : 0; bits += agree ? bit : 0. `bits` holds the
+// agreement pattern as a float (sums of distinct powers of two <= 128 are exact), so the
+// loop has one element width and vectorizes.
+void agree_add_bits(const float* e, const float* t, const float* __restrict sgn, float bit,
+                    float* __restrict mixed, float* __restrict bits, int64_t len);
+// agree = e * sgn > 0: mixed += agree ? t : 0; div += agree ? wd : 0
+void agree_add_div(const float* e, const float* t, const float* __restrict sgn, double wd,
                    float* __restrict mixed, double* __restrict div, int64_t len);
+// mixed *= table[bits]
+void scale_by_table(float* __restrict mixed, const float* __restrict bits, const float* __restrict table,
+                    int64_t len);
 // mixed /= (|div| < 1e-8 ? 1 : div)
 void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len);
-// mixed += w * x
-void axpy(const float* __restrict x, float w, float* __restrict mixed, int64_t len);
 // o = b + lam * mixed   (b == nullptr: o = mixed)
 void finish(const float* __restrict b, float lam, const float* __restrict mixed, float* __restrict o, int64_t len);
 // mixed *= s

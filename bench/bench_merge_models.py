@@ -1,0 +1,274 @@
+"""Benchmark `lfm-engine merge` against mergekit-yaml on a Llama-shaped fixture.
+
+Builds base + 3 fine-tunes (bf16, random; default ~120M parameters: hidden 1024,
+8 layers, intermediate 2816, vocab 8192), then for each method times the whole
+command (process start to exit, as a user sees it) of `lfm-engine merge` and, when
+installed, `mergekit-yaml` on the same YAML, in the same run. Peak RSS of each
+process comes from /usr/bin/time -v (or psutil polling when absent). The I/O floor
+is reading every input file once plus writing the output's bytes with fsync,
+measured now on the same disk and page-cache state. Outputs are compared with
+mergekit's (deterministic methods: share of elements within one bf16 ulp; random
+methods: the task-vector norm ratio and correlation, since the masks come from
+different generators by design, spec/merge.md).
+
+    python bench/bench_merge_models.py [--size full|small] [--methods ties,...] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
+
+from fixtures_models import finetune, llama_config, load_folder, random_weights, write_model  # noqa: E402
+from lfm_engine.bench_util import Report, copy_bandwidth  # noqa: E402
+
+SIZES = {
+    "full": dict(hidden=1024, layers=8, intermediate=2816, vocab=8192, heads=16, kv_heads=16),
+    "small": dict(hidden=256, layers=4, intermediate=704, vocab=2048, heads=8, kv_heads=4),
+}
+METHOD_PARAMS = {
+    "ties": [dict(weight=0.4, density=0.5), dict(weight=0.3, density=0.5), dict(weight=0.3, density=0.5)],
+    "dare_ties": [dict(weight=0.4, density=0.5), dict(weight=0.3, density=0.5), dict(weight=0.3, density=0.5)],
+    "task_arithmetic": [dict(weight=0.4), dict(weight=0.3), dict(weight=0.3)],
+    "della": [dict(weight=0.4, density=0.5, epsilon=0.1)] * 3,
+    "breadcrumbs_ties": [dict(weight=0.4, density=0.8, gamma=0.05)] * 3,
+}
+RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
+def build_fixture(root: str, size: str) -> list:
+    cfg = llama_config(**SIZES[size])
+    base = random_weights(cfg, 0, torch.bfloat16, scale=0.02)
+    paths = [write_model(os.path.join(root, "base"), cfg, base, shards=2)]
+    for k in range(3):
+        paths.append(write_model(os.path.join(root, f"ft{k + 1}"), cfg, finetune(base, 10 + k, 0.002),
+                                 shards=2))
+    return paths
+
+
+def timed(cmd: list, env=None) -> dict:
+    """Run cmd; wall seconds and peak RSS bytes of the process tree's largest process."""
+    tv = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+    t0 = time.perf_counter()
+    if tv:
+        p = subprocess.run([tv, "-v"] + cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+        rss = int(m.group(1)) * 1024 if m else -1
+    else:  # psutil polling fallback
+        import psutil
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        ps = psutil.Process(proc.pid)
+        rss = 0
+        while proc.poll() is None:
+            try:
+                rss = max(rss, ps.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+        out, err = proc.communicate()
+        wall = time.perf_counter() - t0
+        p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return {"seconds": wall, "rss": rss}
+
+
+def folder_files(path: str) -> list:
+    return [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+
+
+def io_floor(inputs: list, out_bytes: int, scratch: str) -> float:
+    """Seconds to read every input safetensors file once and write out_bytes with fsync."""
+    buf = bytearray(64 << 20)
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    for folder in inputs:
+        for fn in folder_files(folder):
+            with open(fn, "rb", buffering=0) as f:
+                while f.readinto(mv):
+                    pass
+    with open(os.path.join(scratch, "floor.bin"), "wb", buffering=0) as f:
+        left = out_bytes
+        while left > 0:
+            n = min(left, len(buf))
+            f.write(mv[:n])
+            left -= n
+        os.fsync(f.fileno())
+    t = time.perf_counter() - t0
+    os.remove(os.path.join(scratch, "floor.bin"))
+    return t
+
+
+def agreement(method: str, ours: dict, mk: dict, base: dict, fts: list, params: list) -> str:
+    if set(ours) != set(mk):
+        return f"tensor names differ: {sorted(set(ours) ^ set(mk))[:3]}"
+    if method in RANDOM_METHODS:
+        num = den_a = den_b = 0.0
+        for n, b in base.items():
+            da = ours[n].double() - b.double()
+            db = mk[n].double() - b.double()
+            num += float((da * db).sum())
+            den_a += float((da * da).sum())
+            den_b += float((db * db).sum())
+        return (f"task-vector norm ratio {den_a ** 0.5 / den_b ** 0.5:.4f}, "
+                f"correlation {num / (den_a * den_b) ** 0.5:.3f} (different RNGs by design)")
+    close = total = close_nt = total_nt = 0
+    worst = worst_nt = 0.0
+    for n in base:
+        a, b = ours[n].float(), mk[n].float()
+        ulp = torch.clamp(b.abs(), min=2.0 ** -126) * 2.0 ** -7  # one bf16 ulp (upper bound)
+        ok = (a - b).abs().le(ulp)
+        close += int(ok.sum())
+        total += a.numel()
+        worst = max(worst, float((a - b).abs().max()))
+        tie = tie_elements(method, base[n], [f[n] for f in fts], params)
+        close_nt += int((ok & ~tie).sum())
+        total_nt += int((~tie).sum())
+        if (~tie).any():
+            worst_nt = max(worst_nt, float((a - b).abs()[~tie].max()))
+    out = f"{100.0 * close / total:.4f}% of elements within 1 bf16 ulp (max |diff| {worst:.2e})"
+    if total_nt != total:
+        out += (f"; away from exact magnitude ties at the selection boundary "
+                f"({100.0 * (total - total_nt) / total:.2f}% of elements): "
+                f"{100.0 * close_nt / max(total_nt, 1):.4f}% (max |diff| {worst_nt:.2e})")
+    return out
+
+
+def tie_elements(method: str, b: torch.Tensor, xs: list, params: list) -> torch.Tensor:
+    """Elements where some model's |delta| equals its top-k/outlier boundary value: there
+    the tie-break rule (spec: lower index wins; mergekit: sort order) decides the mask."""
+    tie = torch.zeros(b.numel(), dtype=torch.bool)
+    if method not in ("ties", "breadcrumbs_ties", "breadcrumbs"):
+        return tie.view(b.shape)
+    for x, prm in zip(xs, params):
+        mag = (x.double() - b.double()).abs().flatten()
+        n = mag.numel()
+        srt = mag.sort().values
+        d = prm.get("density", 1.0)
+        if method == "ties":
+            k = max(1, int(d * n))
+            bounds = [n - k] if k < n else []
+        else:
+            target = int(d * n)
+            n_top = int(prm.get("gamma", 0.01) * n)
+            n_bot = max(0, n - target - n_top)
+            bounds = [i for i in (n_bot, n_bot + target) if 0 < i < n]
+        for i in bounds:
+            if srt[i - 1] == srt[i]:
+                tie |= mag == srt[i]
+    return tie.view(b.shape)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="full")
+    ap.add_argument("--methods", default=",".join(METHOD_PARAMS))
+    ap.add_argument("--workdir", default=None, help="fixture folder (default: a temp folder)")
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-fp32-check", action="store_true",
+                    help="skip the extra (untimed) mergekit run in fp32 used to check agreement")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    work = args.workdir or tempfile.mkdtemp(prefix="lfm_bench_merge_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        paths = build_fixture(os.path.join(work, "models"), args.size)
+        n_params = sum(t.numel() for t in load_folder(paths[0]).values())
+        print(f"# fixture: {n_params / 1e6:.1f}M parameters x 4 models (bf16), built in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        base = load_folder(paths[0])
+        fts = [load_folder(p) for p in paths[1:]]
+        mk_exe = None if args.no_mergekit else shutil.which("mergekit-yaml")
+        cli_mod = "lfm_engine.cli" if os.path.exists(os.path.join(ROOT, "lfm_engine", "cli.py")) \
+            else "lfm_engine.cli_merge"
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        report = Report(f"lfm-engine merge vs mergekit-yaml ({args.size} fixture, "
+                        f"{n_params / 1e6:.0f}M params x 4, bf16)", "cpu", copy_bandwidth())
+        rss_rows = []
+        notes = []
+        for method in args.methods.split(","):
+            cfg = {"merge_method": method, "base_model": paths[0],
+                   "models": [{"model": p, "parameters": prm}
+                              for p, prm in zip(paths[1:], METHOD_PARAMS[method])],
+                   "dtype": "bfloat16"}
+            cfg_path = os.path.join(work, f"{method}.yml")
+            with open(cfg_path, "w") as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
+            out = os.path.join(work, f"out_{method}")
+            shutil.rmtree(out, ignore_errors=True)
+            ours = timed([sys.executable, "-m", cli_mod, "merge", cfg_path, out, "--quiet", "--seed", "0"],
+                         env)
+            files = folder_files(out)
+            out_bytes = sum(os.path.getsize(f) for f in files)
+            in_bytes = sum(os.path.getsize(f) for p in paths for f in folder_files(p))
+            moved = in_bytes + out_bytes
+            floor = io_floor(paths, out_bytes, work)
+            report.add(method, "io-floor", floor, moved)
+            report.add(method, "lfm-engine", ours["seconds"], moved, rss=ours["rss"])
+            rss_rows.append((method, "lfm-engine", ours["seconds"], ours["rss"], ours["seconds"] / floor))
+            if mk_exe:
+                out_mk = os.path.join(work, f"mk_{method}")
+                shutil.rmtree(out_mk, ignore_errors=True)
+                mk = timed([mk_exe, cfg_path, out_mk, "--no-copy-tokenizer", "--quiet",
+                            "--random-seed", "0", "--no-write-model-card"])
+                report.add(method, "mergekit", mk["seconds"], moved, rss=mk["rss"])
+                rss_rows.append((method, "mergekit", mk["seconds"], mk["rss"], mk["seconds"] / floor))
+                ours_t = load_folder(out)
+                notes.append(f"{method} vs mergekit (dtype bfloat16, its arithmetic in bf16): "
+                             f"{agreement(method, ours_t, load_folder(out_mk), base, fts, METHOD_PARAMS[method])}")
+                shutil.rmtree(out_mk, ignore_errors=True)
+                if method not in RANDOM_METHODS and not args.no_fp32_check:
+                    # mergekit computing in fp32 (rounding once, like us): masks should match
+                    cfg32 = dict(cfg, dtype="float32", out_dtype="bfloat16")
+                    c32 = os.path.join(work, f"{method}_fp32.yml")
+                    with open(c32, "w") as f:
+                        yaml.safe_dump(cfg32, f, sort_keys=False)
+                    timed([mk_exe, c32, out_mk, "--no-copy-tokenizer", "--quiet", "--random-seed", "0",
+                           "--no-write-model-card"])
+                    notes.append(f"{method} vs mergekit (dtype float32, out_dtype bfloat16): "
+                                 f"{agreement(method, ours_t, load_folder(out_mk), base, fts, METHOD_PARAMS[method])}")
+                    shutil.rmtree(out_mk, ignore_errors=True)
+                del ours_t
+            shutil.rmtree(out, ignore_errors=True)
+        print(report.table(baseline="mergekit" if mk_exe else "io-floor"))
+        print()
+        print(f"{'method':<18} {'provider':<11} {'wall s':>8} {'peak RSS MB':>12} {'x I/O floor':>12}")
+        for m, prov, s, rss, xf in rss_rows:
+            print(f"{m:<18} {prov:<11} {s:8.2f} {rss / 1e6:12.0f} {xf:12.2f}")
+        if notes:
+            print("\n# agreement with mergekit")
+            for n in notes:
+                print(n)
+        else:
+            print("\n# mergekit-yaml not installed: no comparison")
+        if args.json:
+            js = report.to_json()
+            js["rss"] = [dict(method=m, provider=p, seconds=s, peak_rss=r, x_io_floor=x)
+                         for m, p, s, r, x in rss_rows]
+            js["agreement"] = notes
+            with open(args.json, "w") as f:
+                json.dump(js, f, indent=2)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

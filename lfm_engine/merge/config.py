@@ -1,0 +1,508 @@
+"""mergekit-style YAML merge configurations: parsing, validation, parameter lookup.
+
+Accepted vocabulary (mergekit's, spec/merge.md)::
+
+    merge_method: ties                 # a method of lfm_engine.merge.runner.ALL_METHODS
+    base_model: path/to/base           # local folder
+    models:                            # or `slices:` (not both)
+      - model: path/to/ft1
+        parameters: {weight: 0.5, density: [0.2, 0.8]}
+    slices:
+      - sources:
+          - model: path/to/a
+            layer_range: [0, 16]
+            parameters: {...}
+        parameters: {...}
+        base_model: path/to/a           # optional, per-slice base
+    parameters: {normalize: true, lambda: 1.0, ...}   # global
+    dtype: bfloat16                    # output dtype unless out_dtype is given
+    out_dtype: bfloat16
+    tokenizer_source: base             # `base`, a model path, or absent (= base)
+    tokenizer: {source: base}          # the same, mergekit's newer spelling
+
+A parameter value is a scalar, a gradient list of numbers (interpolated
+piecewise-linearly at t), or a list of ``{filter, value}`` entries (first entry
+whose filter is a substring of the tensor name wins; an entry without filter, or
+with filter ``*``, matches everything; ``value`` may itself be a gradient).
+Precedence, highest first: slice-source, slice, model, global. A level whose
+filter list matches nothing for a tensor does not define the parameter for that
+tensor, and the next level is consulted (mergekit does the same).
+
+Every problem found is collected and raised together as one
+:class:`MergeConfigErrors` (a :class:`MergeConfigError` carrying ``.errors``), each
+message naming the key path (``models[1].parameters.densty``) or the file.
+
+Relative model paths are resolved against the current directory first (as
+mergekit does) and, failing that, against the folder of the YAML file.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+from lfm_engine.merge_params import METHODS, MergeConfigError
+
+TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
+TORCH_METHODS = ("slerp", "nuslerp", "model_stock")
+ALL_METHODS = tuple(METHODS) + TORCH_METHODS
+
+# parameters read per input model (may appear at any level) and shared ones
+# (global or slice level only), by method
+_TASK_INPUT = ("weight", "density")
+_TASK_SHARED = ("normalize", "rescale", "lambda", "int8_mask", "consensus_weighting", "disjoint")
+INPUT_PARAMS: Dict[str, tuple] = {}
+SHARED_PARAMS: Dict[str, tuple] = {}
+for _m, _spec in METHODS.items():
+    if _m == "linear":
+        INPUT_PARAMS[_m] = ("weight",)
+        SHARED_PARAMS[_m] = ("normalize",)
+        continue
+    extra = ()
+    if _spec.sparsifier == "magnitude_outliers":
+        extra = ("gamma",)
+    elif _spec.sparsifier == "della_magprune":
+        extra = ("epsilon",)
+    INPUT_PARAMS[_m] = _TASK_INPUT + extra
+    SHARED_PARAMS[_m] = _TASK_SHARED
+INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=())
+SHARED_PARAMS.update(slerp=("t",), nuslerp=("nuslerp_flatten", "nuslerp_row_wise"),
+                     model_stock=("filter_wise",))
+# methods whose per-model `weight` must be given explicitly (as in mergekit)
+WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if "weight" in INPUT_PARAMS[m])
+BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+          "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16",
+          "float64": "float64"}
+
+_TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
+             "out_dtype", "tokenizer_source", "tokenizer")
+_UNSUPPORTED_TOP = {
+    "modules": "multi-module (`modules:`) configs are not supported; use `models:` or `slices:`",
+    "chat_template": "`chat_template` is not supported; edit tokenizer_config.json of the output",
+}
+
+
+class MergeConfigErrors(MergeConfigError):
+    """All problems found in a merge configuration (``.errors``: list of messages)."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        n = len(self.errors)
+        head = f"{n} problem{'s' if n != 1 else ''} in the merge configuration:"
+        super().__init__("\n".join([head] + [f"  - {e}" for e in self.errors]))
+
+
+Setting = Any  # scalar | list[number] | list[{filter, value}]
+
+
+@dataclass
+class Source:
+    """One input: a model folder, optionally a layer range, its own parameters."""
+    ref: str                         # as written in the YAML
+    path: str                        # absolute path
+    parameters: Dict[str, Setting]
+    where: str                       # key path for messages, e.g. "models[2]"
+    layer_range: Optional[tuple] = None
+
+
+@dataclass
+class Slice:
+    sources: List[Source]
+    parameters: Dict[str, Setting]
+    base_ref: Optional[str]
+    where: str
+
+
+@dataclass
+class MergeConfig:
+    method: str
+    base_ref: Optional[str]
+    base_path: Optional[str]
+    models: Optional[List[Source]]
+    slices: Optional[List[Slice]]
+    parameters: Dict[str, Setting]
+    dtype: Optional[str]
+    out_dtype: Optional[str]
+    tokenizer_source: Optional[str]     # None/"base" or a model ref
+    raw: dict
+    yaml_text: str
+    origin: Optional[str] = None
+
+    @property
+    def output_dtype(self) -> Optional[str]:
+        return self.out_dtype or self.dtype
+
+
+# --------------------------------------------------------------------------- values
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_setting(value, where: str, errors: List[str]) -> None:
+    """Validate the shape of a parameter setting (not its range)."""
+    if isinstance(value, (int, float, bool, str)):
+        return
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if not value:
+            errors.append(f"{where}: empty list")
+            return
+        if all(isinstance(v, (int, float, bool, str)) for v in value):
+            if len(value) > 1 and not all(_is_num(v) for v in value):
+                errors.append(f"{where}: a gradient list must hold numbers, got {value!r}")
+            return
+        for i, ent in enumerate(value):
+            if not isinstance(ent, dict):
+                errors.append(f"{where}[{i}]: expected a number or {{filter, value}}, got {ent!r}")
+                continue
+            for k in ent:
+                if k not in ("filter", "value"):
+                    errors.append(f"{where}[{i}]: unknown key '{k}'"
+                                  + _suggest(k, ("filter", "value")))
+            if "value" not in ent:
+                errors.append(f"{where}[{i}]: missing 'value'")
+            else:
+                v = ent["value"]
+                if isinstance(v, (dict,)) or (isinstance(v, list) and not all(_is_num(x) for x in v)):
+                    errors.append(f"{where}[{i}].value: must be a scalar or a list of numbers")
+                elif isinstance(v, list) and not v:
+                    errors.append(f"{where}[{i}].value: empty list")
+            if "filter" in ent and ent["filter"] is not None and not isinstance(ent["filter"], str):
+                errors.append(f"{where}[{i}].filter: must be a string")
+        return
+    errors.append(f"{where}: unsupported value {value!r}")
+
+
+def _gradient(values: Sequence[float], t: float) -> float:
+    if len(values) == 1:
+        return float(values[0])
+    scaled = min(max(t, 0.0), 1.0) * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1.0 - frac) * float(values[i0]) + frac * float(values[i1])
+
+
+def evaluate_setting(value: Setting, tensor_name: str, t: float):
+    """Value of a setting for one tensor at gradient position t; None if no filter matches."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if all(isinstance(v, (int, float, bool, str)) for v in value):
+            return _gradient(value, t) if all(_is_num(v) for v in value) else value[0]
+        for ent in value:
+            filt = ent.get("filter")
+            if filt is None or filt == "*" or filt in tensor_name:
+                return evaluate_setting(ent["value"], tensor_name, t)
+        return None
+    return value
+
+
+def lookup(name: str, levels: Sequence[Optional[dict]], tensor_name: str, t: float):
+    """First level (highest precedence first) that yields a value for ``name``."""
+    for lvl in levels:
+        if lvl and name in lvl:
+            v = evaluate_setting(lvl[name], tensor_name, t)
+            if v is not None:
+                return v
+    return None
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _resolve_path(ref: str, origin_dir: Optional[str]) -> str:
+    p = os.path.expanduser(ref)
+    if os.path.isabs(p) or os.path.exists(p) or origin_dir is None:
+        return os.path.abspath(p)
+    alt = os.path.join(origin_dir, p)
+    return os.path.abspath(alt if os.path.exists(alt) else p)
+
+
+def _check_params(params, where: str, method: Optional[str], level: str, errors: List[str]) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        errors.append(f"{where}: must be a mapping of parameter names to values")
+        return {}
+    inp = INPUT_PARAMS.get(method, ()) if method else ()
+    sh = SHARED_PARAMS.get(method, ()) if method else ()
+    allowed = set(inp) | (set(sh) if level in ("global", "slice") else set())
+    for k, v in params.items():
+        if method is not None and k not in allowed:
+            if k in sh:
+                errors.append(f"{where}.{k}: '{k}' is a global parameter of '{method}'; "
+                              f"set it under the top-level (or slice) `parameters:`")
+            else:
+                known = sorted(allowed) or ["(none)"]
+                errors.append(f"{where}.{k}: unknown parameter for method '{method}'"
+                              + _suggest(k, set(inp) | set(sh) | {"weight", "density"})
+                              + f" (accepted here: {', '.join(known)})")
+            continue
+        check_setting(v, f"{where}.{k}", errors)
+    return dict(params)
+
+
+def _parse_model_ref(entry, where: str, errors: List[str]) -> Optional[str]:
+    if isinstance(entry, dict):
+        errors.append(f"{where}: expected a path string, got a mapping")
+        return None
+    if not isinstance(entry, str) or not entry.strip():
+        errors.append(f"{where}: expected a model folder path, got {entry!r}")
+        return None
+    if "+" in entry and not os.path.exists(entry):
+        errors.append(f"{where}: '{entry}': LoRA references (model+lora) are not supported; "
+                      f"merge the adapter into its model first")
+        return None
+    return entry
+
+
+def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool = True) -> MergeConfig:
+    """Parse a YAML file path, YAML text or an already-loaded dict; raise MergeConfigErrors.
+
+    With ``check_files`` the model folders are checked for existence, hub ids and
+    pickle-only checkpoints here too (shape/architecture checks need the tensor
+    headers and are done by :func:`lfm_engine.merge.plan.build_plan`).
+    """
+    origin = None
+    if isinstance(config, dict):
+        raw = config
+        text = yaml.safe_dump(config, sort_keys=False)
+    else:
+        s = os.fspath(config)
+        if "\n" not in s and (s.endswith((".yml", ".yaml")) or os.path.isfile(s)):
+            if not os.path.isfile(s):
+                raise MergeConfigErrors([f"config file '{s}' does not exist"])
+            origin = os.path.abspath(s)
+            with open(s, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = s
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MergeConfigErrors([f"{origin or 'config'}: invalid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise MergeConfigErrors(["the configuration must be a YAML mapping (merge_method: ..., models: ...)"])
+    errors: List[str] = []
+    origin_dir = os.path.dirname(origin) if origin else None
+
+    for k in raw:
+        if k in _UNSUPPORTED_TOP:
+            errors.append(f"{k}: {_UNSUPPORTED_TOP[k]}")
+        elif k not in _TOP_KEYS:
+            errors.append(f"{k}: unknown key" + _suggest(k, _TOP_KEYS + tuple(_UNSUPPORTED_TOP)))
+
+    method = raw.get("merge_method")
+    if method is None:
+        errors.append("merge_method: missing (one of: " + ", ".join(ALL_METHODS) + ")")
+    elif not isinstance(method, str) or method not in ALL_METHODS:
+        errors.append(f"merge_method: unknown method '{method}'" + _suggest(method, ALL_METHODS)
+                      + " (supported: " + ", ".join(ALL_METHODS) + ")")
+        method = None
+
+    gparams = _check_params(raw.get("parameters"), "parameters", method, "global", errors)
+
+    base_ref = raw.get("base_model")
+    if base_ref is not None:
+        base_ref = _parse_model_ref(base_ref, "base_model", errors)
+
+    dtypes = {}
+    for key in ("dtype", "out_dtype"):
+        v = raw.get(key)
+        if v is None:
+            dtypes[key] = None
+        elif not isinstance(v, str) or v.lower() not in DTYPES:
+            errors.append(f"{key}: unknown dtype {v!r}" + _suggest(str(v), DTYPES)
+                          + " (use bfloat16, float16 or float32)")
+            dtypes[key] = None
+        else:
+            dtypes[key] = DTYPES[v.lower()]
+
+    tok = raw.get("tokenizer_source")
+    tsec = raw.get("tokenizer")
+    if tsec is not None:
+        # mergekit's newer spelling; only `source` is supported (no token re-mapping)
+        if not isinstance(tsec, dict):
+            errors.append("tokenizer: expected a mapping with `source`")
+        else:
+            for k in tsec:
+                if k != "source":
+                    errors.append(f"tokenizer.{k}: not supported (embedding re-mapping for a new "
+                                  f"vocabulary is not implemented); only tokenizer.source is")
+            if tok is not None and "source" in tsec:
+                errors.append("tokenizer.source, tokenizer_source: give only one of them")
+            elif "source" in tsec:
+                tok = tsec["source"]
+    if tok is not None:
+        if tok == "union":
+            errors.append("tokenizer_source: 'union' is not supported (it needs vocabulary "
+                          "re-mapping of the embeddings); use 'base' or one model's path")
+            tok = None
+        elif not isinstance(tok, str):
+            errors.append(f"tokenizer_source: expected 'base' or a model path, got {tok!r}")
+            tok = None
+
+    models = slices = None
+    if raw.get("models") is not None and raw.get("slices") is not None:
+        errors.append("models, slices: give either `models:` or `slices:`, not both")
+    if raw.get("models") is not None:
+        models = []
+        ml = raw["models"]
+        if not isinstance(ml, list) or not ml:
+            errors.append("models: must be a non-empty list")
+            ml = []
+        for i, ent in enumerate(ml):
+            where = f"models[{i}]"
+            if isinstance(ent, str):
+                ent = {"model": ent}
+            if not isinstance(ent, dict):
+                errors.append(f"{where}: expected a mapping with 'model' and 'parameters'")
+                continue
+            for k in ent:
+                if k not in ("model", "parameters"):
+                    errors.append(f"{where}.{k}: unknown key" + _suggest(k, ("model", "parameters")))
+            ref = _parse_model_ref(ent.get("model"), f"{where}.model", errors)
+            params = _check_params(ent.get("parameters"), f"{where}.parameters", method, "model", errors)
+            if ref is not None:
+                models.append(Source(ref, _resolve_path(ref, origin_dir), params, where))
+    elif raw.get("slices") is not None:
+        slices = []
+        sl = raw["slices"]
+        if not isinstance(sl, list) or not sl:
+            errors.append("slices: must be a non-empty list")
+            sl = []
+        for si, s in enumerate(sl):
+            where = f"slices[{si}]"
+            if not isinstance(s, dict):
+                errors.append(f"{where}: expected a mapping with 'sources'")
+                continue
+            for k in s:
+                if k not in ("sources", "parameters", "base_model"):
+                    errors.append(f"{where}.{k}: unknown key"
+                                  + _suggest(k, ("sources", "parameters", "base_model")))
+            sparams = _check_params(s.get("parameters"), f"{where}.parameters", method, "slice", errors)
+            sbase = s.get("base_model")
+            if sbase is not None:
+                sbase = _parse_model_ref(sbase, f"{where}.base_model", errors)
+            srcs = []
+            src_list = s.get("sources")
+            if not isinstance(src_list, list) or not src_list:
+                errors.append(f"{where}.sources: must be a non-empty list")
+                src_list = []
+            lengths = []
+            for j, src in enumerate(src_list):
+                w2 = f"{where}.sources[{j}]"
+                if not isinstance(src, dict):
+                    errors.append(f"{w2}: expected a mapping with 'model' and 'layer_range'")
+                    continue
+                for k in src:
+                    if k not in ("model", "layer_range", "parameters"):
+                        errors.append(f"{w2}.{k}: unknown key"
+                                      + _suggest(k, ("model", "layer_range", "parameters")))
+                ref = _parse_model_ref(src.get("model"), f"{w2}.model", errors)
+                params = _check_params(src.get("parameters"), f"{w2}.parameters", method, "source", errors)
+                lr = src.get("layer_range")
+                if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                        or lr[0] < 0 or lr[1] <= lr[0]):
+                    errors.append(f"{w2}.layer_range: must be [start, end) with 0 <= start < end, got {lr!r}")
+                    lr = None
+                else:
+                    lengths.append(lr[1] - lr[0])
+                if ref is not None:
+                    srcs.append(Source(ref, _resolve_path(ref, origin_dir), params, w2,
+                                       tuple(lr) if lr else None))
+            if len(set(lengths)) > 1:
+                errors.append(f"{where}.sources: all sources of a slice must span the same number "
+                              f"of layers, got {lengths}")
+            slices.append(Slice(srcs, sparams, sbase, where))
+    else:
+        errors.append("models: missing (give `models:` or `slices:`)")
+
+    base_path = _resolve_path(base_ref, origin_dir) if base_ref else None
+
+    # method structure
+    if method is not None:
+        if method in BASE_REQUIRED and base_ref is None and not (
+                slices and all(s.base_ref for s in slices)):
+            errors.append(f"base_model: method '{method}' needs a base model")
+        if models is not None and method in BASE_REQUIRED + ("nuslerp",):
+            nonbase = [m for m in models if base_ref is None or m.path != base_path]
+            if method == "slerp" and len(nonbase) != 1:
+                errors.append(f"models: slerp merges the base with exactly one other model, "
+                              f"got {len(nonbase)} non-base models")
+            if method == "nuslerp" and len(nonbase) != 2:
+                errors.append(f"models: nuslerp needs exactly two non-base models, got {len(nonbase)}")
+            if method == "model_stock" and len(nonbase) < 2:
+                errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
+        if method in WEIGHT_REQUIRED and models is not None:
+            for m in models:
+                if method != "linear" and base_ref is not None and m.path == base_path:
+                    continue  # the base's parameters are unused by base-relative methods
+                if "weight" not in m.parameters and "weight" not in gparams:
+                    errors.append(f"{m.where}.parameters.weight: missing (method '{method}' "
+                                  f"needs a weight for every model)")
+
+    # files
+    if check_files:
+        from lfm_engine.merge.io import CheckpointError, ModelFolder  # noqa: F401
+        seen = {}
+        refs = []
+        if base_ref:
+            refs.append((base_ref, base_path, "base_model"))
+        for m in models or []:
+            refs.append((m.ref, m.path, m.where + ".model"))
+        for s in slices or []:
+            for src in s.sources:
+                refs.append((src.ref, src.path, src.where + ".model"))
+            if s.base_ref:
+                refs.append((s.base_ref, _resolve_path(s.base_ref, origin_dir), s.where + ".base_model"))
+        if tok not in (None, "base"):
+            refs.append((tok, _resolve_path(tok, origin_dir), "tokenizer_source"))
+        for ref, path, where in refs:
+            if path in seen:
+                continue
+            seen[path] = True
+            try:
+                _quick_folder_check(ref, path)
+            except CheckpointError as e:
+                errors.append(f"{where}: {e}")
+
+    if errors:
+        raise MergeConfigErrors(errors)
+    return MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
+                       slices=slices, parameters=gparams, dtype=dtypes["dtype"],
+                       out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
+                       yaml_text=text, origin=origin)
+
+
+def _quick_folder_check(ref: str, path: str) -> None:
+    """Existence / hub id / pickle-only checks without reading headers."""
+    from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError, is_hub_id
+    if not os.path.isdir(path):
+        if is_hub_id(ref):
+            raise CheckpointError(
+                f"'{ref}' is not a local folder and looks like a Hugging Face hub id: local folders only "
+                f"(download it first, e.g. `huggingface-cli download {ref} --local-dir DIR`)")
+        raise CheckpointError(f"model folder '{ref}' does not exist")
+    files = os.listdir(path)
+    if not any(f.endswith(".safetensors") for f in files):
+        pk = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        if pk:
+            raise CheckpointError(
+                f"'{ref}' holds only pickle checkpoints ({', '.join(pk[:3])}); they are refused "
+                f"because loading a pickle can run arbitrary code. Convert the model to "
+                f"safetensors first")
+        raise CheckpointError(f"'{ref}' contains no *.safetensors weights")

@@ -1,0 +1,130 @@
+"""Geometric merge methods in plain torch: slerp, nuslerp, model_stock.
+
+Why torch and not the C++ kernel: these methods need a global reduction over the
+whole tensor (or a row) *before* any output element can be computed (norms, a dot
+product, pairwise cosines), followed by one scaled sum. Both passes are a single
+vectorised torch op each (matrix-vector dot, norm, ``addcmul``) that already runs
+at memory bandwidth on all cores and on CUDA; there is no sparsification, sign
+election or random mask to fuse, which is where the C++ kernels earn their keep.
+The arithmetic is done in float32 (float64 for float64 inputs) and rounded once.
+
+All functions take tensors of one shape and return a float32/float64 tensor of
+that shape; the caller casts to the output dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def slerp(t: float, a: torch.Tensor, c: torch.Tensor, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of two tensors treated as flat vectors (spec/merge.md).
+
+    u = a/‖a‖, v = c/‖c‖ (a norm below eps counts as 1), dot = ⟨u, v⟩ clamped to
+    [−1, 1]. If |dot| > 0.9995: out = (1−t)·a + t·c; else θ = acos(dot) and
+    out = sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · c. t = 0 gives a (the base).
+    """
+    wd = _work_dtype(a)
+    af = a.reshape(-1).to(wd)
+    cf = c.reshape(-1).to(wd)
+    na = torch.linalg.vector_norm(af).item()
+    nc = torch.linalg.vector_norm(cf).item()
+    na = na if na > eps else 1.0
+    nc = nc if nc > eps else 1.0
+    dot = max(-1.0, min(1.0, (torch.dot(af, cf).item()) / (na * nc)))
+    if abs(dot) > dot_threshold:
+        ca, cc = 1.0 - t, t
+    else:
+        theta = math.acos(dot)
+        s = math.sin(theta)
+        ca, cc = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+    out = af.mul(ca).add_(cf, alpha=cc)
+    return out.reshape(a.shape)
+
+
+def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Row-wise slerp along the last dim (rows of [..., n])."""
+    n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = ((v0 / n0) * (v1 / n1)).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    colinear = (1.0 - cos * cos) <= eps * eps
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    s = torch.sin(theta)
+    s_safe = torch.where(colinear, torch.ones_like(s), s)
+    sph = (torch.sin((1.0 - t) * theta) * v0 + torch.sin(t * theta) * v1) / s_safe
+    lin = (1.0 - t) * v0 + t * v1
+    return torch.where(colinear, lin, sph)
+
+
+def nuslerp(w0: float, w1: float, x0: torch.Tensor, x1: torch.Tensor,
+            base: torch.Tensor = None, flatten: bool = True, row_wise: bool = False) -> torch.Tensor:
+    """nuslerp of two models with t = w1/(w0+w1) (t = 0.5 when |w0+w1| < 1e-6).
+
+    With a base, the task vectors x_i − base are interpolated and the base is added
+    back. ``flatten`` (default) treats the tensor as one vector; otherwise vectors
+    run along the last dimension, or along dim 0 when ``row_wise`` (mergekit's
+    naming: for a [out, in] weight, row_wise interpolates the columns). Colinear
+    vectors (1 − cos² ≤ 1e-16) are interpolated linearly.
+    """
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    wd = _work_dtype(x0)
+    v0 = x0.to(wd)
+    v1 = x1.to(wd)
+    b = None
+    if base is not None:
+        b = base.to(wd)
+        v0 = v0 - b
+        v1 = v1 - b
+    shape = v0.shape
+    if flatten or v0.dim() == 0:
+        out = _nuslerp_vectors(t, v0.reshape(-1), v1.reshape(-1))
+    elif row_wise:
+        out = _nuslerp_vectors(t, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
+    else:
+        out = _nuslerp_vectors(t, v0, v1)
+    out = out.reshape(shape)
+    return out + b if b is not None else out
+
+
+def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock: o_i = x_i − b, cosθ = mean pairwise cosine of the offsets,
+    t = N·cosθ / (1 + (N−1)·cosθ), out = t·mean(x_i) + (1−t)·b.
+
+    ``filter_wise``: one cosθ (and t) per row of the last dimension (1-D tensors are
+    one row); otherwise one for the whole tensor. Norm products are clamped to
+    ≥ 1e-6 and cosines to [−1, 1]; where |1 + (N−1)cosθ| < 1e-6 the base is kept
+    (t = 0), as mergekit does.
+    """
+    n = len(xs)
+    if n < 2:
+        raise ValueError("model_stock needs at least two non-base tensors")
+    wd = _work_dtype(base)
+    shape = base.shape
+    b = base.to(wd)
+    if filter_wise:
+        b = b.reshape(1, -1) if b.dim() <= 1 else b
+        ws = [x.to(wd).reshape(b.shape) for x in xs]
+    else:
+        b = b.reshape(-1)
+        ws = [x.to(wd).reshape(-1) for x in xs]
+    offs = [w - b for w in ws]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offs]
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            num = (offs[i] * offs[j]).sum(dim=-1)
+            cos.append((num / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    den = 1.0 + (n - 1) * c
+    sing = den.abs() < 1e-6
+    t = torch.where(sing, torch.zeros_like(c), n * c / torch.where(sing, torch.ones_like(den), den))
+    avg = torch.stack(ws).mean(dim=0)
+    return (t * avg + (1.0 - t) * b).reshape(shape)

@@ -1,0 +1,542 @@
+"""Merge planning: which output tensors, from which inputs, with which parameters.
+
+:func:`build_plan` opens every model folder (headers only), checks architectures
+and shapes, and produces one :class:`TensorTask` per output tensor with its
+per-tensor parameters fully resolved (gradients and filters evaluated), so a
+dry run reports every problem before anything is read or written.
+
+Decisions (where spec/merge.md is silent; mergekit 0.1.5 behaviour where it has one):
+
+* The output layout (tensor names, shapes, config.json) is the base model's; with
+  no base (linear, nuslerp without base) it is the first model's. Tensors that only
+  other models have are ignored (one warning).
+* A tensor missing from some models is merged from the models that have it, with
+  a warning; if no non-base model has it, the base's tensor is copied. model_stock
+  needs two non-base inputs and falls back to the base; nuslerp/slerp with an
+  input missing pass the remaining model through (mergekit's policies).
+* Embedding-like tensors (``embed_tokens``, ``lm_head``, ``wte``,
+  ``word_embeddings``, ``embed_out``) of different vocabulary sizes are merged on
+  their common sub-matrix (the leading rows/columns all inputs have); the rest of
+  the output keeps the base (layout) model's values, so the output matches the
+  base's config and tokenizer. A warning names the tensor. Any other shape
+  mismatch is an error.
+* Gradient position t: without slices t = layer/(num_layers − 1) (a 1-layer model
+  has t = 1, as mergekit); with slices t runs over each slice's own layers, as in
+  mergekit. Tensors outside the layers use t = 0 (the first value). Filters match
+  the output tensor name.
+* With slices, non-layer tensors whose names look like input embeddings are
+  merged from the first slice's sources, all other non-layer tensors (final norm,
+  lm_head) from the last slice's sources, as mergekit does.
+* The per-model ``weight`` is required for methods that use it (as in mergekit).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from lfm_engine.merge import config as C
+from lfm_engine.merge.io import CheckpointError, ModelFolder, TensorInfo
+from lfm_engine.merge_params import MergeConfigError, resolve_merge_params
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+EMBED_RE = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)")
+PRE_RE = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|embed_in)")
+ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
+             "num_key_value_heads", "head_dim")
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "float64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass
+class Input:
+    """One non-base input of one output tensor."""
+    folder: str                 # absolute folder path (key of MergePlan.folders)
+    info: TensorInfo
+    position: int               # 0-based among the non-base inputs, config order
+    params: Dict[str, object]   # resolved per-input parameters (weight, density, ...)
+
+
+@dataclass
+class TensorTask:
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype              # output dtype
+    kind: str                       # "merge" or "copy"
+    base: Optional[TensorInfo]      # base tensor (merge with a base) / copied tensor
+    inputs: List[Input]
+    shared: Dict[str, object]       # resolved shared parameters (normalize, t, ...)
+    region: Optional[Tuple[int, ...]] = None   # common sub-shape if inputs differ in size
+    fill: Optional[TensorInfo] = None   # no-base merge with a region: values outside it
+
+    def read_infos(self) -> List[TensorInfo]:
+        out = [self.base] if self.base is not None else []
+        out += [i.info for i in self.inputs]
+        if self.fill is not None:
+            out.append(self.fill)
+        return out
+
+    @property
+    def out_nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergePlan:
+    config: C.MergeConfig
+    folders: Dict[str, ModelFolder]
+    tasks: List[TensorTask]
+    warnings: List[str]
+    layout_path: str
+    tokenizer_path: str
+    num_layers_out: Optional[int]
+    seed: int
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tasks)
+
+    @property
+    def input_bytes(self) -> int:
+        seen = set()
+        tot = 0
+        for t in self.tasks:
+            for ti in t.read_infos():
+                key = (ti.file, ti.start)
+                if key not in seen:
+                    seen.add(key)
+                    tot += ti.nbytes
+        return tot
+
+    def describe(self) -> str:
+        c = self.config
+        n_merge = sum(t.kind == "merge" for t in self.tasks)
+        lines = [f"method: {c.method}",
+                 f"base: {c.base_ref or '(none)'}",
+                 f"models: {len(self.folders)} folders",
+                 f"output tensors: {len(self.tasks)} ({n_merge} merged, {len(self.tasks) - n_merge} copied)",
+                 f"read: {fmt_bytes(self.input_bytes)}, write: {fmt_bytes(self.output_bytes)}",
+                 f"tokenizer from: {self.tokenizer_path}",
+                 f"seed: {self.seed}"]
+        return "\n".join(lines)
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+class _Errors:
+    """Collects messages, folding repeats of the same problem over many tensors."""
+
+    def __init__(self):
+        self.first: Dict[str, str] = {}
+        self.count: Dict[str, int] = {}
+
+    def add(self, key: str, msg: str):
+        if key not in self.first:
+            self.first[key] = msg
+            self.count[key] = 0
+        self.count[key] += 1
+
+    def messages(self) -> List[str]:
+        out = []
+        for k, m in self.first.items():
+            n = self.count[k]
+            out.append(m + (f" (and {n - 1} more tensors)" if n > 1 else ""))
+        return out
+
+
+def layer_index(name: str) -> Optional[int]:
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def rename_layer(name: str, new_index: int) -> str:
+    m = LAYER_RE.search(name)
+    return name[:m.start(1)] + str(new_index) + name[m.end(1):]
+
+
+def _sort_key(name: str):
+    li = layer_index(name)
+    if li is None:
+        return (0 if PRE_RE.search(name) else 2, 0, name)
+    return (1, li, name)
+
+
+def _num_layers(folder: ModelFolder) -> int:
+    cfg = folder.config or {}
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
+    if isinstance(n, int) and n > 0:
+        return n
+    idx = [layer_index(n) for n in folder.tensors]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else 0
+
+
+@dataclass
+class _Src:
+    """A model's part in one output tensor before tensor lookup."""
+    folder: str
+    tensor: str
+    levels: List[Optional[dict]]    # parameter levels, highest precedence first
+    position: int                   # -1 for the base
+
+
+def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
+    """Open the folders, check them and plan every output tensor; raise MergeConfigErrors."""
+    errors = _Errors()
+    warnings: List[str] = []
+    folders: Dict[str, ModelFolder] = {}
+    refs: Dict[str, str] = {}
+
+    def open_folder(ref: str, path: str, where: str) -> Optional[ModelFolder]:
+        if path in folders:
+            return folders[path]
+        try:
+            folders[path] = ModelFolder(path)
+            folders[path].ref = ref
+            refs[path] = ref
+            return folders[path]
+        except CheckpointError as e:
+            errors.add(f"open:{path}", f"{where}: {e}")
+            return None
+
+    method = cfg.method
+    gparams = cfg.parameters
+    base_path = cfg.base_path
+    if cfg.base_ref:
+        open_folder(cfg.base_ref, base_path, "base_model")
+    for m in cfg.models or []:
+        open_folder(m.ref, m.path, m.where + ".model")
+    for s in cfg.slices or []:
+        for src in s.sources:
+            open_folder(src.ref, src.path, src.where + ".model")
+    if errors.first:
+        raise C.MergeConfigErrors(errors.messages())
+
+    uses_base = method in C.BASE_REQUIRED or (method == "nuslerp" and base_path is not None)
+
+    # ---------------------------------------------------------------- layout + architecture
+    if cfg.models is not None:
+        layout_path = base_path if base_path else cfg.models[0].path
+    else:
+        layout_path = base_path if base_path else cfg.slices[0].sources[0].path
+    layout = folders[layout_path]
+    if layout.config is None:
+        errors.add("cfg:layout", f"{refs[layout_path]}: no config.json (needed for the output model)")
+    lcfg = layout.config or {}
+    for path, fo in folders.items():
+        if path == layout_path or fo.config is None:
+            continue
+        for k in ARCH_KEYS:
+            if k in lcfg and k in fo.config and lcfg[k] != fo.config[k]:
+                errors.add(f"arch:{path}:{k}",
+                           f"architecture mismatch: {refs[path]} has {k}={fo.config[k]!r} but "
+                           f"{refs[layout_path]} has {k}={lcfg[k]!r}")
+        if cfg.slices is None:
+            a, b = _num_layers(layout), _num_layers(fo)
+            if a != b:
+                errors.add(f"arch:{path}:layers",
+                           f"architecture mismatch: {refs[path]} has {b} layers but "
+                           f"{refs[layout_path]} has {a} (use `slices:` to pick layer ranges)")
+
+    # ---------------------------------------------------------------- groups
+    # each group: (out_name, t, base _Src or None, [non-base _Src], shared levels)
+    groups: List[Tuple[str, float, Optional[_Src], List[_Src], List[Optional[dict]]]] = []
+    num_layers_out: Optional[int] = None
+    if cfg.models is not None:
+        nonbase = [m for m in cfg.models if not (uses_base and m.path == base_path)]
+        if method == "linear":
+            nonbase = list(cfg.models)
+        L = _num_layers(layout)
+        num_layers_out = L
+        for name in sorted(layout.tensors, key=_sort_key):
+            li = layer_index(name)
+            t = 0.0 if li is None else (li / (L - 1) if L > 1 else 1.0)
+            base = _Src(base_path, name, [gparams], -1) if uses_base else None
+            srcs = [_Src(m.path, name, [m.parameters, gparams], i) for i, m in enumerate(nonbase)]
+            groups.append((name, t, base, srcs, [gparams]))
+    else:
+        out_layer = 0
+        per_slice = []
+        for s in cfg.slices:
+            sbase_ref = s.base_ref or cfg.base_ref
+            sbase_path = C._resolve_path(sbase_ref, os.path.dirname(cfg.origin) if cfg.origin else None) if sbase_ref else None
+            base_src = None
+            if uses_base:
+                cands = [src for src in s.sources if src.path == sbase_path]
+                if not cands:
+                    errors.add(f"slice:{s.where}",
+                               f"{s.where}: the base model ({sbase_ref}) must be one of the slice's "
+                               f"sources for method '{method}'")
+                    per_slice.append(None)
+                    continue
+                base_src = cands[0]
+            nonbase = [src for src in s.sources if src is not base_src]
+            per_slice.append((s, base_src, nonbase))
+        if errors.first:
+            raise C.MergeConfigErrors(errors.messages())
+
+        def slice_srcs(entry, name_of, t_levels_extra=None):
+            s, base_src, nonbase = entry
+            base = (_Src(base_src.path, name_of(base_src), [base_src.parameters, s.parameters, gparams], -1)
+                    if base_src else None)
+            srcs = [_Src(src.path, name_of(src), [src.parameters, s.parameters, gparams], i)
+                    for i, src in enumerate(nonbase)]
+            return base, srcs, [s.parameters, gparams]
+
+        non_layer = sorted((n for n in layout.tensors if layer_index(n) is None), key=_sort_key)
+        for name in non_layer:
+            if PRE_RE.search(name):
+                base, srcs, shared = slice_srcs(per_slice[0], lambda src: name)
+                groups.append((name, 0.0, base, srcs, shared))
+        for entry in per_slice:
+            s, base_src, nonbase = entry
+            ref_src = base_src or s.sources[0]
+            ref_folder = folders[ref_src.path]
+            n = ref_src.layer_range[1] - ref_src.layer_range[0]
+            for src in s.sources:
+                nl = _num_layers(folders[src.path])
+                if src.layer_range[1] > nl:
+                    errors.add(f"range:{src.where}",
+                               f"{src.where}.layer_range: {list(src.layer_range)} is beyond the "
+                               f"{nl} layers of {src.ref}")
+            for j in range(n):
+                t = j / (n - 1) if n > 1 else 1.0
+                src_layer = ref_src.layer_range[0] + j
+                names = sorted((nm for nm in ref_folder.tensors if layer_index(nm) == src_layer),
+                               key=_sort_key)
+                for nm in names:
+                    out_name = rename_layer(nm, out_layer)
+
+                    def name_of(src, nm=nm, j=j):
+                        return rename_layer(nm, src.layer_range[0] + j)
+                    base, srcs, shared = slice_srcs(entry, name_of)
+                    groups.append((out_name, t, base, srcs, shared))
+                out_layer += 1
+        num_layers_out = out_layer
+        for name in non_layer:
+            if not PRE_RE.search(name):
+                base, srcs, shared = slice_srcs(per_slice[-1], lambda src: name)
+                groups.append((name, 0.0, base, srcs, shared))
+
+    # ---------------------------------------------------------------- tensors
+    out_dtype_cfg = TORCH_DTYPES[cfg.output_dtype] if cfg.output_dtype else None
+    seed_v = 0 if seed is None else int(seed)
+    tasks: List[TensorTask] = []
+    missing_by_model: Dict[str, List[str]] = {}
+    mismatch_warn: List[str] = []
+    for out_name, t, base, srcs, shared_levels in groups:
+        lay_info = None
+        if base is not None:
+            lay_info = folders[base.folder].tensors.get(base.tensor)
+            if lay_info is None:
+                missing_by_model.setdefault(base.folder, []).append(base.tensor)
+                continue
+        present = []
+        for s in srcs:
+            ti = folders[s.folder].tensors.get(s.tensor)
+            if ti is None:
+                missing_by_model.setdefault(s.folder, []).append(s.tensor)
+            else:
+                present.append((s, ti))
+        if lay_info is None:
+            # no base: the layout model's tensor defines the output (first present input)
+            lay = [ti for s, ti in present if s.folder == layout_path] or [ti for _, ti in present]
+            if not lay:
+                continue
+            lay_info = lay[0]
+        shape = lay_info.shape
+        is_float = lay_info.dtype.is_floating_point
+        out_dtype = (out_dtype_cfg or lay_info.dtype) if is_float else lay_info.dtype
+
+        def copy_task(info):
+            return TensorTask(out_name, shape, out_dtype if is_float else info.dtype, "copy",
+                              info, [], {}, None)
+
+        if not is_float:
+            tasks.append(copy_task(lay_info))
+            continue
+        # shapes
+        region = list(shape)
+        bad = False
+        for s, ti in present:
+            if ti.shape == shape:
+                continue
+            if EMBED_RE.search(out_name) and len(ti.shape) == len(shape):
+                region = [min(a, b) for a, b in zip(region, ti.shape)]
+                mismatch_warn.append(f"{out_name}: {refs[s.folder]} has shape {list(ti.shape)}, "
+                                     f"{refs[layout_path] if base is None else refs[base.folder]} has "
+                                     f"{list(shape)}")
+            else:
+                errors.add(f"shape:{s.folder}:{out_name}",
+                           f"shape mismatch for '{out_name}': {refs[s.folder]} has {list(ti.shape)}, "
+                           f"{refs[base.folder] if base else refs[layout_path]} has {list(shape)}")
+                bad = True
+        if bad:
+            continue
+        # any input of another size -> every input is cut to the common region
+        region_t = tuple(region) if any(ti.shape != shape for _, ti in present) else None
+        if region_t is not None and any(r == 0 for r in region_t):
+            errors.add(f"shape0:{out_name}", f"'{out_name}': inputs have no common sub-matrix")
+            continue
+
+        # fallbacks for missing inputs
+        if uses_base:
+            need = 2 if method == "model_stock" else 1
+            if len(present) < need:
+                tasks.append(copy_task(lay_info))
+                continue
+            if method == "nuslerp" and len(present) == 1:
+                tasks.append(copy_task(present[0][1]))
+                continue
+        else:
+            if method == "nuslerp" and len(present) == 1:
+                tasks.append(copy_task(present[0][1]))
+                continue
+
+        # parameters
+        inputs = []
+        for s, ti in present:
+            params = {}
+            for p in C.INPUT_PARAMS[method]:
+                v = C.lookup(p, s.levels, out_name, t)
+                if v is None and p == "weight":
+                    errors.add(f"weight:{s.folder}",
+                               f"no 'weight' for model {refs[s.folder]} at tensor '{out_name}' "
+                               f"(method '{method}' needs one for every model and tensor)")
+                params[p] = v
+            inputs.append(Input(s.folder, ti, s.position, params))
+        shared = {p: C.lookup(p, shared_levels, out_name, t) for p in C.SHARED_PARAMS[method]}
+        task = TensorTask(out_name, shape, out_dtype, "merge",
+                          folders[base.folder].tensors[base.tensor] if base is not None else None,
+                          inputs, shared, region_t,
+                          fill=lay_info if (base is None and region_t is not None) else None)
+        try:
+            validate_task(method, task, seed_v)
+        except MergeConfigError as e:
+            # name the model instead of its index among this tensor's inputs
+            msg = re.sub(r"\bmodel (\d+)\b",
+                         lambda m: (f"model {refs[inputs[int(m.group(1))].folder]}"
+                                    if int(m.group(1)) < len(inputs) else m.group(0)), str(e))
+            errors.add(f"param:{msg}", f"'{out_name}': {msg}")
+            continue
+        tasks.append(task)
+
+    for path, names in missing_by_model.items():
+        warnings.append(f"{refs[path]} lacks {len(names)} tensor(s) (first: '{names[0]}'); "
+                        f"they are merged from the models that have them")
+    if mismatch_warn:
+        warnings.append(f"{len(mismatch_warn)} embedding tensor(s) differ in vocabulary size; "
+                        f"merging their common sub-matrix and keeping the "
+                        f"base's other rows: " + "; ".join(mismatch_warn[:4]))
+    used = set()
+    for t_ in tasks:
+        for i in t_.inputs:
+            used.add((i.folder, i.info.name))
+    for path, fo in folders.items():
+        if path == layout_path or cfg.slices is not None:
+            continue
+        extra = [n for n in fo.tensors if n not in layout.tensors]
+        if extra:
+            warnings.append(f"{refs[path]} has {len(extra)} tensor(s) the output layout lacks "
+                            f"(first: '{extra[0]}'); they are ignored")
+
+    # tokenizer
+    tok = cfg.tokenizer_source
+    if tok in (None, "base"):
+        tok_path = layout_path
+    else:
+        tok_path = C._resolve_path(tok, os.path.dirname(cfg.origin) if cfg.origin else None)
+        tok_cfg = None
+        try:
+            import json
+            with open(os.path.join(tok_path, "config.json")) as f:
+                tok_cfg = json.load(f)
+        except (OSError, ValueError):
+            pass
+        emb = [t_ for t_ in tasks if PRE_RE.search(t_.name) and len(t_.shape) == 2]
+        if tok_cfg and emb and isinstance(tok_cfg.get("vocab_size"), int) \
+                and tok_cfg["vocab_size"] != emb[0].shape[0]:
+            errors.add("tok:vocab",
+                       f"tokenizer_source: {tok} has vocab_size {tok_cfg['vocab_size']} but the "
+                       f"merged '{emb[0].name}' has {emb[0].shape[0]} rows; re-mapping embeddings "
+                       f"to another tokenizer is not supported")
+    if not tasks and not errors.first:
+        errors.add("empty", "nothing to merge: the plan has no output tensors")
+    if errors.first:
+        raise C.MergeConfigErrors(errors.messages())
+    return MergePlan(cfg, folders, tasks, warnings, layout_path, tok_path, num_layers_out, seed_v)
+
+
+def task_merge_kwargs(method: str, task: TensorTask, seed: int) -> dict:
+    """Keyword arguments of lfm_engine.merge_tensors for a task-vector/linear task."""
+    sh = task.shared
+
+    def per(p, default=None):
+        vals = [i.params.get(p) for i in task.inputs]
+        if all(v is None for v in vals):
+            return default
+        return [default_if_none(v, p) for v in vals]
+
+    kw = dict(method=method, weights=per("weight"), density=per("density"), gamma=per("gamma"),
+              epsilon=per("epsilon"), normalize=_as_bool(sh.get("normalize"), "normalize"),
+              rescale=sh.get("rescale"), lam=1.0 if sh.get("lambda") is None else float(sh["lambda"]),
+              seed=seed, name=task.name, model_positions=[i.position for i in task.inputs])
+    if sh.get("consensus_weighting") is not None:
+        kw["consensus_weighting"] = sh["consensus_weighting"]
+    if sh.get("disjoint") is not None:
+        kw["disjoint"] = sh["disjoint"]
+    return kw
+
+
+def default_if_none(v, p):
+    from lfm_engine.merge_params import DEFAULT_EPSILON, DEFAULT_GAMMA
+    if v is not None:
+        return v
+    return {"density": 1.0, "gamma": DEFAULT_GAMMA, "epsilon": DEFAULT_EPSILON, "weight": 1.0}[p]
+
+
+def _as_bool(v, name):
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    raise MergeConfigError(f"parameter '{name}' must be true or false, got {v!r}")
+
+
+def validate_task(method: str, task: TensorTask, seed: int) -> None:
+    """Check the resolved parameters of one task (raises MergeConfigError)."""
+    if method in C.TASK_METHODS or method == "linear":
+        kw = task_merge_kwargs(method, task, seed)
+        kw.pop("method")
+        kw["weights"] = kw["weights"] if kw["weights"] is not None else None
+        resolve_merge_params(method, len(task.inputs), **kw)
+        return
+    sh = task.shared
+    if method == "slerp":
+        t = sh.get("t")
+        if t is None:
+            raise MergeConfigError("parameter 't' is required for slerp")
+        if not C._is_num(t) or not 0.0 <= float(t) <= 1.0:
+            raise MergeConfigError(f"parameter 't' must lie in [0, 1], got {t!r}")
+    elif method == "nuslerp":
+        for i in task.inputs:
+            w = i.params.get("weight")
+            if not C._is_num(w):
+                raise MergeConfigError(f"parameter 'weight' must be a number, got {w!r}")
+        _as_bool(sh.get("nuslerp_flatten"), "nuslerp_flatten")
+        _as_bool(sh.get("nuslerp_row_wise"), "nuslerp_row_wise")
+    elif method == "model_stock":
+        _as_bool(sh.get("filter_wise"), "filter_wise")

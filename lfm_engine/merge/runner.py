@@ -1,0 +1,436 @@
+"""Model-level merging: stream a planned merge tensor by tensor into a new folder.
+
+Where each method runs
+----------------------
+* task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+  della_linear, della and linear go through :func:`lfm_engine.merge_tensors`, the
+  fused multi-threaded C++ kernel (CUDA on a GPU): sparsification (exact top-k
+  select, Philox masks), sign election and the weighted sum are fused into a few
+  streaming passes, which is where nearly all the time of a merge goes.
+* slerp, nuslerp and model_stock run in plain torch (:mod:`.geometric`): each is
+  one global reduction (norms/dots/cosines) and one scaled sum, two vectorised
+  torch ops that already run at memory bandwidth; there is nothing to fuse.
+
+Streaming and memory
+--------------------
+A background thread reads the inputs of upcoming tensors (positional reads, see
+:mod:`.io`) into a bounded queue (``PREFETCH_DEPTH`` tensor groups) while the main
+thread merges the current group and appends the result to the output shard. At
+most ``PREFETCH_DEPTH + 2`` groups (queued, being read, being merged) plus one
+output tensor are alive, so peak memory is a few times the largest tensor group
+(e.g. the embedding of every model), independent of the model size.
+
+Output
+------
+Everything is written into a temporary sibling folder ``.OUT_DIR.tmp-*`` and
+renamed to OUT_DIR only when complete; on any error or interrupt the temporary
+folder is deleted, so no complete-looking output is ever left behind. An existing
+OUT_DIR is an error unless ``allow_overwrite`` (then it is replaced only after the
+new one is complete).
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from lfm_engine.merge import config as C
+from lfm_engine.merge import geometric
+from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
+from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
+
+PREFETCH_DEPTH = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json")
+MODEL_SIDE_FILES = ("generation_config.json",)
+
+
+class MergeWarning(UserWarning):
+    """Something was merged differently from the plain case (missing tensor, vocab size)."""
+
+
+@dataclass
+class MergeResult:
+    """What a merge did (or, for a dry run, would do)."""
+    out_dir: str
+    method: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    shards: int
+    dry_run: bool = False
+    warnings: List[str] = field(default_factory=list)
+    plan_text: str = ""
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return f"dry run: nothing written\n{self.plan_text}"
+        gbps = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 1e9
+        return (f"merged {self.tensors} tensors with {self.method} into {self.out_dir} "
+                f"({self.shards} shard{'s' if self.shards != 1 else ''})\n"
+                f"read {fmt_bytes(self.bytes_read)}, wrote {fmt_bytes(self.bytes_written)} "
+                f"in {self.seconds:.2f} s ({gbps:.2f} GB/s), peak RSS "
+                f"{self.peak_rss_bytes / 2**20:.0f} MiB")
+
+
+def _peak_rss() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _merge_tensors_fn():
+    # imported lazily: lfm_engine/__init__ re-exports merge_models, so a top-level
+    # import here would be circular
+    from lfm_engine.ops.merge import merge_tensors
+    return merge_tensors
+
+
+# ------------------------------------------------------------------- one tensor
+
+def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
+               device: torch.device, n_threads: int = 0) -> torch.Tensor:
+    """Compute one output tensor from its loaded inputs (CPU tensors keyed by (file, start))."""
+    def get(info):
+        return tensors[(info.file, info.start)].to(device, non_blocking=True)
+
+    if task.kind == "copy":
+        return get(task.base).to(task.dtype)
+    reg = tuple(slice(0, r) for r in task.region) if task.region is not None else None
+
+    def cut(x):
+        return x[reg].contiguous() if reg is not None else x
+
+    base = cut(get(task.base)) if task.base is not None else None
+    xs = [cut(get(i.info)) for i in task.inputs]
+    sh = task.shared
+    if method in C.TASK_METHODS or method == "linear":
+        kw = task_merge_kwargs(method, task, seed)
+        m = kw.pop("method")
+        out = _merge_tensors_fn()(base, xs, method=m, out_dtype=task.dtype,
+                                  n_threads=n_threads, **kw)
+    elif method == "slerp":
+        out = geometric.slerp(float(sh["t"]), base, xs[0])
+    elif method == "nuslerp":
+        out = geometric.nuslerp(float(task.inputs[0].params["weight"]),
+                                float(task.inputs[1].params["weight"]), xs[0], xs[1], base,
+                                flatten=True if sh.get("nuslerp_flatten") is None else bool(sh["nuslerp_flatten"]),
+                                row_wise=bool(sh.get("nuslerp_row_wise") or False))
+    elif method == "model_stock":
+        out = geometric.model_stock(base, xs, filter_wise=bool(sh.get("filter_wise") or False))
+    else:  # pragma: no cover - the config parser rejects unknown methods
+        raise ValueError(f"unknown merge method {method!r}")
+    out = out.to(task.dtype)
+    if reg is None:
+        return out
+    full_src = task.base if task.base is not None else task.fill
+    full = get(full_src).to(task.dtype).clone()
+    full[reg] = out
+    return full
+
+
+# ------------------------------------------------------------------- prefetch
+
+class _Prefetcher:
+    """Reads the inputs of upcoming tasks on a background thread into a bounded queue."""
+
+    _END = object()
+
+    def __init__(self, tasks: List[TensorTask], depth: int = PREFETCH_DEPTH):
+        self.tasks = tasks
+        self.q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lfm-merge-prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        fds: Dict[str, int] = {}
+        try:
+            for task in self.tasks:
+                loaded = {}
+                nbytes = 0
+                for info in task.read_infos():
+                    key = (info.file, info.start)
+                    if key in loaded:
+                        continue
+                    fd = fds.get(info.file)
+                    if fd is None:
+                        fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
+                    loaded[key] = read_tensor(info, fd)
+                    nbytes += info.nbytes
+                if not self._put((task, loaded, nbytes)):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, which re-raises
+            self._put(e)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def __iter__(self):
+        while True:
+            item = self.q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+class _AsyncWriter:
+    """Appends finished tensors to the shards on a second thread (bounded queue), so the
+    write of tensor i overlaps the merge of tensor i+1. Errors surface on the next call."""
+
+    _END = object()
+
+    def __init__(self, writer: ShardedWriter, depth: int = 2):
+        self.writer = writer
+        self.q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="lfm-merge-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is self._END:
+                return
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:
+                    self.error = e
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((name, tensor))
+
+    def finish(self) -> None:
+        self.q.put(self._END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("aborted")
+            self.q.put(self._END)
+            self.thread.join(timeout=30)
+
+
+# ------------------------------------------------------------------- outputs
+
+def _model_card(plan: MergePlan) -> str:
+    cfg = plan.config
+    names = []
+    for fo in plan.folders.values():
+        if fo.ref not in names:
+            names.append(fo.ref)
+    base_line = f"- base model: `{cfg.base_ref}`\n" if cfg.base_ref else ""
+    others = "".join(f"- `{n}`\n" for n in names if n != cfg.base_ref)
+    return (
+        "---\ntags:\n- merge\n- lfm-engine\n"
+        + (f"base_model: {json.dumps(cfg.base_ref)}\n" if cfg.base_ref else "")
+        + "---\n\n# Merged model\n\n"
+        f"This model was produced by `lfm-engine merge` with the **{cfg.method}** merge "
+        f"method (seed {plan.seed}).\n\n## Inputs\n\n{base_line}{others}\n"
+        "## Configuration\n\n```yaml\n" + cfg.yaml_text.strip("\n") + "\n```\n")
+
+
+def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str],
+                      warns: List[str]) -> None:
+    layout = plan.folders[plan.layout_path]
+    cfg_json = dict(layout.config or {})
+    if out_dtype_name:
+        cfg_json["torch_dtype"] = out_dtype_name
+        if "dtype" in cfg_json:
+            cfg_json["dtype"] = out_dtype_name
+    if plan.config.slices is not None and plan.num_layers_out:
+        cfg_json["num_hidden_layers"] = plan.num_layers_out
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg_json, f, indent=2)
+        f.write("\n")
+    for fn in MODEL_SIDE_FILES:
+        src = os.path.join(plan.layout_path, fn)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(folder, fn))
+    copied = 0
+    for fn in TOKENIZER_FILES:
+        src = os.path.join(plan.tokenizer_path, fn)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(folder, fn))
+            copied += 1
+    if not copied:
+        warns.append(f"no tokenizer files found in {plan.tokenizer_path}; the output has none")
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(_model_card(plan))
+    with open(os.path.join(folder, "mergekit_config.yml"), "w") as f:
+        f.write(plan.config.yaml_text)
+
+
+def _dominant_float_dtype(plan: MergePlan) -> Optional[str]:
+    sizes: Dict[torch.dtype, int] = {}
+    for t in plan.tasks:
+        if t.dtype.is_floating_point:
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.out_nbytes
+    if not sizes:
+        return None
+    return DTYPE_NAMES.get(max(sizes, key=sizes.get))
+
+
+# ------------------------------------------------------------------- entry point
+
+def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union[str, "os.PathLike"], *,
+                 device: str = "cpu", threads: Optional[int] = None,
+                 out_shard_size: Union[str, int] = "5GB", seed: Optional[int] = None,
+                 allow_overwrite: bool = False, dry_run: bool = False,
+                 quiet: bool = False) -> MergeResult:
+    """Merge the models of a mergekit-style config into ``out_dir``.
+
+    ``config_or_path``: a YAML file path, YAML text, or a dict. ``device``: where
+    the merge arithmetic runs ("cpu" or "cuda[:i]"; inputs are always read and
+    outputs written through host memory). ``threads``: CPU threads for the
+    kernels (default: torch's setting). ``out_shard_size``: largest output shard,
+    e.g. "5GB", "500MB" or bytes. ``seed``: DARE/DELLA seed (default 0).
+
+    All configuration problems (unknown keys, misspelled methods, missing
+    folders, pickle-only checkpoints, shape/architecture mismatches, an existing
+    ``out_dir``) are raised together as one
+    :class:`~lfm_engine.merge.config.MergeConfigErrors` before anything is
+    written; ``dry_run`` stops after that check and returns the plan.
+    """
+    t0 = time.perf_counter()
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    pre_errors: List[str] = []
+    try:
+        shard_bytes = parse_size(out_shard_size)
+    except ValueError as e:
+        pre_errors.append(f"--out-shard-size: {e}")
+        shard_bytes = 5 * 10**9
+    if seed is not None and not (0 <= int(seed) < 2**64):
+        pre_errors.append(f"--seed: must lie in [0, 2^64), got {seed}")
+    dev = None
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            pre_errors.append(f"--device {device}: CUDA is not available on this machine")
+        elif dev.type not in ("cpu", "cuda"):
+            pre_errors.append(f"--device {device}: only cpu and cuda are supported")
+    except RuntimeError as e:
+        pre_errors.append(f"--device: {e}")
+    if threads is not None and int(threads) < 1:
+        pre_errors.append(f"--threads: must be >= 1, got {threads}")
+    if os.path.lexists(out_dir) and not allow_overwrite:
+        pre_errors.append(f"output folder '{out_dir}' already exists (use --allow-overwrite to replace it)")
+    try:
+        cfg = C.parse_config(config_or_path)
+        plan = build_plan(cfg, seed=seed)
+    except C.MergeConfigErrors as e:
+        raise C.MergeConfigErrors(pre_errors + e.errors) from None
+    for path in plan.folders:
+        if os.path.abspath(path) == out_dir:
+            pre_errors.append(f"output folder '{out_dir}' is one of the input models")
+    if pre_errors:
+        raise C.MergeConfigErrors(pre_errors)
+    for w in plan.warnings:
+        warnings.warn(w, MergeWarning, stacklevel=2)
+
+    layout = plan_shards([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_bytes)
+    if dry_run:
+        text = plan.describe() + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
+        return MergeResult(out_dir, cfg.method, len(plan.tasks), plan.input_bytes, plan.output_bytes,
+                           time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
+                           list(plan.warnings), text)
+
+    n_threads = 0  # 0: the C++ library's default (LFM_NUM_THREADS or all cores)
+    if threads is not None:
+        n_threads = int(threads)
+        torch.set_num_threads(n_threads)  # for the torch-implemented methods
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    late_warns: List[str] = []
+    writer = None
+    aw = None
+    pf = None
+    bar = None
+    bytes_read = 0
+    try:
+        writer = ShardedWriter(tmp, layout, metadata={"merge_method": cfg.method,
+                                                       "producer": "lfm_engine"})
+        from tqdm import tqdm
+        bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                   desc=f"merge {cfg.method}", disable=quiet, file=sys.stderr, dynamic_ncols=True,
+                   smoothing=0.1)
+        pf = _Prefetcher(plan.tasks)
+        aw = _AsyncWriter(writer)
+        n_done = 0
+        for task, loaded, nbytes in pf:
+            out = merge_task(cfg.method, task, loaded, plan.seed, dev, n_threads)
+            del loaded
+            aw.write(task.name, out)
+            del out
+            n_done += 1
+            bytes_read += nbytes
+            bar.update(nbytes)
+            bar.set_postfix_str(f"tensors {n_done}/{len(plan.tasks)}", refresh=False)
+        aw.finish()
+        writer.close()
+        _write_side_files(plan, tmp, cfg.output_dtype or _dominant_float_dtype(plan), late_warns)
+        bar.close()
+        if os.path.lexists(out_dir):  # allow_overwrite: swap only now that the new one is complete
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        if pf is not None:
+            pf.close()
+        if aw is not None:
+            aw.abort()
+        if writer is not None:
+            writer.abort()
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pf is not None:
+            pf.close()
+    for w in late_warns:
+        warnings.warn(w, MergeWarning, stacklevel=2)
+    res = MergeResult(out_dir, cfg.method, len(plan.tasks), bytes_read, writer.bytes_written,
+                      time.perf_counter() - t0, _peak_rss(), len(layout.files), False,
+                      list(plan.warnings) + late_warns)
+    if not quiet:
+        print(res.summary(), file=sys.stderr)
+    return res

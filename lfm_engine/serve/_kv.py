@@ -1,0 +1,104 @@
+"""KV cache of the Engine's running batch: transformers Cache objects with batch surgery.
+
+EngineCache is a DynamicCache whose layers (GrowLayer) keep capacity headroom, so a decode
+step writes its column in place; rows can be selected (finished sequences leave), the common
+left padding trimmed, and two caches merged row-wise with left padding (joining requests).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+
+
+class GrowLayer(DynamicLayer):
+    """DynamicLayer with capacity headroom: update() writes into a preallocated buffer
+    ([B, H, cap, D]) and exposes the filled prefix as keys/values (a view)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self._kb = self._vb = None
+        self._len = 0
+        self.keys = self.values = None
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        L = self._len
+        if self._kb is None or L + n > self._kb.shape[2]:
+            cap = max(L + n, 2 * (self._kb.shape[2] if self._kb is not None else 0), 16)
+            B, H, _, D = key_states.shape
+            kb = key_states.new_zeros(B, H, cap, D)
+            vb = value_states.new_zeros(B, H, cap, value_states.shape[-1])
+            if L:
+                kb[:, :, :L].copy_(self._kb[:, :, :L])
+                vb[:, :, :L].copy_(self._vb[:, :, :L])
+            self._kb, self._vb = kb, vb
+        self._kb[:, :, L:L + n].copy_(key_states)
+        self._vb[:, :, L:L + n].copy_(value_states)
+        self._len = L + n
+        self.keys = self._kb[:, :, : self._len]
+        self.values = self._vb[:, :, : self._len]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len if self.is_initialized else 0
+
+    # engine-side batch surgery -------------------------------------------------------
+    def set_rows(self, k: torch.Tensor, v: torch.Tensor, headroom: int = 16) -> None:
+        B, H, L, D = k.shape
+        self._kb = k.new_zeros(B, H, L + headroom, D)
+        self._vb = v.new_zeros(B, H, L + headroom, v.shape[-1])
+        self._kb[:, :, :L].copy_(k)
+        self._vb[:, :, :L].copy_(v)
+        self._len = L
+        self.keys = self._kb[:, :, :L]
+        self.values = self._vb[:, :, :L]
+        self.device, self.dtype, self.is_initialized = k.device, k.dtype, True
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._kb is not None:
+            self._kb = self._kb.index_select(0, indices)
+            self._vb = self._vb.index_select(0, indices)
+            self.keys = self._kb[:, :, : self._len]
+            self.values = self._vb[:, :, : self._len]
+
+    def trim_left(self, m: int) -> None:
+        if m and self._kb is not None:
+            self._kb = self._kb[:, :, m:]
+            self._vb = self._vb[:, :, m:]
+            self._len -= m
+            self.keys = self._kb[:, :, : self._len]
+            self.values = self._vb[:, :, : self._len]
+
+
+class EngineCache(DynamicCache):
+    """A DynamicCache whose layers are GrowLayer (full attention history per layer; sliding
+    windows are applied by the model's attention mask)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=GrowLayer)
+
+
+def merge_caches(a: EngineCache, a_pad: List[int], b: EngineCache, b_pad: List[int]):
+    """Rows of a then rows of b, left-padded to a common length. Returns (cache, pads)."""
+    La, Lb = a.get_seq_length(), b.get_seq_length()
+    L = max(La, Lb)
+    for la, lb in zip(a.layers, b.layers):
+        ka, va, kb, vb = la.keys, la.values, lb.keys, lb.values
+        Ba, Bb = ka.shape[0], kb.shape[0]
+        k = ka.new_zeros(Ba + Bb, ka.shape[1], L, ka.shape[3])
+        v = va.new_zeros(Ba + Bb, va.shape[1], L, va.shape[3])
+        k[:Ba, :, L - La:] = ka
+        v[:Ba, :, L - La:] = va
+        k[Ba:, :, L - Lb:] = kb
+        v[Ba:, :, L - Lb:] = vb
+        la.set_rows(k, v)
+    pads = [p + (L - La) for p in a_pad] + [p + (L - Lb) for p in b_pad]
+    return a, pads

@@ -1,0 +1,156 @@
+"""attach(model, pool): make the linears of any torch model multi-LoRA aware.
+
+Each selected nn.Linear (or transformers' GPT-2 style Conv1D, weight [in, out]) is replaced
+by a `LoRALinear` that wraps it unchanged and, when a ``pool.assign(names)`` is active in
+the calling thread/task, adds the batched LoRA term of every row's adapter:
+
+    y = base(x);   y[t] += scale[s_t] · (x[t] · A[s_t][:r]ᵀ) · B[s_t][:, :r]ᵀ   (lora_apply, in place)
+
+x: [rows, seq, H_in] (or any [..., H_in] whose leading size is a multiple of the rows),
+s_t = the slot of token t's row, -1 (base only) for rows assigned None.
+Without an active assignment, or when no loaded adapter targets the module, the layer is
+the base layer (bit for bit).
+
+Module names are the model's ``named_modules()`` names (plus an optional ``prefix``); they
+must equal the adapter's module names after PEFT's ``base_model.model.`` prefix is dropped,
+which is the case when `model` is the same class PEFT wrapped (e.g. LlamaForCausalLM).
+By default every linear except the output embedding (lm_head) is attached, so adapters
+loaded later can target any of them; ``target_modules`` (list of names/suffixes or a regex)
+narrows that.
+
+Gradients: serving runs under no_grad/inference_mode and adds into the base output in place.
+With grad mode on, the LoRA term is added out of place so gradients still reach the base
+weights (the adapters themselves are constants here).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._kernels import lora_apply
+from .pool import AdapterPool
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D: y = x @ weight + bias, weight [in, out]
+    return type(m).__name__ == "Conv1D" and hasattr(m, "weight") and getattr(m, "weight").dim() == 2
+
+
+def _features(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    w = m.weight
+    return w.shape[0], w.shape[1]
+
+
+class LoRALinear(nn.Module):
+    """A base linear plus the per-row LoRA of its pool (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, pool: AdapterPool, key: str):
+        super().__init__()
+        self.base = base
+        self.key = key
+        self.in_features, self.out_features = _features(base)
+        object.__setattr__(self, "_pool", pool)  # not a submodule: no state_dict entries
+
+    @property
+    def pool(self) -> AdapterPool:
+        return self._pool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        asg = self._pool._current.get()
+        if asg is None or not asg.any_adapter:
+            return y
+        t = self._pool._tables.get(self.key)
+        if t is None:
+            return y
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.key}: input has {x.shape[-1]} features, expected {self.in_features}")
+        ts = asg.token_slot(tuple(x.shape[:-1]))
+        x2 = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and y.requires_grad:
+            delta = torch.zeros(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
+            with torch.no_grad():
+                lora_apply(x2.detach(), t.A, t.B, ts, t.ranks, t.scales, delta, validate=False)
+            return y + delta.view(y.shape)
+        if not y.is_contiguous():
+            y = y.contiguous()
+        # slots come from the pool and ranks from its own tables: already valid, so skip
+        # the value checks (a device->host sync on GPUs)
+        lora_apply(x2, t.A, t.B, ts, t.ranks, t.scales, y.view(-1, self.out_features), validate=False)
+        return y
+
+
+def _selected(name: str, target_modules) -> bool:
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def attach(model: nn.Module, pool: AdapterPool, *, target_modules: Union[None, str, Sequence[str]] = None,
+           exclude: Sequence[str] = ("lm_head",), prefix: str = "") -> List[str]:
+    """Swap the model's linears for LoRALinear wrappers bound to `pool`; return their names.
+
+    The model must already live on pool.device. Adapters already in the pool are checked
+    against the model's module names and shapes (ValueError naming the module otherwise).
+    """
+    out_emb = None
+    if hasattr(model, "get_output_embeddings"):
+        try:
+            out_emb = model.get_output_embeddings()
+        except Exception:  # some models raise NotImplementedError
+            out_emb = None
+    chosen: Dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            raise ValueError(f"model already has LoRALinear modules ({name}); call detach(model) first")
+        if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or mod is out_emb:
+            continue
+        if name.rsplit(".", 1)[-1] in exclude or not _selected(name, target_modules):
+            continue
+        if any(name.startswith(c + ".") for c in chosen):
+            continue
+        dev = mod.weight.device
+        if dev.type != pool.device.type or (dev.index is not None and pool.device.index is not None
+                                            and dev.index != pool.device.index):
+            raise ValueError(f"module {name} is on {dev} but the adapter pool is on {pool.device}; "
+                             "move the model to the pool's device first")
+        chosen[name] = mod
+    if not chosen:
+        raise ValueError("attach(): no nn.Linear modules selected in the model "
+                         f"(target_modules={target_modules!r}, exclude={tuple(exclude)})")
+    pool.register_modules({prefix + n: _features(m) for n, m in chosen.items()})
+    for name, mod in chosen.items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, LoRALinear(mod, pool, prefix + name))
+    return [prefix + n for n in chosen]
+
+
+def detach(model: nn.Module) -> int:
+    """Put the original linears back; returns how many were restored."""
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, mod.base)
+            n += 1
+    return n

@@ -1,0 +1,474 @@
+"""Engine: continuous-batching generation over a LoRA-attached causal LM.
+
+    engine = Engine(model, pool, tokenizer=None)
+    results = engine.generate([Request(prompt=[1, 2, 3], adapter="sql"), Request("hi", adapter=None), ...])
+
+Scheduling (one `step()`):
+  1. every running sequence decodes one token, all rows in one forward: input [B, 1], each
+     row with its own adapter through ``pool.assign(names)``;
+  2. waiting requests join while there is room (``max_batch_size``) and their adapter is
+     resident; a request whose adapter is evicted triggers its reload and waits without
+     stalling the running batch (head-of-line blocking is avoided: later requests whose
+     adapters are ready join first). Joining requests are prefilled together in one
+     left-padded forward and their KV rows are appended to the running cache;
+  3. finished sequences leave (their KV rows are dropped, common left padding trimmed).
+
+KV cache: one transformers Cache for the whole running batch, rows left-padded to a common
+length L. Each row r keeps pad[r] leading masked slots, so its attention mask is
+``col >= pad[r]`` and its next position id is ``L - pad[r]`` (the number of real tokens),
+which makes the padding invisible to the result. The cache layers keep capacity headroom
+so a decode step writes one column in place instead of re-concatenating the whole cache.
+
+Sampling per request: temperature 0 -> greedy (argmax); otherwise softmax(logits / T),
+restricted to the smallest set of most likely tokens whose probability reaches top_p
+(nucleus), drawn with the request's own torch.Generator seeded by ``seed`` (reproducible
+whatever else is in the batch). Stops: ``stop_token_ids``, the model's EOS (unless
+``ignore_eos``), text ``stop`` strings (needs a tokenizer; the text is cut before the stop
+string), or ``max_new_tokens`` (finish_reason "length"). A stop token is not included in
+``token_ids``/``text``.
+
+Threading: `submit` may be called from any thread; `step` runs one thread at a time (an
+internal lock serialises callers); `run_forever` is the loop the HTTP server uses.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, List, Optional, Sequence, Union
+
+import torch
+from .pool import AdapterNotReadyError, AdapterPool
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Request:
+    """One generation request. `prompt` is token ids, or text when the engine has a tokenizer."""
+
+    prompt: Union[str, Sequence[int]]
+    adapter: Optional[str] = None
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    request_id: Optional[str] = None
+
+
+@dataclass
+class Result:
+    request_id: str
+    adapter: Optional[str]
+    prompt_token_ids: List[int]
+    token_ids: List[int]
+    text: Optional[str]
+    finish_reason: str  # "stop" | "length" | "error" | "cancelled"
+    error: Optional[str] = None
+    time_to_first_token_s: float = 0.0
+    latency_s: float = 0.0
+    queue_s: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first divided by the time after the first (the decode rate)."""
+        dt = self.latency_s - self.time_to_first_token_s
+        return (len(self.token_ids) - 1) / dt if len(self.token_ids) > 1 and dt > 0 else 0.0
+
+
+class Handle:
+    """A submitted request: `tokens` grows as they are generated; `events` receives each
+    new token id and finally None; `result()` waits for the end."""
+
+    def __init__(self, request: Request, request_id: str, prompt_ids: List[int]):
+        self.request = request
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.tokens: List[int] = []
+        self.events: "queue.Queue[Optional[int]]" = queue.Queue()
+        self._done = threading.Event()
+        self._result: Optional[Result] = None
+        self._finish_reason: Optional[str] = None
+        self._stops: List[str] = []
+        self.cancelled = False
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: Optional[float] = None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        return self._result
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Seq:
+    handle: Handle
+    adapter: Optional[str]
+    stop_ids: frozenset
+    generator: Optional[torch.Generator]
+    t_submit: float
+    t_admit: float = 0.0
+    t_first: float = 0.0
+    held: bool = False  # holds a pool reference on its adapter
+    text: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token from fp32 CPU logits [V] (see module docstring)."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, idx = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sp, 0)
+        keep = (cum - sp) < top_p  # keep a token while the mass before it is below top_p
+        keep[0] = True
+        sp = torch.where(keep, sp, torch.zeros_like(sp))
+        j = int(torch.multinomial(sp, 1, generator=gen))
+        return int(idx[j])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Engine:
+    """Continuous-batching generation with per-request LoRA adapters (module docstring).
+
+    Args:
+        model: a transformers causal LM already `attach()`-ed to `pool`, on pool.device.
+        pool: the AdapterPool.
+        tokenizer: optional; enables text prompts, `text` in results and text stops.
+        max_batch_size: most sequences decoded together.
+        max_seq_len: longest prompt + generation (default: config.max_position_embeddings).
+    """
+
+    def __init__(self, model, pool: AdapterPool, tokenizer=None, *, max_batch_size: int = 32,
+                 max_seq_len: Optional[int] = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        from . import _kv  # needs transformers; imported here so `lfm_engine.serve` imports without it
+
+        self._kv = _kv
+        self.model = model.eval()
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.max_batch_size = int(max_batch_size)
+        cfg = getattr(model, "config", None)
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
+        self.max_seq_len = int(max_seq_len or getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        if eos is None:
+            gcfg = getattr(model, "generation_config", None)
+            eos = getattr(gcfg, "eos_token_id", None) if gcfg is not None else None
+            if eos is None:
+                eos = getattr(cfg, "eos_token_id", None)
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        params = inspect.signature(model.forward).parameters
+        self._has_logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.2x names the cache argument `cache` (past_key_values is deprecated)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._submit_lock = threading.Lock()
+        self._step_lock = threading.Lock()
+        self._wake = threading.Condition(self._submit_lock)
+        self._waiting: Deque[_Seq] = deque()
+        self._running: List[_Seq] = []
+        self._cache = None  # _kv.EngineCache of the running rows
+        self._pads: List[int] = []
+        self._ids = itertools.count()
+        self._stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, generated_tokens=0, finished=0,
+                           busy_s=0.0, batch_rows=0)
+
+    # ------------------------------------------------------------------ submission
+
+    def _prompt_ids(self, prompt) -> List[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise ValueError("prompt must be a string or a list of integer token ids") from None
+            if any(isinstance(t, bool) or not float(t).is_integer() for t in prompt):
+                raise ValueError("prompt token ids must be integers")
+        if not ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request (validated now: ValueError / KeyError for bad input)."""
+        r = request
+        if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
+        if not (isinstance(r.temperature, (int, float)) and r.temperature >= 0 and r.temperature == r.temperature):
+            raise ValueError(f"temperature must be a number >= 0, got {r.temperature!r}")
+        if not (isinstance(r.top_p, (int, float)) and 0 < r.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {r.top_p!r}")
+        if r.seed is not None and not isinstance(r.seed, int):
+            raise ValueError(f"seed must be an integer, got {r.seed!r}")
+        if r.stop and self.tokenizer is None:
+            raise ValueError("text stop strings need a tokenizer; use stop_token_ids")
+        stops = [r.stop] if isinstance(r.stop, str) else list(r.stop)
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of them")
+        try:
+            stop_ids = {int(t) for t in r.stop_token_ids}
+        except (TypeError, ValueError):
+            raise ValueError("stop_token_ids must be integers") from None
+        ids = self._prompt_ids(r.prompt)
+        if len(ids) + r.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the "
+                             f"model's maximum sequence length {self.max_seq_len}")
+        if r.adapter is not None and r.adapter not in self.pool:
+            raise KeyError(f"no adapter named {r.adapter!r} (known: {sorted(self.pool.names())})")
+        if not r.ignore_eos:
+            stop_ids |= self.eos_ids
+        gen = None
+        if r.temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        rid = r.request_id or f"req-{next(self._ids)}"
+        h = Handle(r, rid, ids)
+        h._stops = stops
+        seq = _Seq(handle=h, adapter=r.adapter, stop_ids=frozenset(stop_ids), generator=gen, t_submit=time.perf_counter())
+        with self._submit_lock:
+            self._waiting.append(seq)
+            self._wake.notify_all()
+        return h
+
+    def generate(self, requests: Sequence[Union[Request, dict]]) -> List[Result]:
+        """Run the requests to completion with continuous batching; results in input order."""
+        handles = [self.submit(r if isinstance(r, Request) else Request(**r)) for r in requests]
+        t0 = time.perf_counter()
+        while not all(h.done() for h in handles):
+            if self.step() == 0 and not all(h.done() for h in handles):
+                time.sleep(0.002)  # nothing runnable: waiting for an adapter load
+        self.last_generate_s = time.perf_counter() - t0
+        return [h.result() for h in handles]
+
+    def has_work(self) -> bool:
+        with self._submit_lock:
+            return bool(self._waiting) or bool(self._running)
+
+    def run_forever(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
+        """Step while there is work; sleep on new submissions otherwise; return when `stop` is set."""
+        while not stop.is_set():
+            if self.step() == 0:
+                with self._submit_lock:
+                    # requests waiting for an adapter load: poll soon; otherwise sleep until a submit
+                    self._wake.wait(min(idle_wait, 0.005) if self._waiting else idle_wait)
+
+    def stats(self) -> dict:
+        """Aggregate counters: steps, prefill/decode/generated tokens, finished requests,
+        busy seconds inside step(), generated tokens per busy second, mean decode batch."""
+        s = dict(self._stats)
+        s["tokens_per_s"] = s["generated_tokens"] / s["busy_s"] if s["busy_s"] > 0 else 0.0
+        s["mean_batch"] = s["batch_rows"] / s["steps"] if s["steps"] else 0.0
+        s["running"] = len(self._running)
+        s["waiting"] = len(self._waiting)
+        return s
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> int:
+        """One scheduling step (module docstring). Returns the number of sequences that ran a
+        forward in it (0: idle, or every waiting request waits for its adapter)."""
+        with self._step_lock:
+            t0 = time.perf_counter()
+            n = len(self._running)
+            if n:
+                self._guarded(self._decode)
+            joined = self._admit()
+            if joined:
+                self._guarded(lambda: self._prefill(joined), joined)
+                n += len(joined)
+            if n:
+                self._stats["busy_s"] += time.perf_counter() - t0
+            return n
+
+    def _guarded(self, fn: Callable[[], None], extra: Sequence[_Seq] = ()) -> None:
+        # A failing forward (out of memory, a broken adapter...) ends the affected requests
+        # with an error instead of killing the serving loop.
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            victims = list(self._running) + [s for s in extra if s not in self._running]
+            self._running, self._cache, self._pads = [], None, []
+            for s in victims:
+                self._finish(s, "error", f"{type(e).__name__}: {e}")
+
+    def _admit(self) -> List[_Seq]:
+        room = self.max_batch_size - len(self._running)
+        joined: List[_Seq] = []
+        with self._submit_lock:
+            keep: Deque[_Seq] = deque()
+            while self._waiting:
+                s = self._waiting.popleft()
+                if s.handle.cancelled:
+                    self._finish(s, "cancelled")
+                    continue
+                if len(joined) >= room:
+                    keep.append(s)
+                    continue
+                if s.adapter is not None:
+                    try:
+                        ok = self.pool.try_acquire(s.adapter)
+                    except (KeyError, AdapterNotReadyError) as e:
+                        self._finish(s, "error", str(e))
+                        continue
+                    if not ok:
+                        keep.append(s)  # loading: others go ahead
+                        continue
+                    s.held = True
+                s.t_admit = time.perf_counter()
+                joined.append(s)
+            self._waiting = keep
+        return joined
+
+    def _forward(self, seqs: Sequence[_Seq], input_ids, attention_mask, position_ids, cache, last_only: bool):
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        kw[self._cache_kw] = cache
+        if last_only and self._has_logits_to_keep:
+            kw["logits_to_keep"] = 1
+        with torch.inference_mode(), self.pool.assign([s.adapter for s in seqs]):
+            out = self.model(**kw)
+        return out.logits[:, -1, :]
+
+    def _decode(self) -> None:
+        seqs = self._running
+        dev = self.pool.device
+        B = len(seqs)
+        L = self._cache.get_seq_length()
+        pads = torch.tensor(self._pads, dtype=torch.long)
+        ids = torch.tensor([s.handle.tokens[-1] for s in seqs], dtype=torch.long).view(B, 1)
+        mask = (torch.arange(L + 1)[None, :] >= pads[:, None]).long()
+        pos = (L - pads).view(B, 1)
+        logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), self._cache, last_only=False)
+        self._stats["steps"] += 1
+        self._stats["batch_rows"] += B
+        self._stats["decode_tokens"] += B
+        self._emit(seqs, logits)
+        self._retire()
+
+    def _prefill(self, seqs: List[_Seq]) -> None:
+        dev = self.pool.device
+        lens = [len(s.handle.prompt_ids) for s in seqs]
+        L = max(lens)
+        pads = [L - n for n in lens]
+        ids = torch.zeros(len(seqs), L, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, pads[i]:] = torch.tensor(s.handle.prompt_ids, dtype=torch.long)
+        p = torch.tensor(pads, dtype=torch.long)
+        cols = torch.arange(L)[None, :]
+        mask = (cols >= p[:, None]).long()
+        pos = (cols - p[:, None]).clamp(min=0)
+        cache = self._kv.EngineCache()
+        logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), cache, last_only=True)
+        self._stats["prefill_tokens"] += sum(lens)
+        if self._running:
+            self._cache, self._pads = self._kv.merge_caches(self._cache, self._pads, cache, pads)
+        else:
+            self._cache, self._pads = cache, pads
+        self._running = self._running + seqs
+        self._emit(seqs, logits)
+        self._retire()
+
+    def _emit(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> None:
+        """Pick each row's next token and record it (or the stop)."""
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        cpu = None
+        now = time.perf_counter()
+        for i, s in enumerate(seqs):
+            r = s.handle.request
+            if r.temperature > 0:
+                if cpu is None:
+                    cpu = logits.float().cpu()
+                tok = _sample(cpu[i], float(r.temperature), float(r.top_p), s.generator)
+            else:
+                tok = greedy[i]
+            if not s.t_first:
+                s.t_first = now
+            if tok in s.stop_ids:
+                s.handle._finish_reason = "stop"
+                continue
+            s.handle.tokens.append(tok)
+            s.handle.events.put(tok)
+            self._stats["generated_tokens"] += 1
+            if s.handle._stops:
+                text = self.tokenizer.decode(s.handle.tokens, skip_special_tokens=True)
+                cut = min((text.find(x) for x in s.handle._stops if x in text), default=-1)
+                if cut >= 0:
+                    s.text = text[:cut]
+                    s.handle._finish_reason = "stop"
+                    continue
+            if len(s.handle.tokens) >= r.max_new_tokens:
+                s.handle._finish_reason = "length"
+            elif s.handle.cancelled:
+                s.handle._finish_reason = "cancelled"
+
+    def _retire(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if s.handle._finish_reason is None]
+        if len(keep) == len(self._running):
+            return
+        done = [s for s in self._running if s.handle._finish_reason is not None]
+        if keep:
+            idx = torch.tensor(keep, dtype=torch.long, device=self.pool.device)
+            for layer in self._cache.layers:
+                layer.batch_select_indices(idx)
+            pads = [self._pads[i] for i in keep]
+            m = min(pads)
+            if m:
+                for layer in self._cache.layers:
+                    layer.trim_left(m)
+                pads = [p - m for p in pads]
+            self._running = [self._running[i] for i in keep]
+            self._pads = pads
+        else:
+            self._running, self._cache, self._pads = [], None, []
+        for s in done:
+            self._finish(s, s.handle._finish_reason)
+
+    def _finish(self, s: _Seq, reason: str, error: Optional[str] = None) -> None:
+        h = s.handle
+        if s.held:
+            s.held = False
+            try:
+                self.pool.release(s.adapter)
+            except RuntimeError:
+                pass  # the adapter was force-dropped; nothing to release
+        now = time.perf_counter()
+        text = s.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(h.tokens, skip_special_tokens=True)
+        start = s.t_admit or now
+        h._result = Result(request_id=h.request_id, adapter=s.adapter, prompt_token_ids=list(h.prompt_ids),
+                           token_ids=list(h.tokens), text=text, finish_reason=reason, error=error,
+                           time_to_first_token_s=(s.t_first - s.t_submit) if s.t_first else 0.0,
+                           latency_s=now - s.t_submit, queue_s=start - s.t_submit)
+        if reason in ("stop", "length"):
+            self._stats["finished"] += 1
+        h.events.put(None)
+        h._done.set()

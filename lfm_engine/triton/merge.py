@@ -1,0 +1,695 @@
+"""Triton backend of the fused sparsify-and-merge (spec/merge.md), bit-compatible with the CPU kernel.
+
+Entry point: ``merge_triton(base, others, out, params)``; ``lfm_engine.ops.merge`` calls it
+for ``backend="triton"``. Shapes: ``base`` (None only for ``linear``), every ``others[i]``
+and ``out`` hold the same n elements, contiguous, on one device (CUDA, or the CPU when
+``TRITON_INTERPRET=1``). Inputs may mix float32/float16/bfloat16; ``out`` has any of them.
+
+The definition shared with the CPU and CUDA kernels (so masks are bit-identical):
+
+* delta_i = fp32(x_i) - fp32(b), one fp32 rounding; selections use v = bits(|delta_i|)
+  as an unsigned integer (non-negative floats order like their bit patterns).
+* magnitude: keep the k = max(1, floor(d*n)) largest v, ties at the cut: lower flat
+  index first. breadcrumbs: order (v, index) ascending, keep positions
+  n_bot .. n_bot+target-1. Both are found by radix select: a histogram of the high 16
+  bits of v, then of the low 16 bits among the elements of the chosen high bin (global
+  atomic counts, exact integers, so deterministic), and, when only part of the equal
+  values at a cut is kept, a tie pass: per-block counts of v == cut, a prefix sum, and a
+  block-local cumulative sum that yields the flat index of the n-th tie.
+* DARE: keep e iff philox(e) < floor(d * 2^32); DELLA: rows = shape[0] (1-D: one row),
+  rank r (0-based) of (v, column) in its row, p = (d - eps) + (2 eps) * (r / (cols - 1))
+  evaluated in double on the host into a [K, cols] threshold table, keep iff
+  philox(e) < floor(p * 2^32). Philox4x32-10 with key (seed lo, seed hi), counter
+  (q lo, q hi, stream, 0), q = e >> 2, word e & 3; the stream ids come from
+  ``lfm_engine.reference.philox.stream_id`` (FNV-1a of the tensor name ^ position << 24).
+  Rows with cols <= ``SORT_MAX_COLS`` are ranked by an in-register ``tl.sort`` of the
+  64-bit keys (v << 32 | column); longer rows use ``torch.sort`` for the order and a
+  Triton kernel for the draws.
+* rescale "l1": per-block float64 partial sums of |delta| and of the kept |delta|,
+  summed in float64; factor = ||delta||_1 / ||delta'||_1 (skipped below 1e-7), used as
+  fp32. "inverse_density": 1/d.
+* the merge pass (one kernel, reads base and the K models once per block and writes
+  ``out``), the CPU kernel's arithmetic step by step: dd_i = keep ? delta_i * f_i : 0 in
+  float64 (f_i the float64 factor), dp_i = fp32(dd_i); consensus: S = sum_i w_i dd_i in
+  float64 (w_i = 1 when unweighted), entry i takes part iff sign(w_i dp_i) (or sign(dp_i))
+  equals (S >= 0 ? +1 : -1), mixed = sum_i part_i fp32(w_i dp_i) in fp32,
+  div = sum_i part_i w_i (or part_i) in float64, normalise as
+  mixed = fp32(mixed / (|div| < 1e-8 ? 1 : div)); without consensus
+  mixed = fma(w_i, dp_i, mixed) in fp32, normalise by multiplying with
+  fp32(1 / sum_i w_i); out = fma(lam, mixed, b) (linear: mixed), rounded to out's dtype.
+  The CPU kernel's x86-64-v3 loops use FMA exactly at those places (its baseline x86-64
+  loops round twice, so CPUs without AVX2 differ by an ulp there). Other FMA contraction
+  is disabled on the GPU. So outputs equal the CPU kernel's (v3 path) bit for bit except
+  where the L1 factor's float64 sums differ in summation order, and, under the
+  interpreter, in rare double-rounding cases of the emulated fp32 FMA.
+
+NaN/Inf in the base or a model (or a task vector overflowing fp32) raises ValueError
+naming the tensor and the element, like the CPU kernel. Tensors must have fewer than
+2^31 elements (int32 offsets and counts); larger ones raise ValueError.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from lfm_engine.merge_params import (
+    RESCALE_INVERSE_DENSITY,
+    RESCALE_L1,
+    SPARSIFY_DELLA,
+    SPARSIFY_MAGNITUDE,
+    SPARSIFY_MAGNITUDE_OUTLIERS,
+    SPARSIFY_NONE,
+    SPARSIFY_RANDOM,
+    MergeParams,
+)
+from lfm_engine.reference.philox import keep_threshold, stream_id
+
+BLOCK = 1024            # elements per program in the streaming kernels (multiple of 4)
+SORT_MAX_COLS = 16384   # rows up to this many columns are ranked by tl.sort in registers
+_NO_LIMIT = (1 << 62)   # "no bound" for the element-index limits of a cut
+_L1_SKIP = 1e-7
+_DIVISOR_EPS = 1e-8
+
+# sparsifier codes of the kernels
+_SP_NONE, _SP_CUT, _SP_RANDOM, _SP_DELLA = 0, 1, 2, 3
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch_opts() -> dict:
+    # No FMA contraction on the GPU: b + lam * mixed and w * x + S must round like the
+    # CPU kernel's separate multiply and add. The interpreter (numpy) never fuses.
+    return {} if _interpret() else {"enable_fp_fusion": False}
+
+
+# ------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors (any broadcastable shapes); returns the 4 words."""
+    M0 = tl.full([], 0xD2511F53, tl.uint32)
+    M1 = tl.full([], 0xCD9E8D57, tl.uint32)
+    W0 = tl.full([], 0x9E3779B9, tl.uint32)
+    W1 = tl.full([], 0xBB67AE85, tl.uint32)
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(M0, c0)
+        lo0 = M0 * c0
+        hi1 = tl.umulhi(M1, c2)
+        lo1 = M1 * c2
+        n0 = hi1 ^ c1 ^ k0
+        n2 = hi0 ^ c3 ^ k1
+        c0 = n0
+        c1 = lo1
+        c2 = n2
+        c3 = lo0
+        k0 = k0 + W0
+        k1 = k1 + W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _draw(e, stream, seed_lo, seed_hi):
+    """The 32-bit draw (as int64) of flat element e (int64 tensor) of one stream."""
+    q = e >> 2
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (q >> 32).to(tl.uint32)
+    # scalars go through an int64 tensor: a kernel argument equal to 1 may arrive as a
+    # constexpr (Triton's specialisation), which has no .to()
+    z = tl.zeros_like(q)
+    c2 = (z + stream).to(tl.uint32)
+    c3 = tl.zeros_like(c0)
+    k0 = (z + seed_lo).to(tl.uint32)
+    k1 = (z + seed_hi).to(tl.uint32)
+    r0, r1, r2, r3 = _philox(c0, c1, c2, c3, k0, k1)
+    w = e & 3
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return r.to(tl.int64)
+
+
+@triton.jit
+def _absbits(delta):
+    """bits(|delta|) as int64 (non-negative floats order like these integers)."""
+    return (delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _load_delta(b_ptr, x_ptr, offs, m, HAS_BASE: tl.constexpr):
+    """(delta, nonfinite flags) for elements offs; delta = fp32(x) - fp32(b)."""
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        d = x - b
+        bad = ((d.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000) | \
+              ((b.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000)
+    else:
+        d = x
+        bad = (d.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+    return d, bad & m
+
+
+@triton.jit
+def _report_bad(bad_ptr, bad, offs):
+    first = tl.min(tl.where(bad, offs.to(tl.int64), 0x7FFFFFFFFFFFFFFF))
+    tl.atomic_min(bad_ptr, first)
+
+
+@triton.jit
+def _keep(i, delta, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS: tl.constexpr):
+    """Keep flags of model i for elements e (int64) with task vector delta."""
+    if SPARS == 1:
+        v = _absbits(delta)
+        lo_v = tl.load(cut_ptr + i * 6 + 0)
+        hi_v = tl.load(cut_ptr + i * 6 + 1)
+        lo_emin = tl.load(cut_ptr + i * 6 + 2)
+        lo_emax = tl.load(cut_ptr + i * 6 + 3)
+        hi_emin = tl.load(cut_ptr + i * 6 + 4)
+        hi_emax = tl.load(cut_ptr + i * 6 + 5)
+        k = (v >= lo_v) & (v <= hi_v)
+        k = k & ((v != lo_v) | ((e >= lo_emin) & (e <= lo_emax)))
+        k = k & ((v != hi_v) | ((e >= hi_emin) & (e <= hi_emax)))
+    elif SPARS == 2:
+        thr = tl.load(rnd_ptr + i * 2 + 0)
+        stream = tl.load(rnd_ptr + i * 2 + 1)
+        k = _draw(e, stream, seed_lo, seed_hi) < thr
+    elif SPARS == 3:
+        k = tl.load(mask_ptr + i * n + e, mask=e < n, other=0) != 0
+    else:
+        k = e >= 0
+    return k
+
+
+# ------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _hist_kernel(b_ptr, x_ptr, hist_ptr, bad_ptr, n, hb,
+                 LOW: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    """Radix histogram of v = bits(|delta|): high 16 bits (LOW=False) or, among the
+    elements whose high 16 bits equal hb, the low 16 bits (LOW=True)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    d, bad = _load_delta(b_ptr, x_ptr, offs, m, HAS_BASE)
+    _report_bad(bad_ptr, bad, offs)
+    v = _absbits(d)
+    if LOW:
+        sel = m & ((v >> 16) == hb)
+        binv = v & 0xFFFF
+    else:
+        sel = m
+        binv = v >> 16
+    tl.atomic_add(hist_ptr + binv, tl.full([BLOCK], 1, tl.int32), mask=sel)
+
+
+@triton.jit
+def _tie_count_kernel(b_ptr, x_ptr, cnt_ptr, n, value, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    """cnt[block] = number of elements of the block with v == value."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    d, bad = _load_delta(b_ptr, x_ptr, offs, m, HAS_BASE)
+    eq = m & (_absbits(d) == value)
+    tl.store(cnt_ptr + pid, tl.sum(eq.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _tie_locate_kernel(b_ptr, x_ptr, res_ptr, n, value, blk, ordinal, HAS_BASE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """res = flat index of the `ordinal`-th (0-based, within block blk) element with v == value."""
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    d, bad = _load_delta(b_ptr, x_ptr, offs, m, HAS_BASE)
+    eq = m & (_absbits(d) == value)
+    c = tl.cumsum(eq.to(tl.int32), axis=0)
+    hit = eq & (c == ordinal + 1)
+    tl.store(res_ptr + tl.zeros([BLOCK], tl.int32), offs.to(tl.int64), mask=hit)
+
+
+@triton.jit
+def _l1_kernel(b_ptr, x_ptr, part_ptr, i, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi,
+               SPARS: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    """part[0, block] = sum |delta| and part[1, block] = sum of kept |delta|, in float64."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    d, bad = _load_delta(b_ptr, x_ptr, offs, m, HAS_BASE)
+    k = _keep(i, d, offs.to(tl.int64), cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS) & m
+    a = tl.abs(d).to(tl.float64)
+    a = tl.where(m, a, 0.0)
+    tl.store(part_ptr + pid, tl.sum(a, axis=0))
+    tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(tl.where(k, a, 0.0), axis=0))
+
+
+@triton.jit
+def _della_sort_kernel(b_ptr, x_ptr, thr_ptr, mask_ptr, bad_ptr, i, stream, n, rows, cols, seed_lo, seed_hi,
+                       HAS_BASE: tl.constexpr, R: tl.constexpr, COLS_P2: tl.constexpr):
+    """R rows of model i: rank (v, column) by an in-register sort, draw, store keep bytes."""
+    row = tl.program_id(0) * R + tl.arange(0, R)[:, None]
+    j = tl.arange(0, COLS_P2)[None, :]
+    m = (j < cols) & (row < rows)
+    offs = row * cols + j
+    d, bad = _load_delta(b_ptr, x_ptr, offs, m, HAS_BASE)
+    _report_bad(bad_ptr, bad, offs)
+    key = (_absbits(d) << 32) | j.to(tl.int64)
+    key = tl.where(m, key, 0x7FFFFFFFFFFFFFFF)  # padding sorts last
+    key = tl.sort(key, dim=1)
+    # sorted position r of a row holds its rank r (0-based), column jr
+    jr = key & 0xFFFFFFFF
+    thr = tl.load(thr_ptr + j + row * 0, mask=m, other=0)
+    e = row.to(tl.int64) * cols + jr
+    keep = _draw(e, stream, seed_lo, seed_hi) < thr
+    tl.store(mask_ptr + i * n + e, keep.to(tl.uint8), mask=m)
+
+
+@triton.jit
+def _della_apply_kernel(order_ptr, thr_ptr, mask_ptr, i, stream, n, cols, seed_lo, seed_hi,
+                        BLOCK: tl.constexpr):
+    """Long rows: order[row, r] = column of rank r (from torch.sort); draw and store keep bytes."""
+    row = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = r < cols
+    jr = tl.load(order_ptr + row.to(tl.int64) * cols + r, mask=m, other=0)
+    thr = tl.load(thr_ptr + r, mask=m, other=0)
+    e = row.to(tl.int64) * cols + jr
+    keep = _draw(e, stream, seed_lo, seed_hi) < thr
+    tl.store(mask_ptr + i * n + e, keep.to(tl.uint8), mask=m)
+
+
+@triton.jit
+def _fma32(a, b, c, INTERP: tl.constexpr):
+    """a * b + c in fp32 with one rounding, like the CPU kernel's FMA (x86-64-v3) loops.
+    The interpreter's tl.fma rounds twice, so it goes through float64 there (the exact
+    product plus c, rounded to double then to float: equal to the fused result except
+    in rare double-rounding cases)."""
+    if INTERP:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def _fma64(a, b, c, INTERP: tl.constexpr):
+    """a * b + c in float64 with one rounding (the CPU kernel's v3 loops fuse here; the
+    sign of the elected-sign sum S depends on it when the terms cancel). The interpreter
+    has no fused float64 multiply-add, so it uses the error-free transformations
+    (Dekker's product with Veltkamp splitting, Knuth's two-sum): exact sign, and the
+    fused value except in rare last-bit cases."""
+    if INTERP:
+        p = a * b
+        ca = a * 134217729.0
+        ah = ca - (ca - a)
+        al = a - ah
+        cb = b * 134217729.0
+        bh = cb - (cb - b)
+        bl = b - bh
+        err = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+        s = p + c
+        bb = s - p
+        t = (p - (s - bb)) + (c - bb)
+        return s + (t + err)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def _merge_kernel(b_ptr, xs, out_ptr, wf_ptr, wd_ptr, ff_ptr, cut_ptr, rnd_ptr, mask_ptr, bad_ptr,
+                  n, seed_lo, seed_hi, inv_plain_div, lam,
+                  K: tl.constexpr, SPARS: tl.constexpr, CONSENSUS: tl.constexpr,
+                  NORMALIZE: tl.constexpr, UNWEIGHTED: tl.constexpr, DCOUNT: tl.constexpr,
+                  HAS_BASE: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """The fused merge pass over one block (see the module docstring for the formula).
+
+    wf: fp32 weights, wd: float64 weights, ff: float64 rescale factors (as the CPU kernel).
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    e = offs.to(tl.int64)
+    if HAS_BASE:
+        b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    mixed = tl.zeros([BLOCK], tl.float32)
+    bad = offs < 0
+    if CONSENSUS:
+        # first sweep: the elected sign needs S = sum_i we_i * dp_i over all models, float64
+        S = tl.zeros([BLOCK], tl.float64)
+        div = tl.zeros([BLOCK], tl.float64)
+        for i in tl.static_range(K):
+            d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
+            bad = bad | bd
+            k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
+            dd = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0)
+            if UNWEIGHTED:
+                S = S + dd
+            else:
+                S = _fma64(tl.zeros_like(dd) + tl.load(wd_ptr + i), dd, S, INTERP)
+        for i in tl.static_range(K):
+            d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
+            k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
+            dp = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0).to(tl.float32).to(tl.float64)
+            w = tl.load(wf_ptr + i).to(tl.float64)
+            t = (w * dp).to(tl.float32)  # exact product, one rounding: the fp32 product
+            if UNWEIGHTED:
+                sg = dp
+            else:
+                sg = w * dp
+            part = tl.where(S >= 0.0, sg > 0.0, sg < 0.0)
+            mixed = mixed + tl.where(part, t, 0.0)
+            if DCOUNT:
+                div = div + tl.where(part, 1.0, 0.0).to(tl.float64)
+            else:
+                div = div + tl.where(part, tl.load(wd_ptr + i), 0.0)
+        if NORMALIZE:
+            # |divisor| < 1e-8 -> 1, divided in float64 like the CPU kernel
+            mixed = (mixed.to(tl.float64) / tl.where(tl.abs(div) < 1e-8, 1.0, div)).to(tl.float32)
+    else:
+        for i in tl.static_range(K):
+            d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
+            bad = bad | bd
+            if SPARS != 0:
+                k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
+                d = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0).to(tl.float32)
+            mixed = _fma32(tl.zeros_like(d) + tl.load(wf_ptr + i), d, mixed, INTERP)
+        if NORMALIZE:
+            mixed = mixed * inv_plain_div
+    _report_bad(bad_ptr, bad, offs)
+    if HAS_BASE:
+        o = _fma32(tl.zeros_like(mixed) + lam, mixed, b, INTERP)
+    else:
+        o = mixed
+    tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------
+# host orchestration
+
+
+class _Ctx:
+    """Per-call state: inputs, device scratch and the error flag."""
+
+    def __init__(self, base, xs, params: MergeParams):
+        self.base = base
+        self.xs = xs
+        self.p = params
+        self.n = xs[0].numel()
+        self.dev = xs[0].device
+        self.K = len(xs)
+        self.has_base = base is not None
+        self.nblocks = triton.cdiv(self.n, BLOCK)
+        self.bad = torch.full((1,), self.n, dtype=torch.int64, device=self.dev)
+        self.seed_lo = params.seed & 0xFFFFFFFF
+        self.seed_hi = (params.seed >> 32) & 0xFFFFFFFF
+        self.streams = [stream_id(params.name, pos) for pos in params.model_positions]
+        self.dummy_i64 = torch.zeros(8, dtype=torch.int64, device=self.dev)
+        self.dummy_u8 = torch.zeros(8, dtype=torch.uint8, device=self.dev)
+
+    def bptr(self):
+        # a never-read placeholder when there is no base (the HAS_BASE branch is compiled out)
+        return self.base if self.has_base else self.xs[0]
+
+    def check_bad(self) -> None:
+        e = int(self.bad.item())
+        if e >= self.n:
+            return
+        name = self.p.name
+        if self.has_base:
+            v = float(self.base.reshape(-1)[e])
+            if not math.isfinite(v):
+                raise ValueError(f"non-finite value ({v}) in base at element {e} of tensor '{name}'")
+        for i, x in enumerate(self.xs):
+            v = float(x.reshape(-1)[e])
+            if not math.isfinite(v):
+                raise ValueError(f"non-finite value ({v}) in model {i} at element {e} of tensor '{name}'")
+        raise ValueError(f"task vector overflows float32 at element {e} of tensor '{name}'")
+
+
+def _find_bin(hist: torch.Tensor, pos: int, below: int) -> Tuple[int, int, int]:
+    """(bin, count below the bin, count in the bin) of ascending position pos."""
+    cum = torch.cumsum(hist.to(torch.int64), 0) + below
+    b = int(torch.searchsorted(cum, torch.tensor([pos], dtype=torch.int64, device=cum.device),
+                               right=True).item())
+    if b >= hist.numel():
+        raise RuntimeError("internal: radix select ran past the histogram")
+    c = int(hist[b].item())
+    return b, int(cum[b].item()) - c, c
+
+
+def _select_value(ctx: _Ctx, i: int, pos: int) -> Tuple[int, int, int]:
+    """Radix select: (v, c_lt, c_eq) of ascending position pos of model i's bits(|delta|)."""
+    x = ctx.xs[i]
+    hist = torch.zeros(65536, dtype=torch.int32, device=ctx.dev)
+    grid = (ctx.nblocks,)
+    _hist_kernel[grid](ctx.bptr(), x, hist, ctx.bad, ctx.n, 0, LOW=False, HAS_BASE=ctx.has_base,
+                       BLOCK=BLOCK)
+    ctx.check_bad()
+    hb, below, _ = _find_bin(hist, pos, 0)
+    hist.zero_()
+    _hist_kernel[grid](ctx.bptr(), x, hist, ctx.bad, ctx.n, hb, LOW=True, HAS_BASE=ctx.has_base,
+                       BLOCK=BLOCK)
+    lb, c_lt, c_eq = _find_bin(hist, pos, below)
+    return (hb << 16) | lb, c_lt, c_eq
+
+
+def _nth_tie(ctx: _Ctx, i: int, value: int, ordinal: int) -> int:
+    """Flat index of the ordinal-th (0-based) element of model i with bits(|delta|) == value."""
+    x = ctx.xs[i]
+    cnt = torch.empty(ctx.nblocks, dtype=torch.int32, device=ctx.dev)
+    _tie_count_kernel[(ctx.nblocks,)](ctx.bptr(), x, cnt, ctx.n, value, HAS_BASE=ctx.has_base, BLOCK=BLOCK)
+    cum = torch.cumsum(cnt.to(torch.int64), 0)
+    blk = int(torch.searchsorted(cum, torch.tensor([ordinal], dtype=torch.int64, device=ctx.dev),
+                                 right=True).item())
+    if blk >= ctx.nblocks:
+        raise RuntimeError(f"internal: radix select lost a tie (model {i})")
+    before = int(cum[blk].item()) - int(cnt[blk].item())
+    res = torch.full((1,), -1, dtype=torch.int64, device=ctx.dev)
+    _tie_locate_kernel[(1,)](ctx.bptr(), x, res, ctx.n, value, blk, ordinal - before,
+                             HAS_BASE=ctx.has_base, BLOCK=BLOCK)
+    idx = int(res.item())
+    if idx < 0:
+        raise RuntimeError(f"internal: radix select lost a tie (model {i})")
+    return idx
+
+
+def _cuts(ctx: _Ctx) -> torch.Tensor:
+    """[K, 6] int64: lo_v, hi_v, lo_emin, lo_emax, hi_emin, hi_emax per model (see _keep)."""
+    p, n = ctx.p, ctx.n
+    magnitude = p.spec.sparsifier == SPARSIFY_MAGNITUDE
+    rows: List[List[int]] = []
+    for i in range(ctx.K):
+        lo_v, hi_v = 0, 0xFFFFFFFF
+        lo_emin, lo_emax, hi_emin, hi_emax = 0, _NO_LIMIT, 0, _NO_LIMIT
+        d = float(p.densities[i])
+        none = False
+        if magnitude:
+            if d <= 0.0:
+                none = True
+            elif d < 1.0:
+                k = max(1, int(math.floor(d * float(n))))
+                if k < n:
+                    pos = n - k
+                    v, c_lt, c_eq = _select_value(ctx, i, pos)
+                    c_gt = n - c_lt - c_eq
+                    keep_ties = (n - pos) - c_gt  # 1..c_eq, lower indices first
+                    lo_v = v
+                    if keep_ties < c_eq:
+                        lo_emax = _nth_tie(ctx, i, v, keep_ties - 1)
+        else:
+            target = int(math.floor(d * float(n)))
+            n_top = int(math.floor(float(p.gammas[i]) * float(n)))
+            n_bot = max(0, n - target - n_top)
+            if target <= 0:
+                none = True
+            elif not (n_bot == 0 and target >= n):
+                if n_bot > 0:
+                    v, c_lt, c_eq = _select_value(ctx, i, n_bot)
+                    ordinal = n_bot - c_lt  # drop the `ordinal` lowest-index ties
+                    lo_v = v
+                    if ordinal > 0:
+                        lo_emin = _nth_tie(ctx, i, v, ordinal)
+                up = n_bot + target - 1
+                if up < n - 1:
+                    v, c_lt, c_eq = _select_value(ctx, i, up)
+                    ordinal = up - c_lt
+                    hi_v = v
+                    if ordinal < c_eq - 1:
+                        hi_emax = _nth_tie(ctx, i, v, ordinal)
+        if none:
+            lo_v, hi_v = 1, 0  # empty range
+        rows.append([lo_v, hi_v, lo_emin, lo_emax, hi_emin, hi_emax])
+    return torch.tensor(rows, dtype=torch.int64, device=ctx.dev)
+
+
+def della_thresholds(cols: int, density: float, epsilon: float) -> torch.Tensor:
+    """int64 [cols]: floor(p_r * 2^32), p_r = (d - eps) + (2 eps) * (r / (cols - 1)), in double.
+
+    Exactly the CPU kernel's arithmetic: separate IEEE double ops, then truncation
+    (p lies in (0, 1), so truncation is floor; 2^32 scaling is exact)."""
+    r = torch.arange(cols, dtype=torch.float64)
+    rn = r / float(cols - 1) if cols > 1 else torch.zeros(cols, dtype=torch.float64)
+    p = (float(density) - float(epsilon)) + (2.0 * float(epsilon)) * rn
+    thr = torch.floor(p.clamp(0.0, 1.0) * 4294967296.0).to(torch.int64)
+    return thr
+
+
+def _della_masks(ctx: _Ctx, rows: int, cols: int, sort_max_cols: int) -> torch.Tensor:
+    """uint8 [K, n]: 1 where model i keeps the element."""
+    n = ctx.n
+    mask = torch.zeros((ctx.K, n), dtype=torch.uint8, device=ctx.dev)
+    cols_p2 = triton.next_power_of_2(max(cols, 1))
+    # rows per program: several short rows share one sort (the interpreter pays per op,
+    # the GPU wants enough elements per program)
+    budget = (1 << 16) if _interpret() else 2048
+    R = max(1, min(triton.next_power_of_2(rows), budget // cols_p2))
+    for i in range(ctx.K):
+        thr = della_thresholds(cols, ctx.p.densities[i], ctx.p.epsilons[i]).to(ctx.dev)
+        x = ctx.xs[i]
+        if cols <= sort_max_cols:
+            _della_sort_kernel[(triton.cdiv(rows, R),)](
+                ctx.bptr(), x, thr, mask, ctx.bad, i, ctx.streams[i], n, rows, cols,
+                ctx.seed_lo, ctx.seed_hi, HAS_BASE=ctx.has_base, R=R, COLS_P2=cols_p2,
+                **({} if _interpret() else {"num_warps": min(16, max(4, (R * cols_p2) // 1024))}))
+        else:
+            d = x.reshape(rows, cols).to(torch.float32) - ctx.base.reshape(rows, cols).to(torch.float32)
+            if not bool(torch.isfinite(d).all()):
+                bad = int((~torch.isfinite(d)).reshape(-1).nonzero()[0].item())
+                ctx.bad.fill_(bad)
+                ctx.check_bad()
+            v = (d.abs().view(torch.int32).to(torch.int64) << 32) | torch.arange(cols, device=ctx.dev)
+            order = (torch.sort(v, dim=1).values & 0xFFFFFFFF).contiguous()
+            del d, v
+            grid = (rows, triton.cdiv(cols, BLOCK))
+            _della_apply_kernel[grid](order, thr, mask, i, ctx.streams[i], n, cols, ctx.seed_lo, ctx.seed_hi,
+                                      BLOCK=BLOCK)
+    ctx.check_bad()
+    return mask
+
+
+def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], out: torch.Tensor,
+                 params: MergeParams, *, sort_max_cols: Optional[int] = None,
+                 return_masks: bool = False):
+    """Merge K tensors into ``out`` with Triton kernels (formula: module docstring).
+
+    base: [*S] or None (linear only); others: K tensors [*S]; out: [*S], written in place.
+    params: resolved MergeParams (lfm_engine.merge_params.resolve_merge_params).
+    sort_max_cols: DELLA rows longer than this are ranked with torch.sort; default
+    SORT_MAX_COLS on a GPU, 0 under the interpreter (whose tl.sort is a per-element
+    Python loop); tests pass it to exercise both paths. return_masks: also return the keep masks as bool [K, *S]
+    (None for methods without a sparsifier), for tests.
+    """
+    xs = list(others)
+    if len(xs) != params.n_models:
+        raise ValueError(f"merge_triton: params describe {params.n_models} models but {len(xs)} tensors were given")
+    spec = params.spec
+    if not spec.uses_base:
+        base = None
+    elif base is None:
+        raise ValueError(f"merge_triton: method '{params.method}' needs a base tensor")
+    ref = out
+    for what, t in [("base", base)] + [(f"model {i}", x) for i, x in enumerate(xs)]:
+        if t is None:
+            continue
+        if t.shape != ref.shape:
+            raise ValueError(f"merge_triton: {what} has shape {tuple(t.shape)}, out has {tuple(ref.shape)}")
+        if t.device != ref.device:
+            raise ValueError(f"merge_triton: {what} is on {t.device}, out is on {ref.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"merge_triton: {what} is not contiguous")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"merge_triton: {what} has dtype {t.dtype} (float32, float16, bfloat16)")
+    if not out.is_contiguous():
+        raise ValueError("merge_triton: out is not contiguous")
+    if ref.device.type != "cuda" and not _interpret():
+        raise ValueError("merge_triton: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 for CPU tensors)")
+    if sort_max_cols is None:
+        sort_max_cols = 0 if _interpret() else SORT_MAX_COLS
+    n = out.numel()
+    if n >= 2**31:
+        raise ValueError(f"merge_triton: tensor of {n} elements is too large (at most 2^31 - 1); use backend='cuda'")
+    K = len(xs)
+    if n == 0:
+        return (out, None) if return_masks else out
+
+    flat = [x.reshape(-1) for x in xs]
+    bflat = base.reshape(-1) if base is not None else None
+    ctx = _Ctx(bflat, flat, params)
+    sp = spec.sparsifier
+    cut = ctx.dummy_i64
+    rnd = ctx.dummy_i64
+    dmask = ctx.dummy_u8
+    code = _SP_NONE
+    if sp in (SPARSIFY_MAGNITUDE, SPARSIFY_MAGNITUDE_OUTLIERS):
+        code = _SP_CUT
+        cut = _cuts(ctx)
+    elif sp == SPARSIFY_RANDOM:
+        code = _SP_RANDOM
+        rnd = torch.tensor([[keep_threshold(d), s] for d, s in zip(params.densities, ctx.streams)],
+                           dtype=torch.int64, device=ctx.dev)
+    elif sp == SPARSIFY_DELLA:
+        code = _SP_DELLA
+        if out.dim() >= 2 and out.shape[0] > 0:
+            rows, cols = out.shape[0], n // out.shape[0]
+        else:
+            rows, cols = 1, n
+        dmask = _della_masks(ctx, rows, cols, sort_max_cols)
+
+    factors = [1.0] * K
+    if sp != SPARSIFY_NONE:
+        if params.rescale == RESCALE_L1:
+            part = torch.empty((2, ctx.nblocks), dtype=torch.float64, device=ctx.dev)
+            for i in range(K):
+                _l1_kernel[(ctx.nblocks,)](ctx.bptr(), flat[i], part, i, cut, rnd, dmask, n,
+                                           ctx.seed_lo, ctx.seed_hi, SPARS=code, HAS_BASE=ctx.has_base,
+                                           BLOCK=BLOCK)
+                ctx.check_bad()
+                tot, kept = (float(v) for v in part.sum(dim=1).tolist())
+                factors[i] = tot / kept if (tot >= _L1_SKIP and kept >= _L1_SKIP) else 1.0
+        elif params.rescale == RESCALE_INVERSE_DENSITY:
+            factors = [1.0 / d if d > 0.0 else 1.0 for d in params.densities]
+
+    wf = torch.tensor([float(w) for w in params.weights], dtype=torch.float32, device=ctx.dev)
+    wd = torch.tensor([float(w) for w in params.weights], dtype=torch.float64, device=ctx.dev)
+    ff = torch.tensor(factors, dtype=torch.float64, device=ctx.dev)
+    wsum = 0.0
+    for w in params.weights:
+        wsum += float(w)
+    inv_plain_div = 1.0 / (1.0 if abs(wsum) < _DIVISOR_EPS else wsum)
+    out_flat = out.reshape(-1)
+    _merge_kernel[(ctx.nblocks,)](
+        ctx.bptr(), tuple(flat), out_flat, wf, wd, ff, cut, rnd, dmask, ctx.bad,
+        n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam),
+        K=K, SPARS=code, CONSENSUS=spec.consensus, NORMALIZE=bool(params.normalize),
+        UNWEIGHTED=params.consensus_weighting == "unweighted", DCOUNT=params.disjoint == "count",
+        HAS_BASE=ctx.has_base, INTERP=_interpret(), BLOCK=BLOCK, **_launch_opts())
+    ctx.check_bad()
+    if not return_masks:
+        return out
+    return out, _masks(ctx, code, cut, rnd, dmask, out.shape)
+
+
+@triton.jit
+def _mask_kernel(b_ptr, x_ptr, res_ptr, i, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi,
+                 SPARS: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    d, bad = _load_delta(b_ptr, x_ptr, offs, m, HAS_BASE)
+    k = _keep(i, d, offs.to(tl.int64), cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
+    tl.store(res_ptr + offs, k.to(tl.uint8), mask=m)
+
+
+def _masks(ctx: _Ctx, code: int, cut, rnd, dmask, shape) -> Optional[torch.Tensor]:
+    """bool [K, *shape]: the keep flags the merge pass used (the same _keep code)."""
+    if code == _SP_NONE:
+        return None
+    res = torch.empty((ctx.K, ctx.n), dtype=torch.uint8, device=ctx.dev)
+    for i in range(ctx.K):
+        _mask_kernel[(ctx.nblocks,)](ctx.bptr(), ctx.xs[i], res[i], i, cut, rnd, dmask, ctx.n,
+                                     ctx.seed_lo, ctx.seed_hi, SPARS=code, HAS_BASE=ctx.has_base,
+                                     BLOCK=BLOCK)
+    return res.bool().reshape((ctx.K,) + tuple(shape))
