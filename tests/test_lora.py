@@ -241,6 +241,10 @@ def test_errors(backend):
         lora_apply(x, A, B, torch.tensor([0, 3, 0, 0], dtype=torch.int32), r, sc, y, **kw)
     with pytest.raises(IndexError, match="out of range"):
         lora_shrink(x, A, torch.tensor([0, -2, 0, 0], dtype=torch.int32), r, **kw)
+    with pytest.raises(IndexError, match="outside the int32 range"):  # would wrap to slot 0
+        lora_shrink(x, A, torch.tensor([0, 2 ** 32, 0, 0]), r, **kw)
+    with pytest.raises(IndexError, match="outside the int32 range"):
+        lora_shrink(x, A, [0, 2 ** 32, 0, 0], r, **kw)
     with pytest.raises(ValueError, match=r"ranks\[1\] = 9 is outside 0..R_max = 8"):
         lora_apply(x, A, B, ts, [8, 9, 1], sc, y, **kw)
     with pytest.raises(ValueError, match=r"ranks\[1\] = -1 is outside"):

@@ -59,6 +59,7 @@ from lfm_engine.ops._dispatch import pick_backend
 
 _FLOATS = _tensor.FLOAT_DTYPES
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,14 +79,23 @@ def _as_index_tensor(op: str, v, name: str, device: torch.device) -> torch.Tenso
             _err(op, f"{name} must be 1-D, got shape {tuple(v.shape)}")
         if v.device != device:
             _err(op, f"{name} is on {v.device} but x is on {device}")
-        return v if v.dtype == torch.int32 and v.is_contiguous() else v.to(torch.int32).contiguous()
+        if v.dtype == torch.int32:
+            return v if v.is_contiguous() else v.contiguous()
+        if v.dtype == torch.int64 and v.numel():
+            # narrowing must not wrap a huge index into a valid slot (one host sync, only here)
+            lo, hi = int(v.min()), int(v.max())
+            if lo < _I32_MIN or hi > _I32_MAX:
+                _err(op, f"{name} holds {lo if lo < _I32_MIN else hi}, outside the int32 range", IndexError)
+        return v.to(torch.int32).contiguous()
     try:
         vals = [int(e) for e in v]
-    except TypeError:
+    except (TypeError, ValueError):
         _err(op, f"{name} must be an int32 tensor or a sequence of ints, got {type(v).__name__}", TypeError)
     for e, o in zip(vals, v):
         if isinstance(o, float) and o != int(o):
             _err(op, f"{name} holds a non-integer value {o}", TypeError)
+        if e < _I32_MIN or e > _I32_MAX:
+            _err(op, f"{name} holds {e}, outside the int32 range", IndexError)
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
