@@ -239,10 +239,10 @@ def _as_list(v) -> tuple:
 # backends: (op, tensors...) -> fills u or adds into y
 # ---------------------------------------------------------------------------------------
 
-def _tok(ts, ss, sl):
+def _tok(ts, ss, sl, T=None):
     from lfm_engine.reference.lora import segments_to_token_slot
 
-    return ts if ts is not None else segments_to_token_slot(ss, sl)
+    return ts if ts is not None else segments_to_token_slot(ss, sl, T)
 
 
 class _Reference:
@@ -303,19 +303,19 @@ class _Triton:
     def shrink(x, As, ts, ss, sl, ranks, u, n_threads):
         from lfm_engine.triton.lora import lora_shrink_triton
 
-        lora_shrink_triton(x, As, _tok(ts, ss, sl), ranks, u)
+        lora_shrink_triton(x, As, _tok(ts, ss, sl, x.shape[0]), ranks, u)
 
     @staticmethod
     def expand(u, Bs, ts, ss, sl, ranks, scales, y, offsets, n_threads):
         from lfm_engine.triton.lora import lora_expand_triton
 
-        lora_expand_triton(u, Bs, _tok(ts, ss, sl), ranks, scales, y, offsets)
+        lora_expand_triton(u, Bs, _tok(ts, ss, sl, y.shape[0]), ranks, scales, y, offsets)
 
     @staticmethod
     def apply(x, As, Bs, ts, ss, sl, ranks, scales, y, offsets, n_threads):
         from lfm_engine.triton.lora import lora_apply_triton
 
-        lora_apply_triton(x, As, Bs, _tok(ts, ss, sl), ranks, scales, y, offsets)
+        lora_apply_triton(x, As, Bs, _tok(ts, ss, sl, x.shape[0]), ranks, scales, y, offsets)
 
 
 BACKENDS = {"cpu": _Native, "cuda": _Native, "triton": _Triton, "reference": _Reference}
