@@ -6,9 +6,9 @@
 //
 //   shrink  grid (T, n_slices), 256 threads: warp w computes rows j = w, w+8, ... < r_s of
 //           u[t] with coalesced lane-strided loads over H_in and a warp-shuffle reduction.
-//   expand  grid (T, ceil(max H_out / 256), n_slices): thread = one output column; the
+//   expand  grid (T * ceil(max H_out / 256), n_slices): thread = one output column; the
 //           scaled u row sits in shared memory; each thread reads its B row's r_s entries.
-//   apply   decode sizes: grid (T, column blocks, n_slices); every block recomputes the
+//   apply   decode sizes: grid (T * column blocks, n_slices); every block recomputes the
 //           r_s x H_in shrink of its token into shared memory (A comes from L2 after the
 //           first block) and writes its columns: u never reaches global memory. Large T:
 //           shrink + expand through a stream-ordered fp32 workspace (cudaMallocAsync),
@@ -57,6 +57,7 @@ struct DevArgs {
     const int32_t* seg_start;
     const int32_t* seg_slot;
     int64_t S;
+    int64_t col_blocks;  // column blocks per token (expand, apply)
 };
 
 __device__ __forceinline__ float ld(const void* p, int dt, int64_t i) {
@@ -137,33 +138,36 @@ __global__ void shrink_kernel(DevArgs a) {
     for (int64_t j = threadIdx.x; j < a.u_R; j += blockDim.x) out[j] = j < r ? sm[j] : 0.f;
 }
 
+// Column-block grids are flat, token-major: blockIdx.x = t * col_blocks + cb, so the blocks of
+// one token run next to each other and share its A/B rows in L2 (and T is not bound by the
+// 65535 limit of grid.y).
 __global__ void expand_kernel(DevArgs a) {
     extern __shared__ float sm[];
-    const int64_t t = blockIdx.x;
-    const DevSlice& sl = a.s[blockIdx.z];
+    const int64_t t = blockIdx.x / a.col_blocks, cb = blockIdx.x % a.col_blocks;
+    const DevSlice& sl = a.s[blockIdx.y];
     const int64_t s = slot_of(a, t);
     const int r = rank_of(sl, s);
-    if (r == 0 || static_cast<int64_t>(blockIdx.y) * blockDim.x >= sl.H_out) return;
+    if (r == 0 || cb * blockDim.x >= sl.H_out) return;
     const float scale = sl.scales[s];
-    const float* ut = a.u + (blockIdx.z * a.T + t) * a.u_R;
+    const float* ut = a.u + (blockIdx.y * a.T + t) * a.u_R;
     for (int j = threadIdx.x; j < r; j += blockDim.x) sm[j] = scale * ut[j];
     __syncthreads();
-    expand_cols(a, sl, t, s, r, sm, static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x);
+    expand_cols(a, sl, t, s, r, sm, cb * blockDim.x + threadIdx.x);
 }
 
 __global__ void apply_kernel(DevArgs a) {
     extern __shared__ float sm[];
-    const int64_t t = blockIdx.x;
-    const DevSlice& sl = a.s[blockIdx.z];
+    const int64_t t = blockIdx.x / a.col_blocks, cb = blockIdx.x % a.col_blocks;
+    const DevSlice& sl = a.s[blockIdx.y];
     const int64_t s = slot_of(a, t);
     const int r = rank_of(sl, s);
-    if (r == 0 || static_cast<int64_t>(blockIdx.y) * blockDim.x >= sl.H_out) return;
+    if (r == 0 || cb * blockDim.x >= sl.H_out) return;
     shrink_row(a, sl, t, s, r, sm);
     __syncthreads();
     const float scale = sl.scales[s];
     for (int j = threadIdx.x; j < r; j += blockDim.x) sm[j] *= scale;
     __syncthreads();
-    expand_cols(a, sl, t, s, r, sm, static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x);
+    expand_cols(a, sl, t, s, r, sm, cb * blockDim.x + threadIdx.x);
 }
 
 void cuda_check(cudaError_t e, const char* what) {
@@ -250,9 +254,12 @@ void lora_cuda(const LoraArgs& a, void* stream) {
     if (a.T > 0x7fffffff) fail(LFM_STATUS_INVALID_ARGUMENT, "T = ", a.T, " exceeds the CUDA grid limit");
     const size_t smem = static_cast<size_t>(Rmax) * sizeof(float);
     if (smem > 48 * 1024) fail(LFM_STATUS_INVALID_ARGUMENT, "R_max = ", Rmax, " exceeds the CUDA kernel limit of 12288");
-    const unsigned col_blocks = static_cast<unsigned>((Hmax + kThreads - 1) / kThreads);
+    const int64_t col_blocks = std::max<int64_t>(1, (Hmax + kThreads - 1) / kThreads);
+    if (a.T * col_blocks > 0x7fffffff)
+        fail(LFM_STATUS_INVALID_ARGUMENT, "T x ceil(H_out / 256) = ", a.T * col_blocks, " exceeds the CUDA grid limit");
+    d.col_blocks = col_blocks;
     const dim3 grid_rows(static_cast<unsigned>(a.T), static_cast<unsigned>(d.n_slices));
-    const dim3 grid_cols(static_cast<unsigned>(a.T), std::max(1u, col_blocks), static_cast<unsigned>(d.n_slices));
+    const dim3 grid_cols(static_cast<unsigned>(a.T * col_blocks), static_cast<unsigned>(d.n_slices));
 
     switch (a.op) {
         case Op::Shrink:
@@ -263,7 +270,7 @@ void lora_cuda(const LoraArgs& a, void* stream) {
             break;
         case Op::Apply: {
             if (Hmax == 0) break;
-            if (static_cast<int64_t>(a.T) * col_blocks * d.n_slices <= kFusedMaxBlocks) {
+            if (a.T * col_blocks * d.n_slices <= kFusedMaxBlocks) {
                 apply_kernel<<<grid_cols, kThreads, smem, st>>>(d);
             } else {
                 float* u = nullptr;
