@@ -311,6 +311,18 @@ def test_c_abi_checks_values_itself():
     native().lora_apply(_tensor.view(x), [_tensor.view(A)], [_tensor.view(B)], [_tensor.view(r)],
                         [_tensor.view(sc)], [0], _tensor.view(bad), None, None, _tensor.view(y2), 0, 0, 0)
     assert torch.equal(y2[1], torch.zeros(12))
+    # unchecked malformed segments (past T, decreasing, negative): clamped, never out of bounds
+    ss = torch.tensor([0, 9, -3, 4], dtype=torch.int32)
+    sl = torch.tensor([1, 7, 0], dtype=torch.int32)
+    y3 = torch.zeros(4, 12)
+    native().lora_apply(_tensor.view(x), [_tensor.view(A)], [_tensor.view(B)], [_tensor.view(r)],
+                        [_tensor.view(sc)], [0], None, _tensor.view(ss), _tensor.view(sl), _tensor.view(y3), 0, 0, 0)
+    assert torch.isfinite(y3).all()
+    sl[1] = 2
+    with pytest.raises(ValueError, match="end at T = 4"):
+        native().lora_apply(_tensor.view(x), [_tensor.view(A)], [_tensor.view(B)], [_tensor.view(r)],
+                            [_tensor.view(sc)], [0], None, _tensor.view(ss), _tensor.view(sl), _tensor.view(y3), 1, 0,
+                            0)
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
