@@ -241,6 +241,10 @@ def test_errors(backend):
         lora_apply(x, A, B, torch.tensor([0, 3, 0, 0], dtype=torch.int32), r, sc, y, **kw)
     with pytest.raises(IndexError, match="out of range"):
         lora_shrink(x, A, torch.tensor([0, -2, 0, 0], dtype=torch.int32), r, **kw)
+    with pytest.raises(IndexError, match="outside the int32 range"):  # would wrap to slot 0
+        lora_shrink(x, A, torch.tensor([0, 2 ** 32, 0, 0]), r, **kw)
+    with pytest.raises(IndexError, match="outside the int32 range"):
+        lora_shrink(x, A, [0, 2 ** 32, 0, 0], r, **kw)
     with pytest.raises(ValueError, match=r"ranks\[1\] = 9 is outside 0..R_max = 8"):
         lora_apply(x, A, B, ts, [8, 9, 1], sc, y, **kw)
     with pytest.raises(ValueError, match=r"ranks\[1\] = -1 is outside"):
@@ -307,6 +311,18 @@ def test_c_abi_checks_values_itself():
     native().lora_apply(_tensor.view(x), [_tensor.view(A)], [_tensor.view(B)], [_tensor.view(r)],
                         [_tensor.view(sc)], [0], _tensor.view(bad), None, None, _tensor.view(y2), 0, 0, 0)
     assert torch.equal(y2[1], torch.zeros(12))
+    # unchecked malformed segments (past T, decreasing, negative): clamped, never out of bounds
+    ss = torch.tensor([0, 9, -3, 4], dtype=torch.int32)
+    sl = torch.tensor([1, 7, 0], dtype=torch.int32)
+    y3 = torch.zeros(4, 12)
+    native().lora_apply(_tensor.view(x), [_tensor.view(A)], [_tensor.view(B)], [_tensor.view(r)],
+                        [_tensor.view(sc)], [0], None, _tensor.view(ss), _tensor.view(sl), _tensor.view(y3), 0, 0, 0)
+    assert torch.isfinite(y3).all()
+    sl[1] = 2
+    with pytest.raises(ValueError, match="non-decreasing"):
+        native().lora_apply(_tensor.view(x), [_tensor.view(A)], [_tensor.view(B)], [_tensor.view(r)],
+                            [_tensor.view(sc)], [0], None, _tensor.view(ss), _tensor.view(sl), _tensor.view(y3), 1, 0,
+                            0)
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
@@ -346,7 +362,8 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton needs a
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bf16 is fine here: these kernels use no tl.dot (the interpreter's bf16 tl.dot is the broken part)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,mix", [(1, "single"), (7, "uniform"), (20, "zipf")])
 def test_triton_interpreter_small(dtype, T, mix):
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -59,6 +59,7 @@ from lfm_engine.ops._dispatch import default_backends, pick_backend
 
 _FLOATS = _tensor.FLOAT_DTYPES
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,14 +79,23 @@ def _as_index_tensor(op: str, v, name: str, device: torch.device) -> torch.Tenso
             _err(op, f"{name} must be 1-D, got shape {tuple(v.shape)}")
         if v.device != device:
             _err(op, f"{name} is on {v.device} but x is on {device}")
-        return v if v.dtype == torch.int32 and v.is_contiguous() else v.to(torch.int32).contiguous()
+        if v.dtype == torch.int32:
+            return v if v.is_contiguous() else v.contiguous()
+        if v.dtype == torch.int64 and v.numel():
+            # narrowing must not wrap a huge index into a valid slot (one host sync, only here)
+            lo, hi = int(v.min()), int(v.max())
+            if lo < _I32_MIN or hi > _I32_MAX:
+                _err(op, f"{name} holds {lo if lo < _I32_MIN else hi}, outside the int32 range", IndexError)
+        return v.to(torch.int32).contiguous()
     try:
         vals = [int(e) for e in v]
-    except TypeError:
+    except (TypeError, ValueError):
         _err(op, f"{name} must be an int32 tensor or a sequence of ints, got {type(v).__name__}", TypeError)
     for e, o in zip(vals, v):
         if isinstance(o, float) and o != int(o):
             _err(op, f"{name} holds a non-integer value {o}", TypeError)
+        if e < _I32_MIN or e > _I32_MAX:
+            _err(op, f"{name} holds {e}, outside the int32 range", IndexError)
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
@@ -229,10 +239,10 @@ def _as_list(v) -> tuple:
 # backends: (op, tensors...) -> fills u or adds into y
 # ---------------------------------------------------------------------------------------
 
-def _tok(ts, ss, sl):
+def _tok(ts, ss, sl, T=None):
     from lfm_engine.reference.lora import segments_to_token_slot
 
-    return ts if ts is not None else segments_to_token_slot(ss, sl)
+    return ts if ts is not None else segments_to_token_slot(ss, sl, T)
 
 
 class _Reference:
@@ -293,19 +303,19 @@ class _Triton:
     def shrink(x, As, ts, ss, sl, ranks, u, n_threads):
         from lfm_engine.triton.lora import lora_shrink_triton
 
-        lora_shrink_triton(x, As, _tok(ts, ss, sl), ranks, u)
+        lora_shrink_triton(x, As, _tok(ts, ss, sl, x.shape[0]), ranks, u)
 
     @staticmethod
     def expand(u, Bs, ts, ss, sl, ranks, scales, y, offsets, n_threads):
         from lfm_engine.triton.lora import lora_expand_triton
 
-        lora_expand_triton(u, Bs, _tok(ts, ss, sl), ranks, scales, y, offsets)
+        lora_expand_triton(u, Bs, _tok(ts, ss, sl, y.shape[0]), ranks, scales, y, offsets)
 
     @staticmethod
     def apply(x, As, Bs, ts, ss, sl, ranks, scales, y, offsets, n_threads):
         from lfm_engine.triton.lora import lora_apply_triton
 
-        lora_apply_triton(x, As, Bs, _tok(ts, ss, sl), ranks, scales, y, offsets)
+        lora_apply_triton(x, As, Bs, _tok(ts, ss, sl, x.shape[0]), ranks, scales, y, offsets)
 
 
 BACKENDS = {"cpu": _Native, "cuda": _Native, "triton": _Triton, "reference": _Reference}

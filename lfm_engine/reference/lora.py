@@ -25,10 +25,12 @@ from typing import Sequence
 import torch
 
 
-def segments_to_token_slot(seg_start: torch.Tensor, seg_slot: torch.Tensor) -> torch.Tensor:
-    """token_slot[T] (int32) of the segment form: tokens seg_start[i]..seg_start[i+1]-1 use seg_slot[i]."""
+def segments_to_token_slot(seg_start: torch.Tensor, seg_slot: torch.Tensor, T: int | None = None) -> torch.Tensor:
+    """token_slot[T] (int32) of the segment form: tokens seg_start[i]..seg_start[i+1]-1 use seg_slot[i].
+
+    Giving T avoids a device->host sync on a GPU (repeat_interleave's output size)."""
     lengths = (seg_start[1:] - seg_start[:-1]).long()
-    return torch.repeat_interleave(seg_slot.to(torch.int32), lengths)
+    return torch.repeat_interleave(seg_slot.to(torch.int32), lengths, output_size=T)
 
 
 def lora_shrink_reference(x: torch.Tensor, A: torch.Tensor, token_slot: torch.Tensor,

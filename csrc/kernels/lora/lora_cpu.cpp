@@ -37,7 +37,7 @@ namespace lfm::lora {
 namespace {
 
 constexpr int kTileS = 8;          // tokens per shrink item (x tile: 8 x kSub fp32 = 64 KiB)
-constexpr int kTileE = 32;         // tokens per expand item (reuses one transposed B tile)
+constexpr int kTileE = 128;        // tokens per expand item (they share one transposed B tile)
 // x tile budget of a shrink item (fp32 elements, 256 KiB: stays in L2). The H_in sub-block is
 // as long as the budget allows for the tile's tokens, so A rows are streamed sequentially
 // (a short sub-block would hop between the r rows and defeat the hardware prefetcher).
@@ -577,7 +577,7 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             sp = std::make_unique<ExpandScratch>();
             sp->bt.resize(static_cast<size_t>(Rmax * kNChunk));
             sp->brow.resize(static_cast<size_t>(((Rmax + 7) & ~int64_t(7)) * kNChunk));
-            sp->acc.resize(static_cast<size_t>(kTileE * kNChunk));
+            sp->acc.resize(static_cast<size_t>(4 * kNChunk));
             sp->ybuf.resize(static_cast<size_t>(kNChunk));
             sp->c.resize(static_cast<size_t>(kTileE * ((Rmax + 7) & ~int64_t(7))));
         }
@@ -621,32 +621,36 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
         const float scale = sl.scales[tile.slot];
         const int64_t ldc = rp;
         float* c = sp->c.data();      // [kTileE][rp] scaled u rows
-        float* acc = sp->acc.data();  // [kTileE][kNChunk] deltas
+        float* acc = sp->acc.data();  // [4][kNChunk] deltas of the current token quad
         for (int i = 0; i < nt; ++i) {
             const float* ut = U + (si * T + p.order[static_cast<size_t>(tile.begin + i)]) * ldR;
             for (int j = 0; j < r; ++j) c[i * ldc + j] = scale * ut[j];
             for (int j = r; j < rp; ++j) c[i * ldc + j] = 0.f;
         }
-        int i0 = 0;
-        if (transposed)
-            for (; i0 + 4 <= nt; i0 += 4) K.axpy4_rows(c + i0 * ldc, ldc, bt, kNChunk, r, n, acc + i0 * kNChunk, kNChunk);
-        for (int i = i0; i < nt; ++i) {
-            if (transposed)
-                K.axpy_rows(c + i * ldc, bt, kNChunk, r, n, acc + i * kNChunk);
-            else
-                K.gemv_rows(bf, ld, n, rp, c + i * ldc, acc + i * kNChunk);
-        }
-        for (int i = 0; i < nt; ++i) {
-            const int64_t t = p.order[static_cast<size_t>(tile.begin + i)];
-            const float* d = acc + i * kNChunk;
-            const int64_t yidx = t * a.y_ld + sl.off + o0;
-            if (a.y_dt == LFM_DTYPE_F32) {
-                K.add(static_cast<float*>(a.y) + yidx, d, n);
+        for (int i0 = 0; i0 < nt; i0 += 4) {
+            const int nq = std::min(4, nt - i0);
+            if (transposed && nq == 4) {
+                K.axpy4_rows(c + i0 * ldc, ldc, bt, kNChunk, r, n, acc, kNChunk);
             } else {
-                char* yp = static_cast<char*>(a.y) + yidx * static_cast<int64_t>(dtype_size(a.y_dt));
-                load_f32(yp, a.y_dt, sp->ybuf.data(), n);
-                K.add(sp->ybuf.data(), d, n);
-                store_f32(sp->ybuf.data(), a.y_dt, yp, n);
+                for (int q = 0; q < nq; ++q) {
+                    if (transposed)
+                        K.axpy_rows(c + (i0 + q) * ldc, bt, kNChunk, r, n, acc + q * kNChunk);
+                    else
+                        K.gemv_rows(bf, ld, n, rp, c + (i0 + q) * ldc, acc + q * kNChunk);
+                }
+            }
+            for (int q = 0; q < nq; ++q) {  // y = round(y + delta), once per element
+                const int64_t t = p.order[static_cast<size_t>(tile.begin + i0 + q)];
+                const float* d = acc + q * kNChunk;
+                const int64_t yidx = t * a.y_ld + sl.off + o0;
+                if (a.y_dt == LFM_DTYPE_F32) {
+                    K.add(static_cast<float*>(a.y) + yidx, d, n);
+                } else {
+                    char* yp = static_cast<char*>(a.y) + yidx * static_cast<int64_t>(dtype_size(a.y_dt));
+                    load_f32(yp, a.y_dt, sp->ybuf.data(), n);
+                    K.add(sp->ybuf.data(), d, n);
+                    store_f32(sp->ybuf.data(), a.y_dt, yp, n);
+                }
             }
         }
     });

@@ -6,9 +6,9 @@
 //
 //   shrink  grid (T, n_slices), 256 threads: warp w computes rows j = w, w+8, ... < r_s of
 //           u[t] with coalesced lane-strided loads over H_in and a warp-shuffle reduction.
-//   expand  grid (T, ceil(max H_out / 256), n_slices): thread = one output column; the
+//   expand  grid (T * ceil(max H_out / 256), n_slices): thread = one output column; the
 //           scaled u row sits in shared memory; each thread reads its B row's r_s entries.
-//   apply   decode sizes: grid (T, column blocks, n_slices); every block recomputes the
+//   apply   decode sizes: grid (T * column blocks, n_slices); every block recomputes the
 //           r_s x H_in shrink of its token into shared memory (A comes from L2 after the
 //           first block) and writes its columns: u never reaches global memory. Large T:
 //           shrink + expand through a stream-ordered fp32 workspace (cudaMallocAsync),
@@ -38,6 +38,7 @@ struct DevSlice {
     const float* scales;
     int64_t R, H_out, off;
     int a_dt, b_dt;
+    int vec_a, vec_b;  // rows start on 16-byte boundaries: 8-element vector loads are legal
 };
 
 struct DevArgs {
@@ -57,6 +58,8 @@ struct DevArgs {
     const int32_t* seg_start;
     const int32_t* seg_slot;
     int64_t S;
+    int64_t col_blocks;  // column blocks per token (expand, apply)
+    int vec_x;           // x rows 16-byte aligned and H_in % 8 == 0
 };
 
 __device__ __forceinline__ float ld(const void* p, int dt, int64_t i) {
@@ -72,6 +75,26 @@ __device__ __forceinline__ void st(void* p, int dt, int64_t i, float v) {
         case LFM_DTYPE_F16: static_cast<uint16_t*>(p)[i] = lfm::f32_to_f16(v); break;
         case LFM_DTYPE_BF16: static_cast<uint16_t*>(p)[i] = lfm::f32_to_bf16(v); break;
         default: static_cast<float*>(p)[i] = v;
+    }
+}
+
+// Eight consecutive elements p[i..i+8) as fp32, with 16-byte loads (i % 8 == 0 and p aligned:
+// checked on the host before vec_* flags are set). Little-endian: element i is the low half.
+__device__ __forceinline__ void ld8(const void* p, int dt, int64_t i, float* v) {
+    if (dt == LFM_DTYPE_F32) {
+        const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+        const float4 a = q[0], b = q[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+        const uint4 w = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const uint16_t lo = static_cast<uint16_t>(ws[q] & 0xffffu), hi = static_cast<uint16_t>(ws[q] >> 16);
+            v[2 * q] = dt == LFM_DTYPE_BF16 ? lfm::bf16_to_f32(lo) : lfm::f16_to_f32(lo);
+            v[2 * q + 1] = dt == LFM_DTYPE_BF16 ? lfm::bf16_to_f32(hi) : lfm::f16_to_f32(hi);
+        }
     }
 }
 
@@ -108,7 +131,17 @@ __device__ void shrink_row(const DevArgs& a, const DevSlice& sl, int64_t t, int6
     for (int j = warp; j < r; j += kWarps) {
         const int64_t arow = (s * sl.R + j) * a.H_in;
         float acc = 0.f;
-        for (int64_t k = lane; k < a.H_in; k += 32) acc += ld(sl.A, sl.a_dt, arow + k) * ld(a.x, a.x_dt, xrow + k);
+        if (a.vec_x && sl.vec_a) {  // 16-byte loads: each lane takes 8 elements per step
+            float av[8], xv[8];
+            for (int64_t k = lane * 8; k < a.H_in; k += 32 * 8) {
+                ld8(sl.A, sl.a_dt, arow + k, av);
+                ld8(a.x, a.x_dt, xrow + k, xv);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc += av[e] * xv[e];
+            }
+        } else {
+            for (int64_t k = lane; k < a.H_in; k += 32) acc += ld(sl.A, sl.a_dt, arow + k) * ld(a.x, a.x_dt, xrow + k);
+        }
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         if (lane == 0) u_s[j] = acc;
     }
@@ -120,7 +153,16 @@ __device__ void expand_cols(const DevArgs& a, const DevSlice& sl, int64_t t, int
     if (o >= sl.H_out) return;
     const int64_t brow = (s * sl.H_out + o) * sl.R;
     float acc = 0.f;
-    for (int j = 0; j < r; ++j) acc += c[j] * ld(sl.B, sl.b_dt, brow + j);
+    int j = 0;
+    if (sl.vec_b) {
+        float bv[8];
+        for (; j + 8 <= r; j += 8) {
+            ld8(sl.B, sl.b_dt, brow + j, bv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc += c[j + e] * bv[e];
+        }
+    }
+    for (; j < r; ++j) acc += c[j] * ld(sl.B, sl.b_dt, brow + j);
     const int64_t yi = t * a.y_ld + sl.off + o;
     st(a.y, a.y_dt, yi, ld(a.y, a.y_dt, yi) + acc);
 }
@@ -137,38 +179,43 @@ __global__ void shrink_kernel(DevArgs a) {
     for (int64_t j = threadIdx.x; j < a.u_R; j += blockDim.x) out[j] = j < r ? sm[j] : 0.f;
 }
 
+// Column-block grids are flat, token-major: blockIdx.x = t * col_blocks + cb, so the blocks of
+// one token run next to each other and share its A/B rows in L2 (and T is not bound by the
+// 65535 limit of grid.y).
 __global__ void expand_kernel(DevArgs a) {
     extern __shared__ float sm[];
-    const int64_t t = blockIdx.x;
-    const DevSlice& sl = a.s[blockIdx.z];
+    const int64_t t = blockIdx.x / a.col_blocks, cb = blockIdx.x % a.col_blocks;
+    const DevSlice& sl = a.s[blockIdx.y];
     const int64_t s = slot_of(a, t);
     const int r = rank_of(sl, s);
-    if (r == 0 || static_cast<int64_t>(blockIdx.y) * blockDim.x >= sl.H_out) return;
+    if (r == 0 || cb * blockDim.x >= sl.H_out) return;
     const float scale = sl.scales[s];
-    const float* ut = a.u + (blockIdx.z * a.T + t) * a.u_R;
+    const float* ut = a.u + (blockIdx.y * a.T + t) * a.u_R;
     for (int j = threadIdx.x; j < r; j += blockDim.x) sm[j] = scale * ut[j];
     __syncthreads();
-    expand_cols(a, sl, t, s, r, sm, static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x);
+    expand_cols(a, sl, t, s, r, sm, cb * blockDim.x + threadIdx.x);
 }
 
 __global__ void apply_kernel(DevArgs a) {
     extern __shared__ float sm[];
-    const int64_t t = blockIdx.x;
-    const DevSlice& sl = a.s[blockIdx.z];
+    const int64_t t = blockIdx.x / a.col_blocks, cb = blockIdx.x % a.col_blocks;
+    const DevSlice& sl = a.s[blockIdx.y];
     const int64_t s = slot_of(a, t);
     const int r = rank_of(sl, s);
-    if (r == 0 || static_cast<int64_t>(blockIdx.y) * blockDim.x >= sl.H_out) return;
+    if (r == 0 || cb * blockDim.x >= sl.H_out) return;
     shrink_row(a, sl, t, s, r, sm);
     __syncthreads();
     const float scale = sl.scales[s];
     for (int j = threadIdx.x; j < r; j += blockDim.x) sm[j] *= scale;
     __syncthreads();
-    expand_cols(a, sl, t, s, r, sm, static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x);
+    expand_cols(a, sl, t, s, r, sm, cb * blockDim.x + threadIdx.x);
 }
 
 void cuda_check(cudaError_t e, const char* what) {
     if (e != cudaSuccess) fail(LFM_STATUS_DEVICE_ERROR, what, ": ", cudaGetErrorString(e));
 }
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T>
 std::vector<T> to_host(const T* p, int64_t n, cudaStream_t st) {
@@ -221,8 +268,12 @@ void lora_cuda(const LoraArgs& a, void* stream) {
     int64_t Rmax = 0, Hmax = 0;
     for (int i = 0; i < d.n_slices; ++i) {
         const Slice& s = a.slices[i];
+        // Row starts are multiples of H_in (A) / R (B) elements: 8-element vectors stay
+        // 16-byte aligned when that count is a multiple of 8 and the base is aligned.
+        const int vec_a = s.A && a.H_in % 8 == 0 && aligned16(s.A);
+        const int vec_b = s.B && s.R % 8 == 0 && aligned16(s.B);
         d.s[i] = DevSlice{s.A, s.B, s.ranks, s.scales, s.R, s.H_out, s.off, static_cast<int>(s.a_dt),
-                          static_cast<int>(s.b_dt)};
+                          static_cast<int>(s.b_dt), vec_a, vec_b};
         Rmax = std::max(Rmax, s.R);
         Hmax = std::max(Hmax, s.H_out);
     }
@@ -232,6 +283,7 @@ void lora_cuda(const LoraArgs& a, void* stream) {
     d.x = a.x;
     d.x_dt = static_cast<int>(a.x_dt);
     d.x_ld = a.x_ld;
+    d.vec_x = a.x && a.H_in % 8 == 0 && a.x_ld % 8 == 0 && aligned16(a.x);
     d.u = a.u;
     d.u_R = a.u_R;
     d.y = a.y;
@@ -250,9 +302,12 @@ void lora_cuda(const LoraArgs& a, void* stream) {
     if (a.T > 0x7fffffff) fail(LFM_STATUS_INVALID_ARGUMENT, "T = ", a.T, " exceeds the CUDA grid limit");
     const size_t smem = static_cast<size_t>(Rmax) * sizeof(float);
     if (smem > 48 * 1024) fail(LFM_STATUS_INVALID_ARGUMENT, "R_max = ", Rmax, " exceeds the CUDA kernel limit of 12288");
-    const unsigned col_blocks = static_cast<unsigned>((Hmax + kThreads - 1) / kThreads);
+    const int64_t col_blocks = std::max<int64_t>(1, (Hmax + kThreads - 1) / kThreads);
+    if (a.T * col_blocks > 0x7fffffff)
+        fail(LFM_STATUS_INVALID_ARGUMENT, "T x ceil(H_out / 256) = ", a.T * col_blocks, " exceeds the CUDA grid limit");
+    d.col_blocks = col_blocks;
     const dim3 grid_rows(static_cast<unsigned>(a.T), static_cast<unsigned>(d.n_slices));
-    const dim3 grid_cols(static_cast<unsigned>(a.T), std::max(1u, col_blocks), static_cast<unsigned>(d.n_slices));
+    const dim3 grid_cols(static_cast<unsigned>(a.T * col_blocks), static_cast<unsigned>(d.n_slices));
 
     switch (a.op) {
         case Op::Shrink:
@@ -263,7 +318,7 @@ void lora_cuda(const LoraArgs& a, void* stream) {
             break;
         case Op::Apply: {
             if (Hmax == 0) break;
-            if (static_cast<int64_t>(a.T) * col_blocks * d.n_slices <= kFusedMaxBlocks) {
+            if (a.T * col_blocks * d.n_slices <= kFusedMaxBlocks) {
                 apply_kernel<<<grid_cols, kThreads, smem, st>>>(d);
             } else {
                 float* u = nullptr;
