@@ -92,6 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma list of suites to run (of {','.join(SUITE_ORDER)})")
     p.add_argument("--json", default=None, metavar="FILE", help="write the combined JSON report here")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw bandwidth and speed-up charts (matplotlib)")
+    p.add_argument("--markdown", default=None, metavar="FILE.md",
+                   help="write the results as Markdown tables with machine and date (e.g. bench/RESULTS.md)")
     p.add_argument("--suite-args", action="append", default=[], metavar="SUITE=ARGS",
                    help="extra arguments for one suite, appended after the preset "
                         "(e.g. --suite-args 'merge=--shapes 256x256 --methods ties')")
@@ -197,6 +199,23 @@ def run_suite(name: str, path: Path, argv: List[str]) -> dict:
             with open(jpath) as f:
                 entry.update(status="ok", report=json.load(f))
     return entry
+
+
+def machine_description() -> str:
+    """CPU model, cores, OS; and the load average, since other work on the machine skews timings."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    if hasattr(os, "getloadavg"):
+        desc += f"; load average at start {os.getloadavg()[0]:.1f}"
+    return desc
 
 
 def default_mode() -> str:
@@ -308,6 +327,60 @@ def plot(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def markdown(results: dict) -> str:
+    """The combined results as Markdown: one table per suite, with the machine and date."""
+    b = results.get("build", {})
+    lines = [f"# Benchmark results ({results.get('mode')} sizes)", "",
+             f"- date: {results.get('date')}",
+             f"- machine: {results.get('machine')}",
+             f"- lfm_engine {results.get('lfm_engine')} (SIMD {b.get('simd')}, CUDA {'on' if b.get('cuda') else 'off'}), "
+             f"Python {results.get('python')}",
+             f"- command: `lfm-engine bench --{results.get('mode')}` "
+             f"({results.get('seconds', 0.0):.0f} s in all)", "",
+             "Columns: time = median wall time; GB/s = the bytes the case must move (inputs read once, "
+             "output written once) / time; % copy = that rate / the copy bandwidth measured in the same "
+             "run on the same device; speed-up = the baseline's time / this row's time for the same case.", ""]
+    for name, e in results["suites"].items():
+        lines.append(f"## {name}")
+        lines.append("")
+        if e["status"] != "ok":
+            lines += [f"{e['status']}: {e.get('reason')}", ""]
+            continue
+        rep = e["report"]
+        lines.append(f"`{Path(e['file']).name} {' '.join(e['argv'])}`: {rep.get('title', '')}; device "
+                     f"{rep.get('device', '?')}, copy bandwidth {rep.get('copy_bw_gbps', 0.0):.1f} GB/s")
+        lines.append("")
+        base = BASELINES.get(name, [])
+        by_case: Dict[str, Dict[str, float]] = {}
+        for r in rep.get("rows", []):
+            by_case.setdefault(r["case"], {})[r["provider"]] = r["seconds"]
+        lines.append("| case | provider | time ms | GB/s | % copy | " + " | ".join(f"vs {x}" for x in base) + " |")
+        lines.append("|---|---|---:|---:|---:|" + "---:|" * len(base))
+        for r in rep.get("rows", []):
+            gbps = f"{r['gbps']:.2f}" if r.get("nbytes") else "–"
+            frac = f"{100 * r['frac_copy']:.1f}%" if r.get("nbytes") else "–"
+            sps = []
+            for x in base:
+                tb = by_case[r["case"]].get(x)
+                sps.append(f"{tb / r['seconds']:.1f}x" if tb and r["provider"] != x and r["seconds"] > 0 else "")
+            lines.append(f"| {r['case']} | {r['provider']} | {r['seconds'] * 1e3:.3f} | {gbps} | {frac} | "
+                         + " | ".join(sps) + " |")
+        for key in ("quality", "agreement"):
+            if rep.get(key):
+                lines += ["", f"{key}:", ""]
+                for q in rep[key]:
+                    lines.append(f"- {json.dumps(q) if isinstance(q, dict) else q}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _write_json(path: str, obj: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -346,9 +419,10 @@ def run(args) -> int:
     info = lfm_engine.build_info()
     results = {"lfm_engine": lfm_engine.__version__, "build": info, "mode": mode,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+               "machine": machine_description(),
                "python": platform.python_version(), "suites": {}}
     print(f"lfm-engine bench ({mode}): {', '.join(suites)}  [suites from {next(iter(suites.values())).parent}]")
+    print(f"machine: {results['machine']}")
     t0 = time.perf_counter()
     for name, path in suites.items():
         print(f"\n===== {name}: {path.name} {' '.join(argvs[name])}", flush=True)
@@ -366,6 +440,9 @@ def run(args) -> int:
     if args.json:
         _write_json(args.json, results)
         print(f"combined JSON: {args.json}")
+    if args.markdown:
+        _write_text(args.markdown, markdown(results))
+        print(f"markdown: {args.markdown}")
     if args.plot:
         try:
             plot(results, args.plot)

@@ -34,7 +34,7 @@ import torch
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the built-in example (merge generated tensors with each method)")
+    p = subparsers.add_parser("demo", help="run the built-in example: merge, compress and serve generated models, checked against references")
     p.add_argument("--rows", type=int, default=512, help="rows of the generated weight (default 512)")
     p.add_argument("--cols", type=int, default=1024, help="columns of the generated weight (default 1024)")
     p.add_argument("--models", type=int, default=3, help="number of fine-tuned models (default 3)")

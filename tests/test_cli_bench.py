@@ -33,8 +33,8 @@ def test_installed_copy_is_looked_up_first(tmp_path, monkeypatch):
 
 def test_quick_merge_suite_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    rc = main(["bench", "--quick", "--only", "merge", "--json", str(out), "--plot", str(png),
+    out, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "RESULTS.md"
+    rc = main(["bench", "--quick", "--only", "merge", "--json", str(out), "--plot", str(png), "--markdown", str(md),
                "--suite-args", "merge=--shapes 64x128 --methods ties,linear --reps 1"])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -50,6 +50,8 @@ def test_quick_merge_suite_json_and_plot(tmp_path, capsys):
     assert all(r["seconds"] > 0 and r["frac_copy"] > 0 for r in rows)
     plotted = cli_bench.collect(data)
     assert len(plotted["bandwidth"]) == 2 and len(plotted["speedup"]) == 2
+    text = md.read_text()
+    assert "| ties 64x128 | ours-cpu |" in text and "vs torch-multipass" in text and data["date"] in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
