@@ -28,6 +28,7 @@ reference's top two logits are closer than that tolerance (a true tie).
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -339,6 +340,21 @@ def run(args) -> int:
     import lfm_engine
     from lfm_engine.demo_data import make_demo_set
 
+    problems = [f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})"
+                for k in ("rows", "cols", "models", "hidden", "layers", "intermediate", "vocab", "batch",
+                          "prompt_len", "new_tokens") if getattr(args, k) < 1]
+    if args.threads < 0:
+        problems.append(f"--threads must be >= 0 (got {args.threads})")
+    if args.hidden % 4:
+        problems.append(f"--hidden must be a multiple of 4, the generated model's head count (got {args.hidden})")
+    if args.vocab < 4:
+        problems.append(f"--vocab must be >= 4 (token ids 0-2 are special; got {args.vocab})")
+    if args.prompt_len + args.new_tokens > 256:
+        problems.append("--prompt-len + --new-tokens must be <= 256, the generated model's context length")
+    if problems:
+        for p in problems:
+            print(f"lfm-engine demo: {p}", file=sys.stderr)
+        return 2
     if args.threads:
         lfm_engine.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -361,10 +377,10 @@ def run(args) -> int:
         t0 = time.perf_counter()
         ds = make_demo_set(os.path.join(work, "models"), hidden=args.hidden, layers=args.layers,
                            intermediate=args.intermediate, vocab=args.vocab)
-        print(f"\nGenerated in {work}/models ({time.perf_counter() - t0:.2f} s): a Llama-shaped base "
-              f"(hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+        print(f"\nGenerated in {work}/models ({time.perf_counter() - t0:.2f} s):\n"
+              f"      a Llama-shaped base (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
               f"{ds.n_params / 1e6:.2f}M params, fp32), fine-tunes "
-              f"{', '.join(os.path.basename(p) for p in ds.finetunes)} and PEFT LoRA adapters "
+              f"{', '.join(os.path.basename(p) for p in ds.finetunes)},\n      PEFT LoRA adapters "
               + ", ".join(f"{n} (r={a.rank}, {len({m.rsplit('.', 1)[-1] for m in a.modules})} projections"
                           f"{', rsLoRA' if a.use_rslora else ''})" for n, a in ds.adapter_weights.items()))
 
@@ -405,7 +421,8 @@ def run(args) -> int:
             print(f"\n[4/4] Serving a mixed-adapter batch (transformers LlamaForCausalLM + AdapterPool + attach):")
             s = serve_demo(ds, args.batch, args.prompt_len, args.new_tokens, args.threads)
             print(f"      rows -> adapters: {[a or 'base' for a in s['row_adapters']]}")
-            print(f"      model load {s['t_model'] * 1e3:.0f} ms, 4 adapters into the pool {s['t_load'] * 1e3:.0f} ms")
+            print(f"      model load {s['t_model'] * 1e3:.0f} ms, {len(ds.adapters)} adapters into the pool "
+                  f"{s['t_load'] * 1e3:.0f} ms")
             print(f"      one forward of {s['batch']}x{s['prompt_len']} tokens: {s['t_fwd'] * 1e3:.1f} ms "
                   f"({s['prefill_tok_s']:.0f} tokens/s; the bare base model {s['t_base'] * 1e3:.1f} ms)")
             print(f"      max |logit err| vs dense per-adapter torch (W + s*B*A): {s['logit_err']:.2e} "

@@ -83,3 +83,11 @@ def test_demo_fails_when_a_check_fails(capsys, monkeypatch):
                "--intermediate", "64", "--vocab", "64"])
     out = capsys.readouterr().out
     assert rc == 1 and "FAILED: model merge" in out
+
+
+def test_demo_rejects_bad_sizes(capsys):
+    from lfm_engine.cli import main
+
+    assert main(["demo", "--hidden", "30", "--batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch must be >= 1" in err and "--hidden must be a multiple of 4" in err
