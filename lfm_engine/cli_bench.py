@@ -362,15 +362,24 @@ def markdown(results: dict) -> str:
             sps = []
             for x in base:
                 tb = by_case[r["case"]].get(x)
-                sps.append(f"{tb / r['seconds']:.1f}x" if tb and r["provider"] != x and r["seconds"] > 0 else "")
+                sps.append(f"{tb / r['seconds']:.1f}x" if tb and r["provider"] in OURS and r["seconds"] > 0 else "")
             lines.append(f"| {r['case']} | {r['provider']} | {r['seconds'] * 1e3:.3f} | {gbps} | {frac} | "
                          + " | ".join(sps) + " |")
-        for key in ("quality", "agreement"):
+        if rep.get("quality"):
+            lines += ["", "quality (bits/param vs relative error ||d - d_hat|| / ||d||; ratio vs the bf16 delta):", "",
+                      "| codec | options | bits/param | ratio | rel. err |", "|---|---|---:|---:|---:|"]
+            for q in rep["quality"]:
+                lines.append(f"| {q['codec']} | {json.dumps(q['options'])} | {q['bits_per_param']:.3f} | "
+                             f"{q['ratio']:.2f}x | {q['rel_error']:.4f} |")
+            lines.append("")
+        for key in ("agreement",):
             if rep.get(key):
                 lines += ["", f"{key}:", ""]
                 for q in rep[key]:
                     lines.append(f"- {json.dumps(q) if isinstance(q, dict) else q}")
-        lines.append("")
+                lines.append("")
+        if lines[-1] != "":
+            lines.append("")
     return "\n".join(lines)
 
 
