@@ -18,7 +18,8 @@ the command exits 0 only when every check passes:
     (a different adapter, or none, per row) runs one forward and a greedy generation
     (``Engine``); logits are compared with a plain per-adapter torch computation (the
     adapter merged densely into the weights, W + s·B·A) and the generated tokens with
-    greedy decoding of those merged models.
+    greedy decoding of those merged models; with ``--peft`` also with PEFT's own mixed
+    batch (``PeftModel(..., adapter_names=[...])``) on the same folders.
 
 Tolerances (decided here; spec/merge.md and spec/lora.md define the math): merged fp32
 tensors within atol 1e-5 + rtol 1e-5 of the float64 reference (the test-suite fp32
@@ -49,6 +50,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated per row (default 8)")
     p.add_argument("--workdir", default=None,
                    help="folder for the generated models (default: a temporary folder, removed at the end)")
+    p.add_argument("--peft", action="store_true",
+                   help="also compare the mixed-batch logits with PEFT's own mixed batch (needs peft)")
     p.add_argument("--skip", nargs="*", default=[], choices=["tensors", "merge", "compress", "serve"],
                    help="parts to leave out")
 
@@ -236,7 +239,25 @@ def _reference_greedy(ref_model, ds, prompt, adapter, n_new, tol):
     return toks, margins
 
 
-def serve_demo(ds, batch: int, prompt_len: int, new_tokens: int, threads: int = 0) -> dict:
+def _peft_logits(ds, ids: torch.Tensor, row_adapters) -> torch.Tensor:
+    """PEFT's own mixed batch (``adapter_names=``, "__base__" for rows without an adapter)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    import warnings
+
+    names = list(dict.fromkeys(a for a in row_adapters if a is not None))
+    model = LlamaForCausalLM.from_pretrained(ds.base, dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls APIs newer transformers deprecate
+        pm = PeftModel.from_pretrained(model, ds.adapters[names[0]], adapter_name=names[0]).eval()
+        for n in names[1:]:
+            pm.load_adapter(ds.adapters[n], adapter_name=n)
+    with torch.inference_mode():
+        return pm(ids, adapter_names=[a if a is not None else "__base__" for a in row_adapters]).logits.float()
+
+
+def serve_demo(ds, batch: int, prompt_len: int, new_tokens: int, threads: int = 0, peft: bool = False) -> dict:
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -304,11 +325,15 @@ def serve_demo(ds, batch: int, prompt_len: int, new_tokens: int, threads: int = 
             else:
                 bad.append(i)
     pool.close()
-    return dict(batch=batch, prompt_len=prompt_len, row_adapters=row_adapters, t_model=t_model, t_load=t_load,
+    peft_err = None
+    if peft and any(a is not None for a in row_adapters):
+        peft_err = float((logits - _peft_logits(ds, ids, row_adapters)).abs().max())
+    return dict(peft_err=peft_err, batch=batch, prompt_len=prompt_len, row_adapters=row_adapters, t_model=t_model, t_load=t_load,
                 t_fwd=t_fwd, t_base=t_base, prefill_tok_s=batch * prompt_len / t_fwd, logit_err=logit_err,
                 logit_tol=logit_tol, adapter_effect=effect, gen_tokens=n_gen, t_gen=t_gen,
                 gen_tok_s=n_gen / t_gen if t_gen > 0 else 0.0, agree=agree, ties=ties, bad=bad,
-                ok=logit_err <= logit_tol and effect > 10 * logit_tol and not bad)
+                ok=logit_err <= logit_tol and effect > 10 * logit_tol and not bad
+                and (peft_err is None or peft_err <= logit_tol))
 
 
 # ----------------------------------------------------------------------------- the command
@@ -419,7 +444,13 @@ def run(args) -> int:
         if "serve" in parts:
             t0 = time.perf_counter()
             print(f"\n[4/4] Serving a mixed-adapter batch (transformers LlamaForCausalLM + AdapterPool + attach):")
-            s = serve_demo(ds, args.batch, args.prompt_len, args.new_tokens, args.threads)
+            if args.peft:
+                try:
+                    import peft  # noqa: F401
+                except ImportError:
+                    print("lfm-engine demo: --peft needs the peft package (pip install peft)", file=sys.stderr)
+                    return 2
+            s = serve_demo(ds, args.batch, args.prompt_len, args.new_tokens, args.threads, peft=args.peft)
             print(f"      rows -> adapters: {[a or 'base' for a in s['row_adapters']]}")
             print(f"      model load {s['t_model'] * 1e3:.0f} ms, {len(ds.adapters)} adapters into the pool "
                   f"{s['t_load'] * 1e3:.0f} ms")
@@ -428,6 +459,9 @@ def run(args) -> int:
             print(f"      max |logit err| vs dense per-adapter torch (W + s*B*A): {s['logit_err']:.2e} "
                   f"(tolerance {s['logit_tol']:.1e}; the adapters move logits by >= {s['adapter_effect']:.2e})"
                   f"  {'ok' if s['logit_err'] <= s['logit_tol'] else 'TOO LARGE'}")
+            if s["peft_err"] is not None:
+                print(f"      max |logit err| vs PEFT's mixed batch (adapter_names=...): {s['peft_err']:.2e}  "
+                      f"{'ok' if s['peft_err'] <= s['logit_tol'] else 'TOO LARGE'}")
             print(f"      Engine.generate: {s['gen_tokens']} greedy tokens in {s['t_gen'] * 1e3:.0f} ms "
                   f"({s['gen_tok_s']:.0f} tokens/s); {s['agree']}/{s['batch']} rows token-identical to the "
                   f"dense reference" + (f", {s['ties']} differ only at an exact tie" if s["ties"] else "")
