@@ -12,6 +12,9 @@ Three tables, one run:
     deltas, nothing decoded to memory); (b) decode-then-matmul per slot; (c) separate
     full models = one matmul per slot against its own dense fine-tuned weights.
 
+Times are the minimum of interleaved rounds (see interleaved()): the 2-core machine this
+was written on is shared, and medians there measure the neighbours.
+
     python bench/bench_codec.py [--size 4096] [--slots 8] [--tokens 16] [--json out.json]
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 
 import torch
 
-from lfm_engine.bench_util import Report, copy_bandwidth, device_name, time_fn
+from lfm_engine.bench_util import Report, copy_bandwidth, device_name
 from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
 
 
@@ -36,6 +39,23 @@ def structured_delta(rows, cols, rank=16, outliers=0.002, noise=0.3, seed=0, dty
     return (1e-3 * d).to(dtype)
 
 
+def interleaved(fns: dict, reps: int = 7) -> dict:
+    """Seconds per provider: the minimum over `reps` rounds that run every provider once,
+    in turn. On a shared machine (other jobs on the same cores) the minimum is the least
+    disturbed run, and interleaving exposes every provider to the same background load."""
+    import time
+
+    for f in fns.values():
+        f()  # warm-up
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -44,23 +64,24 @@ def throughput(n: int, threads: int, rep: Report) -> None:
     delta = structured_delta(n, n, dtype=torch.bfloat16)
     base = torch.randn(n, n).to(torch.bfloat16)
     out = torch.empty_like(base)
+    t_copy = interleaved({"copy": lambda: out.copy_(base)})["copy"]
     for codec in ("sign1", "int8", "int4", "int2"):
         opts = {} if codec == "sign1" else {"group_size": 128}
         enc = encode_delta(delta, codec, **opts)
         fb = enc.nbytes
+        t = interleaved({"ours": lambda: encode_delta(delta, codec, n_threads=threads, **opts)}, reps=3)
+        t_ref = interleaved({"ref": lambda: encode_delta(delta, codec, backend="reference", **opts)}, reps=1)
         case = f"encode {codec} {n}x{n} bf16"
-        t = time_fn(lambda: encode_delta(delta, codec, n_threads=threads, **opts), reps=3)
-        rep.add(case, "lfm cpu", t, nbytes(delta) + fb)
-        t = time_fn(lambda: encode_delta(delta, codec, backend="reference", **opts), reps=1, warmup=0)
-        rep.add(case, "torch reference", t, nbytes(delta) + fb)
+        rep.add(case, "lfm cpu", t["ours"], nbytes(delta) + fb)
+        rep.add(case, "torch reference", t_ref["ref"], nbytes(delta) + fb)
+        t = interleaved({"ours": lambda: decode_add(enc, base, out=out, n_threads=threads),
+                         "copy": lambda: out.copy_(base)}, reps=9)
+        t_ref = interleaved({"ref": lambda: decode_add(enc, base, out=out, backend="reference")}, reps=1)
         case = f"decode+add {codec} {n}x{n} bf16"
-        t = time_fn(lambda: decode_add(enc, base, out=out, n_threads=threads), reps=5)
-        rep.add(case, "lfm cpu", t, fb + 2 * nbytes(base))
-        t = time_fn(lambda: decode_add(enc, base, out=out, backend="reference"), reps=1, warmup=0)
-        rep.add(case, "torch reference", t, fb + 2 * nbytes(base))
-    case = f"copy bf16 {n}x{n} (x = b.clone())"
-    t = time_fn(lambda: out.copy_(base), reps=5)
-    rep.add(case, "torch copy", t, 2 * nbytes(base))
+        rep.add(case, "lfm cpu", t["ours"], fb + 2 * nbytes(base), copy_same_round=t["copy"])
+        rep.add(case, "torch reference", t_ref["ref"], fb + 2 * nbytes(base))
+        t_copy = min(t_copy, t["copy"])
+    rep.add(f"copy bf16 {n}x{n} (out.copy_(b))", "torch copy", t_copy, 2 * nbytes(base))
 
 
 def quality(rows: int, cols: int) -> list:
@@ -129,9 +150,10 @@ def serving(n: int, slots: int, tokens: int, threads: int, rep: Report, dtype=to
         assert err < 1e-3, f"batched and separate disagree: {err}"
         moved_sep = slots * nbytes(w_base)
         moved_bat = nbytes(w_base) + sum(e.nbytes for e in encs)
-        rep.add(case, "separate models", time_fn(separate, reps=5), moved_sep)
-        rep.add(case, "decode+matmul", time_fn(decode_then_matmul, reps=3), moved_bat + 2 * moved_sep)
-        rep.add(case, "batched delta", time_fn(batched, reps=5), moved_bat, rel_diff=err)
+        t = interleaved({"sep": separate, "dec": decode_then_matmul, "bat": batched}, reps=5)
+        rep.add(case, "separate models", t["sep"], moved_sep)
+        rep.add(case, "decode+matmul", t["dec"], moved_bat + 2 * moved_sep)
+        rep.add(case, "batched delta", t["bat"], moved_bat, rel_diff=err)
 
 
 def main(argv=None) -> int:
@@ -140,11 +162,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-shape", type=int, nargs=2, default=[1024, 4096])
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for torch and for our kernels alike (0 = defaults). On a shared, loaded machine "
+                         "use 1: torch's OpenMP GEMV slows down 30x when its threads are preempted")
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "quality", "serving"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    bw = copy_bandwidth("cpu")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    bw = copy_bandwidth("cpu", reps=9)
     rep = Report("task-vector codecs (CPU)", device_name("cpu"), bw)
     if "throughput" not in args.skip:
         throughput(args.size, args.threads, rep)

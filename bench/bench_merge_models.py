@@ -185,6 +185,78 @@ def tie_elements(method: str, b: torch.Tensor, xs: list, params: list) -> torch.
     return tie.view(b.shape)
 
 
+def _family(root: str, n: int, **cfg_kw) -> list:
+    """fp32 base + n fine-tunes (what tests/fixtures_models.make_family writes), from the
+    fixture functions imported above, so it also works from an installed package."""
+    cfg = llama_config(**cfg_kw)
+    base = random_weights(cfg, 0, torch.float32)
+    paths = [write_model(os.path.join(root, "base"), cfg, base)]
+    for k in range(n):
+        paths.append(write_model(os.path.join(root, f"ft{k + 1}"), cfg, finetune(base, 100 + k)))
+    return paths
+
+
+def parity(work: str, mk_exe: str) -> list:
+    """Tiny fp32 fixture, every method and parameter form we share with mergekit: max |diff|
+    of every output tensor between `lfm-engine merge` and mergekit-yaml (dtype float32)."""
+    from lfm_engine.merge import merge_models
+    P = _family(os.path.join(work, "parity"), 3, layers=4, hidden=32, intermediate=48, vocab=64)
+    B, F = P[0], P[1:]
+    w3 = lambda **kw: [{"model": f, "parameters": dict(weight=w, **kw)} for f, w in zip(F, (0.2, 0.5, 0.3))]
+    grad_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+              {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+    cases = {
+        "linear": {"merge_method": "linear", "models": w3()},
+        "task_arithmetic (gradient weight, lambda)": {
+            "merge_method": "task_arithmetic", "base_model": B, "parameters": {"lambda": 0.7},
+            "models": [{"model": f, "parameters": {"weight": [0.1, 0.9]}} for f in F]},
+        "ties (filters, gradient density)": {
+            "merge_method": "ties", "base_model": B,
+            "parameters": {"density": [0.3, 0.9]},
+            "models": [{"model": f, "parameters": {"weight": [{"filter": "mlp", "value": 0.8},
+                                                               {"value": 0.4}]}} for f in F]},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": B,
+                             "models": w3(density=0.8, gamma=0.05)},
+        "slerp (filtered gradient t)": {"merge_method": "slerp", "base_model": B,
+                                        "models": [{"model": B}, {"model": F[0]}],
+                                        "parameters": {"t": grad_t}},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": B, "models": w3()[:2]},
+        "nuslerp (row-wise, no base)": {"merge_method": "nuslerp", "models": w3()[:2],
+                                        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+        "model_stock": {"merge_method": "model_stock", "base_model": B, "models": [{"model": f} for f in F]},
+        "model_stock (filter_wise)": {"merge_method": "model_stock", "base_model": B,
+                                      "models": [{"model": f} for f in F], "parameters": {"filter_wise": True}},
+        "multislerp": {"merge_method": "multislerp", "base_model": B, "models": w3()},
+        "karcher": {"merge_method": "karcher", "models": [{"model": f} for f in F]},
+        "slices (ties, layer ranges)": {
+            "merge_method": "ties", "base_model": B, "slices": [{"sources": [
+                {"model": B, "layer_range": [0, 3]},
+                {"model": F[0], "layer_range": [0, 3], "parameters": {"weight": 0.6, "density": [0.3, 0.9]}},
+                {"model": F[1], "layer_range": [1, 4], "parameters": {"weight": 0.5, "density": 0.5}}]}]},
+    }
+    rows = []
+    for i, (label, cfg) in enumerate(cases.items()):
+        cfg = dict(cfg, dtype="float32")
+        cp = os.path.join(work, f"parity_{i}.yml")
+        with open(cp, "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        o, m = os.path.join(work, f"po_{i}"), os.path.join(work, f"pm_{i}")
+        merge_models(cp, o, quiet=True)
+        p = subprocess.run([mk_exe, cp, m, "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True)
+        if p.returncode:
+            rows.append((label, "mergekit failed: " + p.stderr.strip().splitlines()[-1][:80]))
+            continue
+        a, b = load_folder(o), load_folder(m)
+        if set(a) != set(b):
+            rows.append((label, f"tensor names differ: {sorted(set(a) ^ set(b))[:3]}"))
+            continue
+        diff = max(float((a[n].float() - b[n].float()).abs().max()) for n in a)
+        rows.append((label, f"{len(a)} tensors, max |diff| {diff:.1e}"))
+        shutil.rmtree(o, ignore_errors=True)
+        shutil.rmtree(m, ignore_errors=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
@@ -194,7 +266,22 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fp32-check", action="store_true",
                     help="skip the extra (untimed) mergekit run in fp32 used to check agreement")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parity", action="store_true",
+                    help="only compare outputs with mergekit on a tiny fp32 fixture, every method")
     args = ap.parse_args(argv)
+    if args.parity:
+        mk = shutil.which("mergekit-yaml")
+        if not mk:
+            print("mergekit-yaml is not installed")
+            return 1
+        work = tempfile.mkdtemp(prefix="lfm_parity_")
+        try:
+            print(f"{'config':<44} result vs mergekit (dtype float32)")
+            for label, res in parity(work, mk):
+                print(f"{label:<44} {res}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     work = args.workdir or tempfile.mkdtemp(prefix="lfm_bench_merge_")
     os.makedirs(work, exist_ok=True)

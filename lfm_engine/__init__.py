@@ -6,6 +6,7 @@ Top-level API:
     lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (spec/lora.md)
     encode_delta / decode_delta / delta_apply(...)    task-vector codecs (spec/codec.md)
     compress_model / decompress_model(...)            .lfmd containers of whole fine-tunes
+    AdapterPool, attach, Engine                       multi-adapter serving (lfm_engine.serve)
     get_include(), get_library()                      C ABI header folder and liblfm path
     build_info()                                      what this build has (CUDA, SIMD level)
 """
@@ -83,10 +84,28 @@ def set_num_threads(n: int) -> None:
     native().set_num_threads(int(n))
 
 
+# Names loaded on first use (their modules are larger and not needed to merge tensors).
+_LAZY = {
+    "AdapterPool": "lfm_engine.serve", "attach": "lfm_engine.serve", "detach": "lfm_engine.serve",
+    "Engine": "lfm_engine.serve", "Request": "lfm_engine.serve", "open_adapter": "lfm_engine.serve",
+    "AdapterFormatError": "lfm_engine.serve",
+    "Encoded": "lfm_engine.ops.codec", "inspect_container": "lfm_engine.compress",
+    "LfmdError": "lfm_engine.compress", "FingerprintMismatchError": "lfm_engine.compress",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lfm_engine' has no attribute '{name}'")
+
+
 __all__ = [
     "METHODS", "MergeConfigError", "merge_tensors", "merge_models",
     "lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices",
     "encode_delta", "decode_delta", "decode_add", "delta_apply", "compress_model", "decompress_model", "get_include", "get_library", "build_info",
-    "set_num_threads", "__version__",
+    "set_num_threads", "__version__", *_LAZY,
 ]
 del os

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -95,6 +97,11 @@ def run(args) -> int:
     host, port = httpd.server_address[:2]
     print(f"lfm-engine serve: http://{host}:{port}/v1 (model {app.base_name!r}, adapters {app.pool.names()})",
           file=sys.stderr)
+    def _term(signum, frame):  # SIGTERM ends the server like Ctrl-C: sockets closed, loop stopped
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _term)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

@@ -454,3 +454,40 @@ def test_c_abi_program(tmp_path):
                     f"-Wl,-rpath,{lib.parent}", "-lm", "-o", str(exe)], check=True, capture_output=True)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_lowrank_mixed_precision_bands():
+    d = structured_delta(128, 256)
+    fp, mp = ref.encode(d, "lowrank", rank=48)
+    fb, mb = ref.encode(d, "lowrank", bands="float16:8,int8:16,int4:24")
+    assert mb["rank"] == 48 and mb["bands"] == [["float16", 8], ["int8", 16], ["int4", 24]]
+    e_fp = rel_err(ref.decode(fp, d.shape, "lowrank", mp), d)
+    e_b = rel_err(ref.decode(fb, d.shape, "lowrank", mb), d)
+    bits = lambda f: sum(t.numel() * t.element_size() for t in f.values())  # noqa: E731
+    assert bits(fb) < 0.6 * bits(fp)
+    assert e_b < e_fp + 0.01  # the quantized tail bands cost little accuracy
+    e = encode_delta(d, "lowrank", bands="float16:8,int8:16,int4:24")  # through the API, JSON-able options
+    import json
+
+    json.dumps(e.options)
+    assert torch.allclose(decode_delta(e), ref.decode(fb, d.shape, "lowrank", mb))
+    with pytest.raises(CodecError, match="bad band"):
+        ref.encode(d, "lowrank", bands="int3:4")
+
+
+def test_delta_apply_torch_op():
+    """delta_apply_packed is a registered torch op (mutates y) that passes torch's opcheck."""
+    from lfm_engine.ops.codec import _native_args, delta_apply_packed
+
+    deltas = [encode_delta(torch.randn(24, 64) * 0.1, "int4", group_size=32) for _ in range(2)]
+    args = [_native_args(e) for e in deltas]
+    x = torch.randn(5, 64)
+    slot = torch.tensor([0, 1, -1, 1, 0], dtype=torch.int32)
+    y = torch.randn(5, 24)
+    want = y.clone()
+    delta_apply(x, deltas, slot, want, backend="reference")
+    got = y.clone()
+    torch.ops.lfm.delta_apply_packed(x, [a[0] for a in args], [a[1] for a in args], slot, got, 2, 32, False, 1.0)
+    assert_close(got, want, atol=1e-4)
+    torch.library.opcheck(delta_apply_packed, (x, [a[0] for a in args], [a[1] for a in args], slot, y.clone(), 2, 32,
+                                               False, 1.0), test_utils=("test_schema", "test_faketensor"))

@@ -374,18 +374,27 @@ def test_triton_multi_slice_and_segments():
 
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------
 
+def skip_unbuilt(backend):
+    from lfm_engine.ops._dispatch import native_has_cuda
+
+    if backend == "cuda" and not native_has_cuda():
+        pytest.skip("this build of lfm_engine has no CUDA kernels")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H_in,H_out,mix", [(1, 4096, 4096, "single"), (7, 129, 77, "uniform"),
                                               (64, 4096, 11008, "zipf"), (513, 257, 130, "uniform")])
 def test_gpu(backend, dtype, T, H_in, H_out, mix):
+    skip_unbuilt(backend)
     run_case(backend, T, H_in, H_out, dtype, RANKS, mix, device="cuda")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_multi_slice_segments(backend):
+    skip_unbuilt(backend)
     gen = torch.Generator().manual_seed(9)
     ranks = [16, 4, 64]
     tabs = [make_tables(3, 64, 256, w, torch.bfloat16, ranks, gen, "cuda") for w in (256, 64, 64)]
@@ -400,3 +409,64 @@ def test_gpu_multi_slice_segments(backend):
     lora_apply(x.cpu(), [a.cpu() for a, _ in tabs], [b.cpu() for _, b in tabs], None, ranks, [1.0, 2.0, 0.5], yr,
                seg_start=ss.cpu(), seg_slot=sl.cpu(), backend="reference")
     assert_close(y, yr, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if triton_available() and not torch.cuda.is_available()
+                                                    else []))
+@pytest.mark.parametrize("case", ["no_tokens", "rmax_0", "h_in_0", "no_slots"])
+def test_empty_shapes(backend, case):
+    """Degenerate but legal shapes: nothing to do, nothing written, u all zero."""
+    T, H_in, n, R, H_out = {"no_tokens": (0, 16, 2, 4, 8), "rmax_0": (3, 16, 2, 0, 8), "h_in_0": (3, 0, 2, 4, 8),
+                            "no_slots": (3, 16, 0, 4, 8)}[case]
+    x = torch.randn(T, H_in)
+    A = torch.randn(n, R, H_in)
+    B = torch.randn(n, H_out, R)
+    ts = torch.full((T,), -1 if n == 0 else 1, dtype=torch.int32)
+    y = torch.randn(T, H_out)
+    y0 = y.clone()
+    lora_apply(x, A, B, ts, None, [1.0] * n, y, backend=backend)
+    assert torch.equal(y, y0)
+    u = lora_shrink(x, A, ts, backend=backend)
+    assert u.shape == (T, R) and not u.any()
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(12))
+def test_cpu_random_configs(seed):
+    """Random shapes, dtypes, ranks, slot maps (token or segment form) and slices vs the reference."""
+    g = torch.Generator().manual_seed(100 + seed)
+    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    dt_x = DTYPES[ri(0, 2)]
+    dt_w = DTYPES[ri(0, 2)]
+    T, H_in, n_slots, R = ri(1, 70), ri(1, 300), ri(1, 6), ri(1, 40)
+    n_sl = ri(1, 3)
+    widths = [ri(1, 90) for _ in range(n_sl)]
+    ranks = [[ri(0, R) for _ in range(n_slots)] for _ in range(n_sl)]
+    tabs = [make_tables(n_slots, R, H_in, w, dt_w, rk, g) for w, rk in zip(widths, ranks)]
+    x = torch.randn(T, H_in, generator=g).to(dt_x)
+    sc = torch.rand(n_slots, generator=g) * 4
+    gap = ri(0, 5)
+    offs, pos = [], gap
+    for w in widths:
+        offs.append(pos)
+        pos += w + ri(0, 3)
+    y0 = torch.randn(T, pos, generator=g).to(dt_x)
+    if ri(0, 1):
+        cuts = sorted(ri(0, T) for _ in range(ri(0, 5)))
+        seg_start = torch.tensor([0] + cuts + [T], dtype=torch.int32)
+        seg_slot = torch.randint(-1, n_slots, (len(cuts) + 1,), generator=g, dtype=torch.int32)
+        ts = segments_to_token_slot(seg_start, seg_slot)
+        form = dict(seg_start=seg_start, seg_slot=seg_slot)
+        slots_arg = None
+    else:
+        ts = torch.randint(-1, n_slots, (T,), generator=g, dtype=torch.int32)
+        form, slots_arg = {}, ts
+    y = y0.clone()
+    lora_apply(x, [a for a, _ in tabs], [b for _, b in tabs], slots_arg, ranks, sc, y, offs, **form)
+    yr = y0.clone()
+    for (a, b), rk, o in zip(tabs, ranks, offs):
+        lora_apply_reference(x, a, b, ts, torch.tensor(rk), sc, yr, o)
+    assert_close(y, yr, dt_x)
+    u = lora_shrink(x, [a for a, _ in tabs], slots_arg, ranks, **form)
+    for i, ((a, _), rk) in enumerate(zip(tabs, ranks)):
+        assert_close(u[i], lora_shrink_reference(x, a, ts, torch.tensor(rk)), torch.float32, atol=2e-5, rtol=2e-5)

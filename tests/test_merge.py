@@ -289,3 +289,24 @@ def test_sign_election_exact_where_float32_cannot_decide(cw):
         xs[0][0], xs[2][0] = 0.1, -0.1  # sum 0.1 + (-0.1) is exactly 0 in both: sign +
     ours, expect = run_both(base, xs, "ties", density=1.0, weights=w, consensus_weighting=cw)
     assert_close(ours, expect, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["gaussian_fp32", "quantized_bf16", "constant"])
+@pytest.mark.parametrize("method,kw", [("ties", dict(density=0.2)), ("ties", dict(density=0.97)),
+                                       ("breadcrumbs", dict(density=0.3, gamma=0.05))])
+def test_large_tensor_selection_paths(kind, method, kw):
+    """n >= 2^18 takes the sample-and-bracket selection (and its radix fallback when the
+    bracket holds too many equal values): masks must still equal the reference exactly."""
+    n = 1 << 18
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(n, generator=g)
+    if kind == "gaussian_fp32":
+        x = base + 0.01 * torch.randn(n, generator=g)
+    elif kind == "quantized_bf16":
+        base = (torch.round(base * 4) / 4).to(torch.bfloat16)
+        x = (base.float() + torch.round(torch.randn(n, generator=g) * 8) / 256).to(torch.bfloat16)
+    else:  # every |delta| equal: the bracket holds everything, the radix passes decide
+        x = base + torch.where(torch.rand(n, generator=g) < 0.5, 0.125, -0.125)
+    got = kept_mask(base, x, method, **kw)
+    nz = (x.float() - base.float()) != 0
+    assert torch.equal(got, ref_mask(base, x, method, **kw) & nz)

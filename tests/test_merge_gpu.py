@@ -197,6 +197,19 @@ def test_triton_peft_variants_and_mixed_dtypes():
         assert torch.equal(got.cpu(), want.cpu())
 
 
+@pytest.mark.parametrize("disjoint,unweighted", [("weight", False), ("count", True)])
+def test_triton_many_models_float64_divisors(disjoint, unweighted):
+    """K = 10 > 8: divisors summed in float64 per element instead of the pattern table."""
+    b, xs = _inputs((11, 23), 10, torch.float16, seed=12)
+    w = [1.0, -0.5, 0.7, 0.2, 1.3, -0.9, 0.4, 0.6, 0.8, 0.1]
+    kw = dict(weights=w, density=0.5, seed=2, name="k10", disjoint=disjoint,
+              consensus_weighting="unweighted" if unweighted else "weighted")
+    for method in ("ties", "dare_ties"):
+        want = _run("cpu", b, xs, method, **kw)
+        got = _run("triton", b.to(DEV), [x.to(DEV) for x in xs], method, **kw)
+        _check_outputs(method, got, want, method == "dare_ties")
+
+
 def test_triton_linear_without_base():
     _, xs = _inputs((5, 7), 3, torch.float32)
     for normalize in (True, False):
@@ -250,12 +263,7 @@ def test_triton_philox_matches_reference():
 # On a GPU: CUDA C++ and Triton against the CPU kernel (skipped without a GPU)
 
 
-def _native_has_cuda() -> bool:
-    import json
-
-    from lfm_engine._native import native
-
-    return bool(json.loads(native().build_info()).get("cuda"))
+from lfm_engine.ops._dispatch import native_has_cuda as _native_has_cuda  # noqa: E402
 
 
 GPU_BACKENDS = ["cuda", "triton"]

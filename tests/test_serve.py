@@ -203,8 +203,13 @@ def _naive_greedy(model, pool, prompt, adapter, n):
     return out
 
 
-def test_engine_continuous_batching_matches_single_sequence(llama_setup):
-    base, paths = llama_setup
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_engine_continuous_batching_matches_single_sequence(arch, llama_setup, tmp_path):
+    if arch == "llama":
+        base, paths = llama_setup
+    else:  # a sliding-window architecture: padding must stay invisible there too
+        base = _base(arch)
+        paths = _save_adapters(base, str(tmp_path), _adapter_configs())
     model, pool = _ours(base, paths)
     g = torch.Generator().manual_seed(3)
     reqs = []
@@ -257,6 +262,30 @@ def test_engine_sampling_seeds_stops_and_validation(llama_setup):
         eng.submit(Request(prompt=[1], top_p=0))
 
 
+def test_engine_survives_a_failing_forward(llama_setup, monkeypatch):
+    base, paths = llama_setup
+    model, pool = _ours(base, paths)
+    eng = Engine(model, pool, max_batch_size=4)
+    real = model.forward
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step fails
+            raise RuntimeError("simulated device error")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", flaky)
+    res = eng.generate([Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=4, ignore_eos=True),
+                        Request(prompt=[4, 5], max_new_tokens=4, ignore_eos=True)])
+    assert [r.finish_reason for r in res] == ["error", "error"]
+    assert "simulated device error" in res[0].error and res[0].error_type == "internal"
+    assert len(res[0].token_ids) == 1  # from the prefill
+    assert all(i["in_use"] == 0 for i in pool.info())  # references released
+    ok = eng.generate([Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=3, ignore_eos=True)])[0]
+    assert ok.finish_reason == "length" and ok.token_ids == _naive_greedy(model, pool, [1, 2, 3], "a", 3)
+
+
 # ----------------------------------------------------------------------------- pool
 
 
@@ -294,6 +323,26 @@ def test_pool_lru_pinning_capacity_and_reload(llama_setup):
     small.load("a", paths["a"], wait=True)
     small.load("c", paths["c"], wait=True)
     assert small.state("a") == "evicted" and small.resident_bytes() <= small.max_bytes
+
+
+def test_pool_tables_grow_for_higher_ranks(llama_setup):
+    base, paths = llama_setup
+    model, pool = _ours(base, {"c": paths["c"]})  # r=2 everywhere
+    q = "model.layers.0.self_attn.q_proj"
+    assert pool.table(q).r_max == 2
+    ids = torch.randint(0, V, (2, 5))
+    with torch.no_grad(), pool.assign(["c", None]):
+        before = model(ids).logits
+    pool.load("a", paths["a"], wait=True)  # r=4 on q/v/down: those tables grow, c's rows move along
+    assert pool.table(q).r_max == 4 and pool.table("model.layers.0.self_attn.k_proj").r_max == 2
+    ref, ref_pool = _ours(base, {"a": paths["a"]})
+    with torch.no_grad():
+        with pool.assign(["c", "a"]):
+            after = model(ids).logits
+        with ref_pool.assign([None, "a"]):
+            want_a = ref(ids).logits
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    assert_close(after[1], want_a[1])
 
 
 def test_pool_async_load_does_not_stall_running_batches(llama_setup, monkeypatch):
@@ -342,7 +391,7 @@ def test_pool_load_errors(llama_setup, tmp_path):
         return str(d)
 
     for name, changes, msg in [
-        ("dora", dict(use_dora=True), "DoRA"),
+        ("broken", dict(use_dora=True), "DoRA"),
         ("bias", dict(bias="all"), "bias"),
         ("mts", dict(modules_to_save=["lm_head"]), "modules_to_save"),
         ("ia3", dict(peft_type="IA3"), "IA3"),
@@ -489,7 +538,7 @@ def test_http_completions(server):
     assert streamed == cut["text"]
 
 
-def test_http_errors_and_adapter_management(server):
+def test_http_errors_and_adapter_management(server, tmp_path):
     url, app, paths = server
     bad = [
         (dict(model="nope", prompt=[1]), 404, "not found"),
@@ -521,6 +570,27 @@ def test_http_errors_and_adapter_management(server):
     assert _http(url, "DELETE", "/v1/adapters/c")[0] == 200
     assert _http(url, "DELETE", "/v1/adapters/c")[0] == 404
     assert _http(url, "POST", "/v1/completions", dict(model="c", prompt=[1]))[0] == 404
+    # weights that fail to load (NaN): a 400 naming the cause, and the name is free again
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(paths["c"], bad)
+    sd = load_file(str(bad / "adapter_model.safetensors"))
+    next(iter(sd.values())).fill_(float("nan"))
+    save_file(sd, str(bad / "adapter_model.safetensors"))
+    st, out = _http(url, "POST", "/v1/adapters", dict(name="n", path=str(bad)))
+    assert st == 400 and "NaN" in json.loads(out)["error"]["message"]
+    assert "n" not in [a["name"] for a in json.loads(_http(url, "GET", "/v1/adapters")[1])["data"]]
+    st, out = _http(url, "POST", "/v1/adapters", dict(name="broken", path=str(bad), wait=False))
+    assert st == 200  # accepted; the failure shows in the listing and in requests that use it
+    deadline = time.monotonic() + 30
+    while app.pool.state("broken") == "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    st, out = _http(url, "POST", "/v1/completions", dict(model="broken", prompt=[1], max_tokens=1))
+    assert st == 424 and "NaN" in json.loads(out)["error"]["message"]
+    assert _http(url, "DELETE", "/v1/adapters/broken")[0] == 200
     assert _http(url, "GET", "/health")[0] == 200  # still serving after all the errors
 
 

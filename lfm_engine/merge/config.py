@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
@@ -47,7 +47,7 @@ import yaml
 from lfm_engine.merge_params import METHODS, MergeConfigError
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
-TORCH_METHODS = ("slerp", "nuslerp", "model_stock")
+TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher")
 ALL_METHODS = tuple(METHODS) + TORCH_METHODS
 
 # parameters read per input model (may appear at any level) and shared ones
@@ -68,9 +68,10 @@ for _m, _spec in METHODS.items():
         extra = ("epsilon",)
     INPUT_PARAMS[_m] = _TASK_INPUT + extra
     SHARED_PARAMS[_m] = _TASK_SHARED
-INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=())
+INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("weight",), karcher=())
 SHARED_PARAMS.update(slerp=("t",), nuslerp=("nuslerp_flatten", "nuslerp_row_wise"),
-                     model_stock=("filter_wise",))
+                     model_stock=("filter_wise",), multislerp=("normalize_weights", "eps"),
+                     karcher=("max_iter", "tol"))
 # methods whose per-model `weight` must be given explicitly (as in mergekit)
 WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if "weight" in INPUT_PARAMS[m])
 BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock")
@@ -93,6 +94,7 @@ class MergeConfigErrors(MergeConfigError):
 
     def __init__(self, errors: Sequence[str]):
         self.errors = list(errors)
+        self.partial: Optional["MergeConfig"] = None  # set by parse_config, see there
         n = len(self.errors)
         head = f"{n} problem{'s' if n != 1 else ''} in the merge configuration:"
         super().__init__("\n".join([head] + [f"  - {e}" for e in self.errors]))
@@ -438,18 +440,20 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
         if method in BASE_REQUIRED and base_ref is None and not (
                 slices and all(s.base_ref for s in slices)):
             errors.append(f"base_model: method '{method}' needs a base model")
-        if models is not None and method in BASE_REQUIRED + ("nuslerp",):
+        if models is not None and method in BASE_REQUIRED + ("nuslerp", "multislerp"):
             nonbase = [m for m in models if base_ref is None or m.path != base_path]
             if method == "slerp" and len(nonbase) != 1:
                 errors.append(f"models: slerp merges the base with exactly one other model, "
                               f"got {len(nonbase)} non-base models")
             if method == "nuslerp" and len(nonbase) != 2:
                 errors.append(f"models: nuslerp needs exactly two non-base models, got {len(nonbase)}")
+            if method == "multislerp" and len(nonbase) < 1:
+                errors.append("models: multislerp needs at least one non-base model")
             if method == "model_stock" and len(nonbase) < 2:
                 errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
         if method in WEIGHT_REQUIRED and models is not None:
             for m in models:
-                if method != "linear" and base_ref is not None and m.path == base_path:
+                if method not in ("linear", "karcher") and base_ref is not None and m.path == base_path:
                     continue  # the base's parameters are unused by base-relative methods
                 if "weight" not in m.parameters and "weight" not in gparams:
                     errors.append(f"{m.where}.parameters.weight: missing (method '{method}' "
@@ -457,7 +461,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
 
     # files
     if check_files:
-        from lfm_engine.merge.io import CheckpointError, ModelFolder  # noqa: F401
+        from lfm_engine.merge.io import CheckpointError
         seen = {}
         refs = []
         if base_ref:
@@ -471,6 +475,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
                 refs.append((s.base_ref, _resolve_path(s.base_ref, origin_dir), s.where + ".base_model"))
         if tok not in (None, "base"):
             refs.append((tok, _resolve_path(tok, origin_dir), "tokenizer_source"))
+        n_before = len(errors)
         for ref, path, where in refs:
             if path in seen:
                 continue
@@ -479,13 +484,22 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
                 _quick_folder_check(ref, path)
             except CheckpointError as e:
                 errors.append(f"{where}: {e}")
+        files_ok = len(errors) == n_before
+    else:
+        files_ok = False
 
+    cfg = MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
+                      slices=slices, parameters=gparams, dtype=dtypes["dtype"],
+                      out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
+                      yaml_text=text, origin=origin)
     if errors:
-        raise MergeConfigErrors(errors)
-    return MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
-                       slices=slices, parameters=gparams, dtype=dtypes["dtype"],
-                       out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
-                       yaml_text=text, origin=origin)
+        err = MergeConfigErrors(errors)
+        # What could still be planned, so a caller can add the tensor-level problems
+        # (shapes, architectures, per-tensor parameter values) to the same report.
+        usable = method is not None and (models or slices) and (base_ref is None or base_path)
+        err.partial = cfg if (usable and files_ok) else None
+        raise err
+    return cfg
 
 
 def _quick_folder_check(ref: str, path: str) -> None:

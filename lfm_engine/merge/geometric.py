@@ -1,4 +1,4 @@
-"""Geometric merge methods in plain torch: slerp, nuslerp, model_stock.
+"""Geometric merge methods in plain torch: slerp, nuslerp, model_stock, multislerp, karcher.
 
 Why torch and not the C++ kernel: these methods need a global reduction over the
 whole tensor (or a row) *before* any output element can be computed (norms, a dot
@@ -128,3 +128,98 @@ def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: boo
     t = torch.where(sing, torch.zeros_like(c), n * c / torch.where(sing, torch.ones_like(den), den))
     avg = torch.stack(ws).mean(dim=0)
     return (t * avg + (1.0 - t) * b).reshape(shape)
+
+
+def multislerp(weights: Sequence[float], xs: Sequence[torch.Tensor], base: torch.Tensor = None,
+               normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Weighted spherical barycentre of K tensors (each one flat vector), mergekit's multislerp.
+
+    With a base, the task vectors v_i = x_i − base are used and the base is added back.
+    w = weights (divided by their sum when ``normalize_weights``); u_i = v_i/(‖v_i‖+eps);
+    m = Σ w_i u_i, μ = m/‖m‖; tangent g = Σ w_i (u_i − ⟨u_i, μ⟩ μ);
+    r = μ cos‖g‖ + g sin‖g‖/‖g‖ (‖g‖ taken + eps); out = (Σ w_i ‖v_i‖) · r.
+    One input returns it unchanged. If ‖m‖ < eps (weights cancel on antipodal inputs):
+    two inputs fall back to w_0 v_0 + w_1 v_1, more inputs are an error.
+    """
+    if len(xs) == 1:
+        return xs[0].to(_work_dtype(xs[0]))
+    wd = _work_dtype(xs[0])
+    shape = xs[0].shape
+    b = base.to(wd).reshape(-1) if base is not None else None
+    vs = [x.to(wd).reshape(-1) for x in xs]
+    if b is not None:
+        vs = [v - b for v in vs]
+    w = [float(x) for x in weights]
+    if normalize_weights:
+        s = sum(w)
+        w = [x / s for x in w]
+    norms = [torch.linalg.vector_norm(v).item() for v in vs]
+    units = [v / (n + eps) for v, n in zip(vs, norms)]
+    m = torch.zeros_like(units[0])
+    for wi, u in zip(w, units):
+        m.add_(u, alpha=wi)
+    mn = torch.linalg.vector_norm(m).item()
+    if mn < eps:
+        if len(vs) == 2:
+            out = vs[0] * w[0] + vs[1] * w[1]
+            return (out + b if b is not None else out).reshape(shape)
+        raise ValueError("multislerp: the weighted sum of the unit task vectors is zero "
+                         "(antipodal inputs with balancing weights); change the weights")
+    mu = m / mn
+    g = torch.zeros_like(mu)
+    for wi, u in zip(w, units):
+        g.add_(u - torch.dot(u, mu) * mu, alpha=wi)
+    gn = torch.linalg.vector_norm(g).item() + eps
+    r = mu * math.cos(gn) + g * (math.sin(gn) / gn)
+    r = r * sum(wi * n for wi, n in zip(w, norms))
+    if b is not None:
+        r = r + b
+    return r.reshape(shape)
+
+
+def karcher(xs: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """Equal-weight Karcher (Riemannian) mean on the unit sphere, rescaled (mergekit's karcher).
+
+    Each tensor is one flat vector, α_i = 1/K. Directions u_i = x_i/‖x_i‖ of the inputs
+    with ‖x_i‖ > tol (all zero -> zeros) are averaged: start at the normalised
+    α-weighted mean (or u_0 if it vanishes), then up to ``max_iter`` times move along
+    the mean log-map g = Σ α'_i θ_i/sin θ_i (u_i − cos θ_i μ) (θ_i = acos⟨μ, u_i⟩;
+    terms with θ_i < tol skipped; α' renormalised over the kept inputs):
+    μ ← cos‖g‖ μ + sin‖g‖ g/‖g‖, stopping when ‖g‖ < tol. out = (Σ α_i ‖x_i‖) μ.
+    """
+    if len(xs) == 1:
+        return xs[0].to(_work_dtype(xs[0]))
+    wd = _work_dtype(xs[0])
+    shape = xs[0].shape
+    vs = [x.to(wd).reshape(-1) for x in xs]
+    k = len(vs)
+    alphas = [1.0 / k] * k
+    norms = [torch.linalg.vector_norm(v).item() for v in vs]
+    keep = [i for i in range(k) if norms[i] > tol]
+    if not keep:
+        return torch.zeros(shape, dtype=wd, device=xs[0].device)
+    units = [vs[i] / norms[i] for i in keep]
+    a_sum = sum(alphas[i] for i in keep)
+    a = [alphas[i] / a_sum for i in keep]
+    mu = torch.zeros_like(units[0])
+    for ai, u in zip(a, units):
+        mu.add_(u, alpha=ai)
+    mn = torch.linalg.vector_norm(mu).item()
+    mu = units[0].clone() if mn < tol else mu / mn
+    for _ in range(int(max_iter)):
+        g = torch.zeros_like(mu)
+        for ai, u in zip(a, units):
+            c = max(-1.0, min(1.0, torch.dot(mu, u).item()))
+            th = math.acos(c)
+            if th < tol:
+                continue
+            g.add_(u - c * mu, alpha=ai * th / math.sin(th))
+        gn = torch.linalg.vector_norm(g).item()
+        if gn < tol:
+            break
+        mu = mu * math.cos(gn) + g * (math.sin(gn) / gn)
+        un = torch.linalg.vector_norm(mu).item()
+        if un > tol:
+            mu = mu / un
+    scale = sum(al * n for al, n in zip(alphas, norms))
+    return (mu * scale).reshape(shape)

@@ -4,14 +4,19 @@ A model merge is a sequence of independent tensor jobs (one output tensor each, 
 base tensor and K fine-tuned tensors). On a GPU the merge kernel is far faster than the
 PCIe copies that feed it, so the copies must run back to back while the GPU computes:
 
-    host thread:  read job j+1 into pinned buffer slot (j+1) % depth     (memcpy)
-    copy stream:  H2D copy of slot (j+1) % depth                          (DMA engine)
-    compute:      merge job j on the device, D2H copy of its result      (SMs + DMA)
+    stager thread:  read job j+1 into a free pinned slot (host memcpy), then issue its
+                    H2D copy on the copy stream (DMA engine)
+    caller thread:  merge job j on the compute stream (after job j's copy event), then
+                    its D2H copy into pinned memory; yield results in job order
 
-``stream_jobs`` runs that pipeline with ``depth`` slots (2 = double buffering): a slot's
-pinned and device buffers are reused only after the compute stream has finished with
-them (CUDA events), so at most ``depth`` jobs are in flight and memory stays bounded by
-``depth`` times the largest job. Results come back in job order as ordinary CPU tensors.
+``stream_jobs`` runs that pipeline with ``depth`` slots (2 = double buffering). A slot's
+pinned buffer is refilled only after the compute that consumed it has finished (CUDA
+event), so at most ``depth`` jobs are staged ahead and host memory stays bounded by
+``depth`` times the largest job. The stager is a thread because the merge call blocks
+its caller (the kernels read selection results back to the host); torch's copies and
+the native merge release the GIL, so staging and merging overlap. The ``jobs``
+iterable is consumed by the stager thread only (a generator reading checkpoint shards
+is fine). Results come back in job order as ordinary (pinned) CPU tensors.
 
 How ``lfm-engine merge --device cuda`` uses it (lfm_engine/merge/runner.py):
 
@@ -31,6 +36,8 @@ which keeps the code path testable on machines without a GPU.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -56,17 +63,62 @@ class StreamStats:
     d2h_bytes: int = 0
 
 
+class _CudaOps:
+    """The CUDA primitives the pipeline uses (a fake with the same methods lets the tests
+    run the threaded pipeline on the CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def stream(self):
+        return torch.cuda.Stream(device=self.device)
+
+    def use_stream(self, s):
+        return torch.cuda.stream(s)
+
+    def use_device(self):
+        return torch.cuda.device(self.device)
+
+    def record(self, s):
+        ev = torch.cuda.Event()
+        ev.record(s)
+        return ev
+
+    def wait(self, s, ev) -> None:
+        s.wait_event(ev)
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def h2d(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    def used_on(self, t: torch.Tensor, s) -> None:
+        t.record_stream(s)  # allocated on the copy stream, used on s
+
+    def is_result(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.device.type == "cuda"
+
+    def d2h(self, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def synchronize(self, s) -> None:
+        s.synchronize()
+
+
 class _Slot:
-    """One pipeline slot: a growable pinned staging buffer and the events guarding it."""
+    """One pipeline slot: a growable pinned staging buffer and the event guarding it."""
 
     def __init__(self) -> None:
         self.pinned: Optional[torch.Tensor] = None
-        self.free_event: Optional[torch.cuda.Event] = None  # compute done with this slot
+        self.free_event = None  # compute done with this slot's inputs
 
-    def staging(self, nbytes: int) -> torch.Tensor:
+    def staging(self, ops, nbytes: int) -> torch.Tensor:
         if self.pinned is None or self.pinned.numel() < nbytes:
             # grow by 25% beyond the need so slowly growing tensors do not re-pin every job
-            self.pinned = torch.empty(int(nbytes * 1.25) + 256, dtype=torch.uint8, pin_memory=True)
+            self.pinned = ops.pinned(int(nbytes * 1.25) + 256)
         return self.pinned
 
 
@@ -87,22 +139,25 @@ def _check_job(job: GpuJob) -> None:
 def stream_jobs(jobs: Iterable[GpuJob],
                 compute: Callable[[GpuJob, List[Optional[torch.Tensor]]], torch.Tensor],
                 device: str | torch.device = "cuda", depth: int = 2,
-                stats: Optional[StreamStats] = None) -> Iterator[Tuple[Any, torch.Tensor]]:
+                stats: Optional[StreamStats] = None, _ops=None) -> Iterator[Tuple[Any, torch.Tensor]]:
     """Run ``compute(job, device_inputs) -> device tensor`` over ``jobs``, overlapping the
     host->device copies of the next jobs with the compute of the current one.
 
-    jobs: iterable of GpuJob (consumed lazily: job j+depth-1 is read while job j computes).
+    jobs: iterable of GpuJob, consumed lazily by the stager thread (up to ``depth`` jobs
+        ahead of the compute).
     compute: called on the compute stream with the job and its inputs on ``device``
         (same order, None kept); returns one tensor on ``device``.
     depth: pipeline slots (2 = double buffering; 1 = no overlap).
     Yields (job.key, result) in job order; result is a CPU tensor the caller owns.
-    Errors raised by ``compute`` propagate after in-flight work is drained.
+    Errors raised by ``compute`` or while staging (e.g. a bad job) propagate to the
+    caller after the stager has stopped and in-flight GPU work is drained; closing the
+    generator early does the same.
     """
     device = torch.device(device)
     if depth < 1:
         raise ValueError(f"stream_jobs: depth must be >= 1, got {depth}")
     stats = stats if stats is not None else StreamStats()
-    if device.type != "cuda":
+    if device.type != "cuda" and _ops is None:
         for job in jobs:
             _check_job(job)
             ins = [None if t is None else t.to(device) for t in job.tensors]
@@ -110,75 +165,113 @@ def stream_jobs(jobs: Iterable[GpuJob],
             stats.jobs += 1
             yield job.key, out.to("cpu")
         return
-    if not torch.cuda.is_available():
+    if _ops is None and not torch.cuda.is_available():
         raise RuntimeError("stream_jobs: device 'cuda' requested but torch sees no CUDA device")
-
-    copy_stream = torch.cuda.Stream(device=device)
-    compute_stream = torch.cuda.Stream(device=device)
+    ops = _ops if _ops is not None else _CudaOps(device)
+    copy_stream = ops.stream()
+    compute_stream = ops.stream()
     slots = [_Slot() for _ in range(depth)]
+    free_slots: "queue.Queue[_Slot]" = queue.Queue()
+    for sl in slots:
+        free_slots.put(sl)
+    staged: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    producer = threading.Thread(target=_stage_jobs, name="lfm-gpu-stream-stager", daemon=True,
+                                args=(ops, iter(jobs), copy_stream, free_slots, staged, stop, stats))
+    producer.start()
     # in flight: (key, pinned host result, event after its D2H copy)
-    pending: Deque[Tuple[Any, torch.Tensor, torch.cuda.Event]] = deque()
-    it = iter(jobs)
-    j = 0
-    with torch.cuda.device(device):
-        for job in it:
-            _check_job(job)
-            slot = slots[j % depth]
-            # the slot's pinned buffer may still feed a copy of job j - depth
-            if slot.free_event is not None:
-                slot.free_event.synchronize()
-            total = sum(_nbytes(t) for t in job.tensors if t is not None)
-            buf = slot.staging(total)
-            dev_inputs: List[Optional[torch.Tensor]] = []
-            off = 0
-            staged = []
-            for t in job.tensors:
-                if t is None:
-                    staged.append(None)
-                    continue
-                nb = _nbytes(t)
-                view = buf[off:off + nb].view(t.dtype).view(t.shape) if nb else torch.empty(t.shape, dtype=t.dtype)
-                view.copy_(t)  # host memcpy into pinned memory (overlaps earlier GPU work)
-                staged.append(view)
-                off += nb
-                # keep later views 64-byte aligned for the DMA engine and vector loads
-                off = (off + 63) & ~63
-            if off > buf.numel():
-                raise RuntimeError("internal: staging buffer overflow")
-            with torch.cuda.stream(copy_stream):
-                for v in staged:
-                    dev_inputs.append(None if v is None else v.to(device, non_blocking=True))
-                copied = torch.cuda.Event()
-                copied.record(copy_stream)
-            stats.h2d_bytes += total
-            compute_stream.wait_event(copied)
-            with torch.cuda.stream(compute_stream):
-                for t in dev_inputs:
-                    if t is not None:
-                        t.record_stream(compute_stream)  # allocated on copy_stream, used here
-                result = compute(job, dev_inputs)
-                if not isinstance(result, torch.Tensor) or result.device.type != "cuda":
-                    raise TypeError(f"stream_jobs: compute for job {job.key!r} must return a CUDA tensor")
-                host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-                host.copy_(result, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(compute_stream)
-            # the copy stream may refill this slot only once compute has consumed it
-            slot.free_event = done
-            stats.d2h_bytes += _nbytes(host)
-            pending.append((job.key, host, done))
-            j += 1
-            # hand back finished results without stalling the pipeline
-            while len(pending) >= depth:
+    pending: Deque[Tuple[Any, torch.Tensor, Any]] = deque()
+    try:
+        with ops.use_device():
+            while True:
+                item = staged.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                job, dev_inputs, copied, slot = item
+                ops.wait(compute_stream, copied)
+                with ops.use_stream(compute_stream):
+                    for t in dev_inputs:
+                        if t is not None:
+                            ops.used_on(t, compute_stream)
+                    result = compute(job, dev_inputs)
+                    if not ops.is_result(result):
+                        raise TypeError(f"stream_jobs: compute for job {job.key!r} must return a tensor on "
+                                        f"{device}, got {getattr(result, 'device', type(result).__name__)}")
+                    host = ops.d2h(result)
+                    done = ops.record(compute_stream)
+                # the stager refills this slot only after `done` (it synchronizes on it)
+                slot.free_event = done
+                free_slots.put(slot)
+                stats.d2h_bytes += _nbytes(host)
+                pending.append((job.key, host, done))
+                while len(pending) >= depth:
+                    key, host_res, ev = pending.popleft()
+                    ev.synchronize()
+                    stats.jobs += 1
+                    yield key, host_res
+            while pending:
                 key, host_res, ev = pending.popleft()
                 ev.synchronize()
                 stats.jobs += 1
                 yield key, host_res
-        while pending:
-            key, host_res, ev = pending.popleft()
-            ev.synchronize()
-            stats.jobs += 1
-            yield key, host_res
+    finally:
+        stop.set()
+        # unblock a stager waiting for room, then drain the GPU before buffers go away
+        while producer.is_alive():
+            try:
+                staged.get_nowait()
+            except queue.Empty:
+                pass
+            free_slots.put(_Slot())
+            producer.join(timeout=0.05)
+        ops.synchronize(copy_stream)
+        ops.synchronize(compute_stream)
+
+
+_END = object()
+
+
+def _stage_jobs(ops, it, copy_stream, free_slots, staged, stop, stats) -> None:
+    """Stager thread: host memcpy of each job into a free pinned slot, then its H2D copy on
+    the copy stream; hands (job, device inputs, copied event, slot) to the consumer. Runs
+    ahead of the compute by up to `depth` jobs; torch releases the GIL in the copies and
+    the native merge releases it while it runs, so staging overlaps the merges."""
+    try:
+        with ops.use_device():
+            for job in it:
+                if stop.is_set():
+                    return
+                _check_job(job)
+                slot = free_slots.get()
+                if stop.is_set():
+                    return
+                # the slot's pinned buffer may still feed the copy of an older job
+                if slot.free_event is not None:
+                    slot.free_event.synchronize()
+                total = sum(_nbytes(t) for t in job.tensors if t is not None)
+                buf = slot.staging(ops, total + 64 * len(job.tensors))
+                views: List[Optional[torch.Tensor]] = []
+                off = 0
+                for t in job.tensors:
+                    if t is None:
+                        views.append(None)
+                        continue
+                    nb = _nbytes(t)
+                    view = buf[off:off + nb].view(t.dtype).view(t.shape) if nb else torch.empty(t.shape, dtype=t.dtype)
+                    view.copy_(t)  # host memcpy into pinned memory
+                    views.append(view)
+                    # keep every view 64-byte aligned for the DMA engine and vector loads
+                    off = (off + nb + 63) & ~63
+                with ops.use_stream(copy_stream):
+                    dev_inputs = [None if v is None else ops.h2d(v) for v in views]
+                    copied = ops.record(copy_stream)
+                stats.h2d_bytes += total
+                staged.put((job, dev_inputs, copied, slot))
+        staged.put(_END)
+    except BaseException as exc:  # handed to the consumer, which re-raises it
+        staged.put(exc)
 
 
 def merge_on_device(jobs: Iterable[GpuJob], device: str | torch.device = "cuda",

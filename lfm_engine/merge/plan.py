@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -153,7 +153,7 @@ class _Errors:
         out = []
         for k, m in self.first.items():
             n = self.count[k]
-            out.append(m + (f" (and {n - 1} more tensors)" if n > 1 else ""))
+            out.append(m + (f" (and {n - 1} more tensor{'s' if n > 2 else ''})" if n > 1 else ""))
         return out
 
 
@@ -225,7 +225,8 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
     if errors.first:
         raise C.MergeConfigErrors(errors.messages())
 
-    uses_base = method in C.BASE_REQUIRED or (method == "nuslerp" and base_path is not None)
+    # methods with an optional base use it when one is given; linear and karcher never do
+    uses_base = method in C.BASE_REQUIRED or (method in ("nuslerp", "multislerp") and base_path is not None)
 
     # ---------------------------------------------------------------- layout + architecture
     if cfg.models is not None:
@@ -236,11 +237,13 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
     if layout.config is None:
         errors.add("cfg:layout", f"{refs[layout_path]}: no config.json (needed for the output model)")
     lcfg = layout.config or {}
+    arch_bad = set()
     for path, fo in folders.items():
         if path == layout_path or fo.config is None:
             continue
         for k in ARCH_KEYS:
             if k in lcfg and k in fo.config and lcfg[k] != fo.config[k]:
+                arch_bad.add(path)
                 errors.add(f"arch:{path}:{k}",
                            f"architecture mismatch: {refs[path]} has {k}={fo.config[k]!r} but "
                            f"{refs[layout_path]} has {k}={lcfg[k]!r}")
@@ -257,8 +260,8 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
     num_layers_out: Optional[int] = None
     if cfg.models is not None:
         nonbase = [m for m in cfg.models if not (uses_base and m.path == base_path)]
-        if method == "linear":
-            nonbase = list(cfg.models)
+        if method in ("linear", "karcher"):
+            nonbase = list(cfg.models)  # the base is an input only when listed (spec: linear)
         L = _num_layers(layout)
         num_layers_out = L
         for name in sorted(layout.tensors, key=_sort_key):
@@ -288,7 +291,7 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
         if errors.first:
             raise C.MergeConfigErrors(errors.messages())
 
-        def slice_srcs(entry, name_of, t_levels_extra=None):
+        def slice_srcs(entry, name_of):
             s, base_src, nonbase = entry
             base = (_Src(base_src.path, name_of(base_src), [base_src.parameters, s.parameters, gparams], -1)
                     if base_src else None)
@@ -379,8 +382,10 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
                 mismatch_warn.append(f"{out_name}: {refs[s.folder]} has shape {list(ti.shape)}, "
                                      f"{refs[layout_path] if base is None else refs[base.folder]} has "
                                      f"{list(shape)}")
+            elif s.folder in arch_bad:
+                bad = True  # already reported as an architecture mismatch
             else:
-                errors.add(f"shape:{s.folder}:{out_name}",
+                errors.add(f"shape:{s.folder}",
                            f"shape mismatch for '{out_name}': {refs[s.folder]} has {list(ti.shape)}, "
                            f"{refs[base.folder] if base else refs[layout_path]} has {list(shape)}")
                 bad = True
@@ -441,10 +446,6 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
         warnings.append(f"{len(mismatch_warn)} embedding tensor(s) differ in vocabulary size; "
                         f"merging their common sub-matrix and keeping the "
                         f"base's other rows: " + "; ".join(mismatch_warn[:4]))
-    used = set()
-    for t_ in tasks:
-        for i in t_.inputs:
-            used.add((i.folder, i.info.name))
     for path, fo in folders.items():
         if path == layout_path or cfg.slices is not None:
             continue
@@ -540,3 +541,20 @@ def validate_task(method: str, task: TensorTask, seed: int) -> None:
         _as_bool(sh.get("nuslerp_row_wise"), "nuslerp_row_wise")
     elif method == "model_stock":
         _as_bool(sh.get("filter_wise"), "filter_wise")
+    elif method == "multislerp":
+        for i in task.inputs:
+            w = i.params.get("weight")
+            if not C._is_num(w):
+                raise MergeConfigError(f"parameter 'weight' must be a number, got {w!r}")
+        if _as_bool(sh.get("normalize_weights"), "normalize_weights") is not False:
+            if abs(sum(float(i.params["weight"]) for i in task.inputs)) < 1e-12:
+                raise MergeConfigError("multislerp: the weights sum to 0 and cannot be normalised")
+        eps = sh.get("eps")
+        if eps is not None and (not C._is_num(eps) or not eps > 0):
+            raise MergeConfigError(f"parameter 'eps' must be a positive number, got {eps!r}")
+    elif method == "karcher":
+        mi, tol = sh.get("max_iter"), sh.get("tol")
+        if mi is not None and (not C._is_num(mi) or int(mi) != mi or mi < 1):
+            raise MergeConfigError(f"parameter 'max_iter' must be an integer >= 1, got {mi!r}")
+        if tol is not None and (not C._is_num(tol) or not tol > 0):
+            raise MergeConfigError(f"parameter 'tol' must be a positive number, got {tol!r}")

@@ -7,9 +7,10 @@ Where each method runs
   fused multi-threaded C++ kernel (CUDA on a GPU): sparsification (exact top-k
   select, Philox masks), sign election and the weighted sum are fused into a few
   streaming passes, which is where nearly all the time of a merge goes.
-* slerp, nuslerp and model_stock run in plain torch (:mod:`.geometric`): each is
-  one global reduction (norms/dots/cosines) and one scaled sum, two vectorised
-  torch ops that already run at memory bandwidth; there is nothing to fuse.
+* slerp, nuslerp, model_stock, multislerp and karcher run in plain torch
+  (:mod:`.geometric`): each is a global reduction (norms/dots/cosines; karcher a few
+  such iterations) and one scaled sum, vectorised torch ops that already run at
+  memory bandwidth; there is no sparsification or sign election to fuse.
 
 Streaming and memory
 --------------------
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import resource
 import shutil
 import sys
@@ -101,6 +103,29 @@ def _merge_tensors_fn():
 
 # ------------------------------------------------------------------- one tensor
 
+def _torch_method(method: str, task: TensorTask, base, xs, sh) -> torch.Tensor:
+    """The methods implemented in torch (see the module docstring for why)."""
+    if method == "slerp":
+        return geometric.slerp(float(sh["t"]), base, xs[0])
+    elif method == "nuslerp":
+        return geometric.nuslerp(float(task.inputs[0].params["weight"]),
+                                float(task.inputs[1].params["weight"]), xs[0], xs[1], base,
+                                flatten=True if sh.get("nuslerp_flatten") is None else bool(sh["nuslerp_flatten"]),
+                                row_wise=bool(sh.get("nuslerp_row_wise") or False))
+    elif method == "model_stock":
+        return geometric.model_stock(base, xs, filter_wise=bool(sh.get("filter_wise") or False))
+    elif method == "multislerp":
+        nw = sh.get("normalize_weights")
+        return geometric.multislerp([float(i.params["weight"]) for i in task.inputs], xs, base,
+                                   normalize_weights=True if nw is None else bool(nw),
+                                   eps=1e-8 if sh.get("eps") is None else float(sh["eps"]))
+    elif method == "karcher":
+        return geometric.karcher(xs, max_iter=10 if sh.get("max_iter") is None else int(sh["max_iter"]),
+                                tol=1e-5 if sh.get("tol") is None else float(sh["tol"]))
+    else:  # pragma: no cover - the config parser rejects unknown methods
+        raise ValueError(f"unknown merge method {method!r}")
+
+
 def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
                device: torch.device, n_threads: int = 0) -> torch.Tensor:
     """Compute one output tensor from its loaded inputs (CPU tensors keyed by (file, start))."""
@@ -120,19 +145,22 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
     if method in C.TASK_METHODS or method == "linear":
         kw = task_merge_kwargs(method, task, seed)
         m = kw.pop("method")
-        out = _merge_tensors_fn()(base, xs, method=m, out_dtype=task.dtype,
-                                  n_threads=n_threads, **kw)
-    elif method == "slerp":
-        out = geometric.slerp(float(sh["t"]), base, xs[0])
-    elif method == "nuslerp":
-        out = geometric.nuslerp(float(task.inputs[0].params["weight"]),
-                                float(task.inputs[1].params["weight"]), xs[0], xs[1], base,
-                                flatten=True if sh.get("nuslerp_flatten") is None else bool(sh["nuslerp_flatten"]),
-                                row_wise=bool(sh.get("nuslerp_row_wise") or False))
-    elif method == "model_stock":
-        out = geometric.model_stock(base, xs, filter_wise=bool(sh.get("filter_wise") or False))
-    else:  # pragma: no cover - the config parser rejects unknown methods
-        raise ValueError(f"unknown merge method {method!r}")
+        try:
+            out = _merge_tensors_fn()(base, xs, method=m, out_dtype=task.dtype,
+                                      n_threads=n_threads, **kw)
+        except ValueError as e:  # e.g. NaN/Inf: name the tensor and the model's folder
+            msg = re.sub(r"\bmodel (\d+)\b", lambda mm: (
+                f"model {os.path.dirname(task.inputs[int(mm.group(1))].info.file)}"
+                if int(mm.group(1)) < len(task.inputs) else mm.group(0)), str(e))
+            raise ValueError(f"tensor '{task.name}': {msg}") from None
+    else:
+        # the torch methods would carry a NaN/Inf silently into the output: refuse it
+        for info, x in ([(task.base, base)] if base is not None else []) + \
+                [(i.info, x) for i, x in zip(task.inputs, xs)]:
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"tensor '{task.name}' of {os.path.dirname(info.file)} "
+                                 f"contains NaN or Inf")
+        out = _torch_method(method, task, base, xs, sh)
     out = out.to(task.dtype)
     if reg is None:
         return out
@@ -353,7 +381,17 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         cfg = C.parse_config(config_or_path)
         plan = build_plan(cfg, seed=seed)
     except C.MergeConfigErrors as e:
-        raise C.MergeConfigErrors(pre_errors + e.errors) from None
+        errs = pre_errors + e.errors
+        if e.partial is not None:
+            # the config has problems but its folders open: report the tensor-level
+            # problems (shapes, architectures, parameter values) in the same list
+            try:
+                build_plan(e.partial, seed=seed)
+            except C.MergeConfigErrors as e2:
+                errs += [m for m in e2.errors if m not in errs]
+            except Exception:  # a malformed setting already reported above
+                pass
+        raise C.MergeConfigErrors(errs) from None
     for path in plan.folders:
         if os.path.abspath(path) == out_dir:
             pre_errors.append(f"output folder '{out_dir}' is one of the input models")
@@ -376,6 +414,9 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary folder
     late_warns: List[str] = []
     writer = None
     aw = None

@@ -8,6 +8,8 @@ the tensors' device, is an error naming the choices.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -56,3 +58,47 @@ def pick_backend(
             f"(available here: {', '.join(allowed)})"
         )
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def native_has_cuda() -> bool:
+    """The compiled core was built with its CUDA kernels."""
+    from lfm_engine._native import has_native, native
+
+    return has_native() and bool(json.loads(native().build_info()).get("cuda"))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_DEFAULTS: dict = {}
+
+
+def default_backends(table: Mapping[str, Callable], native_ok: bool = True) -> dict:
+    """Default backend per device type for an op with this table:
+    cpu -> the C++ kernel ("reference" when the core lacks the op: native_ok False);
+    cuda -> the CUDA C++ kernel when this build has CUDA, else Triton, else the reference.
+    Computed once per table (a plain dict lookup afterwards, which torch.compile traces)."""
+    key = (id(table), native_ok)
+    if key not in _DEFAULTS:
+        _DEFAULTS[key] = _compute_defaults(table, native_ok)
+    return _DEFAULTS[key]
+
+
+def _compute_defaults(table: Mapping[str, Callable], native_ok: bool) -> dict:
+    from lfm_engine._native import has_native
+
+    cpu = "cpu" if (native_ok and has_native() and "cpu" in table) else "reference"
+    if native_ok and "cuda" in table and native_has_cuda():
+        cuda = "cuda"
+    elif "triton" in table and triton_importable():
+        cuda = "triton"
+    else:
+        cuda = "reference"
+    return {"cpu": cpu, "cuda": cuda}

@@ -318,6 +318,34 @@ def _apply_reference(x, deltas, token_slot, y, alpha, n_threads):
 
 APPLY_BACKENDS = {"cpu": _apply_native, "triton": _apply_triton, "reference": _apply_reference}
 
+_CODEC_NAMES = {v: k for k, v in NATIVE_CODECS.items()}
+
+
+@torch.library.custom_op("lfm::delta_apply_packed", mutates_args=("y",))
+def delta_apply_packed(x: torch.Tensor, data: list[torch.Tensor], scales: list[torch.Tensor],
+                       token_slot: torch.Tensor, y: torch.Tensor, codec: int, group_size: int, per_tensor: bool,
+                       alpha: float) -> None:
+    """torch.library op behind delta_apply for models (torch.compile / CUDA graphs see a
+    mutating op on y): y[t] += alpha * x[t] @ decode(data[s], scales[s])^T, s = token_slot[t].
+    data/scales: the codec's fields ("signs"/"q"/"packed" and "scales") per slot; codec:
+    0 sign1, 1 int8, 2 int4, 3 int2. CPU tensors run the C++ kernel, CUDA tensors Triton.
+    Arguments are assumed validated (use delta_apply for checked calls)."""
+    name = _CODEC_NAMES[int(codec)]
+    opts = {"per_tensor": bool(per_tensor)} if name == "sign1" else {"group_size": int(group_size)}
+    key = "signs" if name == "sign1" else ("q" if name == "int8" else "packed")
+    shape = (y.shape[1], x.shape[1])
+    encs = [Encoded(name, shape, x.dtype, {key: d, "scales": s}, dict(opts, scale_dtype=str(s.dtype)[6:]))
+            for d, s in zip(data, scales)]
+    if x.device.type == "cuda":
+        _apply_triton(x, encs, token_slot, y, alpha, 0)
+    else:
+        _apply_native(x, encs, token_slot, y, alpha, 0)
+
+
+@delta_apply_packed.register_fake
+def _delta_apply_packed_fake(x, data, scales, token_slot, y, codec, group_size, per_tensor, alpha) -> None:
+    return None
+
 
 def delta_apply(x: torch.Tensor, deltas: Sequence[Encoded], token_slot: torch.Tensor, y: torch.Tensor, *,
                 alpha: float = 1.0, backend: Optional[str] = None, n_threads: int = 0) -> torch.Tensor:
@@ -337,5 +365,11 @@ def delta_apply(x: torch.Tensor, deltas: Sequence[Encoded], token_slot: torch.Te
     if not y.is_contiguous():
         raise ValueError("delta_apply: y must be contiguous (it is updated in place)")
     name = pick_backend("delta_apply", APPLY_BACKENDS, x.device, backend, {"cpu": "cpu", "cuda": "triton"})
+    if name in ("cpu", "triton") and n_threads == 0 and (name == "cpu") == (x.device.type == "cpu"):
+        # through the registered torch op (what a compiled model records)
+        args = [_native_args(e) for e in deltas]
+        delta_apply_packed(x.contiguous(), [a[0] for a in args], [a[1] for a in args], token_slot.contiguous(), y,
+                           args[0][2], args[0][3], args[0][4], float(alpha))
+        return y
     APPLY_BACKENDS[name](x.contiguous(), list(deltas), token_slot.contiguous(), y, alpha, n_threads)
     return y

@@ -55,7 +55,7 @@ import torch
 
 from lfm_engine import _tensor
 from lfm_engine._native import has_native, native
-from lfm_engine.ops._dispatch import pick_backend
+from lfm_engine.ops._dispatch import default_backends, pick_backend
 
 _FLOATS = _tensor.FLOAT_DTYPES
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -315,9 +315,16 @@ def _native_has_lora() -> bool:
     return has_native() and hasattr(native(), "lora_apply")
 
 
+_NATIVE_LORA = None
+
+
 def _default_backends() -> dict:
-    # Until the native core is built, the CPU falls back to the reference (documented).
-    return {"cpu": "cpu" if _native_has_lora() else "reference", "cuda": "cuda"}
+    """cpu: the C++ kernel (the reference when the core is not built); cuda: the CUDA C++
+    kernel when this build has it, else Triton, else the reference."""
+    global _NATIVE_LORA
+    if _NATIVE_LORA is None:  # asked once: torch.compile cannot trace into the extension
+        _NATIVE_LORA = _native_has_lora()
+    return default_backends(BACKENDS, native_ok=_NATIVE_LORA)
 
 
 def _pick(op: str, device: torch.device, backend: Optional[str]) -> str:

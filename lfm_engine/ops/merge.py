@@ -25,7 +25,7 @@ import torch
 from lfm_engine import _tensor
 from lfm_engine._native import native
 from lfm_engine.merge_params import METHOD_CODES, RESCALE_CODES, MergeParams, resolve_merge_params
-from lfm_engine.ops._dispatch import pick_backend
+from lfm_engine.ops._dispatch import default_backends, pick_backend
 
 
 def _run_native(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], out: torch.Tensor,
@@ -56,7 +56,6 @@ def _run_triton(base, others, out, p: MergeParams, n_threads: int = 0) -> None:
 
 
 BACKENDS = {"cpu": _run_native, "cuda": _run_native, "triton": _run_triton, "reference": _run_reference}
-DEFAULT_BACKEND = {"cpu": "cpu", "cuda": "cuda"}
 
 
 def merge_tensors(
@@ -138,7 +137,8 @@ def merge_tensors(
     dt = _tensor.parse_dtype(out_dtype) or ref.dtype
     if dt not in _tensor.FLOAT_DTYPES:
         raise TypeError(f"merge_tensors: out_dtype {dt} is not supported (float32, float16, bfloat16)")
-    name_ = pick_backend("merge_tensors", BACKENDS, ref.device, backend, DEFAULT_BACKEND)
+    # default: the C++ kernel on the CPU; on a GPU the CUDA kernel when built, else Triton
+    name_ = pick_backend("merge_tensors", BACKENDS, ref.device, backend, default_backends(BACKENDS))
     # The kernels take contiguous inputs; a strided view is copied here (documented cost).
     xs = [x.contiguous() for x in xs]
     b = b.contiguous() if b is not None else None

@@ -44,6 +44,8 @@ Codecs (fields -> decode):
              `energy` * ||delta||_F^2. method "randomized" (range finder, oversampling 10,
              2 power iterations, fixed-seed Gaussian sketch: deterministic) or "exact".
              B @ A is a LoRA pair: lora_B = B, lora_A = A, scaling 1.
+             bands="float16:16,int8:32,int4:64": Delta-CoMe-style mixed precision per
+             singular-value band (see encode_lowrank).
     masks    (K fine-tunes of one base at once; input [K, *shape]) merged.<field> (the
              merged vector tau_m in codec `merged_codec`), masks uint8 [K, ceil(n/8)],
              lambdas fp32 [K]; task i = lambda_i * (m_i (.) tau_m).
@@ -386,9 +388,65 @@ def randomized_svd(a: torch.Tensor, k: int, n_iter: int = 2, oversample: int = 1
     return (q @ u_s)[:, :k], s[:k], vh[:k]
 
 
+def parse_bands(bands) -> list:
+    """"float16:16,int8:32,int4:64" (or with '+' between bands, as the CLI's codec spec
+    needs: lowrank:bands=float16:16+int8:32) or [("float16", 16), ...] -> [(kind, width)]."""
+    if isinstance(bands, str):
+        out = []
+        for part in filter(None, (p.strip() for p in bands.replace("+", ",").split(","))):
+            kind, _, width = part.partition(":")
+            try:
+                out.append((kind.strip(), int(width)))
+            except ValueError:
+                raise CodecError(f"lowrank: bad band '{part}' (use KIND:WIDTH, e.g. int8:32)") from None
+        bands = out
+    res = []
+    for kind, width in bands:
+        if kind not in ("float16", "bfloat16", "float32", "int8", "int4", "int2") or int(width) < 1:
+            raise CodecError(f"lowrank: bad band ({kind}, {width}); kinds float16/bfloat16/float32/int8/int4/int2")
+        res.append((kind, int(width)))
+    if not res:
+        raise CodecError("lowrank: bands is empty")
+    return res
+
+
 def encode_lowrank(delta: torch.Tensor, *, rank: Optional[int] = None, energy: Optional[float] = None,
-                   method: str = "randomized", factor_dtype="float16", n_iter: int = 2) -> tuple[dict, dict]:
-    """rank and energy: give at most one; neither = rank 64 (capped at min(rows, cols))."""
+                   method: str = "randomized", factor_dtype="float16", n_iter: int = 2, bands=None,
+                   band_group_size: int = 64) -> tuple[dict, dict]:
+    """rank and energy: give at most one; neither = rank 64 (capped at min(rows, cols)).
+
+    bands (Delta-CoMe-style mixed precision): "float16:16,int8:32,int4:64" stores the first
+    16 singular directions as fp16 factors, the next 32 with int8 and the next 64 with
+    int4 group-wise factors (groups of band_group_size along each factor's long dim:
+    A_k [w, cols] row-wise, B_k^T [w, rows] row-wise). The rank is the bands' total width
+    (capped at min(rows, cols)); rank/energy must not be given with bands.
+    Fields: band{k}.A / band{k}.B (float bands) or band{k}.A.<f> / band{k}.Bt.<f> (int bands).
+    """
+    if bands is not None:
+        if rank is not None or energy is not None:
+            raise CodecError("lowrank: give bands or rank/energy, not both")
+        bl = parse_bands(bands)
+        fields, meta = encode_lowrank(delta, rank=sum(w for _, w in bl), method=method, factor_dtype="float32",
+                                      n_iter=n_iter)
+        a, b = fields["A"], fields["B"]
+        r = meta["rank"]
+        out, used, start = {}, [], 0
+        for k, (kind, width) in enumerate(bl):
+            if start >= r:
+                break
+            w = min(width, r - start)
+            ak, bk = a[start:start + w], b[:, start:start + w]
+            if kind in QMAX:
+                fa, _ = encode_int(ak, kind, group_size=band_group_size)
+                fb, _ = encode_int(bk.T.contiguous(), kind, group_size=band_group_size)
+                out.update({f"band{k}.A.{n}": t for n, t in fa.items()})
+                out.update({f"band{k}.Bt.{n}": t for n, t in fb.items()})
+            else:
+                dt = SCALE_DTYPES[kind]
+                out[f"band{k}.A"], out[f"band{k}.B"] = ak.to(dt).contiguous(), bk.to(dt).contiguous()
+            used.append([kind, w])
+            start += w
+        return out, {"rank": r, "method": method, "bands": used, "band_group_size": int(band_group_size)}
     if rank is not None and energy is not None:
         raise CodecError("lowrank: give either rank or energy, not both")
     if method not in ("randomized", "exact"):
@@ -437,6 +495,20 @@ def encode_lowrank(delta: torch.Tensor, *, rank: Optional[int] = None, energy: O
 def decode_lowrank(fields: dict, shape, meta: dict) -> torch.Tensor:
     rows, cols = matrix_shape(shape)
     r = int(meta["rank"])
+    if meta.get("bands") is not None:
+        g = int(meta.get("band_group_size", 64))
+        out = torch.zeros(rows, cols)
+        for k, (kind, w) in enumerate(meta["bands"]):
+            if kind in QMAX:
+                pick = lambda pre: {n[len(pre):]: t for n, t in fields.items() if n.startswith(pre)}  # noqa: E731
+                ak = decode_int(pick(f"band{k}.A."), (w, cols), {"group_size": g}, kind)
+                bk = decode_int(pick(f"band{k}.Bt."), (w, rows), {"group_size": g}, kind).T
+            else:
+                dt = SCALE_DTYPES[kind]
+                ak = _need(fields, f"band{k}.A", dt, (w, cols), "lowrank").to(torch.float32)
+                bk = _need(fields, f"band{k}.B", dt, (rows, w), "lowrank").to(torch.float32)
+            out += bk @ ak
+        return out.reshape(shape)
     fdt = _scale_dtype(meta.get("factor_dtype", "float16"))
     a = _need(fields, "A", fdt, (r, cols), "lowrank").to(torch.float32)
     b = _need(fields, "B", fdt, (rows, r), "lowrank").to(torch.float32)

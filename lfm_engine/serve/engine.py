@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
+import os
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Deque, List, Optional, Sequence, Union
 
 import torch
@@ -73,6 +75,9 @@ class Result:
     text: Optional[str]
     finish_reason: str  # "stop" | "length" | "error" | "cancelled"
     error: Optional[str] = None
+    # with finish_reason "error": "adapter_not_found" (unloaded while queued), "adapter_failed"
+    # (its weights could not be loaded) or "internal" (the forward raised)
+    error_type: Optional[str] = None
     time_to_first_token_s: float = 0.0
     latency_s: float = 0.0
     queue_s: float = 0.0
@@ -223,8 +228,8 @@ class Engine:
         r = request
         if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
-        if not (isinstance(r.temperature, (int, float)) and r.temperature >= 0 and r.temperature == r.temperature):
-            raise ValueError(f"temperature must be a number >= 0, got {r.temperature!r}")
+        if not (isinstance(r.temperature, (int, float)) and math.isfinite(r.temperature) and r.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {r.temperature!r}")
         if not (isinstance(r.top_p, (int, float)) and 0 < r.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {r.top_p!r}")
         if r.seed is not None and not isinstance(r.seed, int):
@@ -249,7 +254,8 @@ class Engine:
         gen = None
         if r.temperature > 0:
             gen = torch.Generator()
-            gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            # no seed: a fresh one from the OS (the global torch RNG of the caller is left alone)
+            gen.manual_seed(r.seed % (1 << 64) if r.seed is not None else int.from_bytes(os.urandom(8), "little"))
         rid = r.request_id or f"req-{next(self._ids)}"
         h = Handle(r, rid, ids)
         h._stops = stops
@@ -318,7 +324,7 @@ class Engine:
             victims = list(self._running) + [s for s in extra if s not in self._running]
             self._running, self._cache, self._pads = [], None, []
             for s in victims:
-                self._finish(s, "error", f"{type(e).__name__}: {e}")
+                self._finish(s, "error", f"{type(e).__name__}: {e}", "internal")
 
     def _admit(self) -> List[_Seq]:
         room = self.max_batch_size - len(self._running)
@@ -337,7 +343,8 @@ class Engine:
                     try:
                         ok = self.pool.try_acquire(s.adapter)
                     except (KeyError, AdapterNotReadyError) as e:
-                        self._finish(s, "error", str(e))
+                        kind = "adapter_not_found" if isinstance(e, KeyError) else "adapter_failed"
+                        self._finish(s, "error", e.args[0] if isinstance(e, KeyError) else str(e), kind)
                         continue
                     if not ok:
                         keep.append(s)  # loading: others go ahead
@@ -451,7 +458,7 @@ class Engine:
         for s in done:
             self._finish(s, s.handle._finish_reason)
 
-    def _finish(self, s: _Seq, reason: str, error: Optional[str] = None) -> None:
+    def _finish(self, s: _Seq, reason: str, error: Optional[str] = None, error_type: Optional[str] = None) -> None:
         h = s.handle
         if s.held:
             s.held = False
@@ -465,7 +472,7 @@ class Engine:
             text = self.tokenizer.decode(h.tokens, skip_special_tokens=True)
         start = s.t_admit or now
         h._result = Result(request_id=h.request_id, adapter=s.adapter, prompt_token_ids=list(h.prompt_ids),
-                           token_ids=list(h.tokens), text=text, finish_reason=reason, error=error,
+                           token_ids=list(h.tokens), text=text, finish_reason=reason, error=error, error_type=error_type,
                            time_to_first_token_s=(s.t_first - s.t_submit) if s.t_first else 0.0,
                            latency_s=now - s.t_submit, queue_s=start - s.t_submit)
         if reason in ("stop", "length"):

@@ -214,11 +214,12 @@ class AdapterPool:
             return self._get(name).state
 
     def info(self) -> List[dict]:
-        """One dict per registered adapter: name, state, slot, pinned, refs, max rank, bytes, folder, error."""
+        """One dict per registered adapter: name, state, slot, pinned, in_use (references), max rank,
+        modules, bytes (real A/B bytes), folder, load_seconds (last load), error."""
         with self._lock:
             return [dict(name=e.name, state=e.state, slot=e.slot, pinned=e.pinned, in_use=e.refs,
                          rank=e.spec.max_rank, modules=len(e.spec.modules), bytes=e.nbytes, folder=e.spec.folder,
-                         error=None if e.error is None else str(e.error))
+                         load_seconds=round(e.load_seconds, 4), error=None if e.error is None else str(e.error))
                     for e in self._entries.values() if not e.unload_requested]
 
     def wait(self, name: str, timeout: Optional[float] = None) -> None:

@@ -18,8 +18,9 @@ Streaming ("stream": true, one prompt) sends Server-Sent Events "data: {chunk}" 
 stop is ruled out, so a stop string is never streamed.
 
 Errors are JSON {"error": {"message", "type", "param", "code"}} with 400 (bad request), 404
-(unknown model/adapter/route), 405, 409 (duplicate adapter name), 411/413 (body), 503 (adapter
-pool full); an unexpected failure is a 500 and the server keeps running.
+(unknown model/adapter/route, or an adapter unloaded while the request waited), 405, 409
+(duplicate adapter name), 411/413 (body), 424 (the adapter's weights failed to load), 503
+(adapter pool full); an unexpected failure is a 500 and the server keeps running.
 Loading adapters by path over HTTP trusts the client: bind to 127.0.0.1 (the default).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional
+from urllib.parse import unquote
 
 from .engine import Engine, Handle, Request
 from .peft_format import AdapterFormatError
@@ -82,7 +84,9 @@ class ServeApp:
         return dict(object="list", data=data)
 
     def adapters(self) -> dict:
-        return dict(object="list", data=self.pool.info())
+        return dict(object="list", data=self.pool.info(), capacity=self.pool.capacity,
+                    resident_bytes=self.pool.resident_bytes(), table_bytes=self.pool.table_bytes(),
+                    max_bytes=self.pool.max_bytes)
 
     def load_adapter(self, body: dict) -> dict:
         name = body.get("name")
@@ -198,7 +202,9 @@ class ServeApp:
                     x.cancel()
                 raise ApiError(504, f"generation did not finish within {self.request_timeout} s", "server_error")
             if res.finish_reason == "error":
-                raise ApiError(500, f"generation failed: {res.error}", "server_error")
+                code = {"adapter_not_found": 404, "adapter_failed": 424}.get(res.error_type, 500)
+                raise ApiError(code, f"generation failed: {res.error}",
+                               "server_error" if code == 500 else "invalid_request_error")
             choices.append(dict(index=i, text=res.text or "", token_ids=res.token_ids, logprobs=None,
                                 finish_reason=res.finish_reason))
             p_tok += res.prompt_tokens
@@ -271,7 +277,7 @@ def _make_handler(app: ServeApp):
                 if path.startswith("/v1/adapters/"):
                     if method != "DELETE":
                         raise ApiError(405, "use DELETE /v1/adapters/NAME to unload")
-                    return self._send_json(200, app.unload_adapter(path[len("/v1/adapters/"):]))
+                    return self._send_json(200, app.unload_adapter(unquote(path[len("/v1/adapters/"):])))
                 if path in ("/v1/models", "/health", "/v1/adapters"):
                     raise ApiError(405, f"{method} is not allowed on {path}")
                 raise ApiError(404, f"no route {method} {path}", "not_found_error")

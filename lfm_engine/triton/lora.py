@@ -121,6 +121,9 @@ def lora_shrink_triton(x: torch.Tensor, As: Sequence[torch.Tensor], token_slot: 
         n_slots, R = A.shape[0], A.shape[1]
         if R == 0:
             continue
+        if n_slots == 0:  # no slot table: every token is "no adapter" (and nothing may be loaded)
+            u[i].zero_()
+            continue
         BR, BK, _ = _blocks(R)
         _shrink_kernel[(T,)](x, A, token_slot, rk, u[i], H_in, _row_ld(x), n_slots, R, BLOCK_R=BR, BLOCK_K=BK)
 
@@ -133,7 +136,7 @@ def lora_expand_triton(u: torch.Tensor, Bs: Sequence[torch.Tensor], token_slot: 
         return
     for i, (B, rk, sc, off) in enumerate(zip(Bs, ranks, scales, offsets)):
         n_slots, H_out, R = B.shape
-        if R == 0 or H_out == 0:
+        if R == 0 or H_out == 0 or n_slots == 0:
             continue
         BR, _, BN = _blocks(R)
         grid = (T, triton.cdiv(H_out, BN))
@@ -153,7 +156,7 @@ def lora_apply_triton(x: torch.Tensor, As: Sequence[torch.Tensor], Bs: Sequence[
         return
     for A, B, rk, sc, off in zip(As, Bs, ranks, scales, offsets):
         n_slots, H_out, R = B.shape
-        if R == 0 or H_out == 0:
+        if R == 0 or H_out == 0 or n_slots == 0:
             continue
         BR, BK, BN = _blocks(R)
         n_blocks = triton.cdiv(H_out, BN)

@@ -29,19 +29,21 @@ The definition shared with the CPU and CUDA kernels (so masks are bit-identical)
   summed in float64; factor = ||delta||_1 / ||delta'||_1 (skipped below 1e-7), used as
   fp32. "inverse_density": 1/d.
 * the merge pass (one kernel, reads base and the K models once per block and writes
-  ``out``), the CPU kernel's arithmetic step by step: dd_i = keep ? delta_i * f_i : 0 in
-  float64 (f_i the float64 factor), dp_i = fp32(dd_i); consensus: S = sum_i w_i dd_i in
-  float64 (w_i = 1 when unweighted), entry i takes part iff sign(w_i dp_i) (or sign(dp_i))
-  equals (S >= 0 ? +1 : -1), mixed = sum_i part_i fp32(w_i dp_i) in fp32,
-  div = sum_i part_i w_i (or part_i) in float64, normalise as
-  mixed = fp32(mixed / (|div| < 1e-8 ? 1 : div)); without consensus
-  mixed = fma(w_i, dp_i, mixed) in fp32, normalise by multiplying with
-  fp32(1 / sum_i w_i); out = fma(lam, mixed, b) (linear: mixed), rounded to out's dtype.
-  The CPU kernel's x86-64-v3 loops use FMA exactly at those places (its baseline x86-64
-  loops round twice, so CPUs without AVX2 differ by an ulp there). Other FMA contraction
-  is disabled on the GPU. So outputs equal the CPU kernel's (v3 path) bit for bit except
-  where the L1 factor's float64 sums differ in summation order, and, under the
-  interpreter, in rare double-rounding cases of the emulated fp32 FMA.
+  ``out``), the CPU kernel's arithmetic step by step: c_i = fp32(w_i f_i) (f_i the
+  float64 rescale factor), t_i = keep ? c_i * delta_i : 0 in fp32. Consensus: election
+  values e_i = t_i (unweighted: keep ? fp32(f_i) * delta_i : 0), S = sum e_i and
+  A = sum |e_i| in fp32; the sign is S >= 0 where |S| > (K+2) 2^-23 A, else the sign of
+  the float64 sum sum_i kept (w_i) f_i delta_i; e_i agrees when it has that sign;
+  mixed = sum agreeing t_i in fp32; normalised by fp32(1 / divisor) of the agreement
+  pattern (K <= 8, divisor summed in float64 in model order, |d| < 1e-8 -> 1) or, for
+  K > 8, by a float64 per-element divisor. Without consensus mixed = sum_i t_i
+  (fma(c_i, delta_i, mixed) when nothing is sparsified) and *= fp32(1 / sum_i w_i).
+  out = fma(lam, mixed, b) (linear: mixed), rounded to out's dtype.
+  The CPU kernel's x86-64-v3 loops fuse exactly at those two places (its baseline
+  x86-64 loops round twice, so CPUs without AVX2 can differ by an ulp there). Other FMA
+  contraction is disabled on the GPU. So outputs equal the CPU kernel's (v3 path) bit
+  for bit except where the L1 factor's float64 sums differ in summation order; the
+  interpreter tests see no difference at all.
 
 NaN/Inf in the base or a model (or a task vector overflowing fp32) raises ValueError
 naming the tensor and the element, like the CPU kernel. Tensors must have fewer than
@@ -297,38 +299,17 @@ def _fma32(a, b, c, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _fma64(a, b, c, INTERP: tl.constexpr):
-    """a * b + c in float64 with one rounding (the CPU kernel's v3 loops fuse here; the
-    sign of the elected-sign sum S depends on it when the terms cancel). The interpreter
-    has no fused float64 multiply-add, so it uses the error-free transformations
-    (Dekker's product with Veltkamp splitting, Knuth's two-sum): exact sign, and the
-    fused value except in rare last-bit cases."""
-    if INTERP:
-        p = a * b
-        ca = a * 134217729.0
-        ah = ca - (ca - a)
-        al = a - ah
-        cb = b * 134217729.0
-        bh = cb - (cb - b)
-        bl = b - bh
-        err = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-        s = p + c
-        bb = s - p
-        t = (p - (s - bb)) + (c - bb)
-        return s + (t + err)
-    else:
-        return tl.fma(a, b, c)
-
-
-@triton.jit
-def _merge_kernel(b_ptr, xs, out_ptr, wf_ptr, wd_ptr, ff_ptr, cut_ptr, rnd_ptr, mask_ptr, bad_ptr,
-                  n, seed_lo, seed_hi, inv_plain_div, lam,
+def _merge_kernel(b_ptr, xs, out_ptr, coef_ptr, ecoef_ptr, wd_ptr, ff_ptr, dw_ptr, tab_ptr,
+                  cut_ptr, rnd_ptr, mask_ptr, bad_ptr,
+                  n, seed_lo, seed_hi, inv_plain_div, lam, tol,
                   K: tl.constexpr, SPARS: tl.constexpr, CONSENSUS: tl.constexpr,
-                  NORMALIZE: tl.constexpr, UNWEIGHTED: tl.constexpr, DCOUNT: tl.constexpr,
+                  NORMALIZE: tl.constexpr, UNWEIGHTED: tl.constexpr, TABLE: tl.constexpr,
                   HAS_BASE: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
     """The fused merge pass over one block (see the module docstring for the formula).
 
-    wf: fp32 weights, wd: float64 weights, ff: float64 rescale factors (as the CPU kernel).
+    Per model i: coef = fp32(w_i f_i), ecoef = fp32(f_i or w_i f_i) (election value when
+    unweighted), wd = w_i and ff = f_i in float64, dw = divisor share (w_i or 1, float64);
+    tab = fp32 1/divisor per agreement pattern (K <= 8).
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -338,45 +319,60 @@ def _merge_kernel(b_ptr, xs, out_ptr, wf_ptr, wd_ptr, ff_ptr, cut_ptr, rnd_ptr, 
     mixed = tl.zeros([BLOCK], tl.float32)
     bad = offs < 0
     if CONSENSUS:
-        # first sweep: the elected sign needs S = sum_i we_i * dp_i over all models, float64
-        S = tl.zeros([BLOCK], tl.float64)
-        div = tl.zeros([BLOCK], tl.float64)
+        # first sweep: the elected sign. S and A = sum |e_i| in fp32; where |S| <= tol * A
+        # fp32 cannot decide, and the float64 sum sd (computed alongside) decides.
+        S = tl.zeros([BLOCK], tl.float32)
+        A = tl.zeros([BLOCK], tl.float32)
+        sd = tl.zeros([BLOCK], tl.float64)
         for i in tl.static_range(K):
             d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
             bad = bad | bd
             k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
-            dd = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0)
+            t = tl.where(k, tl.load(coef_ptr + i) * d, 0.0)
             if UNWEIGHTED:
-                S = S + dd
+                ev = tl.where(k, tl.load(ecoef_ptr + i) * d, 0.0)
             else:
-                S = _fma64(tl.zeros_like(dd) + tl.load(wd_ptr + i), dd, S, INTERP)
+                ev = t
+            S = S + ev
+            A = A + tl.abs(ev)
+            dp = d.to(tl.float64) * tl.load(ff_ptr + i)
+            if UNWEIGHTED:
+                sd = tl.where(k, sd + dp, sd)
+            else:
+                sd = tl.where(k, sd + tl.load(wd_ptr + i) * dp, sd)
+        sure = (tl.abs(S) > tol * A) | (A == 0.0)
+        pos = tl.where(sure, S >= 0.0, sd >= 0.0)
+        bits = tl.zeros([BLOCK], tl.int32)
+        div = tl.zeros([BLOCK], tl.float64)
         for i in tl.static_range(K):
             d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
             k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
-            dp = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0).to(tl.float32).to(tl.float64)
-            w = tl.load(wf_ptr + i).to(tl.float64)
-            t = (w * dp).to(tl.float32)  # exact product, one rounding: the fp32 product
+            t = tl.where(k, tl.load(coef_ptr + i) * d, 0.0)
             if UNWEIGHTED:
-                sg = dp
+                ev = tl.where(k, tl.load(ecoef_ptr + i) * d, 0.0)
             else:
-                sg = w * dp
-            part = tl.where(S >= 0.0, sg > 0.0, sg < 0.0)
-            mixed = mixed + tl.where(part, t, 0.0)
-            if DCOUNT:
-                div = div + tl.where(part, 1.0, 0.0).to(tl.float64)
+                ev = t
+            agree = tl.where(pos, ev > 0.0, ev < 0.0)
+            mixed = mixed + tl.where(agree, t, 0.0)
+            if TABLE:
+                bits = bits + tl.where(agree, 1 << i, 0)
             else:
-                div = div + tl.where(part, tl.load(wd_ptr + i), 0.0)
-        if NORMALIZE:
+                div = div + tl.where(agree, tl.load(dw_ptr + i), 0.0)
+        if TABLE:
+            mixed = mixed * tl.load(tab_ptr + bits)
+        elif NORMALIZE:
             # |divisor| < 1e-8 -> 1, divided in float64 like the CPU kernel
             mixed = (mixed.to(tl.float64) / tl.where(tl.abs(div) < 1e-8, 1.0, div)).to(tl.float32)
     else:
         for i in tl.static_range(K):
             d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
             bad = bad | bd
+            c = tl.load(coef_ptr + i)
             if SPARS != 0:
                 k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
-                d = tl.where(k, d.to(tl.float64) * tl.load(ff_ptr + i), 0.0).to(tl.float32)
-            mixed = _fma32(tl.zeros_like(d) + tl.load(wf_ptr + i), d, mixed, INTERP)
+                mixed = mixed + tl.where(k, c * d, 0.0)
+            else:
+                mixed = _fma32(tl.zeros_like(d) + c, d, mixed, INTERP)
         if NORMALIZE:
             mixed = mixed * inv_plain_div
     _report_bad(bad_ptr, bad, offs)
@@ -653,19 +649,42 @@ def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], o
         elif params.rescale == RESCALE_INVERSE_DENSITY:
             factors = [1.0 / d if d > 0.0 else 1.0 for d in params.densities]
 
-    wf = torch.tensor([float(w) for w in params.weights], dtype=torch.float32, device=ctx.dev)
-    wd = torch.tensor([float(w) for w in params.weights], dtype=torch.float64, device=ctx.dev)
-    ff = torch.tensor(factors, dtype=torch.float64, device=ctx.dev)
+    # the CPU kernel's per-model coefficients: fp32(w_i * f_i) (one rounding of the double
+    # product), the election coefficient, and the float64 values its exact paths use
+    ws = [float(w) for w in params.weights]
+    unweighted = params.consensus_weighting == "unweighted"
+    coef = torch.tensor([w * f for w, f in zip(ws, factors)], dtype=torch.float64).to(torch.float32)
+    ecoef = torch.tensor([f if unweighted else w * f for w, f in zip(ws, factors)],
+                         dtype=torch.float64).to(torch.float32)
+    wd = torch.tensor(ws, dtype=torch.float64)
+    ff = torch.tensor(factors, dtype=torch.float64)
+    dshare = [1.0 if params.disjoint == "count" else w for w in ws]
+    dw = torch.tensor(dshare, dtype=torch.float64)
+    table = spec.consensus and K <= 8
+    if table:
+        inv = []
+        for mbits in range(1 << K):
+            dsum = 0.0
+            for i in range(K):
+                if mbits >> i & 1:
+                    dsum += dshare[i]
+            inv.append(1.0 / (1.0 if abs(dsum) < _DIVISOR_EPS else dsum) if params.normalize else 1.0)
+        tab = torch.tensor(inv, dtype=torch.float64).to(torch.float32)
+    else:
+        tab = torch.ones(1, dtype=torch.float32)
     wsum = 0.0
-    for w in params.weights:
-        wsum += float(w)
+    for w in ws:
+        wsum += w
     inv_plain_div = 1.0 / (1.0 if abs(wsum) < _DIVISOR_EPS else wsum)
+    tol = float((K + 2) * 2.0 ** -23)  # exact in fp32
+    dev = ctx.dev
     out_flat = out.reshape(-1)
     _merge_kernel[(ctx.nblocks,)](
-        ctx.bptr(), tuple(flat), out_flat, wf, wd, ff, cut, rnd, dmask, ctx.bad,
-        n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam),
+        ctx.bptr(), tuple(flat), out_flat, coef.to(dev), ecoef.to(dev), wd.to(dev), ff.to(dev), dw.to(dev),
+        tab.to(dev), cut, rnd, dmask, ctx.bad,
+        n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam), tol,
         K=K, SPARS=code, CONSENSUS=spec.consensus, NORMALIZE=bool(params.normalize),
-        UNWEIGHTED=params.consensus_weighting == "unweighted", DCOUNT=params.disjoint == "count",
+        UNWEIGHTED=unweighted, TABLE=table,
         HAS_BASE=ctx.has_base, INTERP=_interpret(), BLOCK=BLOCK, **_launch_opts())
     ctx.check_bad()
     if not return_masks:

@@ -159,6 +159,15 @@ LFM_ALWAYS_INLINE void decode_row_body(lfm_codec codec, const void* data_row, co
         sign1_add_row(static_cast<const uint32_t*>(data_row), s[0], cols, base, out);
         return;
     }
+    if (codec == LFM_CODEC_INT8 && base && alpha == 1.0f) {  // one pass, no unpacked row
+        const int8_t* p = static_cast<const int8_t*>(data_row);
+        for (int64_t g0 = 0, gi = 0; g0 < cols; g0 += group, ++gi) {
+            const int64_t g1 = std::min(cols, g0 + group);
+            const float sv = s[gi];
+            for (int64_t c = g0; c < g1; ++c) out[c] = base[c] + static_cast<float>(p[c]) * sv;
+        }
+        return;
+    }
     unpack_row(codec, data_row, cols, q);
     scale_add_row(q, s, cols, group, codec == LFM_CODEC_SIGN1, base, alpha, out);
 }
@@ -233,9 +242,68 @@ LFM_ALWAYS_INLINE float dot_groups_body(const float* x, const float* q, const fl
     return total;
 }
 
-// Row r of one slot against nt tokens: out[i] = row . x_i.
+// int4 codes against a token whose x is stored de-interleaved (even elements, then odd
+// ones): byte i holds elements 2i (low nibble) and 2i+1 (high nibble), so both operands
+// are contiguous and the byte -> float conversions vectorise like int8's.
+LFM_ALWAYS_INLINE float dot_int4_deint_body(const float* xe, const float* xo, const uint8_t* p, int64_t nb) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= nb; i += 16)
+        for (int j = 0; j < 16; ++j) {
+            const int8_t b = static_cast<int8_t>(p[i + j]);
+            const float lo = static_cast<float>(static_cast<int8_t>(b << 4) >> 4);
+            const float hi = static_cast<float>(b >> 4);
+            acc[j] += xe[i + j] * lo + xo[i + j] * hi;
+        }
+    float tail = 0.0f;
+    for (; i < nb; ++i) {
+        const int8_t b = static_cast<int8_t>(p[i]);
+        tail += xe[i] * static_cast<float>(static_cast<int8_t>(b << 4) >> 4) + xo[i] * static_cast<float>(b >> 4);
+    }
+    float s = 0.0f;
+    for (int j = 0; j < 16; ++j) s += acc[j];
+    return s + tail;
+}
+
+// Row r of one slot against nt tokens: out[i] = row . x_i. With deint (int4, even group
+// and even n) xs holds each token as [x_even (n/2) | x_odd (n/2)].
 LFM_ALWAYS_INLINE void row_dots_body(lfm_codec codec, const void* data_row, const float* sc, int64_t n, int64_t group,
-                                     const float* xs, int64_t nt, float* q, float* out, int64_t out_stride) {
+                                     const float* xs, int64_t nt, float* q, float* out, int64_t out_stride,
+                                     bool deint) {
+    if (deint) {
+        const uint8_t* p = static_cast<const uint8_t*>(data_row);
+        const int64_t half = n / 2, gb = group / 2;
+        if (nt >= 3) {
+            // Several tokens: unpack the row once, de-interleaved like x, then plain dots.
+            float* qe = q;
+            float* qo = q + half;
+            for (int64_t i = 0; i < half; ++i) {
+                const int8_t b = static_cast<int8_t>(p[i]);
+                qe[i] = static_cast<float>(static_cast<int8_t>(b << 4) >> 4);
+                qo[i] = static_cast<float>(b >> 4);
+            }
+            for (int64_t i = 0; i < nt; ++i) {
+                const float* xe = xs + i * n;
+                const float* xo = xe + half;
+                float total = 0.0f;
+                for (int64_t b0 = 0, gi = 0; b0 < half; b0 += gb, ++gi) {
+                    const int64_t len = std::min(gb, half - b0);
+                    total += sc[gi] * (dot_body(xe + b0, qe + b0, len) + dot_body(xo + b0, qo + b0, len));
+                }
+                out[i * out_stride] = total;
+            }
+            return;
+        }
+        for (int64_t i = 0; i < nt; ++i) {
+            const float* xe = xs + i * n;
+            const float* xo = xe + half;
+            float total = 0.0f;
+            for (int64_t b0 = 0, gi = 0; b0 < half; b0 += gb, ++gi)
+                total += sc[gi] * dot_int4_deint_body(xe + b0, xo + b0, p + b0, std::min(gb, half - b0));
+            out[i * out_stride] = total;
+        }
+        return;
+    }
     if (codec == LFM_CODEC_SIGN1) {
         const uint32_t* w = static_cast<const uint32_t*>(data_row);
         for (int64_t i = 0; i < nt; ++i) out[i * out_stride] = sc[0] * dot_sign1_body(xs + i * n, w, n);
@@ -246,19 +314,19 @@ LFM_ALWAYS_INLINE void row_dots_body(lfm_codec codec, const void* data_row, cons
 }
 
 void row_dots_baseline(lfm_codec codec, const void* data_row, const float* sc, int64_t n, int64_t group,
-                       const float* xs, int64_t nt, float* q, float* out, int64_t out_stride) {
-    row_dots_body(codec, data_row, sc, n, group, xs, nt, q, out, out_stride);
+                       const float* xs, int64_t nt, float* q, float* out, int64_t out_stride, bool deint) {
+    row_dots_body(codec, data_row, sc, n, group, xs, nt, q, out, out_stride, deint);
 }
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) void row_dots_avx2(lfm_codec codec, const void* data_row, const float* sc,
                                                        int64_t n, int64_t group, const float* xs, int64_t nt,
-                                                       float* q, float* out, int64_t out_stride) {
-    row_dots_body(codec, data_row, sc, n, group, xs, nt, q, out, out_stride);
+                                                       float* q, float* out, int64_t out_stride, bool deint) {
+    row_dots_body(codec, data_row, sc, n, group, xs, nt, q, out, out_stride, deint);
 }
 #endif
 
 using RowDotsFn = void (*)(lfm_codec, const void*, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                           float*, int64_t);
+                           float*, int64_t, bool);
 RowDotsFn pick_row_dots() {
 #if defined(__x86_64__)
     if (cpu_has_avx2()) return row_dots_avx2;
@@ -532,6 +600,19 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
     for (int64_t i = 0; i < n_active; ++i)
         load_f32(static_cast<const char*>(a.x->data) + order[static_cast<size_t>(i)] * in * static_cast<int64_t>(x_es),
                  a.x->dtype, xs.data() + i * in, in);
+    // int4 with even sizes: store each token de-interleaved (see dot_int4_deint_body).
+    const bool deint = a.codec == LFM_CODEC_INT4 && a.group % 2 == 0 && in % 2 == 0;
+    if (deint) {
+        std::vector<float> tmp(static_cast<size_t>(in));
+        for (int64_t i = 0; i < n_active; ++i) {
+            float* row = xs.data() + i * in;
+            std::memcpy(tmp.data(), row, static_cast<size_t>(in) * sizeof(float));
+            for (int64_t c = 0; c < in / 2; ++c) {
+                row[c] = tmp[static_cast<size_t>(2 * c)];
+                row[in / 2 + c] = tmp[static_cast<size_t>(2 * c + 1)];
+            }
+        }
+    }
     // Tasks: (slot, block of output rows). Each task decodes its rows once into scratch and
     // dots them with every token of its slot: decoded weights never leave L1/L2.
     const int64_t rb = 32;
@@ -568,7 +649,7 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
             load_f32(scales + (sign1 && a.per_tensor ? 0 : r * ns_row) * static_cast<int64_t>(s_es), a.scale_dtype, sc,
                      ns_row);
             row_dots(a.codec, data + r * pc * static_cast<int64_t>(data_es), sc, in, a.group, xs.data() + t0 * in, nt,
-                     q, acc + (r - r0), nr);
+                     q, acc + (r - r0), nr, deint);
         }
         // y[t, r0:r1] += alpha * acc (fp32, one rounding to y's dtype).
         for (int64_t i = 0; i < nt; ++i) {

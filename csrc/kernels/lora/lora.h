@@ -40,6 +40,7 @@ struct LoraArgs {
     void* y = nullptr;         // [T, H_y], row stride y_ld (expand, apply)
     lfm_dtype y_dt = LFM_DTYPE_F32;
     int64_t y_ld = 0, H_y = 0;
+    bool segments = false;                // which slot map (pointers may be null when empty)
     const int32_t* token_slot = nullptr;  // [T], or
     const int32_t* seg_start = nullptr;   // [S+1] and
     const int32_t* seg_slot = nullptr;    // [S]

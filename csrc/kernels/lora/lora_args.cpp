@@ -31,18 +31,23 @@ int64_t check_rows(const lfm_tensor* t, const std::string& what) {
     return t->shape[0] > 1 ? t->strides[0] : t->shape[1];
 }
 
+// Contiguous, or empty (an empty view's strides carry no layout).
+void check_packed(const lfm_tensor& t, const std::string& what) {
+    if (numel(t) > 0) check_contiguous(t, what);
+}
+
 void check_table(const lfm_tensor* t, const std::string& what) {
     check_view(t, what.c_str());
     check_float(*t, what);
     check_ndim(*t, 3, what);
-    check_contiguous(*t, what);
+    check_packed(*t, what);
 }
 
 const int32_t* check_index(const lfm_tensor* t, int64_t n, const std::string& what, const LoraArgs& a) {
     check_view(t, what.c_str());
     check_dtype(*t, LFM_DTYPE_I32, what);
     check_ndim(*t, 1, what);
-    check_contiguous(*t, what);
+    check_packed(*t, what);
     if (t->shape[0] != n)
         fail(LFM_STATUS_SHAPE_MISMATCH, what, " has ", t->shape[0], " entries, expected ", n);
     check_dev(*t, a, what);
@@ -85,7 +90,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
     if (u) {
         check_view(u, "u");
         check_dtype(*u, LFM_DTYPE_F32, "u");
-        check_contiguous(*u, "u");
+        check_packed(*u, "u");
         check_dev(*u, a, "u");
         if (!(u->ndim == 3 || (u->ndim == 2 && n_slices == 1)))
             fail(LFM_STATUS_SHAPE_MISMATCH, "u must be [n_slices, T, R_max] (or [T, R_max] for one slice), got ",
@@ -158,7 +163,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
             check_view(s.scales, w.c_str());
             check_dtype(*s.scales, LFM_DTYPE_F32, w);
             check_ndim(*s.scales, 1, w);
-            check_contiguous(*s.scales, w);
+            check_packed(*s.scales, w);
             check_dev(*s.scales, a, w);
             if (s.scales->shape[0] != n_slots)
                 fail(LFM_STATUS_SHAPE_MISMATCH, w, " has ", s.scales->shape[0], " entries, expected ", n_slots);
@@ -182,6 +187,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
             fail(LFM_STATUS_INVALID_ARGUMENT, "give either token_slot or (seg_start, seg_slot), not both");
         a.token_slot = check_index(token_slot, a.T, "token_slot", a);
     } else {
+        a.segments = true;
         if (!seg_start || !seg_slot)
             fail(LFM_STATUS_INVALID_ARGUMENT, "no slot map: give token_slot, or both seg_start and seg_slot");
         check_view(seg_slot, "seg_slot");
@@ -197,7 +203,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
             r.push_back(s.ranks);
             sc.push_back(s.scales);
         }
-        check_lora_values(a, a.token_slot, a.seg_start, a.seg_slot, r, sc);
+        check_lora_values(a, a.token_slot, a.seg_start, a.seg_slot, r, sc);  // host pointers on the CPU
     }
     return a;
 }
@@ -205,13 +211,13 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
 void check_lora_values(const LoraArgs& a, const int32_t* token_slot, const int32_t* seg_start,
                        const int32_t* seg_slot, const std::vector<const int32_t*>& ranks,
                        const std::vector<const float*>& scales) {
-    const int32_t* slots = token_slot ? token_slot : seg_slot;
-    const int64_t n = token_slot ? a.T : a.S;
+    const int32_t* slots = a.segments ? seg_slot : token_slot;
+    const int64_t n = a.segments ? a.S : a.T;
     for (int64_t i = 0; i < n; ++i)
         if (slots[i] < -1 || slots[i] >= a.n_slots)
-            fail(LFM_STATUS_OUT_OF_RANGE, token_slot ? "token_slot[" : "seg_slot[", i, "] = ", slots[i],
+            fail(LFM_STATUS_OUT_OF_RANGE, a.segments ? "seg_slot[" : "token_slot[", i, "] = ", slots[i],
                  " is out of range: slots are -1 (no adapter) or 0..", a.n_slots - 1);
-    if (!token_slot) {
+    if (a.segments) {
         if (seg_start[0] != 0 || seg_start[a.S] != a.T)
             fail(LFM_STATUS_INVALID_ARGUMENT, "seg_start must start at 0 and end at T = ", a.T, ", got ",
                  seg_start[0], " .. ", seg_start[a.S]);

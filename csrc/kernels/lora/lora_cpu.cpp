@@ -169,6 +169,91 @@ __attribute__((target("avx2,fma,f16c"))) void dot_tile_avx2(const void* a, const
     }
 }
 
+// Two A rows x four tokens per pass: eight FMA chains for six loads (the one-row kernel
+// needs five loads per four FMAs), for groups with many tokens (prefill, shared adapters).
+// Leftover tokens (nt % 4) go through the one-row kernel, row by row.
+template <typename L>
+__attribute__((target("avx2,fma,f16c"))) void dot2_tile_avx2(const void* a0, const void* a1,
+                                                            const float* const* xs, int nt, int64_t n,
+                                                            float* out0, float* out1) {
+    const int64_t n8 = n & ~int64_t(7);
+    int i = 0;
+    for (; i + 4 <= nt; i += 4) {
+        const float *x0 = xs[i], *x1 = xs[i + 1], *x2 = xs[i + 2], *x3 = xs[i + 3];
+        __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+        for (int64_t k = 0; k < n8; k += 8) {
+            const __m256 va = L::ld(a0, k), vb = L::ld(a1, k);
+            __m256 xv = _mm256_loadu_ps(x0 + k);
+            p0 = _mm256_fmadd_ps(va, xv, p0);
+            q0 = _mm256_fmadd_ps(vb, xv, q0);
+            xv = _mm256_loadu_ps(x1 + k);
+            p1 = _mm256_fmadd_ps(va, xv, p1);
+            q1 = _mm256_fmadd_ps(vb, xv, q1);
+            xv = _mm256_loadu_ps(x2 + k);
+            p2 = _mm256_fmadd_ps(va, xv, p2);
+            q2 = _mm256_fmadd_ps(vb, xv, q2);
+            xv = _mm256_loadu_ps(x3 + k);
+            p3 = _mm256_fmadd_ps(va, xv, p3);
+            q3 = _mm256_fmadd_ps(vb, xv, q3);
+        }
+        float r[8] = {hsum256(p0), hsum256(p1), hsum256(p2), hsum256(p3),
+                      hsum256(q0), hsum256(q1), hsum256(q2), hsum256(q3)};
+        for (int64_t k = n8; k < n; ++k) {
+            const float av = L::one(a0, k), bv = L::one(a1, k);
+            r[0] += av * x0[k]; r[1] += av * x1[k]; r[2] += av * x2[k]; r[3] += av * x3[k];
+            r[4] += bv * x0[k]; r[5] += bv * x1[k]; r[6] += bv * x2[k]; r[7] += bv * x3[k];
+        }
+        for (int q = 0; q < 4; ++q) {
+            out0[i + q] += r[q];
+            out1[i + q] += r[4 + q];
+        }
+    }
+    if (i < nt) {
+        dot_tile_avx2<L>(a0, xs + i, nt - i, n, out0 + i);
+        dot_tile_avx2<L>(a1, xs + i, nt - i, n, out1 + i);
+    }
+}
+
+// Four tokens share each load of the transposed B tile: acc[q * ldacc + o] =
+// sum_j c[q * ldc + j] * bt[j * ldb + o], q < 4 (16 columns per pass, eight FMA chains).
+__attribute__((target("avx2,fma"))) void axpy4_rows_avx2(const float* c, int64_t ldc, const float* bt, int64_t ldb,
+                                                        int r, int64_t n, float* acc, int64_t ldacc) {
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16) {
+        __m256 v00 = _mm256_setzero_ps(), v01 = v00, v10 = v00, v11 = v00, v20 = v00, v21 = v00, v30 = v00,
+               v31 = v00;
+        for (int j = 0; j < r; ++j) {
+            const __m256 b0 = _mm256_loadu_ps(bt + j * ldb + o), b1 = _mm256_loadu_ps(bt + j * ldb + o + 8);
+            __m256 cj = _mm256_broadcast_ss(c + j);
+            v00 = _mm256_fmadd_ps(cj, b0, v00);
+            v01 = _mm256_fmadd_ps(cj, b1, v01);
+            cj = _mm256_broadcast_ss(c + ldc + j);
+            v10 = _mm256_fmadd_ps(cj, b0, v10);
+            v11 = _mm256_fmadd_ps(cj, b1, v11);
+            cj = _mm256_broadcast_ss(c + 2 * ldc + j);
+            v20 = _mm256_fmadd_ps(cj, b0, v20);
+            v21 = _mm256_fmadd_ps(cj, b1, v21);
+            cj = _mm256_broadcast_ss(c + 3 * ldc + j);
+            v30 = _mm256_fmadd_ps(cj, b0, v30);
+            v31 = _mm256_fmadd_ps(cj, b1, v31);
+        }
+        _mm256_storeu_ps(acc + o, v00);
+        _mm256_storeu_ps(acc + o + 8, v01);
+        _mm256_storeu_ps(acc + ldacc + o, v10);
+        _mm256_storeu_ps(acc + ldacc + o + 8, v11);
+        _mm256_storeu_ps(acc + 2 * ldacc + o, v20);
+        _mm256_storeu_ps(acc + 2 * ldacc + o + 8, v21);
+        _mm256_storeu_ps(acc + 3 * ldacc + o, v30);
+        _mm256_storeu_ps(acc + 3 * ldacc + o + 8, v31);
+    }
+    for (; o < n; ++o)
+        for (int q = 0; q < 4; ++q) {
+            float sum = 0.f;
+            for (int j = 0; j < r; ++j) sum += c[q * ldc + j] * bt[j * ldb + o];
+            acc[q * ldacc + o] = sum;
+        }
+}
+
 __attribute__((target("avx2,fma"))) void axpy_rows_avx2(const float* c, const float* bt, int64_t ldb, int r,
                                                        int64_t n, float* acc) {
     int64_t o = 0;
@@ -229,15 +314,24 @@ __attribute__((target("avx2,fma"))) void add_avx2(float* y, const float* d, int6
 }
 #endif
 
+void axpy4_rows_portable(const float* c, int64_t ldc, const float* bt, int64_t ldb, int r, int64_t n, float* acc,
+                         int64_t ldacc) {
+    for (int q = 0; q < 4; ++q) axpy_rows_portable(c + q * ldc, bt, ldb, r, n, acc + q * ldacc);
+}
+
 void add_portable(float* y, const float* d, int64_t n) {
     for (int64_t o = 0; o < n; ++o) y[o] += d[o];
 }
 
 using DotFn = void (*)(const void*, const float* const*, int, int64_t, float*);
+using Dot2Fn = void (*)(const void*, const void*, const float* const*, int, int64_t, float*, float*);
 
 struct Kernels {
     // dot_tile[dtype of A] when the row is read in place (AVX2); nullptr = convert the row first
     DotFn dot_direct[3] = {nullptr, nullptr, nullptr};
+    Dot2Fn dot2_direct[3] = {nullptr, nullptr, nullptr};
+    void (*axpy4_rows)(const float*, int64_t, const float*, int64_t, int, int64_t, float*, int64_t) =
+        axpy4_rows_portable;
     void (*dot_tile)(const float*, const float* const*, int, int64_t, float*) = dot_tile_portable;
     void (*axpy_rows)(const float*, const float*, int64_t, int, int64_t, float*) = axpy_rows_portable;
     void (*add)(float*, const float*, int64_t) = add_portable;
@@ -247,7 +341,13 @@ struct Kernels {
         if (cpu_has_avx2()) {
             dot_direct[LFM_DTYPE_F32] = dot_tile_avx2<LdF32>;
             dot_direct[LFM_DTYPE_BF16] = dot_tile_avx2<LdBF16>;
-            if (cpu_has_f16c()) dot_direct[LFM_DTYPE_F16] = dot_tile_avx2<LdF16>;
+            dot2_direct[LFM_DTYPE_F32] = dot2_tile_avx2<LdF32>;
+            dot2_direct[LFM_DTYPE_BF16] = dot2_tile_avx2<LdBF16>;
+            if (cpu_has_f16c()) {
+                dot_direct[LFM_DTYPE_F16] = dot_tile_avx2<LdF16>;
+                dot2_direct[LFM_DTYPE_F16] = dot2_tile_avx2<LdF16>;
+            }
+            axpy4_rows = axpy4_rows_avx2;
             axpy_rows = axpy_rows_avx2;
             add = add_avx2;
             gemv_rows = gemv_rows_avx2;
@@ -276,8 +376,8 @@ struct Plan {
 Plan make_plan(const LoraArgs& a) {
     const int64_t T = a.T, n_slots = a.n_slots;
     std::vector<int32_t> slot(static_cast<size_t>(T), -1);
-    if (a.token_slot) {
-        std::memcpy(slot.data(), a.token_slot, static_cast<size_t>(T) * sizeof(int32_t));
+    if (!a.segments) {
+        if (T > 0) std::memcpy(slot.data(), a.token_slot, static_cast<size_t>(T) * sizeof(int32_t));
     } else {
         for (int64_t i = 0; i < a.S; ++i) {
             // clamped so that unchecked malformed segments can never index outside [0, T)
@@ -385,8 +485,23 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
                 }
             }
             const DotFn direct = sl.a_dt <= LFM_DTYPE_BF16 ? K.dot_direct[sl.a_dt] : nullptr;
-            for (int j = 0; j < r; ++j) {
-                const int64_t aidx = (static_cast<int64_t>(tile.slot) * sl.R + j) * H_in + kb;
+            const Dot2Fn direct2 = sl.a_dt <= LFM_DTYPE_BF16 ? K.dot2_direct[sl.a_dt] : nullptr;
+            const int64_t row0 = static_cast<int64_t>(tile.slot) * sl.R;
+            int j = 0;
+            if (direct2 && nt >= 4) {  // two rows at a time (see dot2_tile_avx2)
+                float col2[kTileS];
+                for (; j + 2 <= r; j += 2) {
+                    for (int i = 0; i < nt; ++i) col[i] = col2[i] = 0.f;
+                    direct2(at(sl.A, sl.a_dt, (row0 + j) * H_in + kb), at(sl.A, sl.a_dt, (row0 + j + 1) * H_in + kb),
+                            xp, nt, n, col, col2);
+                    for (int i = 0; i < nt; ++i) {
+                        acc[i * r + j] += col[i];
+                        acc[i * r + j + 1] += col2[i];
+                    }
+                }
+            }
+            for (; j < r; ++j) {
+                const int64_t aidx = (row0 + j) * H_in + kb;
                 for (int i = 0; i < nt; ++i) col[i] = 0.f;
                 if (direct) {
                     direct(at(sl.A, sl.a_dt, aidx), xp, nt, n, col);
@@ -462,9 +577,9 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             sp = std::make_unique<ExpandScratch>();
             sp->bt.resize(static_cast<size_t>(Rmax * kNChunk));
             sp->brow.resize(static_cast<size_t>(((Rmax + 7) & ~int64_t(7)) * kNChunk));
-            sp->acc.resize(static_cast<size_t>(kNChunk));
+            sp->acc.resize(static_cast<size_t>(kTileE * kNChunk));
             sp->ybuf.resize(static_cast<size_t>(kNChunk));
-            sp->c.resize(static_cast<size_t>((Rmax + 7) & ~int64_t(7)));
+            sp->c.resize(static_cast<size_t>(kTileE * ((Rmax + 7) & ~int64_t(7))));
         }
         int si = 0;
         while (item >= first_item[si + 1]) ++si;
@@ -504,24 +619,33 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             for (int64_t o = 0; o < n; ++o)
                 for (int j = 0; j < r; ++j) bt[j * kNChunk + o] = bf[o * ld + j];
         const float scale = sl.scales[tile.slot];
-        float* c = sp->c.data();
-        float* acc = sp->acc.data();
-        for (int64_t q = tile.begin; q < tile.end; ++q) {
-            const int64_t t = p.order[static_cast<size_t>(q)];
-            const float* ut = U + (si * T + t) * ldR;
-            for (int j = 0; j < r; ++j) c[j] = scale * ut[j];
-            for (int j = r; j < rp; ++j) c[j] = 0.f;
+        const int64_t ldc = rp;
+        float* c = sp->c.data();      // [kTileE][rp] scaled u rows
+        float* acc = sp->acc.data();  // [kTileE][kNChunk] deltas
+        for (int i = 0; i < nt; ++i) {
+            const float* ut = U + (si * T + p.order[static_cast<size_t>(tile.begin + i)]) * ldR;
+            for (int j = 0; j < r; ++j) c[i * ldc + j] = scale * ut[j];
+            for (int j = r; j < rp; ++j) c[i * ldc + j] = 0.f;
+        }
+        int i0 = 0;
+        if (transposed)
+            for (; i0 + 4 <= nt; i0 += 4) K.axpy4_rows(c + i0 * ldc, ldc, bt, kNChunk, r, n, acc + i0 * kNChunk, kNChunk);
+        for (int i = i0; i < nt; ++i) {
             if (transposed)
-                K.axpy_rows(c, bt, kNChunk, r, n, acc);
+                K.axpy_rows(c + i * ldc, bt, kNChunk, r, n, acc + i * kNChunk);
             else
-                K.gemv_rows(bf, ld, n, rp, c, acc);
+                K.gemv_rows(bf, ld, n, rp, c + i * ldc, acc + i * kNChunk);
+        }
+        for (int i = 0; i < nt; ++i) {
+            const int64_t t = p.order[static_cast<size_t>(tile.begin + i)];
+            const float* d = acc + i * kNChunk;
             const int64_t yidx = t * a.y_ld + sl.off + o0;
             if (a.y_dt == LFM_DTYPE_F32) {
-                K.add(static_cast<float*>(a.y) + yidx, acc, n);
+                K.add(static_cast<float*>(a.y) + yidx, d, n);
             } else {
                 char* yp = static_cast<char*>(a.y) + yidx * static_cast<int64_t>(dtype_size(a.y_dt));
                 load_f32(yp, a.y_dt, sp->ybuf.data(), n);
-                K.add(sp->ybuf.data(), acc, n);
+                K.add(sp->ybuf.data(), d, n);
                 store_f32(sp->ybuf.data(), a.y_dt, yp, n);
             }
         }

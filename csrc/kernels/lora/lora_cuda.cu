@@ -52,6 +52,7 @@ struct DevArgs {
     void* y;
     int y_dt;
     int64_t y_ld;
+    int segments;
     const int32_t* token_slot;
     const int32_t* seg_start;
     const int32_t* seg_slot;
@@ -77,7 +78,7 @@ __device__ __forceinline__ void st(void* p, int dt, int64_t i, float v) {
 // Slot of token t (-1 = none / out of range).
 __device__ __forceinline__ int64_t slot_of(const DevArgs& a, int64_t t) {
     int64_t s;
-    if (a.token_slot) {
+    if (!a.segments) {
         s = a.token_slot[t];
     } else {
         // last segment i with seg_start[i] <= t (empty segments are skipped by the search)
@@ -194,7 +195,7 @@ void lora_cuda(const LoraArgs& a, void* stream) {
 
     if (a.check_values) {  // one device->host copy of the small tables, then the shared checks
         std::vector<int32_t> ts, ss, sl;
-        if (a.token_slot) ts = to_host(a.token_slot, a.T, st);
+        if (!a.segments) ts = to_host(a.token_slot, a.T, st);
         else {
             ss = to_host(a.seg_start, a.S + 1, st);
             sl = to_host(a.seg_slot, a.S, st);
@@ -212,8 +213,7 @@ void lora_cuda(const LoraArgs& a, void* stream) {
             rp.push_back(rk[i].data());
             sp.push_back(a.slices[i].scales ? sc[i].data() : nullptr);
         }
-        check_lora_values(a, a.token_slot ? ts.data() : nullptr, a.token_slot ? nullptr : ss.data(),
-                          a.token_slot ? nullptr : sl.data(), rp, sp);
+        check_lora_values(a, ts.data(), ss.data(), sl.data(), rp, sp);
     }
 
     DevArgs d{};
@@ -237,6 +237,7 @@ void lora_cuda(const LoraArgs& a, void* stream) {
     d.y = a.y;
     d.y_dt = static_cast<int>(a.y_dt);
     d.y_ld = a.y_ld;
+    d.segments = a.segments ? 1 : 0;
     d.token_slot = a.token_slot;
     d.seg_start = a.seg_start;
     d.seg_slot = a.seg_slot;

@@ -14,7 +14,8 @@
 // order, and random draws depend only on (seed, stream, element), so the result is
 // bit-identical for any number of threads.
 #include <algorithm>
-#include <chrono>
+#include <atomic>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
 #include <cmath>
@@ -35,6 +36,8 @@ namespace {
 
 constexpr int64_t kBlock = 4096;          // elements per task; a multiple of 4 (Philox blocks)
 constexpr int kMaxHistWorkers = 16;       // caps per-worker histogram memory
+constexpr int64_t kSampleMinN = 1 << 18;  // below this the radix passes are cheap enough
+constexpr int64_t kSampleSize = 1 << 16;  // sample of |delta| that brackets a quantile
 constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
 
 // Keep rule of the magnitude-type sparsifiers, on v = |delta| bits:
@@ -54,6 +57,8 @@ struct Query {
     int64_t below_hb = 0; // elements with high bits < hb
     uint32_t value = 0;   // answer: |delta| bits
     int64_t c_lt = 0, c_eq = 0;
+    bool sampled = false;           // answered by sample_select: tie_idx holds every tie
+    std::vector<int64_t> tie_idx;   // flat indices of the elements equal to value, ascending
 };
 
 // Where a cut needs the flat index of the ordinal-th tie of `value` in model `model`.
@@ -74,12 +79,11 @@ struct Scratch {
 // LFM_PROFILE=1 prints the time of each pass to stderr (for tuning; off by default).
 struct PhaseTimer {
     bool on = std::getenv("LFM_PROFILE") != nullptr;
-    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+    std::clock_t t = std::clock();  // CPU time: meaningful on a busy machine with one thread
     void mark(const char* what) {
         if (!on) return;
-        auto now = std::chrono::steady_clock::now();
-        std::fprintf(stderr, "[lfm merge] %-12s %8.2f ms\n", what,
-                     std::chrono::duration<double, std::milli>(now - t).count());
+        std::clock_t now = std::clock();
+        std::fprintf(stderr, "[lfm merge] %-12s %8.2f ms cpu\n", what, 1e3 * double(now - t) / CLOCKS_PER_SEC);
         t = now;
     }
 };
@@ -197,7 +201,7 @@ private:
                 int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::floor(d * static_cast<double>(n))));
                 if (k >= n) continue;
                 c.all = false;
-                queries.push_back(Query{i, n - k});
+                queries.push_back(Query{i, n - k, {}, {}, {}, {}, {}, {}, {}});
             } else {
                 int64_t target = static_cast<int64_t>(std::floor(d * static_cast<double>(n)));
                 int64_t n_top = static_cast<int64_t>(std::floor(a_.gamma[i] * static_cast<double>(n)));
@@ -205,13 +209,26 @@ private:
                 if (target <= 0) { c.all = false; c.none = true; continue; }
                 if (n_bot == 0 && target >= n) continue;
                 c.all = false;
-                if (n_bot > 0) queries.push_back(Query{i, n_bot});
+                if (n_bot > 0) queries.push_back(Query{i, n_bot, {}, {}, {}, {}, {}, {}, {}});
                 // the upper cut is marked by a negative position: -(pos) - 1
-                if (n_bot + target - 1 < n - 1) queries.push_back(Query{i, -(n_bot + target - 1) - 1});
+                if (n_bot + target - 1 < n - 1) queries.push_back(Query{i, -(n_bot + target - 1) - 1, {}, {}, {}, {}, {}, {}, {}});
             }
         }
         if (queries.empty()) return;
-        run_queries(queries);
+        // Most queries are answered by one bracketing pass (sample_select); the rest by
+        // the exact radix passes.
+        std::vector<Query> rest;
+        PhaseTimer st;
+        if (n_ >= kSampleMinN) sample_select(queries);
+        st.mark("  sample");
+        for (auto& q : queries)
+            if (!q.sampled) rest.push_back(q);
+        if (!rest.empty()) {
+            run_queries(rest);
+            size_t r = 0;
+            for (auto& q : queries)
+                if (!q.sampled) q = rest[r++];
+        }
         // Turn each answer into a cut; a cut that keeps only part of the equal values
         // needs the flat index of one tie, found for all cuts together in one pass.
         std::vector<TieRequest> ties;
@@ -227,22 +244,132 @@ private:
                 c.lo_v = q.value;
                 c.lo_emin = 0;
                 c.lo_emax = kNoLimit;
-                if (keep_ties < q.c_eq) ties.push_back(TieRequest{q.model, q.value, keep_ties - 1, &c.lo_emax});
+                if (keep_ties < q.c_eq) tie_at(q, keep_ties - 1, &c.lo_emax, ties);
             } else if (!upper) {
                 // drop the `ordinal` lowest-index ties of the lower cut value
                 c.lo_v = q.value;
                 c.lo_emin = 0;
                 c.lo_emax = kNoLimit;
-                if (ordinal > 0) ties.push_back(TieRequest{q.model, q.value, ordinal, &c.lo_emin});
+                if (ordinal > 0) tie_at(q, ordinal, &c.lo_emin, ties);
             } else {
                 // keep ties of the upper cut value up to `ordinal` (lower indices first)
                 c.hi_v = q.value;
                 c.hi_emin = 0;
                 c.hi_emax = kNoLimit;
-                if (ordinal < q.c_eq - 1) ties.push_back(TieRequest{q.model, q.value, ordinal, &c.hi_emax});
+                if (ordinal < q.c_eq - 1) tie_at(q, ordinal, &c.hi_emax, ties);
             }
         }
+        st.mark("  radix");
         if (!ties.empty()) find_ties(ties);
+        st.mark("  ties");
+    }
+
+    // *target = flat index of the ordinal-th tie of q.value: known already for sampled
+    // queries, else requested from find_ties.
+    static void tie_at(const Query& q, int64_t ordinal, int64_t* target, std::vector<TieRequest>& ties) {
+        if (q.sampled)
+            *target = q.tie_idx[static_cast<size_t>(ordinal)];
+        else
+            ties.push_back(TieRequest{q.model, q.value, ordinal, target});
+    }
+
+    // Sample-select. From a strided sample of each model's |delta| (deterministic), take a
+    // bracket [lo, hi] of values around the sampled quantile; one pass counts the elements
+    // below lo and collects those inside the bracket (value, flat index). When the answer
+    // falls inside, sorting the few candidates gives the exact value and every tie's
+    // index (collected in flat order, sorted stably). A miss, or a bracket holding more
+    // than n/16 elements, leaves the query for the radix passes. Exact either way.
+    void sample_select(std::vector<Query>& queries) {
+        const int nq = static_cast<int>(queries.size());
+        PhaseTimer tt;
+        const int64_t S = std::min<int64_t>(n_, kSampleSize);
+        const int64_t stride = n_ / S;
+        const int64_t cap = std::max<int64_t>(n_ / 16, 4096);
+        std::vector<std::vector<uint32_t>> sample(static_cast<size_t>(K_));
+        std::vector<uint32_t> lo(nq), hi(nq);
+        for (int qi = 0; qi < nq; ++qi) {
+            const int m = queries[qi].model;
+            auto& smp = sample[static_cast<size_t>(m)];
+            if (smp.empty()) {
+                smp.resize(static_cast<size_t>(S));
+                for (int64_t k = 0; k < S; ++k) {
+                    const int64_t e = k * stride;
+                    float xv, bv;
+                    load_f32(ptr(a_.models[m], e), a_.models[m]->dtype, &xv, 1);
+                    load_f32(ptr(a_.base, e), a_.base->dtype, &bv, 1);
+                    smp[k] = f32_bits(xv - bv) & 0x7fffffffu;
+                }
+                std::sort(smp.begin(), smp.end());
+            }
+            const int64_t pos = queries[qi].pos < 0 ? -queries[qi].pos - 1 : queries[qi].pos;
+            const double qf = static_cast<double>(pos) / static_cast<double>(n_);
+            const int64_t at = static_cast<int64_t>(qf * S);
+            // the sampled quantile's position has standard deviation sqrt(S q (1-q)): 5 of them
+            const int64_t margin = static_cast<int64_t>(5.0 * std::sqrt(S * qf * (1.0 - qf))) + 16;
+            lo[qi] = at - margin <= 0 ? 0u : smp[static_cast<size_t>(at - margin)];
+            hi[qi] = at + margin >= S - 1 ? 0xffffffffu : smp[static_cast<size_t>(at + margin)];
+        }
+        tt.mark("    sampling");
+        struct Cand {
+            uint32_t v;
+            int64_t e;
+        };
+        std::vector<std::vector<Cand>> cands(static_cast<size_t>(nblocks_) * nq);
+        std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0);
+        std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
+        for (auto& t : total) t.store(0);
+        parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
+            Scratch& s = scratch(slot);
+            const int64_t start = blk * kBlock, len = block_len(blk);
+            load(s, start, len);
+            for (int qi = 0; qi < nq; ++qi) {
+                if (total[qi].load(std::memory_order_relaxed) > cap) continue;  // overflowed: radix
+                const float* x = s.x.data() + static_cast<int64_t>(queries[qi].model) * kBlock;
+                auto& out = cands[static_cast<size_t>(blk) * nq + qi];
+                uint32_t* cj = s.draws.data();  // block-sized scratch for candidate positions
+                int64_t nb = 0;
+                const int64_t nc = loops::bracket(x, lo[qi], hi[qi], cj, &nb, len);
+                out.resize(static_cast<size_t>(nc));
+                for (int64_t c = 0; c < nc; ++c)
+                    out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
+                below[static_cast<size_t>(blk) * nq + qi] = nb;
+                total[qi].fetch_add(static_cast<int64_t>(out.size()), std::memory_order_relaxed);
+            }
+        });
+        tt.mark("    scan");
+        for (int qi = 0; qi < nq; ++qi) {
+            if (total[qi].load() > cap) continue;
+            Query& q = queries[qi];
+            const int64_t pos = q.pos < 0 ? -q.pos - 1 : q.pos;
+            int64_t nbelow = 0;
+            std::vector<Cand> all;
+            all.reserve(static_cast<size_t>(total[qi].load()));
+            for (int64_t blk = 0; blk < nblocks_; ++blk) {
+                nbelow += below[static_cast<size_t>(blk) * nq + qi];
+                auto& c = cands[static_cast<size_t>(blk) * nq + qi];
+                all.insert(all.end(), c.begin(), c.end());
+            }
+            const int64_t nc = static_cast<int64_t>(all.size());
+            if (pos < nbelow || pos >= nbelow + nc) continue;  // the bracket missed
+            // The pos-th value by a linear-time selection on a copy of the values; the
+            // candidates are in flat order, so the ties come out in the order the spec needs.
+            std::vector<uint32_t> vals(static_cast<size_t>(nc));
+            for (int64_t c = 0; c < nc; ++c) vals[static_cast<size_t>(c)] = all[static_cast<size_t>(c)].v;
+            auto nth = vals.begin() + (pos - nbelow);
+            std::nth_element(vals.begin(), nth, vals.end());
+            q.value = *nth;
+            int64_t lt = 0;
+            q.tie_idx.clear();
+            for (const Cand& c : all) {
+                lt += c.v < q.value;
+                if (c.v == q.value) q.tie_idx.push_back(c.e);
+            }
+            q.c_lt = nbelow + lt;
+            q.c_eq = static_cast<int64_t>(q.tie_idx.size());
+            q.sampled = true;
+            if (tt.on) std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", qi, static_cast<long long>(nc));
+        }
+        tt.mark("    finalize");
     }
 
     void run_queries(std::vector<Query>& queries) {
@@ -397,29 +524,29 @@ private:
         });
     }
 
-    // Stable LSD radix sort of (keys, idx) by keys, 8-bit digits; digits on which all
-    // keys agree are skipped. Result in keys/idx.
+    // Stable LSD radix sort of (keys, idx) by keys < 2^31, three 11-bit digits (the
+    // counts fit in L1); digits on which all keys agree are skipped. Result in keys/idx.
     static void radix_sort_stable(std::vector<uint32_t>& keys, std::vector<uint32_t>& idx,
                                   std::vector<uint32_t>& keys2, std::vector<uint32_t>& idx2, int64_t n) {
-        uint32_t cnt[4][256];
+        constexpr int kBits = 11, kBins = 1 << kBits;
+        static thread_local uint32_t cnt[3][kBins];
         std::memset(cnt, 0, sizeof(cnt));
         for (int64_t j = 0; j < n; ++j) {
             const uint32_t k = keys[j];
-            ++cnt[0][k & 255u];
-            ++cnt[1][(k >> 8) & 255u];
-            ++cnt[2][(k >> 16) & 255u];
-            ++cnt[3][k >> 24];
+            ++cnt[0][k & (kBins - 1)];
+            ++cnt[1][(k >> kBits) & (kBins - 1)];
+            ++cnt[2][(k >> (2 * kBits)) & (kBins - 1)];
         }
-        for (int d = 0; d < 4; ++d) {
-            const int sh = 8 * d;
-            if (cnt[d][(keys[0] >> sh) & 255u] == static_cast<uint32_t>(n)) continue;  // all equal here
-            uint32_t off[256], sum = 0;
-            for (int v = 0; v < 256; ++v) {
+        for (int d = 0; d < 3; ++d) {
+            const int sh = kBits * d;
+            if (cnt[d][(keys[0] >> sh) & (kBins - 1)] == static_cast<uint32_t>(n)) continue;  // all equal here
+            uint32_t off[kBins], sum = 0;
+            for (int v = 0; v < kBins; ++v) {
                 off[v] = sum;
                 sum += cnt[d][v];
             }
             for (int64_t j = 0; j < n; ++j) {
-                const uint32_t p = off[(keys[j] >> sh) & 255u]++;
+                const uint32_t p = off[(keys[j] >> sh) & (kBins - 1)]++;
                 keys2[p] = keys[j];
                 idx2[p] = idx[j];
             }
@@ -450,6 +577,7 @@ private:
                 return;
             }
             case Sparsifier::Random: {
+                if (random_stored_) return mask_bits(i, start, len, k);
                 const uint64_t t = thr_[i];
                 if (t >= 0x100000000ull) { std::memset(k, 1, static_cast<size_t>(len)); return; }
                 uint32_t* dr = s.draws.data();
@@ -457,18 +585,27 @@ private:
                 loops::draws_below(dr, static_cast<uint32_t>(t), k, len);
                 return;
             }
-            case Sparsifier::Della: {
-                const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
-                const int sh = i & 7;
-                for (int64_t j = 0; j < len; ++j) k[j] = (m[j * mbytes_] >> sh) & 1u;
-                return;
-            }
+            case Sparsifier::Della:
+                return mask_bits(i, start, len, k);
         }
+    }
+
+    void mask_bits(int i, int64_t start, int64_t len, uint8_t* k) const {
+        const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
+        const int sh = i & 7;
+        for (int64_t j = 0; j < len; ++j) k[j] = (m[j * mbytes_] >> sh) & 1u;
     }
 
     // ---- rescale: L1 norm matching -------------------------------------------------
     void l1_factors() {
         std::vector<double> tot(static_cast<size_t>(nblocks_) * K_, 0.0), kept(tot.size(), 0.0);
+        // DARE: keep the drawn masks (ceil(K/8) bytes per element) so the merge pass
+        // reads them instead of drawing again (Philox is most of DARE's cost).
+        const bool store = a_.sparsifier == Sparsifier::Random;
+        if (store) {
+            mbytes_ = (K_ + 7) / 8;
+            mask_.assign(static_cast<size_t>(n_) * mbytes_, 0);
+        }
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
@@ -476,16 +613,16 @@ private:
             for (int i = 0; i < K_; ++i) {
                 const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
                 keep_flags(i, start, len, x, s);
+                if (store)
+                    loops::or_bit(s.keep.data(), static_cast<uint8_t>(1u << (i & 7)),
+                                  mask_.data() + start * mbytes_ + (i >> 3), mbytes_, len);
                 double t = 0.0, k = 0.0;
-                for (int64_t j = 0; j < len; ++j) {
-                    double v = std::fabs(static_cast<double>(x[j]));
-                    t += v;
-                    k += s.keep[j] ? v : 0.0;
-                }
+                loops::l1_sums(x, s.keep.data(), len, &t, &k);
                 tot[blk * K_ + i] = t;
                 kept[blk * K_ + i] = k;
             }
         });
+        if (store) random_stored_ = true;
         for (int i = 0; i < K_; ++i) {
             double t = 0.0, k = 0.0;
             for (int64_t blk = 0; blk < nblocks_; ++blk) {
@@ -614,6 +751,7 @@ private:
     std::vector<uint64_t> thr_;
     std::vector<uint8_t> mask_;
     int64_t mbytes_ = 0;
+    bool random_stored_ = false;  // DARE masks kept in mask_ by l1_factors
     std::vector<std::unique_ptr<Scratch>> scratch_ =
         std::vector<std::unique_ptr<Scratch>>(static_cast<size_t>(std::max({1, get_num_threads(), a_.n_threads})));
 };

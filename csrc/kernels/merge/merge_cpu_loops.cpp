@@ -3,7 +3,12 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/cpu_features.h"
 #include "core/dtype.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LFM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -50,6 +55,44 @@ LFM_MULTIVERSION void cut_keep(const float* __restrict x, int64_t start, uint32_
         const uint32_t hi_ok = (u != hi_v) | ((e >= hi_emin) & (e <= hi_emax));
         keep[j] = static_cast<uint8_t>(inside & lo_ok & hi_ok);
     }
+}
+
+LFM_MULTIVERSION int64_t bracket(const float* __restrict x, uint32_t lo, uint32_t hi, uint32_t* __restrict pos,
+                                 int64_t* below, int64_t len) {
+    // Chunks of 16: counting vectorizes; the scalar extraction runs only for the chunks
+    // that hold a candidate (a narrow bracket leaves most chunks empty).
+    constexpr int C = 16;
+    int64_t nb = 0, c = 0, j0 = 0;
+    for (; j0 + C <= len; j0 += C) {
+        uint32_t inside = 0, under = 0;
+        for (int j = 0; j < C; ++j) {
+            uint32_t u;
+            std::memcpy(&u, &x[j0 + j], 4);
+            u &= 0x7fffffffu;
+            under += u < lo;
+            inside += (u >= lo) & (u <= hi);
+        }
+        nb += under;
+        if (inside) {
+            for (int j = 0; j < C; ++j) {
+                uint32_t u;
+                std::memcpy(&u, &x[j0 + j], 4);
+                u &= 0x7fffffffu;
+                pos[c] = static_cast<uint32_t>(j0 + j);  // always written, kept only when inside
+                c += (u >= lo) & (u <= hi);
+            }
+        }
+    }
+    for (int64_t j = j0; j < len; ++j) {
+        uint32_t u;
+        std::memcpy(&u, &x[j], 4);
+        u &= 0x7fffffffu;
+        nb += u < lo;
+        pos[c] = static_cast<uint32_t>(j);
+        c += (u >= lo) & (u <= hi);
+    }
+    *below = nb;
+    return c;
 }
 
 LFM_MULTIVERSION int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len) {
@@ -102,7 +145,8 @@ LFM_MULTIVERSION int64_t elect_sign(const float* __restrict S, const float* __re
                                     float* __restrict sgn, int64_t len) {
     int64_t undecided = 0;
     for (int64_t j = 0; j < len; ++j) {
-        const bool sure = std::fabs(S[j]) > tol * A[j];
+        // A == 0: every term is zero, so S is exactly 0 in any precision (sign +)
+        const bool sure = (std::fabs(S[j]) > tol * A[j]) | (A[j] == 0.0f);
         const float v = S[j] >= 0.0f ? 1.0f : -1.0f;
         sgn[j] = sure ? v : 0.0f;
         undecided += !sure;
@@ -135,6 +179,40 @@ LFM_MULTIVERSION void scale_by_table(float* __restrict mixed, const float* __res
     for (int64_t j = 0; j < len; ++j) mixed[j] *= table[static_cast<int32_t>(bits[j])];
 }
 
+LFM_MULTIVERSION void l1_sums(const float* __restrict x, const uint8_t* __restrict keep, int64_t len,
+                              double* tot, double* kept) {
+    constexpr int L = 8;
+    double t[L] = {0}, k[L] = {0};
+    int64_t j = 0;
+    for (; j + L <= len; j += L)
+        for (int l = 0; l < L; ++l) {
+            const double v = std::fabs(static_cast<double>(x[j + l]));
+            t[l] += v;
+            k[l] += v * static_cast<double>(keep[j + l]);
+        }
+    for (int l = 0; j < len; ++j, ++l) {
+        const double v = std::fabs(static_cast<double>(x[j]));
+        t[l] += v;
+        k[l] += v * static_cast<double>(keep[j]);
+    }
+    double ts = 0.0, ks = 0.0;
+    for (int l = 0; l < L; ++l) {
+        ts += t[l];
+        ks += k[l];
+    }
+    *tot = ts;
+    *kept = ks;
+}
+
+LFM_MULTIVERSION void or_bit(const uint8_t* __restrict keep, uint8_t bit, uint8_t* __restrict m, int64_t stride,
+                             int64_t len) {
+    if (stride == 1) {
+        for (int64_t j = 0; j < len; ++j) m[j] |= static_cast<uint8_t>(keep[j] * bit);
+    } else {
+        for (int64_t j = 0; j < len; ++j) m[j * stride] |= static_cast<uint8_t>(keep[j] * bit);
+    }
+}
+
 LFM_MULTIVERSION void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
         const double d = std::fabs(div[j]) < 1e-8 ? 1.0 : div[j];
@@ -154,8 +232,70 @@ LFM_MULTIVERSION void scale(float* __restrict mixed, float s, int64_t len) {
     for (int64_t j = 0; j < len; ++j) mixed[j] *= s;
 }
 
-LFM_MULTIVERSION void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks,
-                                    uint32_t* __restrict out) {
+namespace {
+
+void philox_blocks_portable(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out);
+
+#if defined(__x86_64__)
+// 8 blocks per step: 32x32->64-bit products of the even and odd lanes (vpmuludq),
+// hi/lo words recombined with blends.
+__attribute__((target("avx2"))) void philox_blocks_avx2(uint64_t seed, uint32_t stream, uint64_t q0,
+                                                        int64_t nblocks, uint32_t* __restrict out) {
+    const __m256i M0 = _mm256_set1_epi64x(0xD2511F53u), M1 = _mm256_set1_epi64x(0xCD9E8D57u);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int64_t b = 0;
+    alignas(32) uint32_t w[4][8];
+    for (; b + 8 <= nblocks; b += 8) {
+        const uint64_t q = q0 + static_cast<uint64_t>(b);
+        // counters q..q+7: low words q_lo + lane (carry into the high word handled per lane)
+        __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))), lane);
+        const __m256i carry = _mm256_cmpgt_epi32(  // unsigned c0 < q_lo means the add wrapped
+            _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q) ^ 0x80000000u)), _mm256_setzero_si256()),
+            _mm256_xor_si256(c0, _mm256_set1_epi32(static_cast<int>(0x80000000u))));
+        __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))), carry);
+        __m256i c2 = _mm256_set1_epi32(static_cast<int>(stream));
+        __m256i c3 = _mm256_setzero_si256();
+        uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+        for (int r = 0; r < 10; ++r) {
+            const __m256i pe0 = _mm256_mul_epu32(c0, M0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), M0);
+            const __m256i pe1 = _mm256_mul_epu32(c2, M1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), M1);
+            const __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
+            const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
+            const __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
+            const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
+            const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+            const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+            c0 = n0;
+            c1 = lo1;
+            c2 = n2;
+            c3 = lo0;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[0]), c0);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[1]), c1);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[2]), c2);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[3]), c3);
+        uint32_t* o = out + 4 * b;
+        for (int l = 0; l < 8; ++l)
+            for (int k = 0; k < 4; ++k) o[4 * l + k] = w[k][l];
+    }
+    if (b < nblocks) philox_blocks_portable(seed, stream, q0 + static_cast<uint64_t>(b), nblocks - b, out + 4 * b);
+}
+#endif
+
+}  // namespace
+
+void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out) {
+#if defined(__x86_64__)
+    if (cpu_has_avx2()) return philox_blocks_avx2(seed, stream, q0, nblocks, out);
+#endif
+    philox_blocks_portable(seed, stream, q0, nblocks, out);
+}
+
+namespace {
+void philox_blocks_portable(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks,
+                            uint32_t* __restrict out) {
     constexpr int L = 16;  // lanes processed together (vectorizes to vpmuludq on AVX2)
     const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
     for (int64_t base = 0; base < nblocks; base += L) {
@@ -193,4 +333,5 @@ LFM_MULTIVERSION void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0,
     }
 }
 
+}  // namespace
 }  // namespace lfm::merge::loops

@@ -15,6 +15,10 @@ uint32_t check_finite(const float* __restrict x, int64_t len);
 // where v == lo_v also needs e in [lo_emin, lo_emax] and v == hi_v needs e in [hi_emin, hi_emax].
 void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax,
               uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* __restrict keep, int64_t len);
+// For v = |x[j]| bits: *below = #(v < lo); writes the j with lo <= v <= hi to pos (in
+// order) and returns how many (branch-free compaction).
+int64_t bracket(const float* __restrict x, uint32_t lo, uint32_t hi, uint32_t* __restrict pos,
+                int64_t* below, int64_t len);
 // number of j with |x[j]| bits == v
 int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len);
 // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
@@ -27,7 +31,8 @@ void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float 
                int64_t len);
 // S += e; A += |e|
 void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A, int64_t len);
-// sgn = +1 where S >= 0, -1 where S < 0, and 0 where |S| <= tol * A (float32 cannot tell);
+// sgn = +1 where S >= 0, -1 where S < 0, and 0 where 0 < |S| <= tol * A or S == 0 < A
+// (float32 cannot tell);
 // returns the number of undecided elements.
 int64_t elect_sign(const float* __restrict S, const float* __restrict A, float tol, float* __restrict sgn,
                    int64_t len);
@@ -42,6 +47,11 @@ void agree_add_div(const float* e, const float* t, const float* __restrict sgn, 
 // mixed *= table[bits]
 void scale_by_table(float* __restrict mixed, const float* __restrict bits, const float* __restrict table,
                     int64_t len);
+// *tot = sum |x|, *kept = sum over keep of |x|, in float64 with 8 interleaved partial
+// sums combined in a fixed order (vectorizes; the result depends only on the block).
+void l1_sums(const float* __restrict x, const uint8_t* __restrict keep, int64_t len, double* tot, double* kept);
+// m[j * stride] |= keep[j] ? bit : 0
+void or_bit(const uint8_t* __restrict keep, uint8_t bit, uint8_t* __restrict m, int64_t stride, int64_t len);
 // mixed /= (|div| < 1e-8 ? 1 : div)
 void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len);
 // o = b + lam * mixed   (b == nullptr: o = mixed)

@@ -68,9 +68,11 @@ enum SpCode : int { kSpNone = 0, kSpCut = 1, kSpRandom = 2, kSpDella = 3 };
 struct ModelDev {
     const void* x;
     int dtype;
-    float w;                         // weight as fp32 (the CPU kernel's wf)
+    float coef;                      // fp32(w * f): t = coef * delta where kept
+    float ecoef;                     // election coefficient: fp32(f) when unweighted, else coef
     double wd;                       // weight as given (float64)
     double f;                        // rescale factor (float64, like the CPU kernel)
+    double dw;                       // divisor share: w, or 1 for disjoint "count"
     uint32_t lo_v, hi_v;             // cut: keep lo_v <= v <= hi_v ...
     long long lo_emin, lo_emax;      // ... with the flat index limited at v == lo_v
     long long hi_emin, hi_emax;      // ... and at v == hi_v
@@ -89,7 +91,8 @@ struct MergeKernelArgs {
     const uint8_t* dmask;            // DELLA keep bytes [K, n]
     int sparsifier;
     int consensus, normalize, unweighted, dcount, vec;
-    float inv_plain_div, lam;
+    float inv_plain_div, lam, tol;
+    const float* tab;                // K <= 8: fp32 1/divisor per agreement pattern
     ull seed;
     ull* bad;                        // smallest flat index with a non-finite value
 };
@@ -292,22 +295,16 @@ __device__ __forceinline__ void keep4(const MergeKernelArgs& a, const ModelDev& 
     }
 }
 
-// dd = kept ? delta * f : 0 in float64, d = fp32(dd) (only for methods with a
-// sparsifier, as the CPU kernel's sparsify_accumulate)
-__device__ __forceinline__ void sparsified4(const MergeKernelArgs& a, int i, long long q, const float* b, float d[4],
-                                            double dd[4]) {
+// delta and keep flags of model i over quad q (b: the base values, nullptr without base)
+__device__ __forceinline__ void model4(const MergeKernelArgs& a, int i, long long q, const float* b, float d[4],
+                                       bool kp[4]) {
     const ModelDev& m = a.models[i];
     delta4_pre(b, m.x, m.dtype, q, a.n, a.vec, d, a.bad);
     if (a.sparsifier == kSpNone) {
-        for (int k = 0; k < 4; ++k) dd[k] = d[k];
+        for (int k = 0; k < 4; ++k) kp[k] = true;
         return;
     }
-    bool kp[4];
     keep4(a, m, i, q, d, kp);
-    for (int k = 0; k < 4; ++k) {
-        dd[k] = kp[k] ? __dmul_rn(static_cast<double>(d[k]), m.f) : 0.0;
-        d[k] = static_cast<float>(dd[k]);
-    }
 }
 
 // ---- L1 norms -----------------------------------------------------------------------------
@@ -361,7 +358,9 @@ __global__ void k_della_apply(const ull* sorted, long long e0, long long len, lo
         const long long row_start = e0 + (p / cols) * cols;
         const long long r = p % cols;  // rank (0-based) within the row
         const long long e = row_start + static_cast<long long>(sorted[p] & jmask);
-        const uint32_t draw = philox_draw(seed, stream, static_cast<uint64_t>(e));
+        const Philox4 pr = philox_block(seed, stream, static_cast<uint64_t>(e) >> 2);
+        const int w = static_cast<int>(e & 3);  // select, not r.v[w]: a dynamic index spills to local memory
+        const uint32_t draw = w == 0 ? pr.v[0] : w == 1 ? pr.v[1] : w == 2 ? pr.v[2] : pr.v[3];
         mask[e] = static_cast<long long>(draw) < thr[r] ? 1 : 0;
     }
 }
@@ -371,50 +370,75 @@ __global__ void k_row_offsets(long long rows, long long cols, int* off) {
 }
 
 // ---- the merge pass -------------------------------------------------------------------------
-// The CPU kernel's arithmetic, step by step (its x86-64-v3 loops, which fuse exactly where
-// __fma_rn / __fmaf_rn stand here): S = fma(we_i, dd_i, S) in float64; t_i = fp32(w_i dp_i);
-// part_i = sign(w_i dp_i) (or sign(dp_i)) == (S >= 0 ? + : -); mixed += part_i ? t_i : 0 in
-// fp32; div += part_i ? wd_i (or 1) : 0 in float64; mixed = fp32(mixed / (|div| < 1e-8 ? 1 :
-// div)). Without consensus mixed = fma(w_i, dp_i, mixed) and *= fp32(1 / sum w). out =
-// fma(lam, mixed, b).
+// The CPU kernel's arithmetic, step by step (its x86-64-v3 loops fuse exactly where
+// __fmaf_rn stands here): t_i = kept ? coef_i * delta_i : 0 (fp32). Consensus: e_i = t_i
+// (unweighted: kept ? ecoef_i * delta_i : 0), S = sum e_i, A = sum |e_i| in fp32; the sign
+// is S >= 0 where |S| > tol * A, else that of the float64 sum of kept (w_i) f_i delta_i;
+// mixed = sum of agreeing t_i; normalised by the pattern table (K <= 8) or a float64
+// divisor. Without consensus mixed = sum t_i (fused when nothing is sparsified), then
+// *= fp32(1 / sum w). out = fma(lam, mixed, b).
 __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
     const long long nq = (a.n + 3) / 4;
     for (long long q = global_tid(); q < nq; q += grid_stride()) {
         float b[4] = {0.f, 0.f, 0.f, 0.f};
         if (a.base) load4(a.base, a.bdtype, q, a.n, a.vec, b);
+        const float* bp = a.base ? b : nullptr;
         float mixed[4] = {0.f, 0.f, 0.f, 0.f};
         float d[4];
-        double dd[4];
+        bool kp[4];
         if (a.consensus) {
-            double S[4] = {0.0, 0.0, 0.0, 0.0}, div[4] = {0.0, 0.0, 0.0, 0.0};
+            float S[4] = {0.f, 0.f, 0.f, 0.f}, A[4] = {0.f, 0.f, 0.f, 0.f};
+            double sd[4] = {0.0, 0.0, 0.0, 0.0};
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, a.base ? b : nullptr, d, dd);
-                const double we = a.unweighted ? 1.0 : a.models[i].wd;
-                for (int k = 0; k < 4; ++k) S[k] = __fma_rn(we, dd[k], S[k]);
-            }
-            // second sweep: the inputs are re-read (L2-resident) rather than held per model
-            for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, a.base ? b : nullptr, d, dd);
-                const float w = a.models[i].w;
-                const double wdiv = a.dcount ? 1.0 : a.models[i].wd;
+                model4(a, i, q, bp, d, kp);
+                const ModelDev& m = a.models[i];
                 for (int k = 0; k < 4; ++k) {
-                    const float t = __fmul_rn(w, d[k]);
-                    const double sg = a.unweighted ? static_cast<double>(d[k])
-                                                   : __dmul_rn(static_cast<double>(w), static_cast<double>(d[k]));
-                    const bool part = S[k] >= 0.0 ? sg > 0.0 : sg < 0.0;
-                    mixed[k] = __fadd_rn(mixed[k], part ? t : 0.0f);
-                    div[k] = __dadd_rn(div[k], part ? wdiv : 0.0);
+                    const float t = kp[k] ? __fmul_rn(m.coef, d[k]) : 0.0f;
+                    const float ev = a.unweighted ? (kp[k] ? __fmul_rn(m.ecoef, d[k]) : 0.0f) : t;
+                    S[k] = __fadd_rn(S[k], ev);
+                    A[k] = __fadd_rn(A[k], fabsf(ev));
+                    if (kp[k]) {
+                        const double dp = __dmul_rn(static_cast<double>(d[k]), m.f);
+                        sd[k] = __dadd_rn(sd[k], a.unweighted ? dp : __dmul_rn(m.wd, dp));
+                    }
                 }
             }
-            if (a.normalize)
+            bool pos[4];
+            for (int k = 0; k < 4; ++k) {
+                const bool sure = fabsf(S[k]) > __fmul_rn(a.tol, A[k]) || A[k] == 0.0f;
+                pos[k] = sure ? S[k] >= 0.0f : sd[k] >= 0.0;
+            }
+            // second sweep: the inputs are re-read (L2-resident) rather than held per model
+            unsigned bits[4] = {0u, 0u, 0u, 0u};
+            double div[4] = {0.0, 0.0, 0.0, 0.0};
+            for (int i = 0; i < a.K; ++i) {
+                model4(a, i, q, bp, d, kp);
+                const ModelDev& m = a.models[i];
+                for (int k = 0; k < 4; ++k) {
+                    const float t = kp[k] ? __fmul_rn(m.coef, d[k]) : 0.0f;
+                    const float ev = a.unweighted ? (kp[k] ? __fmul_rn(m.ecoef, d[k]) : 0.0f) : t;
+                    const bool agree = pos[k] ? ev > 0.0f : ev < 0.0f;
+                    mixed[k] = __fadd_rn(mixed[k], agree ? t : 0.0f);
+                    if (a.tab)
+                        bits[k] |= agree ? (1u << i) : 0u;
+                    else
+                        div[k] = __dadd_rn(div[k], agree ? m.dw : 0.0);
+                }
+            }
+            if (a.tab) {
+                for (int k = 0; k < 4; ++k) mixed[k] = __fmul_rn(mixed[k], a.tab[bits[k]]);
+            } else if (a.normalize) {
                 for (int k = 0; k < 4; ++k)
                     mixed[k] = static_cast<float>(
                         __ddiv_rn(static_cast<double>(mixed[k]), fabs(div[k]) < 1e-8 ? 1.0 : div[k]));
+            }
         } else {
             for (int i = 0; i < a.K; ++i) {
-                sparsified4(a, i, q, a.base ? b : nullptr, d, dd);
-                const float w = a.models[i].w;
-                for (int k = 0; k < 4; ++k) mixed[k] = __fmaf_rn(w, d[k], mixed[k]);
+                model4(a, i, q, bp, d, kp);
+                const float c = a.models[i].coef;
+                for (int k = 0; k < 4; ++k)
+                    mixed[k] = a.sparsifier == kSpNone ? __fmaf_rn(c, d[k], mixed[k])
+                                                       : __fadd_rn(mixed[k], kp[k] ? __fmul_rn(c, d[k]) : 0.0f);
             }
             if (a.normalize)
                 for (int k = 0; k < 4; ++k) mixed[k] = __fmul_rn(mixed[k], a.inv_plain_div);
@@ -499,9 +523,9 @@ public:
             ModelDev& m = host_models_[i];
             m.x = a_.models[i]->data;
             m.dtype = static_cast<int>(a_.models[i]->dtype);
-            m.w = static_cast<float>(a_.w[i]);
             m.wd = a_.w[i];
             m.f = 1.0;
+            m.dw = a_.disjoint_count ? 1.0 : a_.w[i];
             m.lo_v = 0;
             m.hi_v = 0xffffffffu;
             m.lo_emin = 0;
@@ -542,6 +566,7 @@ public:
                 upload_models();
             }
         }
+        finalize_coefficients(ka);
         k_merge<<<grid_for((n_ + 3) / 4, kThreads), kThreads, 0, s_>>>(ka);
         LFM_CUDA_CHECK(cudaGetLastError());
         check_bad();
@@ -580,6 +605,9 @@ private:
         double wsum = 0.0;
         for (int i = 0; i < K_; ++i) wsum += a_.w[i];
         ka.inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
+        // |S32 - S| <= (K + 2) 2^-24 sum|e_i|: below twice that, fp32 cannot decide the sign
+        ka.tol = static_cast<float>((K_ + 2) * std::ldexp(1.0, -23));
+        ka.tab = nullptr;
         ka.lam = static_cast<float>(a_.lambda);
         ka.seed = a_.seed;
         ka.bad = bad_;
@@ -587,6 +615,31 @@ private:
     }
 
     void sync() { LFM_CUDA_CHECK(cudaStreamSynchronize(s_)); }
+
+    // The merge pass's fp32 coefficients from the final factors (as the CPU kernel), and
+    // for consensus with K <= 8 the fp32 1/divisor of every agreement pattern (divisor
+    // summed in float64 in model order, |d| < 1e-8 -> 1; 1 without normalize).
+    void finalize_coefficients(MergeKernelArgs& ka) {
+        for (int i = 0; i < K_; ++i) {
+            ModelDev& m = host_models_[i];
+            m.coef = static_cast<float>(a_.w[i] * m.f);
+            m.ecoef = static_cast<float>(a_.consensus_unweighted ? m.f : a_.w[i] * m.f);
+        }
+        upload_models();
+        if (a_.consensus && K_ <= 8) {
+            tab_host_.assign(size_t(1) << K_, 1.0f);
+            for (uint32_t mb = 0; mb < (1u << K_); ++mb) {
+                double dsum = 0.0;
+                for (int i = 0; i < K_; ++i)
+                    if (mb >> i & 1u) dsum += host_models_[i].dw;
+                tab_host_[mb] = a_.normalize ? static_cast<float>(1.0 / (std::fabs(dsum) < 1e-8 ? 1.0 : dsum)) : 1.0f;
+            }
+            float* tab = scratch_.alloc<float>(tab_host_.size());
+            LFM_CUDA_CHECK(cudaMemcpyAsync(tab, tab_host_.data(), sizeof(float) * tab_host_.size(),
+                                           cudaMemcpyHostToDevice, s_));
+            ka.tab = tab;
+        }
+    }
 
     // Name the first non-finite element like the CPU kernel does.
     void check_bad() {
@@ -830,6 +883,7 @@ private:
     ull* bad_ = nullptr;
     int64_t nchunks_ = 0;
     std::vector<ModelDev> host_models_;
+    std::vector<float> tab_host_;
     ModelDev* models_dev_ = nullptr;
     uint8_t* dmask_ = nullptr;
 };
