@@ -409,7 +409,11 @@ def run(args) -> int:
                 raise SuiteError(f"--only: unknown suite(s) {', '.join(unknown)} (found: {', '.join(suites)})")
             suites = {n: p for n, p in suites.items() if n in wanted}
         extra = parse_suite_args(args.suite_args, list(find_suites(args.suites_dir)))
-        if args.plot:  # fail before an hour of benchmarks, not after
+        for opt in ("json", "plot", "markdown"):  # fail before an hour of benchmarks, not after
+            path = getattr(args, opt)
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise SuiteError(f"--{opt} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        if args.plot:
             try:
                 import matplotlib  # noqa: F401
             except ImportError:

@@ -222,7 +222,7 @@ def _reference_logits(ref_model, ds, ids: torch.Tensor, row_adapters) -> torch.T
     return out
 
 
-def _reference_greedy(ref_model, ds, prompt, adapter, n_new, tol):
+def _reference_greedy(ref_model, ds, prompt, adapter, n_new):
     """Greedy tokens of the dense per-adapter model (full recompute each step) and, per step,
     the margin between its two best logits (to tell a real disagreement from a tie)."""
     from torch.func import functional_call
@@ -314,7 +314,7 @@ def serve_demo(ds, batch: int, prompt_len: int, new_tokens: int, threads: int = 
     bad = []
     with torch.inference_mode():
         for i, (r, a) in enumerate(zip(results, row_adapters)):
-            toks, margins = _reference_greedy(ref_model, ds, ids[i].tolist(), a, new_tokens, logit_tol)
+            toks, margins = _reference_greedy(ref_model, ds, ids[i].tolist(), a, new_tokens)
             if r.token_ids == toks:
                 agree += 1
                 continue

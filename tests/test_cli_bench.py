@@ -83,6 +83,8 @@ def test_bad_arguments_are_clear(capsys):
     assert "unknown suite(s) nosuch" in capsys.readouterr().err
     assert main(["bench", "--suite-args", "merge"]) == 2
     assert "SUITE=ARGS" in capsys.readouterr().err
+    assert main(["bench", "--only", "merge", "--json", "/nonexistent/dir/out.json"]) == 2
+    assert "/nonexistent/dir does not exist" in capsys.readouterr().err
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
