@@ -29,10 +29,22 @@ import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)
+# In a source checkout ROOT is the repo (tests/fixtures_models.py, lfm_engine/); in an
+# installed package this file is lfm_engine/bench_suites/ and the fixtures come from
+# lfm_engine.demo_data (same folder layout; its random_weights has no `scale`).
+SOURCE_TREE = os.path.isfile(os.path.join(ROOT, "lfm_engine", "__init__.py"))
+if SOURCE_TREE:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, ROOT)
 
-from fixtures_models import finetune, llama_config, load_folder, random_weights, write_model  # noqa: E402
+try:
+    from fixtures_models import finetune, llama_config, load_folder, random_weights, write_model  # noqa: E402
+except ImportError:
+    from lfm_engine.demo_data import finetune, llama_config, load_folder, write_model  # noqa: E402
+    from lfm_engine.demo_data import random_weights as _random_weights  # noqa: E402
+
+    def random_weights(cfg, seed, dtype, scale=None):
+        return _random_weights(cfg, seed, dtype)
 from lfm_engine.bench_util import Report, copy_bandwidth  # noqa: E402
 
 SIZES = {
@@ -173,12 +185,22 @@ def tie_elements(method: str, b: torch.Tensor, xs: list, params: list) -> torch.
     return tie.view(b.shape)
 
 
+def _family(root: str, n: int, **cfg_kw) -> list:
+    """fp32 base + n fine-tunes (what tests/fixtures_models.make_family writes), from the
+    fixture functions imported above, so it also works from an installed package."""
+    cfg = llama_config(**cfg_kw)
+    base = random_weights(cfg, 0, torch.float32)
+    paths = [write_model(os.path.join(root, "base"), cfg, base)]
+    for k in range(n):
+        paths.append(write_model(os.path.join(root, f"ft{k + 1}"), cfg, finetune(base, 100 + k)))
+    return paths
+
+
 def parity(work: str, mk_exe: str) -> list:
     """Tiny fp32 fixture, every method and parameter form we share with mergekit: max |diff|
     of every output tensor between `lfm-engine merge` and mergekit-yaml (dtype float32)."""
-    from fixtures_models import make_family
     from lfm_engine.merge import merge_models
-    P = make_family(os.path.join(work, "parity"), 3, layers=4, hidden=32, intermediate=48, vocab=64)
+    P = _family(os.path.join(work, "parity"), 3, layers=4, hidden=32, intermediate=48, vocab=64)
     B, F = P[0], P[1:]
     w3 = lambda **kw: [{"model": f, "parameters": dict(weight=w, **kw)} for f, w in zip(F, (0.2, 0.5, 0.3))]
     grad_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -272,9 +294,10 @@ def main(argv=None) -> int:
         base = load_folder(paths[0])
         fts = [load_folder(p) for p in paths[1:]]
         mk_exe = None if args.no_mergekit else shutil.which("mergekit-yaml")
-        cli_mod = "lfm_engine.cli" if os.path.exists(os.path.join(ROOT, "lfm_engine", "cli.py")) \
-            else "lfm_engine.cli_merge"
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cli_mod = "lfm_engine.cli"
+        env = dict(os.environ)
+        if SOURCE_TREE:  # run the checkout's lfm_engine; an installed one needs no path
+            env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
         report = Report(f"lfm-engine merge vs mergekit-yaml ({args.size} fixture, "
                         f"{n_params / 1e6:.0f}M params x 4, bf16)", "cpu", copy_bandwidth())
         rss_rows = []

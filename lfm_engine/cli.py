@@ -1,6 +1,7 @@
 """lfm-engine: command line front end.
 
     lfm-engine demo                     run the built-in example (start here)
+    lfm-engine bench [--quick|--full]   run the benchmark suites (tables, JSON, --plot PNG)
     lfm-engine merge CONFIG.yml OUT     merge models from a mergekit-style YAML
     lfm-engine info                     what this build has (CUDA, SIMD, threads)
 
@@ -21,6 +22,7 @@ SUBCOMMAND_MODULES = [
     "lfm_engine.cli_merge",
     "lfm_engine.cli_serve",
     "lfm_engine.cli_compress",
+    "lfm_engine.cli_bench",
 ]
 
 
