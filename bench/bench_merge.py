@@ -23,12 +23,12 @@ from lfm_engine.bench_util import Report, copy_bandwidth, device_name, time_fn
 from lfm_engine.merge_params import resolve_merge_params
 
 # Read passes over (base + K models) that the CPU kernel makes per method with its
-# default options (csrc/kernels/merge/merge_cpu.cpp): selection histograms (2), the
-# DELLA mask pass, the L1-rescale norm pass, and the merge pass. A partial tie at a
-# cut adds a short counting pass; ignored here.
+# default options (csrc/kernels/merge/merge_cpu.cpp): the sample-and-bracket selection
+# pass (magnitude, breadcrumbs), the DELLA mask pass, the L1-rescale norm pass, and the
+# merge pass. When a bracket misses, the radix fallback adds two or three passes.
 PASSES = {
-    "task_arithmetic": 1, "linear": 1, "ties": 3, "dare_linear": 2, "dare_ties": 2,
-    "breadcrumbs": 3, "breadcrumbs_ties": 3, "della": 3, "della_linear": 3,
+    "task_arithmetic": 1, "linear": 1, "ties": 2, "dare_linear": 2, "dare_ties": 2,
+    "breadcrumbs": 2, "breadcrumbs_ties": 2, "della": 3, "della_linear": 3,
 }
 METHODS = ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties", "della", "linear"]
 
