@@ -19,7 +19,8 @@ import torch
 
 from lfm_engine import merge_tensors
 from lfm_engine.baselines.torch_merge import merge_tensors_torch_multipass
-from lfm_engine.bench_util import Report, copy_bandwidth, device_name, time_fn
+from lfm_engine.bench_util import (MERGE_BENCH_METHODS, Report, copy_bandwidth, device_name, merge_bench_kwargs,
+                                   time_fn)
 from lfm_engine.merge_params import resolve_merge_params
 
 # Read passes over (base + K models) that the CPU kernel makes per method with its
@@ -30,15 +31,8 @@ PASSES = {
     "task_arithmetic": 1, "linear": 1, "ties": 2, "dare_linear": 2, "dare_ties": 2,
     "breadcrumbs": 2, "breadcrumbs_ties": 2, "della": 3, "della_linear": 3,
 }
-METHODS = ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties", "della", "linear"]
-
-
-def method_kwargs(method: str) -> dict:
-    if method.startswith("della"):
-        return dict(density=0.5, epsilon=0.1)
-    if method in ("task_arithmetic", "linear"):
-        return {}
-    return dict(density=0.2)
+METHODS = MERGE_BENCH_METHODS
+method_kwargs = merge_bench_kwargs
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,19 @@ from typing import Callable, Optional
 import torch
 
 
+# The merge benchmarks' methods and their parameters (bench_merge.py, bench_merge_gpu.py).
+MERGE_BENCH_METHODS = ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties", "della", "linear"]
+
+
+def merge_bench_kwargs(method: str) -> dict:
+    """density 0.2 for the sparsifying methods, 0.5 +- 0.1 for DELLA, nothing otherwise."""
+    if method.startswith("della"):
+        return dict(density=0.5, epsilon=0.1)
+    if method in ("task_arithmetic", "linear"):
+        return {}
+    return dict(density=0.2)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

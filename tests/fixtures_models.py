@@ -122,15 +122,5 @@ def make_family(root: str, n_finetunes: int = 3, *, dtype=torch.float32, shards:
     return paths
 
 
-def load_folder(path: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a safetensors model folder (single file or sharded), via safe_open."""
-    from safetensors import safe_open
-    idx = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) \
-        else ["model.safetensors"]
-    out = {}
-    for fn in files:
-        with safe_open(os.path.join(path, fn), framework="pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    return out
+# All tensors of a model folder (single file or sharded): one implementation, in the package.
+from lfm_engine.demo_data import load_folder  # noqa: E402,F401
