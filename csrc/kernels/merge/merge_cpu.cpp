@@ -70,7 +70,7 @@ struct TieRequest {
 };
 
 struct Scratch {
-    std::vector<float> b, x, t, mixed, o, s32, a32, sgn, bits;
+    std::vector<float> b, x, t, e, mixed, o, s32, a32, sgn, bits;
     std::vector<double> div;  // divisors in float64 (K > 8 only)
     std::vector<uint8_t> keep, keepk;
     std::vector<uint32_t> draws;
@@ -131,6 +131,7 @@ private:
             s->b.resize(kBlock);
             s->x.resize(static_cast<size_t>(K_) * kBlock);
             s->t.resize(static_cast<size_t>(K_) * kBlock);
+            if (a_.consensus_unweighted) s->e.resize(static_cast<size_t>(K_) * kBlock);
             s->keepk.resize(static_cast<size_t>(K_) * kBlock);
             s->s32.resize(kBlock);
             s->a32.resize(kBlock);
@@ -561,9 +562,10 @@ private:
     }
 
     // ---- keep flags of one model over one block ------------------------------------
-    void keep_flags(int i, int64_t start, int64_t len, const float* x, Scratch& s) const {
-        // s.keep[j] = 1 iff model i keeps element start + j (x = its delta over the block)
-        uint8_t* k = s.keep.data();
+    void keep_flags(int i, int64_t start, int64_t len, const float* x, Scratch& s, uint8_t* out = nullptr) const {
+        // k[j] = 1 iff model i keeps element start + j (x = its delta over the block);
+        // k = out, or s.keep when out is null
+        uint8_t* k = out ? out : s.keep.data();
         switch (a_.sparsifier) {
             case Sparsifier::None:
                 std::memset(k, 1, static_cast<size_t>(len));
@@ -675,6 +677,7 @@ private:
             auto X = [&](int i) { return s.x.data() + static_cast<int64_t>(i) * kBlock; };
             auto T = [&](int i) { return s.t.data() + static_cast<int64_t>(i) * kBlock; };
             auto KP = [&](int i) { return s.keepk.data() + static_cast<int64_t>(i) * kBlock; };
+            auto E = [&](int i) { return s.e.data() + static_cast<int64_t>(i) * kBlock; };
             if (!a_.consensus) {
                 for (int i = 0; i < K_; ++i) {
                     const uint8_t* k = nullptr;
@@ -693,27 +696,28 @@ private:
                 for (int i = 0; i < K_; ++i) {
                     const uint8_t* k = nullptr;
                     if (sparse) {
-                        keep_flags(i, start, len, X(i), s);
-                        std::memcpy(KP(i), s.keep.data(), static_cast<size_t>(len));
+                        keep_flags(i, start, len, X(i), s, KP(i));
                         k = KP(i);
                     }
-                    loops::weigh(X(i), k, coef[i], T(i), len);
                     // the election value e_i: t_i itself (weighted) or factor_i * delta'_i
-                    if (unw) loops::weigh(X(i), k, ecoef[i], X(i), len);
-                    loops::elect_add(unw ? X(i) : T(i), S, A, len);
+                    if (unw) {
+                        loops::weigh(X(i), k, coef[i], T(i), len);
+                        loops::weigh(X(i), k, ecoef[i], E(i), len);
+                        loops::elect_add(E(i), S, A, len);
+                    } else {
+                        loops::weigh_elect(X(i), k, coef[i], T(i), S, A, len);
+                    }
                 }
                 float* sgn = s.sgn.data();
                 if (loops::elect_sign(S, A, tol, sgn, len)) {
-                    // Undecided in float32: recompute S in float64 like the reference,
-                    // from delta = fp32(x) - fp32(b) reloaded for that element.
+                    // Undecided in float32 (often an exact cancellation of quantised deltas):
+                    // recompute S in float64 like the reference, from the deltas in X.
                     for (int64_t j = 0; j < len; ++j) {
                         if (sgn[j] != 0.0f) continue;
                         double sd = 0.0;
                         for (int i = 0; i < K_; ++i) {
                             if (sparse && !KP(i)[j]) continue;
-                            float xi;
-                            load_f32(ptr(a_.models[i], start + j), a_.models[i]->dtype, &xi, 1);
-                            const double dp = static_cast<double>(xi - s.b[j]) * factor_[i];
+                            const double dp = static_cast<double>(X(i)[j]) * factor_[i];
                             sd += unw ? dp : a_.w[i] * dp;
                         }
                         sgn[j] = sd >= 0.0 ? 1.0f : -1.0f;
@@ -723,14 +727,14 @@ private:
                     float* bits = s.bits.data();
                     std::fill(bits, bits + len, 0.0f);
                     for (int i = 0; i < K_; ++i)
-                        loops::agree_add_bits(unw ? X(i) : T(i), T(i), sgn, static_cast<float>(1u << i), mixed,
+                        loops::agree_add_bits(unw ? E(i) : T(i), T(i), sgn, static_cast<float>(1u << i), mixed,
                                               bits, len);
                     loops::scale_by_table(mixed, bits, inv_div.data(), len);
                 } else {
                     double* div = s.div.data();
                     std::fill(div, div + len, 0.0);
                     for (int i = 0; i < K_; ++i)
-                        loops::agree_add_div(unw ? X(i) : T(i), T(i), sgn, a_.disjoint_count ? 1.0 : a_.w[i], mixed,
+                        loops::agree_add_div(unw ? E(i) : T(i), T(i), sgn, a_.disjoint_count ? 1.0 : a_.w[i], mixed,
                                              div, len);
                     if (a_.normalize) loops::divide_guarded(mixed, div, len);
                 }

@@ -1,5 +1,6 @@
 #include "kernels/merge/merge_cpu_loops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -45,14 +46,16 @@ LFM_MULTIVERSION uint32_t check_finite(const float* __restrict x, int64_t len) {
 LFM_MULTIVERSION void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin,
                                int64_t lo_emax, uint32_t hi_v, int64_t hi_emin, int64_t hi_emax,
                                uint8_t* __restrict keep, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
+    // index bounds made block-local and clamped to [-1, len], so the loop compares 32-bit lanes
+    auto local = [&](int64_t e) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(e - start, -1), len)); };
+    const int32_t l0 = local(lo_emin), l1 = local(lo_emax), h0 = local(hi_emin), h1 = local(hi_emax);
+    for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
         uint32_t u;
         std::memcpy(&u, &x[j], 4);
         u &= 0x7fffffffu;
-        const int64_t e = start + j;
         const uint32_t inside = (u >= lo_v) & (u <= hi_v);
-        const uint32_t lo_ok = (u != lo_v) | ((e >= lo_emin) & (e <= lo_emax));
-        const uint32_t hi_ok = (u != hi_v) | ((e >= hi_emin) & (e <= hi_emax));
+        const uint32_t lo_ok = (u != lo_v) | ((j >= l0) & (j <= l1));
+        const uint32_t hi_ok = (u != hi_v) | ((j >= h0) & (j <= h1));
         keep[j] = static_cast<uint8_t>(inside & lo_ok & hi_ok);
     }
 }
@@ -130,6 +133,26 @@ LFM_MULTIVERSION void weigh_add(const float* __restrict x, const uint8_t* __rest
         }
     } else {
         for (int64_t j = 0; j < len; ++j) mixed[j] += c * x[j];
+    }
+}
+
+LFM_MULTIVERSION void weigh_elect(const float* __restrict x, const uint8_t* __restrict keep, float c,
+                                  float* __restrict t, float* __restrict S, float* __restrict A, int64_t len) {
+    if (keep) {
+        for (int64_t j = 0; j < len; ++j) {
+            const float v = c * x[j];
+            const float tv = keep[j] ? v : 0.0f;
+            t[j] = tv;
+            S[j] += tv;
+            A[j] += std::fabs(tv);
+        }
+    } else {
+        for (int64_t j = 0; j < len; ++j) {
+            const float tv = c * x[j];
+            t[j] = tv;
+            S[j] += tv;
+            A[j] += std::fabs(tv);
+        }
     }
 }
 

@@ -29,6 +29,9 @@ void weigh(const float* x, const uint8_t* __restrict keep, float c, float* t, in
 // mixed += keep ? c * x : 0
 void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float c, float* __restrict mixed,
                int64_t len);
+// t = keep ? c * x : 0; S += t; A += |t|  (weigh and elect_add in one sweep)
+void weigh_elect(const float* __restrict x, const uint8_t* __restrict keep, float c, float* __restrict t,
+                 float* __restrict S, float* __restrict A, int64_t len);
 // S += e; A += |e|
 void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A, int64_t len);
 // sgn = +1 where S >= 0, -1 where S < 0, and 0 where 0 < |S| <= tol * A or S == 0 < A
