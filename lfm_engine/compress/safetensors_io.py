@@ -115,42 +115,30 @@ class SafetensorsFile:
 
 
 class ModelFolder:
-    """The safetensors weights of a model folder (or one .safetensors file)."""
+    """The safetensors weights of a model folder (or one .safetensors file).
+
+    Folders are opened by lfm_engine.merge.io.ModelFolder (the one folder reader: index
+    json authoritative, hub ids and pickle-only folders refused, corrupt headers named);
+    this class adds what the container needs: per-file layout, tensor access by name and
+    the base fingerprint."""
 
     def __init__(self, path, what: str = "model"):
+        from lfm_engine.merge.io import ModelFolder as _Folder
+        from lfm_engine.merge.io import read_safetensors_header
+
         self.path = Path(path)
         self.what = what
         if self.path.is_file():
-            files = [self.path]
-            self.index_path = None
-        elif self.path.is_dir():
-            idx = self.path / "model.safetensors.index.json"
-            if idx.is_file():
-                try:
-                    weight_map = json.loads(idx.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise SafetensorsFormatError(f"{idx}: corrupt index ({exc})") from None
-                files = [self.path / f for f in dict.fromkeys(weight_map.values())]
-                missing = [str(f) for f in files if not f.is_file()]
-                if missing:
-                    raise FileNotFoundError(f"{what} folder {self.path}: shards listed in the index are missing: "
-                                            f"{', '.join(missing)}")
-                self.index_path = idx
-            else:
-                files = sorted(self.path.glob("*.safetensors"))
-                self.index_path = None
-            if not files:
-                raise FileNotFoundError(f"{what} folder {self.path} holds no *.safetensors weights")
+            self.tensors, _ = read_safetensors_header(str(self.path))
         else:
-            raise FileNotFoundError(f"{what} path {self.path} does not exist")
-        self.files = {f.name: SafetensorsFile(f) for f in files}
-        self.file_of = {}
-        for fname, sf in self.files.items():
-            for k in sf.keys():
-                if k in self.file_of:
-                    raise SafetensorsFormatError(f"{what} folder {self.path}: tensor '{k}' appears in two files "
-                                                 f"({self.file_of[k]} and {fname})")
-                self.file_of[k] = fname
+            self.tensors = _Folder(str(self.path)).tensors
+        self.files = {}
+        for info in self.tensors.values():
+            if info.file not in self.files:
+                self.files[info.file] = SafetensorsFile(info.file)
+
+    def _file(self, name: str) -> "SafetensorsFile":
+        return self.files[self.tensors[name].file]
 
     def close(self) -> None:
         for sf in self.files.values():
@@ -163,32 +151,33 @@ class ModelFolder:
         self.close()
 
     def names(self) -> list:
-        return list(self.file_of)
+        return list(self.tensors)
 
     def __contains__(self, name) -> bool:
-        return name in self.file_of
+        return name in self.tensors
 
     def info(self, name: str) -> tuple[torch.dtype, tuple]:
-        return self.files[self.file_of[name]].info(name)
+        t = self.tensors[name]
+        return t.dtype, tuple(t.shape)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.files[self.file_of[name]].get(name)
+        return self._file(name).get(name)
 
     def layout(self) -> dict:
         """file name -> [tensor names], in file order."""
         out = {}
-        for k, f in self.file_of.items():
-            out.setdefault(f, []).append(k)
+        for k, t in self.tensors.items():
+            out.setdefault(Path(t.file).name, []).append(k)
         return out
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(b"lfm-fingerprint/1\0")
-        for name in sorted(self.file_of):
+        for name in sorted(self.tensors):
             dt, shape = self.info(name)
             h.update(name.encode("utf-8") + b"\0" + TORCH_TO_ST[dt].encode() + b"\0" +
                      json.dumps(list(shape)).encode() + b"\0")
-            h.update(self.files[self.file_of[name]].sample(name))
+            h.update(self._file(name).sample(name))
         return "sha256:" + h.hexdigest()
 
 

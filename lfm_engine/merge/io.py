@@ -55,6 +55,10 @@ class CheckpointError(ValueError):
     """A model folder or checkpoint file cannot be used; the message names the file."""
 
 
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A model folder, its weights or a shard its index lists do not exist."""
+
+
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -166,7 +170,7 @@ class ModelFolder:
                     f"--local-dir DIR`, and use DIR)")
             if os.path.exists(self.path):
                 raise CheckpointError(f"'{path}' is not a folder (expected a model folder)")
-            raise CheckpointError(f"model folder '{path}' does not exist")
+            raise MissingCheckpointError(f"model folder '{path}' does not exist")
         files = sorted(os.listdir(self.path))
         st_files = [f for f in files if f.endswith(".safetensors")]
         index_path = os.path.join(self.path, SAFE_INDEX)
@@ -178,7 +182,7 @@ class ModelFolder:
                     f"are refused because loading a pickle can run arbitrary code. Convert the "
                     f"model to safetensors first (e.g. load it once in a trusted environment "
                     f"and save_pretrained(..., safe_serialization=True))")
-            raise CheckpointError(f"'{path}' contains no *.safetensors weights")
+            raise MissingCheckpointError(f"'{path}' contains no *.safetensors weights")
         self.config: Optional[dict] = None
         cfg_path = os.path.join(self.path, "config.json")
         if os.path.isfile(cfg_path):
@@ -203,7 +207,7 @@ class ModelFolder:
         for sh in shard_names:
             sp = os.path.join(self.path, sh)
             if not os.path.isfile(sp):
-                raise CheckpointError(f"{index_path}: lists shard '{sh}' which does not exist")
+                raise MissingCheckpointError(f"{index_path}: lists shard '{sh}' which is missing")
             infos, _ = read_safetensors_header(sp)
             _cross_check_with_safe_open(sp, infos)
             for name, ti in infos.items():
