@@ -33,12 +33,8 @@ def segments_to_token_slot(seg_start: torch.Tensor, seg_slot: torch.Tensor, T: i
     return torch.repeat_interleave(seg_slot.to(torch.int32), lengths, output_size=T)
 
 
-def lora_shrink_reference(x: torch.Tensor, A: torch.Tensor, token_slot: torch.Tensor,
-                          ranks: torch.Tensor) -> torch.Tensor:
-    """u [T, R_max] float32: u[t, :r_s] = x[t] @ A[s, :r_s]^T, s = token_slot[t]; zero elsewhere."""
-    T = x.shape[0]
-    R_max = A.shape[1]
-    u = torch.zeros(T, R_max, dtype=torch.float64, device=x.device)
+def _slot_groups(token_slot: torch.Tensor, ranks: torch.Tensor, device):
+    """(slot, rank, indices of its tokens) for every slot the batch uses with rank > 0."""
     slots = token_slot.long().cpu()
     ranks_h = ranks.long().cpu()
     for s in torch.unique(slots).tolist():
@@ -47,9 +43,21 @@ def lora_shrink_reference(x: torch.Tensor, A: torch.Tensor, token_slot: torch.Te
         r = int(ranks_h[s])
         if r == 0:
             continue
-        idx = (slots == s).nonzero(as_tuple=True)[0].to(x.device)
+        yield s, r, (slots == s).nonzero(as_tuple=True)[0].to(device)
+
+
+def _shrink64(x: torch.Tensor, A: torch.Tensor, token_slot: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """u [T, R_max] float64: u[t, :r_s] = x[t] @ A[s, :r_s]^T, s = token_slot[t]; zero elsewhere."""
+    u = torch.zeros(x.shape[0], A.shape[1], dtype=torch.float64, device=x.device)
+    for s, r, idx in _slot_groups(token_slot, ranks, x.device):
         u[idx, :r] = x[idx].double() @ A[s, :r, :].double().t()
-    return u.float()
+    return u
+
+
+def lora_shrink_reference(x: torch.Tensor, A: torch.Tensor, token_slot: torch.Tensor,
+                          ranks: torch.Tensor) -> torch.Tensor:
+    """u [T, R_max] float32: u[t, :r_s] = x[t] @ A[s, :r_s]^T, s = token_slot[t]; zero elsewhere."""
+    return _shrink64(x, A, token_slot, ranks).float()
 
 
 def _expand_delta(u: torch.Tensor, B: torch.Tensor, token_slot: torch.Tensor, ranks: torch.Tensor,
@@ -58,16 +66,8 @@ def _expand_delta(u: torch.Tensor, B: torch.Tensor, token_slot: torch.Tensor, ra
     T = u.shape[0]
     H_out = B.shape[1]
     d = torch.zeros(T, H_out, dtype=torch.float64, device=u.device)
-    slots = token_slot.long().cpu()
-    ranks_h = ranks.long().cpu()
     scales_h = scales.double().cpu()
-    for s in torch.unique(slots).tolist():
-        if s < 0:
-            continue
-        r = int(ranks_h[s])
-        if r == 0:
-            continue
-        idx = (slots == s).nonzero(as_tuple=True)[0].to(u.device)
+    for s, r, idx in _slot_groups(token_slot, ranks, u.device):
         d[idx] = float(scales_h[s]) * (u[idx, :r].double() @ B[s, :, :r].double().t())
     return d
 
@@ -89,18 +89,7 @@ def lora_apply_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, toke
                          ranks: torch.Tensor, scales: torch.Tensor, y: torch.Tensor,
                          y_col_offset: int = 0) -> torch.Tensor:
     """Shrink then expand of one slice (u kept in float64 here; the kernels keep fp32)."""
-    T = x.shape[0]
-    R_max = A.shape[1]
-    u = torch.zeros(T, R_max, dtype=torch.float64, device=x.device)
-    slots = token_slot.long().cpu()
-    ranks_h = ranks.long().cpu()
-    for s in torch.unique(slots).tolist():
-        if s < 0:
-            continue
-        r = int(ranks_h[s])
-        if r:
-            idx = (slots == s).nonzero(as_tuple=True)[0].to(x.device)
-            u[idx, :r] = x[idx].double() @ A[s, :r, :].double().t()
+    u = _shrink64(x, A, token_slot, ranks)
     return lora_expand_reference(u, B, token_slot, ranks, scales, y, y_col_offset)
 
 
