@@ -109,13 +109,14 @@ def read_safetensors_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
     return {n: TensorInfo(n, path, x.dtype, x.shape, x.start, x.end) for n, x in entries.items()}, meta
 
 
-def read_tensor(info: TensorInfo, fd: Optional[int] = None) -> torch.Tensor:
-    """Read one tensor with positional reads into a new CPU tensor (GIL released)."""
+def read_tensor(info: TensorInfo, fd: Optional[int] = None, pin: bool = False) -> torch.Tensor:
+    """Read one tensor with positional reads into a new CPU tensor (GIL released); with
+    pin=True into page-locked memory, so a copy to the GPU can run asynchronously."""
     own = fd is None
     if own:
         fd = os.open(info.file, os.O_RDONLY)
     try:
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
         if info.nbytes:
             mv = memoryview(buf.numpy())
             done = 0

@@ -177,8 +177,13 @@ class _Prefetcher:
 
     _END = object()
 
-    def __init__(self, tasks: List[TensorTask], depth: int = PREFETCH_DEPTH):
+    def __init__(self, tasks: List[TensorTask], depth: int = PREFETCH_DEPTH,
+                 device: Optional[torch.device] = None):
         self.tasks = tasks
+        # On a GPU the inputs are read into pinned memory and copied on a stream of their
+        # own, so the copy of task i+1 overlaps the merge of task i on the compute stream.
+        self.device = device if device is not None and device.type == "cuda" else None
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.device is not None else None
         self.q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lfm-merge-prefetch", daemon=True)
@@ -195,6 +200,8 @@ class _Prefetcher:
 
     def _run(self):
         fds: Dict[str, int] = {}
+        if self.device is not None:
+            torch.cuda.set_device(self.device)
         try:
             for task in self.tasks:
                 loaded = {}
@@ -206,9 +213,17 @@ class _Prefetcher:
                     fd = fds.get(info.file)
                     if fd is None:
                         fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
-                    loaded[key] = read_tensor(info, fd)
+                    t = read_tensor(info, fd, pin=self.device is not None)
+                    if self.device is not None:
+                        with torch.cuda.stream(self.copy_stream):
+                            t = t.to(self.device, non_blocking=True)
+                    loaded[key] = t
                     nbytes += info.nbytes
-                if not self._put((task, loaded, nbytes)):
+                copied = None
+                if self.device is not None:
+                    copied = torch.cuda.Event()
+                    copied.record(self.copy_stream)
+                if not self._put((task, loaded, nbytes, copied)):
                     return
             self._put(self._END)
         except BaseException as e:  # handed to the consumer, which re-raises
@@ -224,7 +239,15 @@ class _Prefetcher:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            task, loaded, nbytes, copied = item
+            if copied is not None:
+                # the compute stream waits for the copies; the tensors, made on the copy
+                # stream, are marked as used on the compute stream for the allocator
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(copied)
+                for t in loaded.values():
+                    t.record_stream(compute)
+            yield task, loaded, nbytes
 
     def close(self):
         self.stop.set()
@@ -430,7 +453,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1000,
                    desc=f"merge {cfg.method}", disable=quiet, file=sys.stderr, dynamic_ncols=True,
                    smoothing=0.1)
-        pf = _Prefetcher(plan.tasks)
+        pf = _Prefetcher(plan.tasks, device=dev)
         aw = _AsyncWriter(writer)
         n_done = 0
         for task, loaded, nbytes in pf:
