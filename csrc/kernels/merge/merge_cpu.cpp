@@ -668,6 +668,8 @@ private:
                 inv_div[m] = a_.normalize ? static_cast<float>(1.0 / (std::fabs(d) < 1e-8 ? 1.0 : d)) : 1.0f;
             }
         }
+        const bool fused = table && !unw;
+        if (fused && !sparse) ones_.assign(kBlock, 1);
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
@@ -678,6 +680,27 @@ private:
             auto T = [&](int i) { return s.t.data() + static_cast<int64_t>(i) * kBlock; };
             auto KP = [&](int i) { return s.keepk.data() + static_cast<int64_t>(i) * kBlock; };
             auto E = [&](int i) { return s.e.data() + static_cast<int64_t>(i) * kBlock; };
+            if (fused) {
+                // TIES family, K <= 8, weighted election: one register-level sweep per block
+                // (loops::fused_ties), the elected sign summed in float64 on the way.
+                const float* xp[8];
+                const uint8_t* kp[8];
+                for (int i = 0; i < K_; ++i) {
+                    xp[i] = X(i);
+                    if (sparse) {
+                        keep_flags(i, start, len, X(i), s, KP(i));
+                        kp[i] = KP(i);
+                    } else {
+                        kp[i] = ones_.data();
+                    }
+                }
+                float* o = s.o.data();
+                loops::fused_ties(K_, xp, kp, coef.data(), a_.w.data(), factor_.data(), s.b.data(), lam,
+                                  inv_div.data(), o, len);
+                char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
+                store_f32(o, a_.out->dtype, dst, len);
+                return;
+            }
             if (!a_.consensus) {
                 for (int i = 0; i < K_; ++i) {
                     const uint8_t* k = nullptr;
@@ -756,6 +779,7 @@ private:
     std::vector<uint8_t> mask_;
     int64_t mbytes_ = 0;
     bool random_stored_ = false;  // DARE masks kept in mask_ by l1_factors
+    std::vector<uint8_t> ones_;   // keep flags of an unsparsified model in the fused pass
     std::vector<std::unique_ptr<Scratch>> scratch_ =
         std::vector<std::unique_ptr<Scratch>>(static_cast<size_t>(std::max({1, get_num_threads(), a_.n_threads})));
 };

@@ -236,6 +236,61 @@ LFM_MULTIVERSION void or_bit(const uint8_t* __restrict keep, uint8_t bit, uint8_
     }
 }
 
+namespace {
+// K is a template constant so the model loops unroll and the element loop vectorizes.
+template <int K>
+LFM_MULTIVERSION void fused_ties_k(const float* const* xs, const uint8_t* const* ks, const float* coef,
+                                   const double* wd, const double* fd, const float* __restrict b, float lam,
+                                   const float* __restrict table, float* __restrict out, int64_t len) {
+    const float* x[K];
+    const uint8_t* k[K];
+    float c[K];
+    double w[K], f[K];
+    for (int i = 0; i < K; ++i) {
+        x[i] = xs[i];
+        k[i] = ks[i];
+        c[i] = coef[i];
+        w[i] = wd[i];
+        f[i] = fd[i];
+    }
+    for (int64_t j = 0; j < len; ++j) {
+        float t[K];
+        double S = 0.0;  // the election in float64, ordered like the reference: w * (delta * f)
+        for (int i = 0; i < K; ++i) {
+            const float xv = x[i][j];
+            const bool kept = k[i][j] != 0;
+            const float v = c[i] * xv;
+            t[i] = kept ? v : 0.0f;
+            const double dv = w[i] * (static_cast<double>(xv) * f[i]);
+            S += kept ? dv : 0.0;
+        }
+        const float sg = S >= 0.0 ? 1.0f : -1.0f;
+        float mixed = 0.0f, bits = 0.0f;
+        for (int i = 0; i < K; ++i) {
+            const bool agree = t[i] * sg > 0.0f;
+            mixed += agree ? t[i] : 0.0f;
+            bits += agree ? static_cast<float>(1 << i) : 0.0f;
+        }
+        mixed *= table[static_cast<int32_t>(bits)];
+        out[j] = b[j] + lam * mixed;
+    }
+}
+}  // namespace
+
+void fused_ties(int K, const float* const* x, const uint8_t* const* keep, const float* coef, const double* w,
+                const double* f, const float* b, float lam, const float* table, float* out, int64_t len) {
+    switch (K) {
+        case 1: return fused_ties_k<1>(x, keep, coef, w, f, b, lam, table, out, len);
+        case 2: return fused_ties_k<2>(x, keep, coef, w, f, b, lam, table, out, len);
+        case 3: return fused_ties_k<3>(x, keep, coef, w, f, b, lam, table, out, len);
+        case 4: return fused_ties_k<4>(x, keep, coef, w, f, b, lam, table, out, len);
+        case 5: return fused_ties_k<5>(x, keep, coef, w, f, b, lam, table, out, len);
+        case 6: return fused_ties_k<6>(x, keep, coef, w, f, b, lam, table, out, len);
+        case 7: return fused_ties_k<7>(x, keep, coef, w, f, b, lam, table, out, len);
+        default: return fused_ties_k<8>(x, keep, coef, w, f, b, lam, table, out, len);
+    }
+}
+
 LFM_MULTIVERSION void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
         const double d = std::fabs(div[j]) < 1e-8 ? 1.0 : div[j];

@@ -62,6 +62,14 @@ void finish(const float* __restrict b, float lam, const float* __restrict mixed,
 // mixed *= s
 void scale(float* __restrict mixed, float s, int64_t len);
 
+// The TIES-family merge pass of one block in one register-level sweep (K <= 8, weighted
+// election): t_i = keep_i ? coef_i * x_i : 0 (float32); S = sum keep_i * w_i * (x_i * f_i)
+// in float64, the same operations as the reference, so the elected sign is exact;
+// mixed = sum of the t_i agreeing with sign(S) (S >= 0: +); out = b + lam * mixed * table[bits]
+// with bits the agreement pattern.
+void fused_ties(int K, const float* const* x, const uint8_t* const* keep, const float* coef, const double* w,
+                const double* f, const float* b, float lam, const float* table, float* out, int64_t len);
+
 // Philox4x32-10 words for blocks q0 .. q0 + nblocks - 1 (4 words each) into out.
 void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out);
 
