@@ -30,9 +30,7 @@ it, counts every pass the kernel streams), and our speed-up over each suite's ba
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import io
 import json
 import os
 import platform

@@ -443,7 +443,7 @@ def run(args) -> int:
 
         if "serve" in parts:
             t0 = time.perf_counter()
-            print(f"\n[4/4] Serving a mixed-adapter batch (transformers LlamaForCausalLM + AdapterPool + attach):")
+            print("\n[4/4] Serving a mixed-adapter batch (transformers LlamaForCausalLM + AdapterPool + attach):")
             if args.peft:
                 try:
                     import peft  # noqa: F401

@@ -7,7 +7,6 @@ TRITON_INTERPRET=1 (small sizes, fp32/fp16), CUDA and Triton on a GPU (`cuda` ma
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
