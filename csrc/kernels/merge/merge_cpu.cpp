@@ -73,7 +73,7 @@ struct Scratch {
     std::vector<float> b, x, t, e, mixed, o, s32, a32, sgn, bits;
     std::vector<double> div;  // divisors in float64 (K > 8 only)
     std::vector<uint8_t> keep, keepk;
-    std::vector<uint32_t> draws;
+    std::vector<uint32_t> draws, cand_v;
 };
 
 // LFM_PROFILE=1 prints the time of each pass to stderr (for tuning; off by default).
@@ -142,6 +142,7 @@ private:
             s->o.resize(kBlock);
             s->keep.resize(kBlock);
             s->draws.resize(kBlock + 8);
+            s->cand_v.resize(kBlock + 8);
         }
         return *s;
     }
@@ -319,23 +320,46 @@ private:
         std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0);
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
+        // queries per model: a model with one query (magnitude) is bracketed straight from
+        // its own dtype, without materialising its float32 deltas
+        std::vector<int> per_model(static_cast<size_t>(K_), 0);
+        for (const Query& q : queries) ++per_model[static_cast<size_t>(q.model)];
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
-            load(s, start, len);
+            float* b = s.b.data();
+            load_f32(ptr(a_.base, start), a_.base->dtype, b, len);
+            uint32_t bad = loops::check_finite(b, len);
+            uint64_t loaded = 0;  // models whose float32 deltas are in s.x (K <= 64)
             for (int qi = 0; qi < nq; ++qi) {
                 if (total[qi].load(std::memory_order_relaxed) > cap) continue;  // overflowed: radix
-                const float* x = s.x.data() + static_cast<int64_t>(queries[qi].model) * kBlock;
+                const int m = queries[qi].model;
                 auto& out = cands[static_cast<size_t>(blk) * nq + qi];
                 uint32_t* cj = s.draws.data();  // block-sized scratch for candidate positions
-                int64_t nb = 0;
-                const int64_t nc = loops::bracket(x, lo[qi], hi[qi], cj, &nb, len);
-                out.resize(static_cast<size_t>(nc));
-                for (int64_t c = 0; c < nc; ++c)
-                    out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
+                int64_t nb = 0, nc = -1;
+                float* x = s.x.data() + static_cast<int64_t>(m) * kBlock;
+                uint32_t* cv = s.cand_v.data();
+                if (per_model[static_cast<size_t>(m)] == 1)
+                    nc = loops::delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi], cj,
+                                              cv, &nb, &bad, len);
+                if (nc >= 0) {
+                    out.resize(static_cast<size_t>(nc));
+                    for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{cv[c], start + cj[c]};
+                } else {
+                    if (!(loaded >> m & 1u)) {
+                        load_f32(ptr(a_.models[m], start), a_.models[m]->dtype, x, len);
+                        bad |= loops::sub_check(x, b, len);
+                        loaded |= uint64_t(1) << m;
+                    }
+                    nc = loops::bracket(x, lo[qi], hi[qi], cj, &nb, len);
+                    out.resize(static_cast<size_t>(nc));
+                    for (int64_t c = 0; c < nc; ++c)
+                        out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
+                }
                 below[static_cast<size_t>(blk) * nq + qi] = nb;
                 total[qi].fetch_add(static_cast<int64_t>(out.size()), std::memory_order_relaxed);
             }
+            if (bad) nonfinite(start, len, s);
         });
         tt.mark("    scan");
         for (int qi = 0; qi < nq; ++qi) {

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "lfm/lfm.h"
+
 namespace lfm::merge::loops {
 
 // x -= b; returns nonzero when any x or b is NaN/Inf (or the difference overflows).
@@ -19,6 +21,12 @@ void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t l
 // order) and returns how many (branch-free compaction).
 int64_t bracket(const float* __restrict x, uint32_t lo, uint32_t hi, uint32_t* __restrict pos,
                 int64_t* below, int64_t len);
+// bracket() on delta = fp32(x) - b computed on the fly from bfloat16 x (other dtypes return
+// -1: the caller materialises their float32 deltas, which measured faster for float32);
+// vals[c] gets the |delta| bits of candidate pos[c]. *bad is set when a delta is NaN/Inf.
+int64_t delta_bracket(const void* x, lfm_dtype dt, const float* __restrict b, uint32_t lo, uint32_t hi,
+                      uint32_t* __restrict pos, uint32_t* __restrict vals, int64_t* below, uint32_t* bad,
+                      int64_t len);
 // number of j with |x[j]| bits == v
 int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len);
 // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
