@@ -225,6 +225,13 @@ def _suggest(word: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _check_keys(mapping: dict, allowed, where: str, errors: List[str]) -> None:
+    """Report every key of `mapping` outside `allowed` as '<where>.<key>: unknown key'."""
+    for k in mapping:
+        if k not in allowed:
+            errors.append(f"{where}.{k}: unknown key" + _suggest(k, allowed))
+
+
 def _resolve_path(ref: str, origin_dir: Optional[str]) -> str:
     p = os.path.expanduser(ref)
     if os.path.isabs(p) or os.path.exists(p) or origin_dir is None:
@@ -373,9 +380,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
             if not isinstance(ent, dict):
                 errors.append(f"{where}: expected a mapping with 'model' and 'parameters'")
                 continue
-            for k in ent:
-                if k not in ("model", "parameters"):
-                    errors.append(f"{where}.{k}: unknown key" + _suggest(k, ("model", "parameters")))
+            _check_keys(ent, ("model", "parameters"), where, errors)
             ref = _parse_model_ref(ent.get("model"), f"{where}.model", errors)
             params = _check_params(ent.get("parameters"), f"{where}.parameters", method, "model", errors)
             if ref is not None:
@@ -391,10 +396,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
             if not isinstance(s, dict):
                 errors.append(f"{where}: expected a mapping with 'sources'")
                 continue
-            for k in s:
-                if k not in ("sources", "parameters", "base_model"):
-                    errors.append(f"{where}.{k}: unknown key"
-                                  + _suggest(k, ("sources", "parameters", "base_model")))
+            _check_keys(s, ("sources", "parameters", "base_model"), where, errors)
             sparams = _check_params(s.get("parameters"), f"{where}.parameters", method, "slice", errors)
             sbase = s.get("base_model")
             if sbase is not None:
@@ -410,10 +412,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
                 if not isinstance(src, dict):
                     errors.append(f"{w2}: expected a mapping with 'model' and 'layer_range'")
                     continue
-                for k in src:
-                    if k not in ("model", "layer_range", "parameters"):
-                        errors.append(f"{w2}.{k}: unknown key"
-                                      + _suggest(k, ("model", "layer_range", "parameters")))
+                _check_keys(src, ("model", "layer_range", "parameters"), w2, errors)
                 ref = _parse_model_ref(src.get("model"), f"{w2}.model", errors)
                 params = _check_params(src.get("parameters"), f"{w2}.parameters", method, "source", errors)
                 lr = src.get("layer_range")
