@@ -31,9 +31,10 @@ The definition shared with the CPU and CUDA kernels (so masks are bit-identical)
 * the merge pass (one kernel, reads base and the K models once per block and writes
   ``out``), the CPU kernel's arithmetic step by step: c_i = fp32(w_i f_i) (f_i the
   float64 rescale factor), t_i = keep ? c_i * delta_i : 0 in fp32. Consensus: election
-  values e_i = t_i (unweighted: keep ? fp32(f_i) * delta_i : 0), S = sum e_i and
-  A = sum |e_i| in fp32; the sign is S >= 0 where |S| > (K+2) 2^-23 A, else the sign of
-  the float64 sum sum_i kept (w_i) f_i delta_i; e_i agrees when it has that sign;
+  values e_i = t_i (unweighted: keep ? fp32(f_i) * delta_i : 0); the elected sign is
+  that of the float64 sum sum_i kept (w_i) (delta_i * f_i), as in the reference (the CPU
+  kernel gets the same sign, from the same float64 sum or from an fp32 sum where an
+  error bound shows it decides); e_i agrees when it has that sign;
   mixed = sum agreeing t_i in fp32; normalised by fp32(1 / divisor) of the agreement
   pattern (K <= 8, divisor summed in float64 in model order, |d| < 1e-8 -> 1) or, for
   K > 8, by a float64 per-element divisor. Without consensus mixed = sum_i t_i
@@ -301,7 +302,7 @@ def _fma32(a, b, c, INTERP: tl.constexpr):
 @triton.jit
 def _merge_kernel(b_ptr, xs, out_ptr, coef_ptr, ecoef_ptr, wd_ptr, ff_ptr, dw_ptr, tab_ptr,
                   cut_ptr, rnd_ptr, mask_ptr, bad_ptr,
-                  n, seed_lo, seed_hi, inv_plain_div, lam, tol,
+                  n, seed_lo, seed_hi, inv_plain_div, lam,
                   K: tl.constexpr, SPARS: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, UNWEIGHTED: tl.constexpr, TABLE: tl.constexpr,
                   HAS_BASE: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
@@ -319,29 +320,18 @@ def _merge_kernel(b_ptr, xs, out_ptr, coef_ptr, ecoef_ptr, wd_ptr, ff_ptr, dw_pt
     mixed = tl.zeros([BLOCK], tl.float32)
     bad = offs < 0
     if CONSENSUS:
-        # first sweep: the elected sign. S and A = sum |e_i| in fp32; where |S| <= tol * A
-        # fp32 cannot decide, and the float64 sum sd (computed alongside) decides.
-        S = tl.zeros([BLOCK], tl.float32)
-        A = tl.zeros([BLOCK], tl.float32)
+        # first sweep: the elected sign, from the float64 sum sd (exact like the reference's)
         sd = tl.zeros([BLOCK], tl.float64)
         for i in tl.static_range(K):
             d, bd = _load_delta(b_ptr, xs[i], offs, m, HAS_BASE)
             bad = bad | bd
             k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
-            t = tl.where(k, tl.load(coef_ptr + i) * d, 0.0)
-            if UNWEIGHTED:
-                ev = tl.where(k, tl.load(ecoef_ptr + i) * d, 0.0)
-            else:
-                ev = t
-            S = S + ev
-            A = A + tl.abs(ev)
             dp = d.to(tl.float64) * tl.load(ff_ptr + i)
             if UNWEIGHTED:
                 sd = tl.where(k, sd + dp, sd)
             else:
                 sd = tl.where(k, sd + tl.load(wd_ptr + i) * dp, sd)
-        sure = (tl.abs(S) > tol * A) | (A == 0.0)
-        pos = tl.where(sure, S >= 0.0, sd >= 0.0)
+        pos = sd >= 0.0
         bits = tl.zeros([BLOCK], tl.int32)
         div = tl.zeros([BLOCK], tl.float64)
         for i in tl.static_range(K):
@@ -676,13 +666,12 @@ def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], o
     for w in ws:
         wsum += w
     inv_plain_div = 1.0 / (1.0 if abs(wsum) < _DIVISOR_EPS else wsum)
-    tol = float((K + 2) * 2.0 ** -23)  # exact in fp32
     dev = ctx.dev
     out_flat = out.reshape(-1)
     _merge_kernel[(ctx.nblocks,)](
         ctx.bptr(), tuple(flat), out_flat, coef.to(dev), ecoef.to(dev), wd.to(dev), ff.to(dev), dw.to(dev),
         tab.to(dev), cut, rnd, dmask, ctx.bad,
-        n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam), tol,
+        n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam),
         K=K, SPARS=code, CONSENSUS=spec.consensus, NORMALIZE=bool(params.normalize),
         UNWEIGHTED=unweighted, TABLE=table,
         HAS_BASE=ctx.has_base, INTERP=_interpret(), BLOCK=BLOCK, **_launch_opts())

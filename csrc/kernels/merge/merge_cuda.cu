@@ -91,7 +91,7 @@ struct MergeKernelArgs {
     const uint8_t* dmask;            // DELLA keep bytes [K, n]
     int sparsifier;
     int consensus, normalize, unweighted, dcount, vec;
-    float inv_plain_div, lam, tol;
+    float inv_plain_div, lam;
     const float* tab;                // K <= 8: fp32 1/divisor per agreement pattern
     ull seed;
     ull* bad;                        // smallest flat index with a non-finite value
@@ -372,8 +372,8 @@ __global__ void k_row_offsets(long long rows, long long cols, int* off) {
 // ---- the merge pass -------------------------------------------------------------------------
 // The CPU kernel's arithmetic, step by step (its x86-64-v3 loops fuse exactly where
 // __fmaf_rn stands here): t_i = kept ? coef_i * delta_i : 0 (fp32). Consensus: e_i = t_i
-// (unweighted: kept ? ecoef_i * delta_i : 0), S = sum e_i, A = sum |e_i| in fp32; the sign
-// is S >= 0 where |S| > tol * A, else that of the float64 sum of kept (w_i) f_i delta_i;
+// (unweighted: kept ? ecoef_i * delta_i : 0); the elected sign is that of the float64 sum
+// of kept (w_i) (delta_i * f_i), like the reference (the CPU reaches the same sign);
 // mixed = sum of agreeing t_i; normalised by the pattern table (K <= 8) or a float64
 // divisor. Without consensus mixed = sum t_i (fused when nothing is sparsified), then
 // *= fp32(1 / sum w). out = fma(lam, mixed, b).
@@ -387,27 +387,18 @@ __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
         float d[4];
         bool kp[4];
         if (a.consensus) {
-            float S[4] = {0.f, 0.f, 0.f, 0.f}, A[4] = {0.f, 0.f, 0.f, 0.f};
             double sd[4] = {0.0, 0.0, 0.0, 0.0};
             for (int i = 0; i < a.K; ++i) {
                 model4(a, i, q, bp, d, kp);
                 const ModelDev& m = a.models[i];
-                for (int k = 0; k < 4; ++k) {
-                    const float t = kp[k] ? __fmul_rn(m.coef, d[k]) : 0.0f;
-                    const float ev = a.unweighted ? (kp[k] ? __fmul_rn(m.ecoef, d[k]) : 0.0f) : t;
-                    S[k] = __fadd_rn(S[k], ev);
-                    A[k] = __fadd_rn(A[k], fabsf(ev));
+                for (int k = 0; k < 4; ++k)
                     if (kp[k]) {
                         const double dp = __dmul_rn(static_cast<double>(d[k]), m.f);
                         sd[k] = __dadd_rn(sd[k], a.unweighted ? dp : __dmul_rn(m.wd, dp));
                     }
-                }
             }
             bool pos[4];
-            for (int k = 0; k < 4; ++k) {
-                const bool sure = fabsf(S[k]) > __fmul_rn(a.tol, A[k]) || A[k] == 0.0f;
-                pos[k] = sure ? S[k] >= 0.0f : sd[k] >= 0.0;
-            }
+            for (int k = 0; k < 4; ++k) pos[k] = sd[k] >= 0.0;
             // second sweep: the inputs are re-read (L2-resident) rather than held per model
             unsigned bits[4] = {0u, 0u, 0u, 0u};
             double div[4] = {0.0, 0.0, 0.0, 0.0};
@@ -606,7 +597,6 @@ private:
         for (int i = 0; i < K_; ++i) wsum += a_.w[i];
         ka.inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
         // |S32 - S| <= (K + 2) 2^-24 sum|e_i|: below twice that, fp32 cannot decide the sign
-        ka.tol = static_cast<float>((K_ + 2) * std::ldexp(1.0, -23));
         ka.tab = nullptr;
         ka.lam = static_cast<float>(a_.lambda);
         ka.seed = a_.seed;
