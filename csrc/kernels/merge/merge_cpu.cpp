@@ -70,8 +70,8 @@ struct TieRequest {
 };
 
 struct Scratch {
-    std::vector<float> b, x, t, e, mixed, o, s32, a32, sgn, bits;
-    std::vector<double> div;  // divisors in float64 (K > 8 only)
+    std::vector<float> b, x, t, e, mixed, o, sgn, bits;
+    std::vector<double> s64, div;  // elected-sign sums; divisors (K > 8 only), float64
     std::vector<uint8_t> keep, keepk;
     std::vector<uint32_t> draws, cand_v;
 };
@@ -133,8 +133,7 @@ private:
             s->t.resize(static_cast<size_t>(K_) * kBlock);
             if (a_.consensus_unweighted) s->e.resize(static_cast<size_t>(K_) * kBlock);
             s->keepk.resize(static_cast<size_t>(K_) * kBlock);
-            s->s32.resize(kBlock);
-            s->a32.resize(kBlock);
+            s->s64.resize(kBlock);
             s->sgn.resize(kBlock);
             s->bits.resize(kBlock);
             s->mixed.resize(kBlock);
@@ -662,9 +661,9 @@ private:
     // ---- the merge pass ------------------------------------------------------------
     void merge_pass() {
         // t_i = w_i * factor_i * delta_i where kept, in float32 (one rounding of the
-        // coefficient, one of the product). The elected sign uses a float32 sum with an
-        // error bound; the few elements whose sum is too close to zero for float32 to
-        // decide are recomputed in float64, so the sign always equals the reference's.
+        // coefficient, one of the product). The elected sign comes from the float64 sum of
+        // kept w_i * (delta_i * factor_i), the reference's own operations, so it always
+        // equals the reference's.
         std::vector<float> coef(K_), ecoef(K_);
         double wsum = 0.0;
         for (int i = 0; i < K_; ++i) {
@@ -676,9 +675,6 @@ private:
         const float lam = static_cast<float>(a_.lambda);
         const bool sparse = a_.sparsifier != Sparsifier::None;
         const bool unw = a_.consensus_unweighted;
-        // |S32 - S| <= (K + 2) * 2^-24 * sum|e_i| (rounding of coefficients, products and
-        // the sum); twice that is the margin below which float32 cannot decide the sign.
-        const float tol = static_cast<float>((K_ + 2) * std::ldexp(1.0, -23));
         // Divisor of each agreement pattern (K <= 8): sum of the agreeing w_i (or their
         // count), in float64 and model order like the reference; |d| < 1e-8 -> 1.
         const bool table = a_.consensus && K_ <= 8;
@@ -736,40 +732,23 @@ private:
                 }
                 if (a_.normalize) loops::scale(mixed, inv_plain_div, len);
             } else {
-                float* S = s.s32.data();
-                float* A = s.a32.data();
-                std::fill(S, S + len, 0.0f);
-                std::fill(A, A + len, 0.0f);
+                // the elected sign from the float64 sum of kept (w_i) (delta_i * f_i), the
+                // reference's operations, as in the fused sweep
+                double* S = s.s64.data();
+                std::fill(S, S + len, 0.0);
                 for (int i = 0; i < K_; ++i) {
                     const uint8_t* k = nullptr;
                     if (sparse) {
                         keep_flags(i, start, len, X(i), s, KP(i));
                         k = KP(i);
                     }
+                    loops::weigh(X(i), k, coef[i], T(i), len);
                     // the election value e_i: t_i itself (weighted) or factor_i * delta'_i
-                    if (unw) {
-                        loops::weigh(X(i), k, coef[i], T(i), len);
-                        loops::weigh(X(i), k, ecoef[i], E(i), len);
-                        loops::elect_add(E(i), S, A, len);
-                    } else {
-                        loops::weigh_elect(X(i), k, coef[i], T(i), S, A, len);
-                    }
+                    if (unw) loops::weigh(X(i), k, ecoef[i], E(i), len);
+                    loops::elect_add64(X(i), k, unw ? 1.0 : a_.w[i], factor_[i], S, len);
                 }
                 float* sgn = s.sgn.data();
-                if (loops::elect_sign(S, A, tol, sgn, len)) {
-                    // Undecided in float32 (often an exact cancellation of quantised deltas):
-                    // recompute S in float64 like the reference, from the deltas in X.
-                    for (int64_t j = 0; j < len; ++j) {
-                        if (sgn[j] != 0.0f) continue;
-                        double sd = 0.0;
-                        for (int i = 0; i < K_; ++i) {
-                            if (sparse && !KP(i)[j]) continue;
-                            const double dp = static_cast<double>(X(i)[j]) * factor_[i];
-                            sd += unw ? dp : a_.w[i] * dp;
-                        }
-                        sgn[j] = sd >= 0.0 ? 1.0f : -1.0f;
-                    }
-                }
+                loops::sign_of(S, sgn, len);
                 if (table) {
                     float* bits = s.bits.data();
                     std::fill(bits, bits + len, 0.0f);

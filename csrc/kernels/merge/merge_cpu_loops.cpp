@@ -195,45 +195,20 @@ LFM_MULTIVERSION void weigh_add(const float* __restrict x, const uint8_t* __rest
     }
 }
 
-LFM_MULTIVERSION void weigh_elect(const float* __restrict x, const uint8_t* __restrict keep, float c,
-                                  float* __restrict t, float* __restrict S, float* __restrict A, int64_t len) {
+LFM_MULTIVERSION void elect_add64(const float* __restrict x, const uint8_t* __restrict keep, double w, double f,
+                                  double* __restrict S, int64_t len) {
     if (keep) {
         for (int64_t j = 0; j < len; ++j) {
-            const float v = c * x[j];
-            const float tv = keep[j] ? v : 0.0f;
-            t[j] = tv;
-            S[j] += tv;
-            A[j] += std::fabs(tv);
+            const double dv = w * (static_cast<double>(x[j]) * f);
+            S[j] += keep[j] ? dv : 0.0;
         }
     } else {
-        for (int64_t j = 0; j < len; ++j) {
-            const float tv = c * x[j];
-            t[j] = tv;
-            S[j] += tv;
-            A[j] += std::fabs(tv);
-        }
+        for (int64_t j = 0; j < len; ++j) S[j] += w * (static_cast<double>(x[j]) * f);
     }
 }
 
-LFM_MULTIVERSION void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A,
-                                int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
-        S[j] += e[j];
-        A[j] += std::fabs(e[j]);
-    }
-}
-
-LFM_MULTIVERSION int64_t elect_sign(const float* __restrict S, const float* __restrict A, float tol,
-                                    float* __restrict sgn, int64_t len) {
-    int64_t undecided = 0;
-    for (int64_t j = 0; j < len; ++j) {
-        // A == 0: every term is zero, so S is exactly 0 in any precision (sign +)
-        const bool sure = (std::fabs(S[j]) > tol * A[j]) | (A[j] == 0.0f);
-        const float v = S[j] >= 0.0f ? 1.0f : -1.0f;
-        sgn[j] = sure ? v : 0.0f;
-        undecided += !sure;
-    }
-    return undecided;
+LFM_MULTIVERSION void sign_of(const double* __restrict S, float* __restrict sgn, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) sgn[j] = S[j] >= 0.0 ? 1.0f : -1.0f;
 }
 
 LFM_MULTIVERSION void agree_add_bits(const float* e, const float* t, const float* __restrict sgn, float bit,

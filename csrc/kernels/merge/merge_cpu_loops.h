@@ -37,16 +37,11 @@ void weigh(const float* x, const uint8_t* __restrict keep, float c, float* t, in
 // mixed += keep ? c * x : 0
 void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float c, float* __restrict mixed,
                int64_t len);
-// t = keep ? c * x : 0; S += t; A += |t|  (weigh and elect_add in one sweep)
-void weigh_elect(const float* __restrict x, const uint8_t* __restrict keep, float c, float* __restrict t,
-                 float* __restrict S, float* __restrict A, int64_t len);
-// S += e; A += |e|
-void elect_add(const float* __restrict e, float* __restrict S, float* __restrict A, int64_t len);
-// sgn = +1 where S >= 0, -1 where S < 0, and 0 where 0 < |S| <= tol * A or S == 0 < A
-// (float32 cannot tell);
-// returns the number of undecided elements.
-int64_t elect_sign(const float* __restrict S, const float* __restrict A, float tol, float* __restrict sgn,
-                   int64_t len);
+// S += keep ? w * (double(x) * f) : 0   (the election sum in float64, as the reference)
+void elect_add64(const float* __restrict x, const uint8_t* __restrict keep, double w, double f,
+                 double* __restrict S, int64_t len);
+// sgn = S >= 0 ? +1 : -1
+void sign_of(const double* __restrict S, float* __restrict sgn, int64_t len);
 // agree = e * sgn > 0: mixed += agree ? t : 0; bits += agree ? bit : 0. `bits` holds the
 // agreement pattern as a float (sums of distinct powers of two <= 128 are exact), so the
 // loop has one element width and vectorizes.
