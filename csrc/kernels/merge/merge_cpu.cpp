@@ -150,7 +150,7 @@ private:
         return static_cast<const char*>(t->data) + start * static_cast<int64_t>(dtype_size(t->dtype));
     }
 
-    [[noreturn]] void nonfinite(int64_t start, int64_t len, const Scratch& s) const {
+    [[noreturn]] void nonfinite(int64_t start, int64_t len) const {
         // Attribute the first bad element to the base or a model.
         std::vector<float> tmp(static_cast<size_t>(len));
         if (a_.base) {
@@ -167,7 +167,6 @@ private:
                     fail(LFM_STATUS_NONFINITE, "non-finite value (", tmp[j], ") in model ", i, " at element ",
                          start + j, " of tensor '", a_.name, "'");
         }
-        (void)s;
         fail(LFM_STATUS_NONFINITE, "task vector overflows float32 at block starting ", start, " of tensor '",
              a_.name, "'");
     }
@@ -184,7 +183,7 @@ private:
             load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x, len);
             bad |= a_.base ? loops::sub_check(x, b, len) : loops::check_finite(x, len);
         }
-        if (bad) nonfinite(start, len, s);
+        if (bad) nonfinite(start, len);
     }
 
     int64_t block_len(int64_t blk) const { return std::min(kBlock, n_ - blk * kBlock); }
@@ -358,7 +357,7 @@ private:
                 below[static_cast<size_t>(blk) * nq + qi] = nb;
                 total[qi].fetch_add(static_cast<int64_t>(out.size()), std::memory_order_relaxed);
             }
-            if (bad) nonfinite(start, len, s);
+            if (bad) nonfinite(start, len);
         });
         tt.mark("    scan");
         for (int qi = 0; qi < nq; ++qi) {
@@ -528,7 +527,7 @@ private:
             load_f32(ptr(a_.base, start), a_.base->dtype, b.data(), cols);
             for (int i = 0; i < K_; ++i) {
                 load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x.data(), cols);
-                if (loops::sub_check(x.data(), b.data(), cols)) nonfinite_row(start, cols);
+                if (loops::sub_check(x.data(), b.data(), cols)) nonfinite(start, cols);
                 for (int64_t j = 0; j < cols; ++j) {
                     keys[j] = f32_bits(x[j]) & 0x7fffffffu;
                     idx[j] = static_cast<uint32_t>(j);
@@ -577,11 +576,6 @@ private:
             keys.swap(keys2);
             idx.swap(idx2);
         }
-    }
-
-    [[noreturn]] void nonfinite_row(int64_t start, int64_t len) const {
-        Scratch dummy;
-        nonfinite(start, len, dummy);
     }
 
     // ---- keep flags of one model over one block ------------------------------------
