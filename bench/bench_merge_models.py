@@ -31,7 +31,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In a source checkout ROOT is the repo (tests/fixtures_models.py, lfm_engine/); in an
 # installed package this file is lfm_engine/bench_suites/ and the fixtures come from
-# lfm_engine.demo_data (same folder layout; its random_weights has no `scale`).
+# lfm_engine.demo.data (same folder layout; its random_weights has no `scale`).
 SOURCE_TREE = os.path.isfile(os.path.join(ROOT, "lfm_engine", "__init__.py"))
 if SOURCE_TREE:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -40,12 +40,12 @@ if SOURCE_TREE:
 try:
     from fixtures_models import finetune, llama_config, load_folder, random_weights, write_model  # noqa: E402
 except ImportError:
-    from lfm_engine.demo_data import finetune, llama_config, load_folder, write_model  # noqa: E402
-    from lfm_engine.demo_data import random_weights as _random_weights  # noqa: E402
+    from lfm_engine.demo.data import finetune, llama_config, load_folder, write_model  # noqa: E402
+    from lfm_engine.demo.data import random_weights as _random_weights  # noqa: E402
 
     def random_weights(cfg, seed, dtype, scale=None):
         return _random_weights(cfg, seed, dtype)
-from lfm_engine.bench_util import Report, copy_bandwidth  # noqa: E402
+from benchlib import Report, copy_bandwidth  # noqa: E402
 
 SIZES = {
     "full": dict(hidden=1024, layers=8, intermediate=2816, vocab=8192, heads=16, kv_heads=16),

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.core.merge_methods import METHODS, MergeConfigError
 from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
 from lfm_engine.ops.lora import lora_apply, lora_apply_slices, lora_expand, lora_shrink
 from lfm_engine.ops.merge import merge_tensors

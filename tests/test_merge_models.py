@@ -23,7 +23,7 @@ from fixtures_models import (finetune, llama_config, load_folder, make_family,  
                              random_weights, write_model)
 
 from lfm_engine import merge_tensors  # noqa: E402
-from lfm_engine.cli_merge import main as cli_main  # noqa: E402
+from lfm_engine.cli.merge import main as cli_main  # noqa: E402
 from lfm_engine.merge import MergeConfigErrors, MergeWarning, merge_models  # noqa: E402
 from lfm_engine.merge import runner as merge_runner  # noqa: E402
 from lfm_engine.merge.io import CheckpointError, parse_size, read_safetensors_header  # noqa: E402

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.core.merge_methods import METHODS, MergeConfigError
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
 TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher")

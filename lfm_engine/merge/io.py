@@ -43,8 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lfm_engine.safetensors_format import ST_DTYPES, TORCH_TO_ST, SafetensorsFormatError  # noqa: F401
-from lfm_engine.safetensors_format import read_header as _read_header
+from lfm_engine.io.safetensors_format import ST_DTYPES, TORCH_TO_ST, SafetensorsFormatError  # noqa: F401
+from lfm_engine.io.safetensors_format import read_header as _read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFE_INDEX = "model.safetensors.index.json"

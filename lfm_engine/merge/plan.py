@@ -40,7 +40,7 @@ import torch
 
 from lfm_engine.merge import config as C
 from lfm_engine.merge.io import CheckpointError, ModelFolder, TensorInfo
-from lfm_engine.merge_params import MergeConfigError, resolve_merge_params
+from lfm_engine.core.merge_methods import MergeConfigError, resolve_merge_params
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 EMBED_RE = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)")
@@ -503,7 +503,7 @@ def task_merge_kwargs(method: str, task: TensorTask, seed: int) -> dict:
 
 
 def default_if_none(v, p):
-    from lfm_engine.merge_params import DEFAULT_EPSILON, DEFAULT_GAMMA
+    from lfm_engine.core.merge_methods import DEFAULT_EPSILON, DEFAULT_GAMMA
     if v is not None:
         return v
     return {"density": 1.0, "gamma": DEFAULT_GAMMA, "epsilon": DEFAULT_EPSILON, "weight": 1.0}[p]

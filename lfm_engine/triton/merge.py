@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lfm_engine.merge_params import (
+from lfm_engine.core.merge_methods import (
     RESCALE_INVERSE_DENSITY,
     RESCALE_L1,
     SPARSIFY_DELLA,
@@ -563,7 +563,7 @@ def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], o
     """Merge K tensors into ``out`` with Triton kernels (formula: module docstring).
 
     base: [*S] or None (linear only); others: K tensors [*S]; out: [*S], written in place.
-    params: resolved MergeParams (lfm_engine.merge_params.resolve_merge_params).
+    params: resolved MergeParams (lfm_engine.core.merge_methods.resolve_merge_params).
     sort_max_cols: DELLA rows longer than this are ranked with torch.sort; default
     SORT_MAX_COLS on a GPU, 0 under the interpreter (whose tl.sort is a per-element
     Python loop); tests pass it to exercise both paths. return_masks: also return the keep masks as bool [K, *S]

@@ -77,7 +77,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Standalone entry (``python -m lfm_engine.cli_merge``) until cli.py wires the command."""
+    """Standalone entry (``python -m lfm_engine.cli.merge``) until cli.py wires the command."""
     parser = argparse.ArgumentParser(prog="lfm-engine")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
