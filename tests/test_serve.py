@@ -10,8 +10,6 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -448,10 +446,11 @@ def test_pool_load_errors(llama_setup, tmp_path):
     assert len(attach(m1, p1)) == 7
 
 
-# ----------------------------------------------------------------------------- HTTP
+# ----------------------------------------------------------------------------- CLI
+# (the HTTP server is tested in test_server_api.py and test_server_robust.py)
 
 
-def _tokenizer(folder):
+def _tokenizer(folder, chat_template=None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -461,165 +460,9 @@ def _tokenizer(folder):
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+    if chat_template:
+        fast.chat_template = chat_template
     fast.save_pretrained(folder)
-
-
-def _http(base_url, method, path, body=None, raw=None):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base_url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-@pytest.fixture(scope="module")
-def server(llama_setup, tmp_path_factory):
-    import argparse
-
-    from lfm_engine.cli import serve as cli_serve
-
-    base, paths = llama_setup
-    mdir = str(tmp_path_factory.mktemp("model") / "tiny-llama")
-    base.config.eos_token_id = V - 1
-    base.save_pretrained(mdir)
-    _tokenizer(mdir)
-    ap = argparse.ArgumentParser()
-    cli_serve.add_parser(ap.add_subparsers())
-    args = ap.parse_args(["serve", "--model", mdir, "--adapter", f"a={paths['a']}", "--adapter", f"b={paths['b']}",
-                          "--pin", "a", "--port", "0", "--capacity", "3"])
-    httpd, app = cli_serve.build(args)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    host, port = httpd.server_address[:2]
-    yield f"http://{host}:{port}", app, paths
-    httpd.shutdown()
-    httpd.server_close()
-    app.close()
-
-
-def test_http_completions(server):
-    url, app, _ = server
-    st, body = _http(url, "GET", "/v1/models")
-    assert st == 200 and [m["id"] for m in json.loads(body)["data"]] == ["tiny-llama", "a", "b"]
-    req = dict(model="a", prompt=[3, 4, 5], max_tokens=5, temperature=0, ignore_eos=True)
-    st, body = _http(url, "POST", "/v1/completions", req)
-    assert st == 200, body
-    out = json.loads(body)
-    ch = out["choices"][0]
-    assert out["object"] == "text_completion" and len(ch["token_ids"]) == 5 and ch["finish_reason"] == "length"
-    assert out["usage"] == dict(prompt_tokens=3, completion_tokens=5, total_tokens=8)
-    want = app.engine.generate([Request(prompt=[3, 4, 5], adapter="a", max_new_tokens=5, ignore_eos=True)])[0]
-    assert ch["token_ids"] == want.token_ids and ch["text"] == want.text
-    # text prompt through the folder's tokenizer, several prompts, base model
-    st, body = _http(url, "POST", "/v1/completions",
-                     dict(model="tiny-llama", prompt=["w1 w2 w3", "w7"], max_tokens=3, temperature=0, ignore_eos=True))
-    assert st == 200, body
-    chs = json.loads(body)["choices"]
-    assert [c["index"] for c in chs] == [0, 1] and all(c["text"].startswith("w") for c in chs)
-    # streaming gives the same tokens and text as the plain call
-    st, body = _http(url, "POST", "/v1/completions", dict(req, stream=True))
-    assert st == 200
-    events = [line[6:] for line in body.split("\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
-    assert sum((c["token_ids"] for c in chunks), []) == want.token_ids
-    assert "".join(c["text"] for c in chunks) == want.text and chunks[-1]["finish_reason"] == "length"
-    # text stop string: the text ends before it, streamed or not
-    words = want.text.split()
-    st, body = _http(url, "POST", "/v1/completions", dict(req, stop=[words[2]]))
-    cut = json.loads(body)["choices"][0]
-    assert cut["finish_reason"] == "stop" and words[2] not in cut["text"]
-    st, body = _http(url, "POST", "/v1/completions", dict(req, stop=[words[2]], stream=True))
-    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in
-                       [line[6:] for line in body.split("\n") if line.startswith("data: ")][:-1])
-    assert streamed == cut["text"]
-
-
-def test_http_errors_and_adapter_management(server, tmp_path):
-    url, app, paths = server
-    bad = [
-        (dict(model="nope", prompt=[1]), 404, "not found"),
-        (dict(model="a"), 400, "prompt"),
-        (dict(model="a", prompt=[1], max_tokens=0), 400, "max_tokens"),
-        (dict(model="a", prompt=[V + 5]), 400, "vocabulary"),
-        (dict(model="a", prompt=[1], n=2), 400, "'n'"),
-        (dict(model="a", prompt=[1], temperature="hot"), 400, "temperature"),
-        (dict(model="a", prompt={"x": 1}), 400, "prompt"),
-    ]
-    for body, code, msg in bad:
-        st, out = _http(url, "POST", "/v1/completions", body)
-        assert st == code and msg in json.loads(out)["error"]["message"], (body, st, out)
-    st, out = _http(url, "POST", "/v1/completions", raw=b"{not json")
-    assert st == 400 and "JSON" in json.loads(out)["error"]["message"]
-    assert _http(url, "GET", "/v1/completions")[0] == 405
-    assert _http(url, "GET", "/nowhere")[0] == 404
-    # adapters: list, load at run time, use, unload, errors
-    st, out = _http(url, "GET", "/v1/adapters")
-    info = {a["name"]: a for a in json.loads(out)["data"]}
-    assert st == 200 and info["a"]["pinned"] and info["a"]["state"] == "ready"
-    st, out = _http(url, "POST", "/v1/adapters", dict(name="c", path=paths["c"]))
-    assert st == 200 and json.loads(out)["state"] == "ready", out
-    assert _http(url, "POST", "/v1/adapters", dict(name="c", path=paths["c"]))[0] == 409
-    assert _http(url, "POST", "/v1/adapters", dict(name="d", path="/no/such/dir"))[0] == 404
-    assert _http(url, "POST", "/v1/adapters", dict(name="d"))[0] == 400
-    st, out = _http(url, "POST", "/v1/completions", dict(model="c", prompt=[1, 2], max_tokens=2, ignore_eos=True))
-    assert st == 200 and len(json.loads(out)["choices"][0]["token_ids"]) == 2
-    assert _http(url, "DELETE", "/v1/adapters/c")[0] == 200
-    assert _http(url, "DELETE", "/v1/adapters/c")[0] == 404
-    assert _http(url, "POST", "/v1/completions", dict(model="c", prompt=[1]))[0] == 404
-    # weights that fail to load (NaN): a 400 naming the cause, and the name is free again
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    bad = tmp_path / "nan"
-    shutil.copytree(paths["c"], bad)
-    sd = load_file(str(bad / "adapter_model.safetensors"))
-    next(iter(sd.values())).fill_(float("nan"))
-    save_file(sd, str(bad / "adapter_model.safetensors"))
-    st, out = _http(url, "POST", "/v1/adapters", dict(name="n", path=str(bad)))
-    assert st == 400 and "NaN" in json.loads(out)["error"]["message"]
-    assert "n" not in [a["name"] for a in json.loads(_http(url, "GET", "/v1/adapters")[1])["data"]]
-    st, out = _http(url, "POST", "/v1/adapters", dict(name="broken", path=str(bad), wait=False))
-    assert st == 200  # accepted; the failure shows in the listing and in requests that use it
-    deadline = time.monotonic() + 30
-    while app.pool.state("broken") == "loading" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    st, out = _http(url, "POST", "/v1/completions", dict(model="broken", prompt=[1], max_tokens=1))
-    assert st == 424 and "NaN" in json.loads(out)["error"]["message"]
-    assert _http(url, "DELETE", "/v1/adapters/broken")[0] == 200
-    assert _http(url, "GET", "/health")[0] == 200  # still serving after all the errors
-
-
-def test_http_concurrent_clients_batch_together(server):
-    url, app, _ = server
-    jobs = [dict(model=m, prompt=[i + 1, i + 2, i + 3], max_tokens=4 + i % 3, temperature=0, ignore_eos=True)
-            for i, m in enumerate(["a", "b", "tiny-llama", "a", "b", "tiny-llama"])]
-    out = [None] * len(jobs)
-    steps_before = app.engine.stats()["steps"]
-
-    def call(i):
-        out[i] = _http(url, "POST", "/v1/completions", jobs[i])
-
-    ts = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
-    with app.engine._step_lock:  # hold the engine loop until every request is queued
-        for t in ts:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(app.engine._waiting) < len(jobs) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in ts:
-        t.join(60)
-    for job, (st, body) in zip(jobs, out):
-        assert st == 200, body
-        adapter = None if job["model"] == "tiny-llama" else job["model"]
-        want = _naive_greedy(app.engine.model, app.pool, job["prompt"], adapter, job["max_tokens"])
-        assert json.loads(body)["choices"][0]["token_ids"] == want
-    # all six ran as one batch: as many decode steps as the longest request needs
-    assert app.engine.stats()["steps"] - steps_before == max(j["max_tokens"] for j in jobs) - 1
 
 
 def test_cli_serve_bad_arguments(tmp_path, capsys):
@@ -630,7 +473,9 @@ def test_cli_serve_bad_arguments(tmp_path, capsys):
     ap = argparse.ArgumentParser()
     cli_serve.add_parser(ap.add_subparsers())
     for argv, msg in [(["--model", str(tmp_path)], "config.json"),
-                      (["--model", str(tmp_path), "--adapter", "x"], "NAME=DIR"),
+                      (["--model", str(tmp_path), "--adapter", "x"], "NAME=PATH"),
+                      ([str(tmp_path / "nope")], "no such folder"),
+                      (["org/not-cached"], "Hugging Face cache"),
                       (["--model", str(tmp_path), "--adapter", "x=/a", "--adapter", "x=/b"], "repeated"),
                       (["--model", str(tmp_path), "--pin", "y"], "--pin")]:
         assert cli_serve.run(ap.parse_args(["serve"] + argv)) == 2

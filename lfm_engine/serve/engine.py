@@ -19,13 +19,20 @@ length L. Each row r keeps pad[r] leading masked slots, so its attention mask is
 which makes the padding invisible to the result. The cache layers keep capacity headroom
 so a decode step writes one column in place instead of re-concatenating the whole cache.
 
-Sampling per request: temperature 0 -> greedy (argmax); otherwise softmax(logits / T),
-restricted to the smallest set of most likely tokens whose probability reaches top_p
-(nucleus), drawn with the request's own torch.Generator seeded by ``seed`` (reproducible
-whatever else is in the batch). Stops: ``stop_token_ids``, the model's EOS (unless
-``ignore_eos``), text ``stop`` strings (needs a tokenizer; the text is cut before the stop
-string), or ``max_new_tokens`` (finish_reason "length"). A stop token is not included in
-``token_ids``/``text``.
+Sampling per request (sampling.py): repetition / presence / frequency penalties, then
+temperature < 1e-5 -> greedy (argmax); otherwise softmax(logits / T) restricted by top_k,
+top_p (nucleus) and min_p, drawn with the request's own torch.Generator seeded by ``seed``
+(reproducible whatever else is in the batch). With ``logprobs`` the raw log-probability of
+each chosen token and the top ones are recorded; with ``prompt_logprobs`` also those of the
+prompt tokens (the prefill then keeps every position's logits). Stops: ``stop_token_ids``,
+the model's EOS (unless ``ignore_eos``), text ``stop`` strings (needs a tokenizer; the text
+is cut before the stop string), or ``max_new_tokens`` (finish_reason "length"). A stop
+token is not included in ``token_ids``/``text``.
+
+Text is detokenized incrementally (the prefix/read offset scheme: each step decodes only
+the last few tokens and appends the new characters once they no longer end in a partial
+UTF-8 character), and stop strings are searched only in the new text plus the
+len(stop) - 1 characters before it.
 
 Threading: `submit` may be called from any thread; `step` runs one thread at a time (an
 internal lock serialises callers); `run_forever` is the loop the HTTP server uses.
@@ -41,9 +48,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional, Sequence, Union
+from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 
 import torch
+from . import sampling
 from .pool import AdapterNotReadyError, AdapterPool
 
 
@@ -64,6 +72,13 @@ class Request:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     request_id: Optional[str] = None
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None  # report the chosen token's logprob and this many top ones
+    prompt_logprobs: Optional[int] = None  # also for every prompt token after the first (echo)
 
 
 @dataclass
@@ -81,6 +96,10 @@ class Result:
     time_to_first_token_s: float = 0.0
     latency_s: float = 0.0
     queue_s: float = 0.0
+    # with Request.logprobs: per generated token (logprob, [(id, logprob), ...top]); with
+    # prompt_logprobs: the same for prompt tokens 1.. (token 0 has no context)
+    logprobs: Optional[List[Tuple[float, List[Tuple[int, float]]]]] = None
+    prompt_logprobs: Optional[List[Tuple[float, List[Tuple[int, float]]]]] = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -99,14 +118,20 @@ class Result:
 
 class Handle:
     """A submitted request: `tokens` grows as they are generated; `events` receives each
-    new token id and finally None; `result()` waits for the end."""
+    new token id and finally None; `result()` waits for the end. `on_event` (optional,
+    called from the engine thread after each event) lets an asyncio server wake up."""
 
-    def __init__(self, request: Request, request_id: str, prompt_ids: List[int]):
+    def __init__(self, request: Request, request_id: str, prompt_ids: List[int],
+                 on_event: Optional[Callable[[], None]] = None):
         self.request = request
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.tokens: List[int] = []
+        self.text = ""  # detokenized so far (with a tokenizer); a stop string is cut off
+        self.logprobs: List[Tuple[float, List[Tuple[int, float]]]] = []
+        self.prompt_logprobs: Optional[List[Tuple[float, List[Tuple[int, float]]]]] = None
         self.events: "queue.Queue[Optional[int]]" = queue.Queue()
+        self.on_event = on_event
         self._done = threading.Event()
         self._result: Optional[Result] = None
         self._finish_reason: Optional[str] = None
@@ -122,7 +147,16 @@ class Handle:
         return self._result
 
     def cancel(self) -> None:
+        """Stop generating (the row leaves the batch at the next step; finish_reason "cancelled")."""
         self.cancelled = True
+
+    def _event(self, item: Optional[int]) -> None:
+        self.events.put(item)
+        if self.on_event is not None:
+            try:
+                self.on_event()
+            except Exception:  # noqa: BLE001 - a closed client loop must not stop the engine
+                pass
 
 
 @dataclass
@@ -135,24 +169,32 @@ class _Seq:
     t_admit: float = 0.0
     t_first: float = 0.0
     held: bool = False  # holds a pool reference on its adapter
-    text: Optional[str] = None
+    text: str = ""  # detokenized so far (incremental: see _detok)
+    prefix_off: int = 0
+    read_off: int = 0
 
 
 # ----------------------------------------------------------------------------- engine
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token from fp32 CPU logits [V] (see module docstring)."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, idx = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sp, 0)
-        keep = (cum - sp) < top_p  # keep a token while the mass before it is below top_p
-        keep[0] = True
-        sp = torch.where(keep, sp, torch.zeros_like(sp))
-        j = int(torch.multinomial(sp, 1, generator=gen))
-        return int(idx[j])
-    return int(torch.multinomial(probs, 1, generator=gen))
+def _check_sampling(r: Request) -> None:
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(r.top_k, int) and not isinstance(r.top_k, bool) and r.top_k >= -1):
+        raise ValueError(f"top_k must be an integer >= -1 (0 or -1: off), got {r.top_k!r}")
+    if not (num(r.min_p) and 0 <= r.min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1], got {r.min_p!r}")
+    if not (num(r.repetition_penalty) and 0 < r.repetition_penalty <= 100):
+        raise ValueError(f"repetition_penalty must be in (0, 100], got {r.repetition_penalty!r}")
+    for k in ("presence_penalty", "frequency_penalty"):
+        v = getattr(r, k)
+        if not (num(v) and -2 <= v <= 2):
+            raise ValueError(f"{k} must be in [-2, 2], got {v!r}")
+    for k in ("logprobs", "prompt_logprobs"):
+        v = getattr(r, k)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 20):
+            raise ValueError(f"{k} must be an integer in [0, 20], got {v!r}")
 
 
 class Engine:
@@ -223,9 +265,10 @@ class Engine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
-    def submit(self, request: Request) -> Handle:
+    def submit(self, request: Request, on_event: Optional[Callable[[], None]] = None) -> Handle:
         """Queue a request (validated now: ValueError / KeyError for bad input)."""
         r = request
+        _check_sampling(r)
         if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
         if not (isinstance(r.temperature, (int, float)) and math.isfinite(r.temperature) and r.temperature >= 0):
@@ -252,12 +295,12 @@ class Engine:
         if not r.ignore_eos:
             stop_ids |= self.eos_ids
         gen = None
-        if r.temperature > 0:
+        if r.temperature >= sampling.GREEDY_EPS:
             gen = torch.Generator()
             # no seed: a fresh one from the OS (the global torch RNG of the caller is left alone)
             gen.manual_seed(r.seed % (1 << 64) if r.seed is not None else int.from_bytes(os.urandom(8), "little"))
         rid = r.request_id or f"req-{next(self._ids)}"
-        h = Handle(r, rid, ids)
+        h = Handle(r, rid, ids, on_event)
         h._stops = stops
         seq = _Seq(handle=h, adapter=r.adapter, stop_ids=frozenset(stop_ids), generator=gen, t_submit=time.perf_counter())
         with self._submit_lock:
@@ -304,6 +347,11 @@ class Engine:
         forward in it (0: idle, or every waiting request waits for its adapter)."""
         with self._step_lock:
             t0 = time.perf_counter()
+            for s in self._running:
+                if s.handle.cancelled and s.handle._finish_reason is None:
+                    s.handle._finish_reason = "cancelled"
+            if self._running:
+                self._retire()  # cancelled rows leave before the forward, freeing their slot
             n = len(self._running)
             if n:
                 self._guarded(self._decode)
@@ -360,9 +408,11 @@ class Engine:
         kw[self._cache_kw] = cache
         if last_only and self._has_logits_to_keep:
             kw["logits_to_keep"] = 1
-        with torch.inference_mode(), self.pool.assign([s.adapter for s in seqs]):
+        # the rows already hold references on their adapters (taken at admission): an unload
+        # meanwhile only hides the name, so this batch still finds every row's slot
+        with torch.inference_mode(), self.pool.assign_held([s.adapter for s in seqs]):
             out = self.model(**kw)
-        return out.logits[:, -1, :]
+        return out.logits if not last_only else out.logits[:, -1, :]
 
     def _decode(self) -> None:
         seqs = self._running
@@ -373,7 +423,7 @@ class Engine:
         ids = torch.tensor([s.handle.tokens[-1] for s in seqs], dtype=torch.long).view(B, 1)
         mask = (torch.arange(L + 1)[None, :] >= pads[:, None]).long()
         pos = (L - pads).view(B, 1)
-        logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), self._cache, last_only=False)
+        logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), self._cache, last_only=False)[:, -1, :]
         self._stats["steps"] += 1
         self._stats["batch_rows"] += B
         self._stats["decode_tokens"] += B
@@ -393,7 +443,16 @@ class Engine:
         mask = (cols >= p[:, None]).long()
         pos = (cols - p[:, None]).clamp(min=0)
         cache = self._kv.EngineCache()
-        logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), cache, last_only=True)
+        want_prompt = any(s.handle.request.prompt_logprobs is not None for s in seqs)
+        logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), cache, last_only=not want_prompt)
+        if want_prompt:  # logits[i, c] predicts the token at column c + 1
+            cpu = logits.float().cpu()
+            for i, s in enumerate(seqs):
+                k = s.handle.request.prompt_logprobs
+                if k is not None:
+                    s.handle.prompt_logprobs = [sampling.logprobs_of(cpu[i, c - 1], int(ids[i, c]), k)
+                                                for c in range(pads[i] + 1, L)]
+            logits = logits[:, -1, :]
         self._stats["prefill_tokens"] += sum(lens)
         if self._running:
             self._cache, self._pads = self._kv.merge_caches(self._cache, self._pads, cache, pads)
@@ -410,31 +469,57 @@ class Engine:
         now = time.perf_counter()
         for i, s in enumerate(seqs):
             r = s.handle.request
-            if r.temperature > 0:
+            h = s.handle
+            if sampling.needs_processing(r) or r.logprobs is not None:
                 if cpu is None:
                     cpu = logits.float().cpu()
-                tok = _sample(cpu[i], float(r.temperature), float(r.top_p), s.generator)
-            else:
-                tok = greedy[i]
+            tok = greedy[i]
+            if sampling.needs_processing(r):
+                tok = sampling.choose(cpu[i], r, h.prompt_ids, h.tokens, s.generator)
             if not s.t_first:
                 s.t_first = now
             if tok in s.stop_ids:
-                s.handle._finish_reason = "stop"
+                h._finish_reason = "stop"
                 continue
-            s.handle.tokens.append(tok)
-            s.handle.events.put(tok)
+            if r.logprobs is not None:
+                h.logprobs.append(sampling.logprobs_of(cpu[i], tok, r.logprobs))
+            h.tokens.append(tok)
             self._stats["generated_tokens"] += 1
-            if s.handle._stops:
-                text = self.tokenizer.decode(s.handle.tokens, skip_special_tokens=True)
-                cut = min((text.find(x) for x in s.handle._stops if x in text), default=-1)
-                if cut >= 0:
-                    s.text = text[:cut]
-                    s.handle._finish_reason = "stop"
-                    continue
-            if len(s.handle.tokens) >= r.max_new_tokens:
-                s.handle._finish_reason = "length"
-            elif s.handle.cancelled:
-                s.handle._finish_reason = "cancelled"
+            if self.tokenizer is not None:
+                new = self._detok(s)
+                if h._stops and new:
+                    # a stop string ends in the new text: search it plus len(stop) - 1 before it
+                    back = max(len(x) for x in h._stops) - 1
+                    start = max(0, len(s.text) - len(new) - back)
+                    cut = min((k for k in (s.text.find(x, start) for x in h._stops) if k >= 0), default=-1)
+                    if cut >= 0:
+                        s.text = h.text = s.text[:cut]
+                        h._finish_reason = "stop"
+                        h._event(tok)
+                        continue
+            h._event(tok)
+            if len(h.tokens) >= r.max_new_tokens:
+                h._finish_reason = "length"
+            elif h.cancelled:
+                h._finish_reason = "cancelled"
+
+    def _detok(self, s: _Seq, final: bool = False) -> str:
+        """Append the characters the newest token completes to s.text and return them.
+
+        Decodes tokens[prefix_off:] and tokens[prefix_off:read_off] (a few tokens, so the
+        tokenizer's spacing rules see the previous token); the difference is new text
+        unless it ends in U+FFFD (half a UTF-8 character: wait for the next token)."""
+        toks = s.handle.tokens
+        dec = self.tokenizer.decode
+        prev = dec(toks[s.prefix_off:s.read_off], skip_special_tokens=True)
+        full = dec(toks[s.prefix_off:], skip_special_tokens=True)
+        if len(full) > len(prev) and (final or not full.endswith("\ufffd")):
+            new = full[len(prev):]
+            s.text += new
+            s.handle.text = s.text
+            s.prefix_off, s.read_off = s.read_off, len(toks)
+            return new
+        return ""
 
     def _retire(self) -> None:
         keep = [i for i, s in enumerate(self._running) if s.handle._finish_reason is None]
@@ -467,15 +552,19 @@ class Engine:
             except RuntimeError:
                 pass  # the adapter was force-dropped; nothing to release
         now = time.perf_counter()
-        text = s.text
-        if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(h.tokens, skip_special_tokens=True)
+        text = None
+        if self.tokenizer is not None:
+            if reason != "stop" or not h._stops:
+                self._detok(s, final=True)  # the tail held back for a partial character
+            text = s.text
         start = s.t_admit or now
         h._result = Result(request_id=h.request_id, adapter=s.adapter, prompt_token_ids=list(h.prompt_ids),
                            token_ids=list(h.tokens), text=text, finish_reason=reason, error=error, error_type=error_type,
                            time_to_first_token_s=(s.t_first - s.t_submit) if s.t_first else 0.0,
-                           latency_s=now - s.t_submit, queue_s=start - s.t_submit)
+                           latency_s=now - s.t_submit, queue_s=start - s.t_submit,
+                           logprobs=list(h.logprobs) if h.request.logprobs is not None else None,
+                           prompt_logprobs=h.prompt_logprobs)
         if reason in ("stop", "length"):
             self._stats["finished"] += 1
-        h.events.put(None)
         h._done.set()
+        h._event(None)

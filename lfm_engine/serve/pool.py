@@ -5,8 +5,9 @@ Layout (spec/lora.md): for every adapted module m of the base model one slot tab
     A_m [capacity, R_m, H_in]   B_m [capacity, H_out, R_m]   ranks_m [capacity] int32   scales_m [capacity] fp32
 
 An adapter occupies the same slot index s in every table; in a module it does not adapt,
-ranks_m[s] = 0 (adds nothing). R_m is the largest rank loaded into that module so far (the
-table grows, never shrinks, when a higher-rank adapter arrives); rows/columns beyond an
+ranks_m[s] = 0 (adds nothing). R_m is the largest rank of a resident adapter in that module (the
+table grows when a higher-rank adapter arrives and shrinks when it leaves, so the bound
+capacity × R_m holds for the adapters resident now; ``max_rank`` caps R_m); rows/columns beyond an
 adapter's own rank are zero padding and the kernels skip them (compute follows the real rank).
 
 Capacity: ``capacity`` slots, and optionally ``max_bytes`` for the sum of the resident
@@ -150,6 +151,7 @@ class AdapterPool:
         self._current: contextvars.ContextVar[Optional[Assignment]] = contextvars.ContextVar(
             f"lfm_pool_assignment_{id(self)}", default=None)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.counters = dict(loads=0, evictions=0, load_failures=0, table_shrinks=0)
 
     # ------------------------------------------------------------------ public API
 
@@ -163,7 +165,9 @@ class AdapterPool:
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-        spec = open_adapter(folder)
+        # an AdapterSpec already opened elsewhere (the server checks client folders in a
+        # worker process with a time limit) is used as is
+        spec = folder if isinstance(folder, AdapterSpec) else open_adapter(folder)
         self._check_spec(name, spec)
         with self._lock:
             if name in self._entries:
@@ -283,6 +287,26 @@ class AdapterPool:
             self._changed.notify_all()
 
     @contextmanager
+    def assign_held(self, names: Sequence[Optional[str]]) -> Iterator[Assignment]:
+        """Like assign(), for a caller that already holds a reference on every named adapter
+        (try_acquire): no waiting and no new references, and an adapter unloaded meanwhile
+        (hidden, its slot kept until the last reference goes) still resolves to its slot."""
+        with self._lock:
+            slots = []
+            for n in names:
+                e = None if n is None else self._entries.get(n)
+                if n is not None and (e is None or e.refs <= 0 or e.slot < 0):
+                    raise RuntimeError(f"assign_held({n!r}) without a reference on a resident adapter")
+                slots.append(-1 if e is None else e.slot)
+        row_slot = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
+        token = self._current.set(Assignment(names=tuple(names), row_slot=row_slot,
+                                             any_adapter=any(s >= 0 for s in slots)))
+        try:
+            yield self._current.get()
+        finally:
+            self._current.reset(token)
+
+    @contextmanager
     def assign(self, names: Sequence[Optional[str]], *, timeout: Optional[float] = None) -> Iterator[Assignment]:
         """Run the attached model with adapter names[i] (or none) on batch row i.
 
@@ -399,6 +423,7 @@ class AdapterPool:
             victim = min(victims, key=lambda x: x.last_used)
             self._release_slot(victim)
             victim.state = "evicted"
+            self.counters["evictions"] += 1
 
     def _release_slot(self, e: _Entry) -> None:
         if e.slot >= 0:
@@ -406,6 +431,21 @@ class AdapterPool:
                 t.ranks[e.slot] = 0  # nothing reads this slot any more; keep the table tidy
             self._slot_owner[e.slot] = None
             e.slot = -1
+            self._shrink_tables()
+
+    def _shrink_tables(self) -> None:
+        """Cut every table's padded rank R_m down to the largest rank a resident adapter
+        still has in module m (lock held), so the memory bound follows the adapters that
+        are resident now, not the highest rank ever loaded: table bytes stay at most
+        capacity × max rank resident × (H_in + H_out) × itemsize per module. New tensors
+        replace the old ones; a forward still holding the old table reads it unchanged."""
+        owners = [self._entries[o] for o in self._slot_owner if o is not None and o in self._entries]
+        for module, t in list(self._tables.items()):
+            need = max([x.spec.modules[module].rank for x in owners if module in x.spec.modules] or [1])
+            if need < t.r_max:
+                self._tables[module] = _Table(A=t.A[:, :need].clone(), B=t.B[:, :, :need].clone(),
+                                              ranks=t.ranks, scales=t.scales)
+                self.counters["table_shrinks"] += 1
 
     def _drop(self, e: _Entry) -> None:
         self._release_slot(e)
@@ -428,6 +468,7 @@ class AdapterPool:
                     return  # unloaded (or reloaded) meanwhile
                 self._publish(e, staged)
                 e.state = "ready"
+                self.counters["loads"] += 1
                 e.load_seconds = time.perf_counter() - t0
                 self._changed.notify_all()
         except BaseException as exc:  # noqa: BLE001 - reported through the entry and the Future
@@ -435,6 +476,7 @@ class AdapterPool:
                 if e.generation == generation and self._entries.get(e.name) is e:
                     self._release_slot(e)
                     e.state, e.error = "failed", exc
+                    self.counters["load_failures"] += 1
                     self._changed.notify_all()
             raise
 

@@ -1,43 +1,54 @@
-"""OpenAI-compatible HTTP front end of the Engine (standard library http.server only).
+"""OpenAI / vLLM-compatible HTTP server of the Engine: FastAPI (ASGI) on uvicorn.
 
-Routes:
-    POST   /v1/completions      {"model", "prompt", "max_tokens", "temperature", "top_p", "seed",
-                                 "stop", "stream", ...}; "model" names an adapter or the base model
-    GET    /v1/models           the base model and the adapters (OpenAI list format)
-    GET    /v1/adapters         adapters with state, slot, rank, bytes, pinned, in use
-    POST   /v1/adapters         {"name", "path", "pin": false, "wait": true} loads a PEFT folder
-    DELETE /v1/adapters/NAME    (or DELETE /v1/adapters with {"name"}) unloads
-    GET    /health              {"status": "ok", engine stats}
+Routes (all but /health need ``Authorization: Bearer KEY`` when an API key is set):
+    POST /v1/completions        prompt (text, ids, or a list of either), n, logprobs, echo
+                                (prompt logprobs), stop, stream (+ stream_options.include_usage)
+    POST /v1/chat/completions   messages through the chat template of the model folder (or
+                                --chat-template), logprobs + top_logprobs, stream
+    GET  /v1/models             the base model and the adapters ("parent": the base)
+    POST /v1/load_lora_adapter  {"lora_name", "lora_path"} (vLLM);  POST /v1/unload_lora_adapter
+    GET|POST /v1/adapters, DELETE /v1/adapters/NAME   adapters with state, slot, rank, bytes
+    GET  /metrics (Prometheus),  GET /health
 
-Prompts: a string (needs a tokenizer in the model folder), a list of token ids, or a list of
-either (one choice per prompt). Each choice carries "text" ("" without a tokenizer) and the
-extension field "token_ids". Extension request fields: "stop_token_ids", "ignore_eos".
-Sampling defaults follow OpenAI (temperature 1, top_p 1, max_tokens 16); temperature 0 is greedy.
-Streaming ("stream": true, one prompt) sends Server-Sent Events "data: {chunk}" per token and
-"data: [DONE]"; with text stop strings the last len(stop)-1 characters are held back until the
-stop is ruled out, so a stop string is never streamed.
+"model" picks the adapter (or the base model). Sampling: temperature (< 1e-5 is greedy),
+top_p, top_k, min_p, repetition/presence/frequency penalties, seed (choice i uses seed + i).
+Fields not implemented are refused (protocol.py). Every error is OpenAI-shaped JSON
+{"error": {"message", "type", "param", "code"}}: 400 bad request, 401 key, 403 path outside
+--adapter-root or runtime adapters disabled, 404 unknown model/route, 405, 409 duplicate
+name, 413 body too large, 422 framework validation, 424 adapter weights failed, 503 pool
+full, 500 unexpected (the server keeps running).
 
-Errors are JSON {"error": {"message", "type", "param", "code"}} with 400 (bad request), 404
-(unknown model/adapter/route, or an adapter unloaded while the request waited), 405, 409
-(duplicate adapter name), 411/413 (body), 424 (the adapter's weights failed to load), 503
-(adapter pool full); an unexpected failure is a 500 and the server keeps running.
-Loading adapters by path over HTTP trusts the client: bind to 127.0.0.1 (the default).
+Threads: the engine steps in its own thread; HTTP handlers only submit (in the thread pool)
+and wait on an asyncio.Event the engine sets after each token, so the event loop never
+blocks on a forward. Client folders are opened in a worker process with a time limit
+(adapter_check.py). A client that disconnects cancels its requests (their rows leave the
+batch at the next step). An unload hides the name at once and frees the slot when the
+adapter's running requests end; other rows never notice.
 """
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
+import os
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import List, Optional
-from urllib.parse import unquote
+from typing import Dict, List, Optional
 
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+from .adapter_check import AdapterChecker
 from .engine import Engine, Handle, Request
+from .metrics import Metrics
 from .peft_format import AdapterFormatError
 from .pool import PoolFullError
-
-MAX_BODY = 8 << 20
 
 
 class ApiError(Exception):
@@ -46,73 +57,117 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-def _opt(body: dict, key: str, kind, default, check=None, what: str = ""):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
-        raise ApiError(400, f"'{key}' must be {what or kind.__name__}", param=key)
-    if check is not None and not check(v):
-        raise ApiError(400, f"'{key}' must be {what}", param=key)
-    return v
+def _err(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None):
+    return JSONResponse(dict(error=dict(message=message, type=type_, param=param, code=status)), status_code=status)
+
+
+def _validation_message(e: ValidationError):
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    if first.get("type") == "extra_forbidden":
+        return f"field '{loc}' is not supported by this server", loc
+    return f"'{loc}': {first.get('msg')}", loc
 
 
 class ServeApp:
-    """Engine + adapter management behind the HTTP routes; owns the engine loop thread."""
+    """Engine + adapter management + the FastAPI app (``self.app``); owns the engine thread."""
 
-    def __init__(self, engine: Engine, base_name: str = "base", request_timeout: float = 600.0):
+    def __init__(self, engine: Engine, base_name: str = "base", *, api_key: Optional[str] = None,
+                 runtime_adapters: bool = True, adapter_root: Optional[str] = None,
+                 chat_template: Optional[str] = None, max_prompts_per_request: int = 64,
+                 max_body_bytes: int = 8 << 20, request_timeout: float = 600.0, adapter_check_timeout: float = 10.0):
         self.engine = engine
         self.pool = engine.pool
         self.base_name = base_name
-        self.request_timeout = request_timeout
+        self.api_key = api_key or None
+        self.runtime_adapters = runtime_adapters
+        self.adapter_root = os.path.realpath(adapter_root) if adapter_root else None
+        self.chat_template = chat_template
+        self.max_prompts = int(max_prompts_per_request)
+        self.max_body = int(max_body_bytes)
+        self.request_timeout = float(request_timeout)
+        self.checker = AdapterChecker(adapter_check_timeout)
+        self.metrics = Metrics(engine)
         self._stop = threading.Event()
         self._loop = threading.Thread(target=engine.run_forever, args=(self._stop,), name="lfm-engine-loop",
                                       daemon=True)
         self._loop.start()
+        self.app = self._build()
 
     def close(self) -> None:
         self._stop.set()
         self._loop.join(timeout=10)
+        self.checker.close()
 
-    # ------------------------------------------------------------------ routes
+    # ------------------------------------------------------------------ plumbing
 
-    def models(self) -> dict:
-        data = [dict(id=self.base_name, object="model", owned_by="lfm_engine", root=None)]
-        data += [dict(id=n, object="model", owned_by="lfm_engine", root=self.base_name) for n in self.pool.names()]
-        return dict(object="list", data=data)
+    def _auth(self, req: HttpRequest) -> None:
+        if self.api_key is None:
+            return
+        got = req.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error")
 
-    def adapters(self) -> dict:
-        return dict(object="list", data=self.pool.info(), capacity=self.pool.capacity,
-                    resident_bytes=self.pool.resident_bytes(), table_bytes=self.pool.table_bytes(),
-                    max_bytes=self.pool.max_bytes)
-
-    def load_adapter(self, body: dict) -> dict:
-        name = body.get("name")
-        path = body.get("path")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "'name' (a non-empty string) is required", param="name")
-        if not isinstance(path, str) or not path:
-            raise ApiError(400, "'path' (the PEFT adapter folder) is required", param="path")
-        if name == self.base_name:
-            raise ApiError(409, f"'{name}' is the base model's name", param="name")
-        pin = _opt(body, "pin", bool, False)
-        wait = _opt(body, "wait", bool, True)
+    async def _json(self, req: HttpRequest, model=None):
+        n = req.headers.get("content-length")
+        if n is not None and (not n.isdigit() or int(n) > self.max_body):
+            raise ApiError(413, f"request body larger than {self.max_body} bytes")
+        buf = bytearray()
+        async for chunk in req.stream():
+            buf += chunk
+            if len(buf) > self.max_body:
+                raise ApiError(413, f"request body larger than {self.max_body} bytes")
         try:
-            fut = self.pool.load(name, path, pin=pin)
+            body = json.loads(bytes(buf).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        if model is None:
+            return body
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            msg, loc = _validation_message(e)
+            raise ApiError(400, msg, param=loc or None)
+
+    def _adapter_for(self, model: Optional[str]) -> Optional[str]:
+        if model is None or model == self.base_name:
+            return None
+        if model in self.pool:
+            return model
+        raise ApiError(404, f"model {model!r} not found (base: {self.base_name!r}, adapters: "
+                            f"{sorted(self.pool.names())})", "not_found_error", "model")
+
+    def _checked_path(self, path: str) -> str:
+        if not self.runtime_adapters:
+            raise ApiError(403, "loading adapters over HTTP is disabled (--no-runtime-adapters)", "permission_error")
+        real = os.path.realpath(path)  # symlinks and '..' resolved before the check
+        if self.adapter_root is not None and os.path.commonpath([real, self.adapter_root]) != self.adapter_root:
+            raise ApiError(403, f"adapter path {path!r} is outside --adapter-root", "permission_error", "path")
+        return real
+
+    # ------------------------------------------------------------------ adapters
+
+    async def load_adapter(self, name: str, path: str, pin: bool = False, wait: bool = True) -> dict:
+        if name == self.base_name:
+            raise ApiError(409, f"{name!r} is the base model's name", param="name")
+        real = self._checked_path(path)
+        try:
+            spec = await run_in_threadpool(self.checker.open, real)
+            fut = self.pool.load(name, spec, pin=pin)
         except FileNotFoundError as e:
-            raise ApiError(404, str(e), param="path")
-        except AdapterFormatError as e:
-            raise ApiError(400, str(e), param="path")
+            raise ApiError(404, str(e), "not_found_error", "path")
+        except PermissionError as e:
+            raise ApiError(403, str(e), "permission_error", "path")
         except PoolFullError as e:
-            raise ApiError(503, str(e), type_="server_error")
-        except ValueError as e:
-            raise ApiError(409 if "already registered" in str(e) else 400, str(e))
+            raise ApiError(503, str(e), "server_error")
+        except ValueError as e:  # AdapterFormatError, rank above the limit, duplicate name
+            raise ApiError(409 if "already registered" in str(e) else 400, str(e), param="path")
         if wait:
             try:
-                fut.result(self.request_timeout)
-            except Exception as e:  # the tensors could not be read: forget the adapter
+                await asyncio.wait_for(asyncio.wrap_future(fut), self.request_timeout)
+            except Exception as e:  # noqa: BLE001 - the tensors could not be read: forget the adapter
                 try:
                     self.pool.unload(name)
                 except KeyError:
@@ -125,259 +180,434 @@ class ServeApp:
         try:
             self.pool.unload(name)
         except KeyError as e:
-            raise ApiError(404, str(e.args[0]), param="name")
+            raise ApiError(404, str(e.args[0]), "not_found_error", "name")
         return dict(name=name, object="adapter", deleted=True)
 
-    def _requests(self, body: dict) -> List[Request]:
-        model = body.get("model", self.base_name)
-        if not isinstance(model, str):
-            raise ApiError(400, "'model' must be a string", param="model")
-        if model == self.base_name:
-            adapter = None
-        elif model in self.pool:
-            adapter = model
-        else:
-            raise ApiError(404, f"model {model!r} not found (base: {self.base_name!r}, adapters: "
-                                f"{sorted(self.pool.names())})", type_="not_found_error", param="model")
-        if "prompt" not in body:
-            raise ApiError(400, "'prompt' is required", param="prompt")
-        prompt = body["prompt"]
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(
-                isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                                  for t in p)) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of those",
-                           param="prompt")
-        for key, ok in (("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
-                        ("echo", lambda v: v in (None, False)), ("logprobs", lambda v: v is None),
-                        ("suffix", lambda v: v is None), ("logit_bias", lambda v: not v),
-                        ("presence_penalty", lambda v: v in (None, 0)),
-                        ("frequency_penalty", lambda v: v in (None, 0))):
-            if key in body and not ok(body[key]):
-                raise ApiError(400, f"'{key}' = {body[key]!r} is not supported by this server", param=key)
-        max_tokens = _opt(body, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1")
-        temperature = _opt(body, "temperature", float, 1.0, lambda v: 0 <= v <= 100, "a number in [0, 100]")
-        top_p = _opt(body, "top_p", float, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-        seed = _opt(body, "seed", int, None)
-        ignore_eos = _opt(body, "ignore_eos", bool, False)
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        elif not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-            raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-        stop_ids = body.get("stop_token_ids") or []
-        if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
-            raise ApiError(400, "'stop_token_ids' must be a list of integers", param="stop_token_ids")
-        return [Request(prompt=p, adapter=adapter, max_new_tokens=max_tokens, temperature=temperature,
-                        top_p=top_p, seed=None if seed is None else seed + i, stop=stop, stop_token_ids=stop_ids,
-                        ignore_eos=ignore_eos) for i, p in enumerate(prompts)]
+    # ------------------------------------------------------------------ generation
 
-    def submit(self, body: dict) -> List[Handle]:
-        reqs = self._requests(body)
-        handles = []
+    def _tokenizer(self, what: str):
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ApiError(400, f"{what} needs a tokenizer, and the model folder has none")
+        return tok
+
+    def _requests(self, body, prompts: List, max_tokens: int, logprobs: Optional[int], echo: bool) -> List[Request]:
+        adapter = self._adapter_for(body.model)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if any(not s for s in stop):
+            raise ApiError(400, "'stop' strings must be non-empty", param="stop")
+        if len(prompts) * body.n > self.max_prompts:
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} exceeds --max-prompts-per-request="
+                                f"{self.max_prompts}", param="prompt")
+        out = []
+        for p in prompts:
+            for i in range(body.n):
+                out.append(Request(prompt=p, adapter=adapter, max_new_tokens=max_tokens, temperature=body.temperature,
+                                   top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                                   repetition_penalty=body.repetition_penalty,
+                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                   seed=None if body.seed is None else body.seed + len(out), stop=stop,
+                                   stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
+                                   logprobs=logprobs, prompt_logprobs=logprobs if echo and logprobs is not None else None))
+        return out
+
+    async def _submit(self, reqs: List[Request], wake: asyncio.Event) -> List[Handle]:
+        loop = asyncio.get_running_loop()
+
+        def notify():
+            loop.call_soon_threadsafe(wake.set)
+
+        def submit_all():
+            hs = []
+            try:
+                for r in reqs:
+                    hs.append(self.engine.submit(r, on_event=notify))
+            except (ValueError, KeyError) as e:
+                for h in hs:
+                    h.cancel()
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                raise ApiError(404 if isinstance(e, KeyError) else 400, str(msg), param="prompt")
+            return hs
+
+        return await run_in_threadpool(submit_all)
+
+    async def _follow(self, handles: List[Handle], wake: asyncio.Event, http: HttpRequest):
+        """Yield after every engine event until all handles are done; cancel them when the
+        client goes away or the request timeout passes."""
+        deadline = time.monotonic() + self.request_timeout
         try:
-            for r in reqs:
-                handles.append(self.engine.submit(r))
-        except (ValueError, KeyError) as e:
-            for h in handles:
-                h.cancel()
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise ApiError(404 if isinstance(e, KeyError) else 400, str(msg), param="prompt")
-        return handles
-
-    def completion_body(self, body: dict, handles: List[Handle]) -> dict:
-        created = int(time.time())
-        choices, p_tok, c_tok = [], 0, 0
-        for i, h in enumerate(handles):
-            try:
-                res = h.result(self.request_timeout)
-            except TimeoutError:
-                for x in handles:
-                    x.cancel()
-                raise ApiError(504, f"generation did not finish within {self.request_timeout} s", "server_error")
-            if res.finish_reason == "error":
-                code = {"adapter_not_found": 404, "adapter_failed": 424}.get(res.error_type, 500)
-                raise ApiError(code, f"generation failed: {res.error}",
-                               "server_error" if code == 500 else "invalid_request_error")
-            choices.append(dict(index=i, text=res.text or "", token_ids=res.token_ids, logprobs=None,
-                                finish_reason=res.finish_reason))
-            p_tok += res.prompt_tokens
-            c_tok += res.completion_tokens
-        return dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=created,
-                    model=body.get("model", self.base_name), choices=choices,
-                    usage=dict(prompt_tokens=p_tok, completion_tokens=c_tok, total_tokens=p_tok + c_tok))
-
-
-def _make_handler(app: ServeApp):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "lfm-engine"
-        protocol_version = "HTTP/1.0"  # one request per connection; streaming ends by closing
-
-        def log_message(self, fmt, *args):  # keep stderr quiet; the engine reports stats instead
-            pass
-
-        # -------------------------------------------------------------- plumbing
-        def _send_json(self, status: int, obj) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, e: ApiError) -> None:
-            self._send_json(e.status, dict(error=dict(message=e.message, type=e.type, param=e.param, code=e.status)))
-
-        def _body(self) -> dict:
-            n = self.headers.get("Content-Length")
-            if n is None:
-                raise ApiError(411, "Content-Length is required")
-            try:
-                n = int(n)
-            except ValueError:
-                raise ApiError(400, "bad Content-Length")
-            if n < 0 or n > MAX_BODY:
-                raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
-            raw = self.rfile.read(n)
-            try:
-                body = json.loads(raw.decode("utf-8")) if raw else None
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ApiError(400, f"request body is not valid JSON: {e}")
-            if not isinstance(body, dict):
-                raise ApiError(400, "request body must be a JSON object")
-            return body
-
-        def _route(self, method: str) -> None:
-            try:
-                path = self.path.split("?", 1)[0].rstrip("/") or "/"
-                if path == "/v1/completions":
-                    if method != "POST":
-                        raise ApiError(405, "use POST for /v1/completions")
-                    return self._completions()
-                if path == "/v1/models" and method == "GET":
-                    return self._send_json(200, app.models())
-                if path == "/health" and method == "GET":
-                    return self._send_json(200, dict(status="ok", stats=app.engine.stats()))
-                if path == "/v1/adapters":
-                    if method == "GET":
-                        return self._send_json(200, app.adapters())
-                    if method == "POST":
-                        return self._send_json(200, app.load_adapter(self._body()))
-                    if method == "DELETE":
-                        name = self._body().get("name")
-                        if not isinstance(name, str):
-                            raise ApiError(400, "'name' is required", param="name")
-                        return self._send_json(200, app.unload_adapter(name))
-                if path.startswith("/v1/adapters/"):
-                    if method != "DELETE":
-                        raise ApiError(405, "use DELETE /v1/adapters/NAME to unload")
-                    return self._send_json(200, app.unload_adapter(unquote(path[len("/v1/adapters/"):])))
-                if path in ("/v1/models", "/health", "/v1/adapters"):
-                    raise ApiError(405, f"{method} is not allowed on {path}")
-                raise ApiError(404, f"no route {method} {path}", "not_found_error")
-            except ApiError as e:
-                self._error(e)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except Exception as e:  # noqa: BLE001 - a bug must not take the server down
+            while True:
                 try:
-                    self._error(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
-                except Exception:
-                    pass
+                    await asyncio.wait_for(wake.wait(), 0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError
+                    if time.monotonic() > deadline:
+                        raise ApiError(504, f"generation did not finish within {self.request_timeout} s",
+                                       "server_error")
+                wake.clear()
+                yield
+                if all(h.done() for h in handles):
+                    return
+        finally:
+            for h in handles:
+                if not h.done():
+                    h.cancel()
 
-        def do_GET(self):
-            self._route("GET")
+    def _check_result(self, res) -> None:
+        if res.finish_reason == "error":
+            code = {"adapter_not_found": 404, "adapter_failed": 424}.get(res.error_type, 500)
+            raise ApiError(code, f"generation failed: {res.error}", "server_error" if code == 500 else
+                           "invalid_request_error")
 
-        def do_POST(self):
-            self._route("POST")
+    def _tok_str(self, t: int) -> str:
+        tok = self.engine.tokenizer
+        return tok.decode([t]) if tok is not None else f"token_id:{t}"
 
-        def do_DELETE(self):
-            self._route("DELETE")
+    def _completion_logprobs(self, res, echo: bool, prompt_text: str) -> dict:
+        ids, lps, tops = [], [], []
+        if echo:
+            ids += res.prompt_token_ids
+            lps.append(None)
+            tops.append(None)
+            for lp, top in res.prompt_logprobs or []:
+                lps.append(lp)
+                tops.append({self._tok_str(i): v for i, v in top})
+        ids += res.token_ids
+        for lp, top in res.logprobs or []:
+            lps.append(lp)
+            tops.append({self._tok_str(i): v for i, v in top})
+        toks = [self._tok_str(t) for t in ids]
+        offs, o = [], 0
+        for t in toks:
+            offs.append(o)
+            o += len(t)
+        return dict(tokens=toks, token_logprobs=lps, top_logprobs=tops, text_offset=offs)
 
-        def do_PUT(self):
-            self._route("PUT")
+    def _prompt_text(self, p) -> str:
+        tok = self.engine.tokenizer
+        if isinstance(p, str):
+            return p
+        return tok.decode(p) if tok is not None else ""
 
-        # -------------------------------------------------------------- completions
-        def _completions(self) -> None:
-            body = self._body()
-            stream = _opt(body, "stream", bool, False)
-            if stream and isinstance(body.get("prompt"), list) and body["prompt"] and not isinstance(
-                    body["prompt"][0], int):
-                raise ApiError(400, "streaming supports one prompt per request", param="stream")
-            handles = app.submit(body)
-            if not stream:
-                return self._send_json(200, app.completion_body(body, handles))
-            self._stream(body, handles[0])
+    def _usage(self, results) -> dict:
+        # the n choices of one prompt count its tokens once, as OpenAI does
+        seen, pt, ct = set(), 0, 0
+        for r in results:
+            key = tuple(r.prompt_token_ids)
+            if key not in seen:
+                seen.add(key)
+                pt += r.prompt_tokens
+            ct += r.completion_tokens
+        return dict(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
 
-        def _stream(self, body: dict, h: Handle) -> None:
-            tok = app.engine.tokenizer
-            stops = h._stops
-            hold = max((len(s) for s in stops), default=1) - 1
-            cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-            created = int(time.time())
-            model = body.get("model", app.base_name)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
-            sent = ""
+    async def completions(self, http: HttpRequest):
+        body: P.CompletionRequest = await self._json(http, P.CompletionRequest)
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, "'best_of' different from n is not supported", param="best_of")
+        pr = body.prompt
+        prompts = [pr] if isinstance(pr, str) or (pr and isinstance(pr[0], int)) else list(pr)
+        if not prompts:
+            raise ApiError(400, "'prompt' is empty", param="prompt")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "'max_tokens' = 0 needs echo=true (prompt scoring)", param="max_tokens")
+        score_only = body.max_tokens == 0
+        reqs = self._requests(body, prompts, max(1, body.max_tokens or 16) if not score_only else 1,
+                              body.logprobs, body.echo)
+        wake = asyncio.Event()
+        t0 = time.perf_counter()
+        handles = await self._submit(reqs, wake)
+        ptexts = [self._prompt_text(p) for p in prompts for _ in range(body.n)]
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        model = body.model or self.base_name
 
-            def chunk(text, ids, finish):
-                obj = dict(id=cid, object="text_completion", created=created, model=model,
-                           choices=[dict(index=0, text=text, token_ids=ids, logprobs=None, finish_reason=finish)])
-                self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-                self.wfile.flush()
+        def choice(i, res):
+            self._check_result(res)
+            if score_only:  # prompt scoring: nothing generated
+                res.token_ids, res.text, res.logprobs, res.finish_reason = [], "", [], "length"
+            text = (ptexts[i] if body.echo else "") + (res.text or "")
+            lp = self._completion_logprobs(res, body.echo, ptexts[i]) if body.logprobs is not None else None
+            return dict(index=i, text=text, token_ids=res.token_ids, logprobs=lp, finish_reason=res.finish_reason)
 
-            try:
-                deadline = time.monotonic() + app.request_timeout
-                new_ids: List[int] = []
-                while True:
-                    item = h.events.get(timeout=max(0.0, deadline - time.monotonic()))
-                    if item is None:
-                        break
-                    new_ids.append(item)
-                    delta = ""
-                    if tok is not None:
-                        text = tok.decode(h.tokens[: len(h.tokens)], skip_special_tokens=True)
-                        safe = len(text) - hold
-                        cut = min((text.find(x) for x in stops if x in text), default=-1)
-                        if cut >= 0:  # a stop string completed: never stream it
-                            safe = min(safe, cut)
-                        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-                            safe = min(safe, len(text) - 1)
-                        if safe > len(sent):
-                            delta = text[len(sent):safe]
-                            sent += delta
-                    if delta or tok is None:
-                        chunk(delta, new_ids, None)
-                        new_ids = []
-                res = h.result(1.0)
-                if res.finish_reason == "error":
-                    err = dict(error=dict(message=f"generation failed: {res.error}", type="server_error",
-                                          param=None, code=500))
-                    self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+        if not body.stream:
+            async for _ in self._follow(handles, wake, http):
+                pass
+            results = [h.result(0) for h in handles]
+            self._observe(results, t0)
+            return dict(id=cid, object="text_completion", created=created, model=model,
+                        choices=[choice(i, r) for i, r in enumerate(results)], usage=self._usage(results))
+
+        def frame(obj) -> bytes:
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        def mk(i, text, ids, finish, lp=None):
+            return dict(id=cid, object="text_completion", created=created, model=model,
+                        choices=[dict(index=i, text=text, token_ids=ids, logprobs=lp, finish_reason=finish)])
+
+        async def gen():
+            async for piece in self._stream(handles, wake, http, t0, body, mk_delta=lambda i, d, ids, fin, lp:
+                                            mk(i, d, ids, fin, lp), echo_texts=ptexts if body.echo else None):
+                yield frame(piece)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _stream(self, handles, wake, http, t0, body, mk_delta, echo_texts=None, chat_logprobs=None):
+        """Chunks of every choice as tokens arrive. Text of a choice with stop strings is held
+        back by len(stop) - 1 characters until the stop is ruled out (never streamed)."""
+        hold = max((len(s) for s in ([body.stop] if isinstance(body.stop, str) else body.stop or [])), default=1) - 1
+        sent = [0] * len(handles)
+        ntok = [0] * len(handles)
+        last = [t0] * len(handles)
+        finished = [False] * len(handles)
+        if echo_texts is not None:
+            for i, t in enumerate(echo_texts):
+                yield mk_delta(i, t, [], None, None)
+        async for _ in self._follow(handles, wake, http):
+            for i, h in enumerate(handles):
+                if finished[i]:
+                    continue
+                done = h.done()
+                ids = list(h.tokens[ntok[i]:])
+                now = time.perf_counter()
+                if ids:
+                    (self.metrics.ttft if ntok[i] == 0 else self.metrics.itl).observe(now - last[i])
+                    last[i] = now
+                lp = None
+                if h.request.logprobs is not None:
+                    lp = chat_logprobs(h.logprobs[ntok[i]:ntok[i] + len(ids)]) if chat_logprobs else \
+                        self._completion_logprobs(_Partial(ids, h.logprobs[ntok[i]:ntok[i] + len(ids)]), False, "")
+                if done:
+                    res = h.result(0)
+                    if res.finish_reason == "error":
+                        code = {"adapter_not_found": 404, "adapter_failed": 424}.get(res.error_type, 500)
+                        yield dict(error=dict(message=f"generation failed: {res.error}", type="server_error",
+                                              param=None, code=code))
+                        finished[i] = True
+                        continue
+                    text = res.text or ""
+                    safe = len(text)
                 else:
-                    final = (res.text or "")[len(sent):] if tok is not None else ""
-                    chunk(final, new_ids, res.finish_reason)
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                h.cancel()  # client went away: free the batch row
-            except Exception:
-                h.cancel()
-                raise
+                    text = h.text
+                    safe = max(len(text) - hold, sent[i])
+                if done or ids or safe > sent[i]:
+                    delta = text[sent[i]:safe]
+                    sent[i] = safe
+                    ntok[i] += len(ids)
+                    if delta or ids or done:
+                        yield mk_delta(i, delta, ids, h.result(0).finish_reason if done else None, lp)
+                if done:
+                    finished[i] = True
+        results = [h.result(0) for h in handles]
+        self._observe(results, None)
+        so = body.stream_options
+        if so is not None and so.include_usage:
+            u = mk_delta(0, "", [], None, None)
+            u["choices"] = []
+            u["usage"] = self._usage(results)
+            yield u
 
-    return Handler
+    def _observe(self, results, t0) -> None:
+        m = self.metrics
+        for r in results:
+            m.prompt_tokens.inc(r.prompt_tokens)
+            m.generation_tokens.inc(r.completion_tokens)
+            if t0 is not None and r.time_to_first_token_s:
+                m.ttft.observe(r.time_to_first_token_s)
+                if r.completion_tokens > 1:
+                    m.itl.observe((r.latency_s - r.time_to_first_token_s) / (r.completion_tokens - 1))
+
+    async def chat(self, http: HttpRequest):
+        body: P.ChatRequest = await self._json(http, P.ChatRequest)
+        tok = self._tokenizer("/v1/chat/completions")
+        msgs = [m.model_dump(exclude_none=True) for m in body.messages]
+        template = self.chat_template or getattr(tok, "chat_template", None)
+        if not template:
+            raise ApiError(400, "the model folder has no chat template (tokenizer_config.json chat_template); "
+                                "start the server with --chat-template FILE")
+        try:
+            text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                           add_generation_prompt=body.add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's (or template's) fault
+            raise ApiError(400, f"chat template failed on these messages: {type(e).__name__}: {e}", param="messages")
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "'top_logprobs' needs logprobs=true", param="top_logprobs")
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.engine.max_seq_len - len(ids))
+        reqs = self._requests(body, [ids], max_tokens, (body.top_logprobs or 0) if body.logprobs else None, False)
+        wake = asyncio.Event()
+        t0 = time.perf_counter()
+        handles = await self._submit(reqs, wake)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        model = body.model or self.base_name
+
+        def lp_content(items, ids_):
+            return dict(content=[dict(token=self._tok_str(t), logprob=lp, bytes=list(self._tok_str(t).encode()),
+                                      top_logprobs=[dict(token=self._tok_str(i), logprob=v,
+                                                         bytes=list(self._tok_str(i).encode())) for i, v in top])
+                                 for t, (lp, top) in zip(ids_, items)])
+
+        if not body.stream:
+            async for _ in self._follow(handles, wake, http):
+                pass
+            results = [h.result(0) for h in handles]
+            for r in results:
+                self._check_result(r)
+            self._observe(results, t0)
+            choices = [dict(index=i, message=dict(role="assistant", content=r.text or ""),
+                            logprobs=lp_content(r.logprobs, r.token_ids) if body.logprobs else None,
+                            finish_reason=r.finish_reason) for i, r in enumerate(results)]
+            return dict(id=cid, object="chat.completion", created=created, model=model, choices=choices,
+                        usage=self._usage(results))
+
+        started = set()
+
+        def mk(i, text, ids_, finish, lp):
+            delta = {}
+            if i not in started:
+                started.add(i)
+                delta["role"] = "assistant"
+            if text:
+                delta["content"] = text
+            return dict(id=cid, object="chat.completion.chunk", created=created, model=model,
+                        choices=[dict(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
+
+        class _B:  # _stream reads logprobs as "report them"
+            stop, stream_options, logprobs = body.stop, body.stream_options, body.logprobs
+
+        async def gen():
+            def chat_lp(items):
+                return dict(content=[dict(token="", logprob=lp, bytes=None, top_logprobs=[
+                    dict(token=self._tok_str(i), logprob=v, bytes=None) for i, v in top]) for lp, top in items])
+
+            async for piece in self._stream(handles, wake, http, t0, _B, mk, chat_logprobs=chat_lp):
+                yield b"data: " + json.dumps(piece).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def models(self) -> dict:
+        now = int(time.time())
+        data = [dict(id=self.base_name, object="model", created=now, owned_by="lfm_engine", root=self.base_name,
+                     parent=None, max_model_len=self.engine.max_seq_len)]
+        data += [dict(id=n, object="model", created=now, owned_by="lfm_engine", root=n, parent=self.base_name)
+                 for n in self.pool.names()]
+        return dict(object="list", data=data)
+
+    # ------------------------------------------------------------------ the ASGI app
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="lfm_engine", docs_url=None, redoc_url=None, openapi_url=None)
+        me = self
+
+        @app.exception_handler(ApiError)
+        async def _api_error(_req, e: ApiError):
+            return _err(e.status, e.message, e.type, e.param)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(req, e: StarletteHTTPException):
+            kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+            msg = f"no route {req.method} {req.url.path}" if e.status_code == 404 else str(e.detail)
+            return _err(e.status_code, msg, kind)
+
+        @app.exception_handler(RequestValidationError)
+        async def _validation(_req, e: RequestValidationError):
+            first = e.errors()[0] if e.errors() else {}
+            return _err(422, f"{'.'.join(str(x) for x in first.get('loc', ()))}: {first.get('msg', 'invalid')}")
+
+        @app.exception_handler(Exception)
+        async def _internal(_req, e: Exception):
+            return _err(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+        @app.middleware("http")
+        async def _count(req, call_next):
+            resp = await call_next(req)
+            me.metrics.requests.labels(req.url.path if req.url.path in _ROUTES else "other",
+                                       str(resp.status_code)).inc()
+            return resp
+
+        @app.get("/health")
+        async def health():
+            return dict(status="ok", stats=me.engine.stats())
+
+        @app.get("/metrics")
+        async def metrics(req: HttpRequest):
+            me._auth(req)
+            return Response(me.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @app.get("/v1/models")
+        async def models(req: HttpRequest):
+            me._auth(req)
+            return me.models()
+
+        @app.post("/v1/completions")
+        async def completions(req: HttpRequest):
+            me._auth(req)
+            return await me.completions(req)
+
+        @app.post("/v1/chat/completions")
+        async def chat(req: HttpRequest):
+            me._auth(req)
+            return await me.chat(req)
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora(req: HttpRequest):
+            me._auth(req)
+            b = await me._json(req, P.LoadLoraRequest)
+            await me.load_adapter(b.lora_name, b.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{b.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora(req: HttpRequest):
+            me._auth(req)
+            b = await me._json(req, P.UnloadLoraRequest)
+            me.unload_adapter(b.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{b.lora_name}' removed successfully.")
+
+        @app.get("/v1/adapters")
+        async def adapters(req: HttpRequest):
+            me._auth(req)
+            return dict(object="list", data=me.pool.info(), capacity=me.pool.capacity,
+                        resident_bytes=me.pool.resident_bytes(), table_bytes=me.pool.table_bytes(),
+                        max_bytes=me.pool.max_bytes)
+
+        @app.post("/v1/adapters")
+        async def add_adapter(req: HttpRequest):
+            me._auth(req)
+            b = await me._json(req, P.AdapterRequest)
+            return await me.load_adapter(b.name, b.path, b.pin, b.wait)
+
+        @app.delete("/v1/adapters/{name}")
+        async def del_adapter(name: str, req: HttpRequest):
+            me._auth(req)
+            return me.unload_adapter(name)
+
+        return app
 
 
-def make_server(app: ServeApp, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server bound to (host, port) (port 0 = any free port: see server.server_address)."""
-    httpd = ThreadingHTTPServer((host, port), _make_handler(app))
-    httpd.daemon_threads = True
-    return httpd
+_ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+           "/v1/unload_lora_adapter", "/v1/adapters"}
+
+
+class _Partial:
+    """The slice of a running request that one streamed completions chunk reports."""
+
+    def __init__(self, ids, lps):
+        self.token_ids, self.logprobs, self.prompt_token_ids, self.prompt_logprobs = ids, lps, [], None
+
+
+def make_server(app: ServeApp, host: str = "127.0.0.1", port: int = 8000, *, backlog: int = 2048,
+                timeout_keep_alive: float = 5.0, limit_concurrency: Optional[int] = 1024):
+    """(uvicorn.Server, bound socket): run with ``server.run(sockets=[sock])``; port 0 binds a
+    free port (see sock.getsockname()); stop with ``server.should_exit = True``."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    cfg = uvicorn.Config(app.app, log_level="warning", backlog=backlog, timeout_keep_alive=int(timeout_keep_alive),
+                         limit_concurrency=limit_concurrency, access_log=False, lifespan="off")
+    return uvicorn.Server(cfg), sock
