@@ -480,3 +480,17 @@ def test_cli_serve_bad_arguments(tmp_path, capsys):
                       (["--model", str(tmp_path), "--pin", "y"], "--pin")]:
         assert cli_serve.run(ap.parse_args(["serve"] + argv)) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_cli_serve_without_the_serve_extra(tmp_path, capsys, monkeypatch):
+    import argparse
+    import sys
+
+    from lfm_engine.cli import serve as cli_serve
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` raises ImportError
+    ap = argparse.ArgumentParser()
+    cli_serve.add_parser(ap.add_subparsers())
+    assert cli_serve.run(ap.parse_args(["serve", str(tmp_path)])) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "lfm_engine[serve]"' in err and "Traceback" not in err and err.count("\n") == 1
