@@ -78,7 +78,8 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
             if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
             t->shape[i] = shape[i];
             t->strides[i] = stride;
-            stride *= shape[i];
+            if (shape[i] > 0 && __builtin_mul_overflow(stride, shape[i], &stride))
+                lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape too large to address (element count overflows)");
         }
         lfm::dtype_size(dtype);
     });

@@ -33,7 +33,17 @@ extern "C" {
 #define LFM_ABI_VERSION 1
 #define LFM_MAX_DIMS 8
 
-typedef enum lfm_status {
+/* Every enum of the ABI is int32-sized. In C++ it gets that fixed underlying type, so
+ * any int32 a caller stores (a corrupt or out-of-range code) is a valid value to read,
+ * and the library rejects it by its number instead of reading an invalid enum value
+ * (undefined behaviour in C++). The layout is the same in C and C++. */
+#ifdef __cplusplus
+#  define LFM_ENUM(name) enum name : int32_t
+#else
+#  define LFM_ENUM(name) enum name
+#endif
+
+typedef LFM_ENUM(lfm_status) {
     LFM_STATUS_OK = 0,
     LFM_STATUS_INVALID_ARGUMENT = 1, /* a parameter is out of its domain */
     LFM_STATUS_UNSUPPORTED_DTYPE = 2,
@@ -46,7 +56,7 @@ typedef enum lfm_status {
     LFM_STATUS_INTERNAL = 9
 } lfm_status;
 
-typedef enum lfm_dtype {
+typedef LFM_ENUM(lfm_dtype) {
     LFM_DTYPE_F32 = 0,
     LFM_DTYPE_F16 = 1,
     LFM_DTYPE_BF16 = 2,
@@ -57,7 +67,7 @@ typedef enum lfm_dtype {
     LFM_DTYPE_U32 = 7
 } lfm_dtype;
 
-typedef enum lfm_device_type {
+typedef LFM_ENUM(lfm_device_type) {
     LFM_DEVICE_CPU = 0,
     LFM_DEVICE_CUDA = 1
 } lfm_device_type;
