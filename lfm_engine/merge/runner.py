@@ -32,6 +32,7 @@ new one is complete).
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -154,13 +155,8 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
                 if int(mm.group(1)) < len(task.inputs) else mm.group(0)), str(e))
             raise ValueError(f"tensor '{task.name}': {msg}") from None
     else:
-        # the torch methods would carry a NaN/Inf silently into the output: refuse it
-        for info, x in ([(task.base, base)] if base is not None else []) + \
-                [(i.info, x) for i, x in zip(task.inputs, xs)]:
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"tensor '{task.name}' of {os.path.dirname(info.file)} "
-                                 f"contains NaN or Inf")
         out = _torch_method(method, task, base, xs, sh)
+        _check_finite(task, out, base, xs)
     out = out.to(task.dtype)
     if reg is None:
         return out
@@ -168,6 +164,39 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
     full = get(full_src).to(task.dtype).clone()
     full[reg] = out
     return full
+
+
+def _all_finite(x: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Exact check in float32 chunks (torch.isfinite on bf16 is slow on CPU)."""
+    flat = x.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk]
+        if not bool(torch.isfinite(part.float() if part.dtype != torch.float64 else part).all()):
+            return False
+    return True
+
+
+def _check_finite(task: TensorTask, out: torch.Tensor, base, xs) -> None:
+    """Refuse a non-finite result of a torch-implemented method, naming its cause.
+
+    Every torch method is, per element, a combination of its inputs with finite
+    coefficients computed from norms and dots of those inputs, so a NaN/Inf input
+    makes the output (or a coefficient, hence the output) non-finite. One float32
+    sum of the output (bandwidth-bound) therefore screens the whole group; only
+    when it is not finite are the output and then the inputs checked element-wise,
+    to tell an input's NaN/Inf from an overflow of finite values.
+    """
+    if math.isfinite(float(out.sum(dtype=torch.float64 if out.dtype == torch.float64 else torch.float32))):
+        return
+    if _all_finite(out):
+        return  # only the screening sum overflowed
+    for info, x in ([(task.base, base)] if base is not None else []) + \
+            [(i.info, x) for i, x in zip(task.inputs, xs)]:
+        if x.is_floating_point() and not _all_finite(x):
+            raise ValueError(f"tensor '{task.name}' of {os.path.dirname(info.file)} "
+                             f"contains NaN or Inf")
+    raise ValueError(f"tensor '{task.name}': the merged values overflow (finite inputs, "
+                     f"non-finite result); check the merge parameters and the inputs' magnitudes")
 
 
 # ------------------------------------------------------------------- prefetch
@@ -420,7 +449,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
             pre_errors.append(f"output folder '{out_dir}' is one of the input models")
     if pre_errors:
         raise C.MergeConfigErrors(pre_errors)
-    for w in plan.warnings:
+    for w in cfg.warnings + plan.warnings:
         warnings.warn(w, MergeWarning, stacklevel=2)
 
     layout = plan_shards([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_bytes)
@@ -428,7 +457,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         text = plan.describe() + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
         return MergeResult(out_dir, cfg.method, len(plan.tasks), plan.input_bytes, plan.output_bytes,
                            time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
-                           list(plan.warnings), text)
+                           cfg.warnings + list(plan.warnings), text)
 
     n_threads = 0  # 0: the C++ library's default (LFM_NUM_THREADS or all cores)
     if threads is not None:
@@ -494,7 +523,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         warnings.warn(w, MergeWarning, stacklevel=2)
     res = MergeResult(out_dir, cfg.method, len(plan.tasks), bytes_read, writer.bytes_written,
                       time.perf_counter() - t0, _peak_rss(), len(layout.files), False,
-                      list(plan.warnings) + late_warns)
+                      cfg.warnings + list(plan.warnings) + late_warns)
     if not quiet:
         print(res.summary(), file=sys.stderr)
     return res
