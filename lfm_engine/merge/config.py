@@ -49,7 +49,7 @@ from lfm_engine.core.merge_methods import METHODS, MergeConfigError
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
-TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher")
+TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher", "passthrough")
 ALL_METHODS = tuple(METHODS) + TORCH_METHODS
 
 # parameters read per input model (may appear at any level) and shared ones
@@ -70,10 +70,11 @@ for _m, _spec in METHODS.items():
         extra = ("epsilon",)
     INPUT_PARAMS[_m] = _TASK_INPUT + extra
     SHARED_PARAMS[_m] = _TASK_SHARED
-INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("weight",), karcher=())
+INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("weight",), karcher=(),
+                    passthrough=("scale",))
 SHARED_PARAMS.update(slerp=("t",), nuslerp=("nuslerp_flatten", "nuslerp_row_wise"),
                      model_stock=("filter_wise",), multislerp=("normalize_weights", "eps"),
-                     karcher=("max_iter", "tol"))
+                     karcher=("max_iter", "tol"), passthrough=())
 # every parameter name some method reads: one a method does not use is ignored with a
 # warning (mergekit ignores it silently), any other name is an error
 KNOWN_PARAMS = frozenset(p for d in (INPUT_PARAMS, SHARED_PARAMS) for ps in d.values() for p in ps)
@@ -322,8 +323,31 @@ def _check_params(params, where: str, level: str, st: _Parse) -> dict:
             continue
         v = coerce_numbers(v)
         check_setting(v, f"{where}.{k}", st.errors)
+        if k in NUMERIC_PARAMS:
+            bad = [x for x in _scalars(v) if not _is_num(x)]
+            if bad:
+                st.errors.append(f"{where}.{k}: must be a number, got {bad[0]!r}")
         out[k] = v
     return out
+
+
+NUMERIC_PARAMS = frozenset(("weight", "density", "gamma", "epsilon", "lambda", "t", "eps", "tol",
+                            "max_iter", "scale"))
+
+
+def _scalars(value):
+    """The scalar values a setting can evaluate to (filter entries' values included)."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, dict):
+                if not isinstance(v.get("value"), dict):
+                    yield from _scalars(v.get("value", 0.0))  # a missing value is reported elsewhere
+            else:
+                yield from _scalars(v)
+    else:
+        yield value
 
 
 def _parse_model_ref(entry, where: str, errors: List[str]) -> Optional[str]:
@@ -542,6 +566,18 @@ def _check_structure(method: str, base_ref, base_path, models, slices, gparams, 
             errors.append("models: multislerp needs at least one non-base model")
         if method == "model_stock" and len(nonbase) < 2:
             errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
+    if method == "passthrough":
+        # one input per output tensor (mergekit: InputContract(max_inputs=1)); the layers
+        # of a frankenmerge come from `slices:`, one source each
+        if models is not None:
+            inputs = {m.path for m in models} | ({base_path} if base_path else set())
+            if len(inputs) != 1:
+                errors.append(f"models: passthrough copies exactly one model, got {len(inputs)} "
+                              f"(with base_model); use `slices:` with one source per slice")
+        for s in slices or []:
+            if len(s.sources) != 1:
+                errors.append(f"{s.where}.sources: passthrough takes exactly one source per "
+                              f"slice, got {len(s.sources)}")
     if method in WEIGHT_REQUIRED and models is not None:
         for m in models:
             if method != "linear" and base_ref is not None and m.path == base_path:

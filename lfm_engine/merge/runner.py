@@ -120,6 +120,10 @@ def _torch_method(method: str, task: TensorTask, base, xs, sh) -> torch.Tensor:
         return geometric.multislerp([float(i.params["weight"]) for i in task.inputs], xs, base,
                                    normalize_weights=True if nw is None else bool(nw),
                                    eps=1e-8 if sh.get("eps") is None else float(sh["eps"]))
+    elif method == "passthrough":
+        # mergekit's passthrough: the one input, times `scale` when given
+        scale = task.inputs[0].params.get("scale")
+        return xs[0] if scale is None else xs[0].to(geometric._work_dtype(xs[0])) * float(scale)
     elif method == "karcher":
         return geometric.karcher(xs, max_iter=10 if sh.get("max_iter") is None else int(sh["max_iter"]),
                                 tol=1e-5 if sh.get("tol") is None else float(sh["tol"]))
@@ -345,7 +349,8 @@ def _model_card(plan: MergePlan) -> str:
 
 
 def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str],
-                      warns: List[str]) -> None:
+                      warns: List[str], copy_tokenizer: bool = True,
+                      write_model_card: bool = True) -> None:
     layout = plan.folders[plan.layout_path]
     cfg_json = dict(layout.config or {})
     if out_dtype_name:
@@ -362,15 +367,16 @@ def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, fn))
     copied = 0
-    for fn in TOKENIZER_FILES:
+    for fn in TOKENIZER_FILES if copy_tokenizer else ():
         src = os.path.join(plan.tokenizer_path, fn)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, fn))
             copied += 1
-    if not copied:
+    if copy_tokenizer and not copied:
         warns.append(f"no tokenizer files found in {plan.tokenizer_path}; the output has none")
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(_model_card(plan))
+    if write_model_card:
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(_model_card(plan))
     with open(os.path.join(folder, "mergekit_config.yml"), "w") as f:
         f.write(plan.config.yaml_text)
 
@@ -391,7 +397,8 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                  device: str = "cpu", threads: Optional[int] = None,
                  out_shard_size: Union[str, int] = "5GB", seed: Optional[int] = None,
                  allow_overwrite: bool = False, dry_run: bool = False,
-                 quiet: bool = False) -> MergeResult:
+                 quiet: bool = False, copy_tokenizer: bool = True,
+                 write_model_card: bool = True) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out_dir``.
 
     ``config_or_path``: a YAML file path, YAML text, or a dict. ``device``: where
@@ -399,6 +406,9 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     outputs written through host memory). ``threads``: CPU threads for the
     kernels (default: torch's setting). ``out_shard_size``: largest output shard,
     e.g. "5GB", "500MB" or bytes. ``seed``: DARE/DELLA seed (default 0).
+    ``copy_tokenizer``/``write_model_card``: write the tokenizer files / README.md
+    (mergekit's options of the same names; config.json and mergekit_config.yml are
+    always written).
 
     All configuration problems (unknown keys, misspelled methods, missing
     folders, pickle-only checkpoints, shape/architecture mismatches, an existing
@@ -496,7 +506,8 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
             bar.set_postfix_str(f"tensors {n_done}/{len(plan.tasks)}", refresh=False)
         aw.finish()
         writer.close()
-        _write_side_files(plan, tmp, cfg.output_dtype or _dominant_float_dtype(plan), late_warns)
+        _write_side_files(plan, tmp, cfg.output_dtype or _dominant_float_dtype(plan), late_warns,
+                          copy_tokenizer, write_model_card)
         bar.close()
         if os.path.lexists(out_dir):  # allow_overwrite: swap only now that the new one is complete
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
