@@ -152,14 +152,14 @@ def test_non_numeric_string_still_refused(family, tmp_path, capsys):
 
 # ------------------------------------------------------------------ multi-document and moe configs
 
-def test_multi_document_names_the_stages(family, tmp_path, capsys):
+def test_multi_document_to_parse_config_names_the_stages(family):
     paths, _ = family
     one = {"merge_method": "linear", "models": [{"model": p, "parameters": {"weight": 1}} for p in paths[:2]]}
     text = "name: first\n" + yaml.safe_dump(one) + "---\nname: second\n" + yaml.safe_dump(one)
-    rc, out = run(text, tmp_path, "--dry-run")
-    err = capsys.readouterr().err
-    assert rc == 2 and "2 YAML documents" in err and "first, second" in err and "multi-stage" in err
-    assert not out.exists()
+    with pytest.raises(MergeConfigErrors) as ei:
+        parse_config(text)   # one config; lfm-engine merge runs the stages (test_mergekit_parity)
+    msg = str(ei.value)
+    assert "2 YAML documents" in msg and "first, second" in msg and "multi-stage" in msg
 
 
 def test_mergekit_moe_config_recognised(family, tmp_path, capsys):

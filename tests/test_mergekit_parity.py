@@ -147,6 +147,51 @@ def test_passthrough_needs_one_input(family, tmp_path, capsys):
     assert rc == 2 and "scale: must be a number" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------ multi-stage configs
+
+def _two_stage(paths, final_name=None):
+    mid = {"name": "mid", "merge_method": "linear", "dtype": "float32",
+           "models": [{"model": p, "parameters": {"weight": 1}} for p in paths[1:3]]}
+    fin = {"merge_method": "slerp", "base_model": paths[0], "dtype": "float32",
+           "models": [{"model": "mid"}], "parameters": {"t": 0.5}}
+    if final_name:
+        fin = {"name": final_name, **fin}
+    # the final stage first: stages run in dependency order, not file order
+    return yaml.safe_dump(fin, sort_keys=False) + "---\n" + yaml.safe_dump(mid, sort_keys=False)
+
+
+def test_stages_run_in_dependency_order(family, tmp_path):
+    from lfm_engine.merge.geometric import slerp
+    paths, T = family
+    rc, out = run(_two_stage(paths), tmp_path, name="st")
+    assert rc == 0
+    got = load_folder(str(out))
+    for n in T[0]:
+        mid = (T[1][n] + T[2][n]) / 2
+        torch.testing.assert_close(got[n], slerp(0.5, T[0][n], mid), rtol=1e-5, atol=1e-6)
+    assert not [f for f in os.listdir(tmp_path) if ".stages-" in f]   # temporaries removed
+    inter = tmp_path / "inter"
+    rc, out2 = run(_two_stage(paths, "final"), tmp_path, "--intermediate-dir", str(inter), name="st2")
+    assert rc == 0 and (inter / "mid" / "config.json").is_file()
+    got2 = load_folder(str(out2))
+    assert all(torch.equal(got[n], got2[n]) for n in got)
+
+
+def test_stage_problems_reported_before_anything_runs(family, tmp_path, capsys):
+    paths, _ = family
+    bad = _two_stage(paths).replace("t: 0.5", "t: 0.5\n  bogus: 1")
+    rc, out = run(bad, tmp_path, name="bad")
+    err = capsys.readouterr().err
+    assert rc == 2 and "stage (final): parameters.bogus: unknown parameter" in err, err
+    assert not out.exists() and not [f for f in os.listdir(tmp_path) if ".stages-" in f]
+    cyc = ("name: a\nmerge_method: passthrough\nmodels: [{model: b}]\n---\n"
+           "name: b\nmerge_method: passthrough\nmodels: [{model: a}]\n")
+    rc, _ = run(cyc, tmp_path, name="cyc")
+    assert rc == 2 and "circular dependency" in capsys.readouterr().err
+    rc, _ = run(_two_stage(paths), tmp_path, "--dry-run", name="dry")
+    assert rc == 0 and "2 stages checked" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ refused inputs
 
 def test_gguf_input_refused_naming_the_conversion(family, tmp_path, capsys):

@@ -65,6 +65,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="write README.md describing the merge (default)")
     p.add_argument("--no-write-model-card", dest="write_model_card", action="store_false",
                    help="write no README.md")
+    p.add_argument("--intermediate-dir", default=None, metavar="DIR",
+                   help="multi-stage configs: keep named stages in DIR/NAME (default: a "
+                        "temporary folder removed at the end)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="accepted for mergekit compatibility; the summary is printed anyway")
@@ -124,7 +127,8 @@ def run(args) -> int:
                            out_shard_size=shard_size(args.out_shard_size), seed=args.seed,
                            allow_overwrite=args.allow_overwrite, dry_run=args.dry_run,
                            quiet=args.quiet, copy_tokenizer=args.copy_tokenizer,
-                           write_model_card=args.write_model_card)
+                           write_model_card=args.write_model_card,
+                           intermediate_dir=args.intermediate_dir)
     except MergeConfigErrors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from lfm_engine.merge import config as C
-from lfm_engine.merge import geometric
+from lfm_engine.merge import geometric, stages
 from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
 from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
@@ -398,7 +398,8 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                  out_shard_size: Union[str, int] = "5GB", seed: Optional[int] = None,
                  allow_overwrite: bool = False, dry_run: bool = False,
                  quiet: bool = False, copy_tokenizer: bool = True,
-                 write_model_card: bool = True) -> MergeResult:
+                 write_model_card: bool = True,
+                 intermediate_dir: Optional[str] = None) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out_dir``.
 
     ``config_or_path``: a YAML file path, YAML text, or a dict. ``device``: where
@@ -408,7 +409,9 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     e.g. "5GB", "500MB" or bytes. ``seed``: DARE/DELLA seed (default 0).
     ``copy_tokenizer``/``write_model_card``: write the tokenizer files / README.md
     (mergekit's options of the same names; config.json and mergekit_config.yml are
-    always written).
+    always written). A multi-document YAML runs its stages in order
+    (:mod:`.stages`); named stages go to ``intermediate_dir/NAME`` (kept) or to a
+    temporary folder removed at the end.
 
     All configuration problems (unknown keys, misspelled methods, missing
     folders, pickle-only checkpoints, shape/architecture mismatches, an existing
@@ -418,6 +421,24 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     """
     t0 = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
+    staged = stages.load_stages(config_or_path)
+    if staged is not None:
+        if os.path.lexists(out_dir) and not allow_overwrite:
+            raise C.MergeConfigErrors([f"output folder '{out_dir}' already exists "
+                                       f"(use --allow-overwrite to replace it)"])
+
+        def run_one(cfg_dict, out, dry):
+            return merge_models(cfg_dict, out, device=device, threads=threads,
+                                out_shard_size=out_shard_size, seed=seed,
+                                allow_overwrite=allow_overwrite if out == out_dir else False,
+                                dry_run=dry, quiet=quiet, copy_tokenizer=copy_tokenizer,
+                                write_model_card=write_model_card)
+        res = stages.run_stages(staged[0], staged[1], out_dir, intermediate_dir, run_one, dry_run)
+        if res is None:  # dry run whose final stage reads earlier outputs
+            res = MergeResult(out_dir, "stages", 0, 0, 0, time.perf_counter() - t0, _peak_rss(), 0, True,
+                              [], f"{len(staged[0])} stages checked; the final stage reads earlier "
+                                  f"stages' outputs, so its tensors were not planned")
+        return res
     pre_errors: List[str] = []
     try:
         shard_bytes = parse_size(out_shard_size)
