@@ -427,8 +427,10 @@ def test_bin_checkpoint_refused_never_unpickled(family, tmp_path, capsys):
         ModelFolder(str(tmp_path / "binmodel"))
 
 
-def test_dry_run_reports_all_problems_together(family, tmp_path, capsys):
+def test_dry_run_reports_all_problems_together(family, tmp_path, capsys, monkeypatch):
     paths, _ = family
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # the hub id is looked up in an empty cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     _pickle_folder(str(tmp_path / "binmodel"), tmp_path / "marker")
     cfg = {"merge_method": "tiess", "base_model": str(tmp_path / "nope"),
            "models": [{"model": "some-org/some-model", "parameters": {"weight": 1}},
@@ -438,7 +440,8 @@ def test_dry_run_reports_all_problems_together(family, tmp_path, capsys):
     rc, out = run_cli(cfg, tmp_path, "cfg.yml", "--dry-run")
     err = capsys.readouterr().err
     assert rc == 2
-    for needle in ("did you mean 'ties'", "nope' does not exist", "local folders only", "pickle",
+    for needle in ("did you mean 'ties'", "nope' does not exist",
+                   "hub model 'some-org/some-model' is not available", "pickle",
                    "modelz: unknown key", "models[2].paramters: unknown key", "'union' is not supported"):
         assert needle in err, (needle, err)
     assert "error: 7 problems" in err

@@ -242,3 +242,36 @@ def test_same_output_as_mergekit_yaml(family, tmp_path, case):
     assert set(a) == set(b)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=2e-5, atol=2e-6, msg=n)
+
+
+# ------------------------------------------------------------------ hub ids
+
+def _fake_cache(root, repo_id, folder, refs):
+    """A Hugging Face cache layout: models--org--name/{refs/REV, snapshots/COMMIT/...}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for i, rev in enumerate(refs):
+        commit = f"{i + 1:040x}"
+        (repo / "refs" / rev).write_text(commit)
+        shutil.copytree(folder[i], repo / "snapshots" / commit)
+
+
+def test_hub_ids_resolve_from_the_offline_cache(family, tmp_path, monkeypatch, capsys):
+    paths, T = family
+    cache = tmp_path / "hub"
+    _fake_cache(cache, "org/tiny", [paths[1], paths[2]], ["main", "v1"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": "org/tiny", "parameters": {"weight": 1}},
+                      {"model": "org/tiny@v1", "parameters": {"weight": 3}}]}
+    rc, out = run(cfg, tmp_path)
+    assert rc == 0, capsys.readouterr().err
+    got = load_folder(str(out))
+    for n in T[1]:
+        torch.testing.assert_close(got[n], (T[1][n] + 3 * T[2][n]) / 4, rtol=1e-6, atol=1e-7)
+    cfg["models"][1]["model"] = "org/absent@v2"
+    rc, _ = run(cfg, tmp_path, "--dry-run", name="absent")
+    err = capsys.readouterr().err
+    assert rc == 2 and "hub model 'org/absent@v2' is not available" in err and str(cache) in err, err
+    assert "HF_HUB_OFFLINE" in err

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from lfm_engine.core.merge_methods import METHODS, MergeConfigError
+from lfm_engine.merge import hub
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
@@ -266,11 +267,21 @@ def _check_keys(mapping: dict, allowed, where: str, errors: List[str]) -> None:
 
 
 def _resolve_path(ref: str, origin_dir: Optional[str]) -> str:
+    """Absolute folder of a model reference: a local path (against the current directory,
+    then the config's folder), else a hub id's snapshot in the Hugging Face cache (see
+    :mod:`.hub`); an unresolvable reference gives a path that does not exist, which the
+    files phase reports (with the hub's reason for hub ids)."""
     p = os.path.expanduser(ref)
-    if os.path.isabs(p) or os.path.exists(p) or origin_dir is None:
+    if os.path.isabs(p) or os.path.exists(p):
         return os.path.abspath(p)
-    alt = os.path.join(origin_dir, p)
-    return os.path.abspath(alt if os.path.exists(alt) else p)
+    if origin_dir is not None and os.path.exists(os.path.join(origin_dir, p)):
+        return os.path.abspath(os.path.join(origin_dir, p))
+    if hub.parse_hub_ref(ref) is not None:
+        try:
+            return hub.resolve(ref)
+        except hub.HubError:
+            pass  # reported by _quick_folder_check
+    return os.path.abspath(p)
 
 
 class _Parse:
@@ -357,7 +368,7 @@ def _parse_model_ref(entry, where: str, errors: List[str]) -> Optional[str]:
     if not isinstance(entry, str) or not entry.strip():
         errors.append(f"{where}: expected a model folder path, got {entry!r}")
         return None
-    if "+" in entry and not os.path.exists(entry):
+    if "+" in entry and not os.path.exists(entry) and hub.parse_hub_ref(entry) is None:
         errors.append(f"{where}: '{entry}': LoRA references (model+lora) are not supported; "
                       f"merge the adapter into its model first")
         return None
@@ -709,14 +720,15 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
 
 def _quick_folder_check(ref: str, path: str) -> None:
     """Existence / hub id / pickle- or GGUF-only checks without reading headers."""
-    from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError, is_hub_id
+    from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError
     if ref.lower().endswith(".gguf") or (os.path.isfile(path) and path.lower().endswith(".gguf")):
         raise CheckpointError(_GGUF_MSG.format(ref=ref))
     if not os.path.isdir(path):
-        if is_hub_id(ref):
-            raise CheckpointError(
-                f"'{ref}' is not a local folder and looks like a Hugging Face hub id: local folders only "
-                f"(download it first, e.g. `huggingface-cli download {ref} --local-dir DIR`)")
+        if hub.parse_hub_ref(ref) is not None:
+            try:
+                hub.resolve(ref)
+            except hub.HubError as e:
+                raise CheckpointError(str(e)) from None
         raise CheckpointError(f"model folder '{ref}' does not exist")
     files = os.listdir(path)
     if not any(f.endswith(".safetensors") for f in files):
