@@ -275,3 +275,57 @@ def test_hub_ids_resolve_from_the_offline_cache(family, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert rc == 2 and "hub model 'org/absent@v2' is not available" in err and str(cache) in err, err
     assert "HF_HUB_OFFLINE" in err
+
+
+# ------------------------------------------------------------------ model+lora references
+
+def _adapter(path, T, rank=2, seed=5):
+    from lfm_engine.merge.lora_merge import LoraAdapter, save_peft_adapter
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for n in ("model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"):
+        out_f, in_f = T[0][n + ".weight"].shape
+        mods[n] = (torch.randn(rank, in_f, generator=g) * 0.1, torch.randn(out_f, rank, generator=g) * 0.1)
+    ad = LoraAdapter(mods, {m: 0.75 for m in mods})
+    save_peft_adapter(ad, str(path))
+    return ad
+
+
+def test_model_plus_lora_is_merged_on_the_fly(family, tmp_path):
+    paths, T = family
+    ad = _adapter(tmp_path / "lora", T)
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": paths[1], "parameters": {"weight": 1}},
+                      {"model": f"{paths[0]}+{tmp_path / 'lora'}", "parameters": {"weight": 1}}]}
+    rc, out = run(cfg, tmp_path)
+    assert rc == 0
+    got = load_folder(str(out))
+    for n in T[0]:
+        adapted = T[0][n].clone()
+        m = n[:-len(".weight")]
+        if m in ad.modules:
+            a, b = ad.modules[m]
+            adapted = adapted + 0.75 * (b @ a)
+        torch.testing.assert_close(got[n], (T[1][n] + adapted) / 2, rtol=1e-5, atol=1e-6, msg=n)
+    # nothing adapted was written next to the inputs
+    assert sorted(os.listdir(paths[0])) == sorted(os.listdir(paths[1]))
+
+
+def test_model_plus_lora_problems_named(family, tmp_path, capsys):
+    paths, T = family
+    _adapter(tmp_path / "lora", T)
+    for ref, msg in ((f"{paths[0]}+{tmp_path / 'nolora'}", "the LoRA adapter: model folder"),
+                     (f"{tmp_path / 'nobase'}+{tmp_path / 'lora'}", "the model: model folder"),
+                     (f"{paths[0]}+{paths[1]}", "has no adapter_config.json")):
+        cfg = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1}}]}
+        rc, _ = run(cfg, tmp_path, "--dry-run")
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err, err
+    # an adapter for another architecture: its module shapes do not fit
+    small = make_family(str(tmp_path / "other"), 0, hidden=16, layers=3, intermediate=24, vocab=96)
+    _adapter(tmp_path / "lora_small", [load_folder(small[0])])
+    cfg = {"merge_method": "linear", "models": [
+        {"model": f"{paths[0]}+{tmp_path / 'lora_small'}", "parameters": {"weight": 1}}]}
+    rc, _ = run(cfg, tmp_path, "--dry-run")
+    err = capsys.readouterr().err
+    assert rc == 2 and "makes a [16, 16] delta but the weight is [32, 32]" in err, err

@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from lfm_engine.core.merge_methods import METHODS, MergeConfigError
-from lfm_engine.merge import hub
+from lfm_engine.merge import hub, lora_ref
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
@@ -271,6 +271,12 @@ def _resolve_path(ref: str, origin_dir: Optional[str]) -> str:
     then the config's folder), else a hub id's snapshot in the Hugging Face cache (see
     :mod:`.hub`); an unresolvable reference gives a path that does not exist, which the
     files phase reports (with the hub's reason for hub ids)."""
+    parts = lora_ref.split(ref)
+    if parts is not None:
+        model, lora = (_resolve_path(x, origin_dir) for x in parts)
+        if os.path.isdir(model) and os.path.isdir(lora):
+            return lora_ref.overlay(model, lora)
+        return os.path.abspath(ref)   # reported by _quick_folder_check
     p = os.path.expanduser(ref)
     if os.path.isabs(p) or os.path.exists(p):
         return os.path.abspath(p)
@@ -368,9 +374,8 @@ def _parse_model_ref(entry, where: str, errors: List[str]) -> Optional[str]:
     if not isinstance(entry, str) or not entry.strip():
         errors.append(f"{where}: expected a model folder path, got {entry!r}")
         return None
-    if "+" in entry and not os.path.exists(entry) and hub.parse_hub_ref(entry) is None:
-        errors.append(f"{where}: '{entry}': LoRA references (model+lora) are not supported; "
-                      f"merge the adapter into its model first")
+    if "+" in entry and not os.path.exists(entry) and lora_ref.split(entry) is None:
+        errors.append(f"{where}: '{entry}': expected MODEL+LORA with both parts given")
         return None
     return entry
 
@@ -625,6 +630,8 @@ def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
             _quick_folder_check(ref, path)
         except CheckpointError as e:
             st.errors.append(f"{where}: {e}")
+            continue
+        st.errors += [f"{where}: {m}" for m in lora_ref.check(path, ref)]
     if len(st.errors) == n_before:
         # every size taken from the config is bounded by what the folders hold, so a
         # `layer_range: [0, 1e9]` is an error here instead of a billion planned layers
@@ -721,6 +728,21 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
 def _quick_folder_check(ref: str, path: str) -> None:
     """Existence / hub id / pickle- or GGUF-only checks without reading headers."""
     from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError
+    parts = lora_ref.split(ref)
+    if parts is not None and not os.path.isdir(path):
+        # name the part that is missing (the overlay exists once both parts resolve)
+        for part, what in zip(parts, ("model", "LoRA adapter")):
+            if not os.path.isdir(_resolve_path(part, None)):
+                try:
+                    _quick_folder_check(part, _resolve_path(part, None))
+                except CheckpointError as e:
+                    raise CheckpointError(f"'{ref}': the {what}: {e}") from None
+        raise CheckpointError(f"'{ref}': cannot be resolved")
+    if parts is not None:
+        path_l = _resolve_path(parts[1], None)
+        if not os.path.isfile(os.path.join(path_l, "adapter_config.json")):
+            raise CheckpointError(f"'{ref}': the LoRA adapter folder '{parts[1]}' has no "
+                                  f"adapter_config.json (a PEFT adapter folder is expected)")
     if ref.lower().endswith(".gguf") or (os.path.isfile(path) and path.lower().endswith(".gguf")):
         raise CheckpointError(_GGUF_MSG.format(ref=ref))
     if not os.path.isdir(path):

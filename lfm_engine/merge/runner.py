@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from lfm_engine.merge import config as C
-from lfm_engine.merge import geometric, stages
+from lfm_engine.merge import geometric, lora_ref, stages
 from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
 from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
@@ -246,7 +246,7 @@ class _Prefetcher:
                     fd = fds.get(info.file)
                     if fd is None:
                         fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
-                    t = read_tensor(info, fd, pin=self.device is not None)
+                    t = lora_ref.apply(info, read_tensor(info, fd, pin=self.device is not None))
                     if self.device is not None:
                         with torch.cuda.stream(self.copy_stream):
                             t = t.to(self.device, non_blocking=True)
