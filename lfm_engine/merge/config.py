@@ -47,10 +47,11 @@ import yaml
 
 from lfm_engine.core.merge_methods import METHODS, MergeConfigError
 from lfm_engine.merge import hub, lora_ref
+from lfm_engine.merge.elementwise import METHODS as ELEMENTWISE, ONE_MODEL, PARAMS as ELEMENTWISE_PARAMS
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
-TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher", "passthrough")
+TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher", "passthrough") + ELEMENTWISE
 ALL_METHODS = tuple(METHODS) + TORCH_METHODS
 
 # parameters read per input model (may appear at any level) and shared ones
@@ -76,12 +77,15 @@ INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("
 SHARED_PARAMS.update(slerp=("t",), nuslerp=("nuslerp_flatten", "nuslerp_row_wise"),
                      model_stock=("filter_wise",), multislerp=("normalize_weights", "eps"),
                      karcher=("max_iter", "tol"), passthrough=())
+for _m in ELEMENTWISE:
+    INPUT_PARAMS[_m] = ()
+    SHARED_PARAMS[_m] = tuple(ELEMENTWISE_PARAMS[_m])
 # every parameter name some method reads: one a method does not use is ignored with a
 # warning (mergekit ignores it silently), any other name is an error
 KNOWN_PARAMS = frozenset(p for d in (INPUT_PARAMS, SHARED_PARAMS) for ps in d.values() for p in ps)
 # methods whose per-model `weight` must be given explicitly (as in mergekit)
 WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if "weight" in INPUT_PARAMS[m])
-BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock")
+BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock") + ELEMENTWISE
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -349,7 +353,7 @@ def _check_params(params, where: str, level: str, st: _Parse) -> dict:
 
 
 NUMERIC_PARAMS = frozenset(("weight", "density", "gamma", "epsilon", "lambda", "t", "eps", "tol",
-                            "max_iter", "scale"))
+                            "max_iter", "scale", "select_topk", "r", "alpha"))
 
 
 def _scalars(value):
@@ -580,6 +584,9 @@ def _check_structure(method: str, base_ref, base_path, models, slices, gparams, 
             errors.append(f"models: nuslerp needs exactly two non-base models, got {len(nonbase)}")
         if method == "multislerp" and len(nonbase) < 1:
             errors.append("models: multislerp needs at least one non-base model")
+        if method in ONE_MODEL and len(nonbase) != 1:
+            errors.append(f"models: {method} merges the base with exactly one other model, "
+                          f"got {len(nonbase)} non-base models")
         if method == "model_stock" and len(nonbase) < 2:
             errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
     if method == "passthrough":

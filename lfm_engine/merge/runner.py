@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from lfm_engine.merge import config as C
-from lfm_engine.merge import geometric, lora_ref, stages
+from lfm_engine.merge import elementwise, geometric, lora_ref, stages
 from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
 from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
@@ -120,6 +120,8 @@ def _torch_method(method: str, task: TensorTask, base, xs, sh) -> torch.Tensor:
         return geometric.multislerp([float(i.params["weight"]) for i in task.inputs], xs, base,
                                    normalize_weights=True if nw is None else bool(nw),
                                    eps=1e-8 if sh.get("eps") is None else float(sh["eps"]))
+    elif method in elementwise.METHODS:
+        return elementwise.merge(method, base, xs, sh)
     elif method == "passthrough":
         # mergekit's passthrough: the one input, times `scale` when given
         scale = task.inputs[0].params.get("scale")
