@@ -16,9 +16,9 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import assert_close  # noqa: E402
-from fixtures_models import load_folder, make_family  # noqa: E402
+from fixtures_models import load_folder  # noqa: E402
+from merge_cli_helpers import build_family, karcher64, run  # noqa: E402
 
-from lfm_engine.cli.merge import main as cli_main  # noqa: E402
 from lfm_engine.merge import MergeConfigErrors  # noqa: E402
 from lfm_engine.merge.config import as_number, parse_config  # noqa: E402
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents  # noqa: E402
@@ -26,38 +26,10 @@ from lfm_engine.merge.yaml_load import YamlLimitError, load_documents  # noqa: E
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cfgfamily")
-    paths = make_family(str(root), 3, hidden=32, layers=3, intermediate=48, vocab=96)
-    return paths, [load_folder(p) for p in paths]
-
-
-def run(text: str, tmp_path, *extra, name="c"):
-    p = tmp_path / f"{name}.yml"
-    p.write_text(text)
-    out = tmp_path / f"out_{name}"
-    return cli_main(["merge", str(p), str(out), "--quiet", *extra]), out
+    return build_family(tmp_path_factory, "cfgfamily", 3)
 
 
 # ------------------------------------------------------------------ karcher with a base
-
-def karcher64(xs, iters=10, tol=1e-5):
-    """mergekit's karcher_merge_tensors read in float64 (alphas 1/K, no zero inputs)."""
-    X = torch.stack([x.double().flatten() for x in xs])
-    n = X.norm(dim=1)
-    U = X / n[:, None]
-    mu = U.mean(0)
-    mu = mu / mu.norm()
-    for _ in range(iters):
-        c = (U @ mu).clamp(-1, 1)
-        th = torch.acos(c)
-        coef = torch.where(th < tol, torch.zeros_like(th), th / torch.sin(th)) / len(xs)
-        g = (coef[:, None] * (U - c[:, None] * mu[None])).sum(0)
-        if g.norm() < tol:
-            break
-        mu = torch.cos(g.norm()) * mu + torch.sin(g.norm()) * g / g.norm()
-        mu = mu / mu.norm()
-    return (n.mean() * mu).reshape(xs[0].shape)
-
 
 @pytest.mark.parametrize("listed", [False, True])
 def test_karcher_with_base_includes_the_base_once(family, tmp_path, listed):

@@ -19,6 +19,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import assert_close  # noqa: E402
+from merge_cli_helpers import karcher64  # noqa: E402
 from fixtures_models import (finetune, llama_config, load_folder, make_family,  # noqa: E402
                              random_weights, write_model)
 
@@ -232,24 +233,6 @@ def multislerp64(ws, xs, b):
     gn = G.norm() + 1e-8
     r = (mu * torch.cos(gn) + G * torch.sin(gn) / gn) * (w * n).sum()
     return b.double() + r.reshape(b.shape)
-
-
-def karcher64(xs, iters=10, tol=1e-5):
-    X = torch.stack([x.double().flatten() for x in xs])
-    n = X.norm(dim=1)
-    U = X / n[:, None]
-    mu = U.mean(0)
-    mu = mu / mu.norm()
-    for _ in range(iters):
-        c = (U @ mu).clamp(-1, 1)
-        th = torch.acos(c)
-        coef = torch.where(th < tol, torch.zeros_like(th), th / torch.sin(th)) / len(xs)
-        g = (coef[:, None] * (U - c[:, None] * mu[None])).sum(0)
-        if g.norm() < tol:
-            break
-        mu = torch.cos(g.norm()) * mu + torch.sin(g.norm()) * g / g.norm()
-        mu = mu / mu.norm()
-    return (n.mean() * mu).reshape(xs[0].shape)
 
 
 def test_multislerp_and_karcher(family, tmp_path):

@@ -15,23 +15,14 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fixtures_models import load_folder, make_family  # noqa: E402
+from merge_cli_helpers import build_family, run  # noqa: E402
 
-from lfm_engine.cli.merge import main as cli_main  # noqa: E402
 from lfm_engine.cli.merge import shard_size  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parity")
-    paths = make_family(str(root), 2, hidden=32, layers=3, intermediate=48, vocab=96)
-    return paths, [load_folder(p) for p in paths]
-
-
-def run(cfg, tmp_path, *extra, name="c"):
-    p = tmp_path / f"{name}.yml"
-    p.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False))
-    out = tmp_path / f"out_{name}"
-    return cli_main(["merge", str(p), str(out), "--quiet", *extra]), out
+    return build_family(tmp_path_factory, "parity", 2)
 
 
 def linear_cfg(paths):

@@ -496,18 +496,25 @@ def _parse_tokenizer(raw: dict, errors: List[str]) -> Optional[str]:
 
 # ---- phase 3: models / slices
 
+def _entries(value, key: str, expected: str, st: _Parse, shorthand: Optional[str] = None):
+    """(where, mapping) for each entry of the list under `key`, reporting a missing or
+    empty list and non-mapping entries (a bare string is ``{shorthand: string}``)."""
+    if not isinstance(value, list) or not value:
+        st.errors.append(f"{key}: must be a non-empty list")
+        return
+    for i, ent in enumerate(value):
+        where = f"{key}[{i}]"
+        if shorthand and isinstance(ent, str):
+            ent = {shorthand: ent}
+        if not isinstance(ent, dict):
+            st.errors.append(f"{where}: expected a mapping with {expected}")
+            continue
+        yield where, ent
+
+
 def _parse_models(ml, st: _Parse) -> List[Source]:
     models = []
-    if not isinstance(ml, list) or not ml:
-        st.errors.append("models: must be a non-empty list")
-        return models
-    for i, ent in enumerate(ml):
-        where = f"models[{i}]"
-        if isinstance(ent, str):
-            ent = {"model": ent}
-        if not isinstance(ent, dict):
-            st.errors.append(f"{where}: expected a mapping with 'model' and 'parameters'")
-            continue
+    for where, ent in _entries(ml, "models", "'model' and 'parameters'", st, shorthand="model"):
         _check_keys(ent, ("model", "parameters"), where, st.errors)
         ref = _parse_model_ref(ent.get("model"), f"{where}.model", st.errors)
         params = _check_params(ent.get("parameters"), f"{where}.parameters", "model", st)
@@ -530,30 +537,15 @@ def _parse_layer_range(lr, where: str, errors: List[str]) -> Optional[tuple]:
 
 def _parse_slices(sl, st: _Parse) -> List[Slice]:
     slices = []
-    if not isinstance(sl, list) or not sl:
-        st.errors.append("slices: must be a non-empty list")
-        return slices
-    for si, s in enumerate(sl):
-        where = f"slices[{si}]"
-        if not isinstance(s, dict):
-            st.errors.append(f"{where}: expected a mapping with 'sources'")
-            continue
+    for where, s in _entries(sl, "slices", "'sources'", st):
         _check_keys(s, ("sources", "parameters", "base_model"), where, st.errors)
         sparams = _check_params(s.get("parameters"), f"{where}.parameters", "slice", st)
         sbase = s.get("base_model")
         if sbase is not None:
             sbase = _parse_model_ref(sbase, f"{where}.base_model", st.errors)
         srcs = []
-        src_list = s.get("sources")
-        if not isinstance(src_list, list) or not src_list:
-            st.errors.append(f"{where}.sources: must be a non-empty list")
-            src_list = []
         lengths = []
-        for j, src in enumerate(src_list):
-            w2 = f"{where}.sources[{j}]"
-            if not isinstance(src, dict):
-                st.errors.append(f"{w2}: expected a mapping with 'model' and 'layer_range'")
-                continue
+        for w2, src in _entries(s.get("sources"), f"{where}.sources", "'model' and 'layer_range'", st):
             _check_keys(src, ("model", "layer_range", "parameters"), w2, st.errors)
             ref = _parse_model_ref(src.get("model"), f"{w2}.model", st.errors)
             params = _check_params(src.get("parameters"), f"{w2}.parameters", "source", st)
