@@ -453,3 +453,44 @@ def test_new_methods_parameter_errors(family, tmp_path, capsys):
         rc, _ = run(cfg, tmp_path, "--dry-run", name=f"e{i}")
         err = capsys.readouterr().err
         assert rc == 2 and msg in err, err
+
+
+# ------------------------------------------------------------------ chat_template
+
+def test_chat_template_written_to_the_tokenizer(family, tmp_path, capsys):
+    paths, _ = family
+    literal = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for value, check in ((literal, lambda t: t == literal), ("chatml", lambda t: "<|im_start|>" in t)):
+        cfg = dict(linear_cfg(paths), chat_template=value)
+        rc, out = run(cfg, tmp_path, name="ct" + str(len(value)))
+        assert rc == 0, capsys.readouterr().err
+        with open(os.path.join(out, "tokenizer_config.json")) as f:
+            assert check(json.load(f)["chat_template"])
+    jinja2 = pytest.importorskip("jinja2")   # what transformers renders chat templates with
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        tpl = json.load(f)["chat_template"]
+    text = jinja2.Environment().from_string(tpl).render(
+        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_auto_and_errors(family, tmp_path, capsys):
+    paths, _ = family
+    rc, _ = run(dict(linear_cfg(paths), chat_template="auto"), tmp_path, "--dry-run", name="a")
+    assert rc == 2 and "none of the input models has a chat template" in capsys.readouterr().err
+    rc, _ = run(dict(linear_cfg(paths), chat_template="vicuna"), tmp_path, "--dry-run", name="b")
+    assert rc == 2 and "unknown template name 'vicuna'" in capsys.readouterr().err
+    # auto: the template the models carry
+    src = tmp_path / "withtpl"
+    shutil.copytree(paths[1], src)
+    with open(src / "tokenizer_config.json") as f:
+        tc = json.load(f)
+    tc["chat_template"] = "{{ messages[0]['content'] }}"
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    cfg = {"merge_method": "linear", "chat_template": "auto",
+           "models": [{"model": str(src), "parameters": {"weight": 1}},
+                      {"model": paths[2], "parameters": {"weight": 1}}]}
+    rc, out = run(cfg, tmp_path, name="c")
+    assert rc == 0
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        assert json.load(f)["chat_template"] == "{{ messages[0]['content'] }}"

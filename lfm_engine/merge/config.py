@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from lfm_engine.core.merge_methods import METHODS, MergeConfigError
-from lfm_engine.merge import hub, lora_ref
+from lfm_engine.merge import chat_template, hub, lora_ref
 from lfm_engine.merge.elementwise import METHODS as ELEMENTWISE, ONE_MODEL, PARAMS as ELEMENTWISE_PARAMS
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
@@ -93,10 +93,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
           "float64": "float64"}
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
-             "out_dtype", "tokenizer_source", "tokenizer")
+             "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 _UNSUPPORTED_TOP = {
     "modules": "multi-module (`modules:`) configs are not supported; use `models:` or `slices:`",
-    "chat_template": "`chat_template` is not supported; edit tokenizer_config.json of the output",
 }
 # keys only mergekit-moe configs have (mergekit/moe/config.py)
 MOE_KEYS = ("gate_mode", "experts", "experts_per_token", "shared_experts", "residual_scale",
@@ -150,6 +149,7 @@ class MergeConfig:
     yaml_text: str
     origin: Optional[str] = None
     warnings: List[str] = field(default_factory=list)   # e.g. parameters the method ignores
+    chat_template: Optional[str] = None   # a name, `auto` or a literal (see .chat_template)
 
     @property
     def output_dtype(self) -> Optional[str]:
@@ -689,6 +689,10 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
         base_ref = _parse_model_ref(base_ref, "base_model", st.errors)
     dtypes = _parse_dtypes(raw, st.errors)
     tok = _parse_tokenizer(raw, st.errors)
+    chat = raw.get("chat_template")
+    if chat is not None and chat_template.check(chat):
+        st.errors.append(chat_template.check(chat))
+        chat = None
 
     models = slices = None
     if raw.get("models") is not None and raw.get("slices") is not None:
@@ -713,7 +717,8 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
     cfg = MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
                       slices=slices, parameters=gparams, dtype=dtypes["dtype"],
                       out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
-                      yaml_text=text, origin=origin, warnings=st.unused_warnings())
+                      yaml_text=text, origin=origin, warnings=st.unused_warnings(),
+                      chat_template=chat)
     if st.errors:
         err = MergeConfigErrors(st.errors)
         # What could still be planned, so a caller can add the tensor-level problems

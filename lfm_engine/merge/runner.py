@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from lfm_engine.merge import config as C
-from lfm_engine.merge import elementwise, geometric, lora_ref, stages
+from lfm_engine.merge import chat_template, elementwise, geometric, lora_ref, stages
 from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
 from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
@@ -376,6 +376,11 @@ def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str
             copied += 1
     if copy_tokenizer and not copied:
         warns.append(f"no tokenizer files found in {plan.tokenizer_path}; the output has none")
+    if plan.config.chat_template is not None:
+        if copy_tokenizer:
+            chat_template.write(folder, chat_template.resolve(plan.config.chat_template, plan.folders))
+        else:
+            warns.append("chat_template is not written: --no-copy-tokenizer writes no tokenizer files")
     if write_model_card:
         with open(os.path.join(folder, "README.md"), "w") as f:
             f.write(_model_card(plan))
@@ -480,6 +485,11 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     for path in plan.folders:
         if os.path.abspath(path) == out_dir:
             pre_errors.append(f"output folder '{out_dir}' is one of the input models")
+    if cfg.chat_template is not None:
+        try:
+            chat_template.resolve(cfg.chat_template, plan.folders)
+        except ValueError as e:
+            pre_errors.append(str(e))
     if pre_errors:
         raise C.MergeConfigErrors(pre_errors)
     for w in cfg.warnings + plan.warnings:
