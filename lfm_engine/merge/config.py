@@ -433,9 +433,8 @@ def _check_top(raw: dict, st: _Parse) -> None:
     moe = [k for k in MOE_KEYS if k in raw]
     if moe:
         raise MergeConfigErrors([
-            f"this is a mergekit-moe config (keys: {', '.join(moe)}): `lfm-engine merge` builds "
-            f"dense merges (mergekit-yaml configs); mixture-of-experts assembly (mergekit-moe) "
-            f"is not available in lfm-engine yet"])
+            f"this is a mergekit-moe config (keys: {', '.join(moe)}); use `lfm-engine moe "
+            f"CONFIG OUT_DIR` (`lfm-engine merge` takes mergekit-yaml configs)"])
     for k in raw:
         if k in _UNSUPPORTED_TOP:
             st.errors.append(f"{k}: {_UNSUPPORTED_TOP[k]}")
