@@ -212,3 +212,12 @@ def test_parse_config_reports_everything_at_once(family):
         parse_config(cfg)
     msgs = "\n".join(ei.value.errors)
     assert "modelz: unknown key" in msgs and "densty" in msgs and "models[1].parameters.weight: missing" in msgs
+
+
+def test_int8_mask_accepted_with_a_note(family, tmp_path, capsys):
+    paths, _ = family
+    text = yaml.safe_dump({"merge_method": "ties", "base_model": paths[0], "parameters": {"int8_mask": True},
+                           "models": [{"model": paths[1], "parameters": {"weight": 1, "density": 0.5}}]})
+    rc, _ = run(text, tmp_path, "--dry-run")
+    err = capsys.readouterr().err
+    assert rc == 0 and err.count("int8_mask (given in parameters.int8_mask) has no effect") == 1, err

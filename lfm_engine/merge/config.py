@@ -302,9 +302,13 @@ class _Parse:
         self.unused: Dict[str, List[str]] = {}      # parameter -> where it was given
         self.origin_dir = os.path.dirname(origin) if origin else None
         self.method: Optional[str] = None
+        self.int8_mask: List[str] = []               # where int8_mask was given
 
     def unused_warnings(self) -> List[str]:
         out = []
+        if self.int8_mask:
+            out.append(f"int8_mask (given in {', '.join(self.int8_mask[:3])}) has no effect: it only "
+                       f"changes mergekit's mask storage; masks here are never materialised as floats")
         for k, wheres in self.unused.items():
             more = f" and {len(wheres) - 3} more" if len(wheres) > 3 else ""
             out.append(f"parameter '{k}' is not used by method '{self.method}' and is ignored "
@@ -344,6 +348,8 @@ def _check_params(params, where: str, level: str, st: _Parse) -> dict:
             continue
         v = coerce_numbers(v)
         check_setting(v, f"{where}.{k}", st.errors)
+        if k == "int8_mask":
+            st.int8_mask.append(f"{where}.{k}")
         if k in NUMERIC_PARAMS:
             bad = [x for x in _scalars(v) if not _is_num(x)]
             if bad:
