@@ -2,8 +2,8 @@
 
 Accepted vocabulary (mergekit's, spec/merge.md)::
 
-    merge_method: ties                 # a method of lfm_engine.merge.runner.ALL_METHODS
-    base_model: path/to/base           # local folder
+    merge_method: ties                 # one of ALL_METHODS
+    base_model: path/to/base           # local folder, hub id org/name[@rev], or MODEL+LORA
     models:                            # or `slices:` (not both)
       - model: path/to/ft1
         parameters: {weight: 0.5, density: [0.2, 0.8]}
@@ -19,6 +19,12 @@ Accepted vocabulary (mergekit's, spec/merge.md)::
     out_dtype: bfloat16
     tokenizer_source: base             # `base`, a model path, or absent (= base)
     tokenizer: {source: base}          # the same, mergekit's newer spelling
+    chat_template: chatml              # a name, `auto` or a Jinja template (.chat_template)
+
+Several YAML documents (mergekit-multi) are run by :mod:`.stages`; this parser takes
+one. Parameters some other method uses are dropped with one warning per name; numeric
+strings (``1e-8``) are numbers; the YAML itself is read with bounds
+(:mod:`.yaml_load`). Definitions and decisions: docs/spec/merge.md.
 
 A parameter value is a scalar, a gradient list of numbers (interpolated
 piecewise-linearly at t), or a list of ``{filter, value}`` entries (first entry

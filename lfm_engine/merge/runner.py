@@ -10,7 +10,12 @@ Where each method runs
 * slerp, nuslerp, model_stock, multislerp and karcher run in plain torch
   (:mod:`.geometric`): each is a global reduction (norms/dots/cosines; karcher a few
   such iterations) and one scaled sum, vectorised torch ops that already run at
-  memory bandwidth; there is no sparsification or sign election to fuse.
+  memory bandwidth; there is no sparsification or sign election to fuse. sce,
+  nearswap, arcee_fusion, ram and ramplus_tl (:mod:`.elementwise`) and passthrough
+  also run in torch. Their results are screened for NaN/Inf once per output tensor
+  (one fp32 sum; element-wise checks only when it is not finite, to name the cause).
+* ``model+lora`` inputs get their adapter delta added as each tensor is read
+  (:mod:`.lora_ref`).
 
 Streaming and memory
 --------------------
