@@ -221,3 +221,40 @@ def test_int8_mask_accepted_with_a_note(family, tmp_path, capsys):
     rc, _ = run(text, tmp_path, "--dry-run")
     err = capsys.readouterr().err
     assert rc == 0 and err.count("int8_mask (given in parameters.int8_mask) has no effect") == 1, err
+
+
+def test_fuzzed_configs_give_config_errors_only(family):
+    """Seeded fuzzer: random mixes of mergekit keys and hostile values never raise
+    anything but MergeConfigErrors (no traceback, hang or huge allocation)."""
+    import random
+    paths, _ = family
+    rnd = random.Random(1234)
+    values = [None, 0, -1, 1e9, "1e9", "5e-1", float("nan"), float("inf"), True, "", "x", [], {}, [[]], [{}],
+              {"a": 1}, [1, "a"], [0, 10**12], paths[0], paths[1] + "+" + paths[2], "org/x@",
+              [{"filter": 3, "value": "z"}], [{"value": []}], {"value": {"value": 1}}, "a" * 300]
+    keys = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "name", "gate_mode"]
+    methods = ["ties", "slerp", "karcher", "passthrough", "sce", "nearswap", "linear", "bogus"]
+    from lfm_engine.merge import merge_models
+    from lfm_engine.merge.io import CheckpointError
+    for i in range(200):
+        cfg = {}
+        for k in rnd.sample(keys, rnd.randint(1, len(keys))):
+            cfg[k] = rnd.choice(values)
+        cfg["merge_method"] = rnd.choice(methods + values)
+        if rnd.random() < 0.6:
+            cfg["models"] = [{"model": rnd.choice([paths[1], paths[2]] + values),
+                              "parameters": {rnd.choice(["weight", "density", "t", "scale", "zz"]): rnd.choice(values)}}
+                             for _ in range(rnd.randint(0, 3))]
+        elif rnd.random() < 0.5:
+            cfg["slices"] = [{"sources": [{"model": rnd.choice([paths[1]] + values),
+                                           "layer_range": rnd.choice(values + [[0, 2], [1, 3]])}]}]
+        try:
+            parse_config(cfg)
+        except MergeConfigErrors:
+            pass
+        if i % 4 == 0:  # the whole dry run too (planning, per-tensor parameter checks)
+            try:
+                merge_models(cfg, os.path.join(paths[0], "..", "never"), dry_run=True, quiet=True)
+            except (MergeConfigErrors, CheckpointError):
+                pass
