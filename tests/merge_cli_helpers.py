@@ -46,3 +46,10 @@ def karcher64(xs, iters=10, tol=1e-5):
         mu = torch.cos(g.norm()) * mu + torch.sin(g.norm()) * g / g.norm()
         mu = mu / mu.norm()
     return (n.mean() * mu).reshape(xs[0].shape)
+
+
+def assert_same_logits(model_a, model_b, ids, rtol, atol):
+    """Two transformers models give the same logits on token ids ``ids`` [1, T]."""
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model_a(ids).logits, model_b(ids).logits, rtol=rtol, atol=atol)

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fixtures_models import llama_config, random_weights, write_model  # noqa: E402
+from merge_cli_helpers import assert_same_logits  # noqa: E402
 
 from lfm_engine.cli import main as cli_main  # noqa: E402
 from lfm_engine.merge.lora_merge import adapter_delta, load_peft_adapter  # noqa: E402
@@ -59,10 +60,7 @@ def test_energy_picks_the_rank_and_peft_loads_it(pair, tmp_path):
     peft = pytest.importorskip("peft")
     base_m = transformers.AutoModelForCausalLM.from_pretrained(b)
     model = peft.PeftModel.from_pretrained(base_m, str(out))
-    ft_m = transformers.AutoModelForCausalLM.from_pretrained(f)
-    ids = torch.tensor([[1, 5, 9, 2]])
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ft_m(ids).logits, rtol=1e-3, atol=1e-3)
+    assert_same_logits(model, transformers.AutoModelForCausalLM.from_pretrained(f), [1, 5, 9, 2], 1e-3, 1e-3)
 
 
 def test_rank_truncation_error_reported(pair, tmp_path):

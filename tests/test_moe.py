@@ -12,6 +12,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fixtures_models import finetune, llama_config, load_folder, random_weights, write_model  # noqa: E402
+from merge_cli_helpers import assert_same_logits  # noqa: E402
 
 from lfm_engine.cli import main as cli_main  # noqa: E402
 
@@ -60,10 +61,7 @@ def test_identical_experts_reproduce_the_base(models, tmp_path):
     assert rc == 0
     moe = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     assert type(moe).__name__ == "MixtralForCausalLM"
-    dense = transformers.AutoModelForCausalLM.from_pretrained(b)
-    ids = torch.tensor([[1, 7, 9, 4]])
-    with torch.no_grad():
-        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+    assert_same_logits(moe, transformers.AutoModelForCausalLM.from_pretrained(b), [1, 7, 9, 4], 1e-4, 1e-5)
 
 
 def test_cheap_embed_gates_and_expert_weights(models, tmp_path):

@@ -7,8 +7,6 @@ Exit status: 0 success, 2 bad inputs or options, 1 a failure while extracting
 """
 from __future__ import annotations
 
-import sys
-
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
@@ -30,21 +28,14 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    from lfm_engine.cli.guard import guarded
     from lfm_engine.merge.extract_lora import ExtractError, extract
-    from lfm_engine.merge.io import CheckpointError
-    try:
-        report = extract(args.base, args.finetune, args.out_dir, rank=args.rank, energy=args.energy,
-                         include_lm_head=args.include_lm_head, seed=args.seed,
-                         allow_overwrite=args.allow_overwrite)
-    except (ExtractError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
-    except Exception as e:
-        print(f"error: extraction failed: {type(e).__name__}: {e} (no output written)", file=sys.stderr)
-        return 1
+    rc, report = guarded(lambda: extract(args.base, args.finetune, args.out_dir, rank=args.rank,
+                                         energy=args.energy, include_lm_head=args.include_lm_head,
+                                         seed=args.seed, allow_overwrite=args.allow_overwrite),
+                         "extraction", (ExtractError,))
+    if rc:
+        return rc
     if not args.quiet:
         print(f"{'module':<48} {'shape':>14} {'rank':>5} {'rel. error':>10}")
         for m in report:

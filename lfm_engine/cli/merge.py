@@ -37,13 +37,18 @@ REFUSED_FLAGS = {
 _KMB = re.compile(r"\s*(\d+)\s*([kKmMbB])\s*")
 
 
+def add_config_and_output(p, what: str) -> None:
+    """The CONFIG.yml OUT_DIR positionals shared by `merge` and `moe`."""
+    p.add_argument("config", metavar="CONFIG.yml", help=f"{what} configuration")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output model folder (must not exist)")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "merge", help="merge models described by a mergekit-style YAML config",
         description="Merge HF safetensors model folders as described by a mergekit YAML "
                     "config (ties, dare_ties, della, slerp, ...), streaming tensor by tensor.")
-    p.add_argument("config", metavar="CONFIG.yml", help="mergekit-style merge configuration")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output model folder (must not exist)")
+    add_config_and_output(p, "mergekit-style merge")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the inputs, print the plan, write nothing")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")

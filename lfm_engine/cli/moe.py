@@ -10,12 +10,12 @@ import sys
 
 
 def add_parser(subparsers):
+    from lfm_engine.cli.merge import add_config_and_output
     p = subparsers.add_parser(
         "moe", help="build a Mixtral mixture of experts from dense fine-tunes (mergekit-moe)",
         description="Assemble a Mixtral MoE model: attention/embeddings from base_model, one "
                     "expert MLP per listed model, router from prompts (gate_mode).")
-    p.add_argument("config", metavar="CONFIG.yml", help="mergekit-moe style configuration")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output model folder (must not exist)")
+    add_config_and_output(p, "mergekit-moe style")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0,
                    help="seed of the random gate modes (default 0)")
     p.add_argument("--out-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -25,21 +25,12 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    from lfm_engine.cli.guard import guarded
     from lfm_engine.cli.merge import shard_size
-    from lfm_engine.merge.config import MergeConfigErrors
-    from lfm_engine.merge.io import CheckpointError
     from lfm_engine.merge.moe import build_moe
-    try:
-        n = build_moe(args.config, args.out_dir, seed=args.seed,
-                      out_shard_size=shard_size(args.out_shard_size), allow_overwrite=args.allow_overwrite)
-    except (MergeConfigErrors, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
-    except Exception as e:
-        print(f"error: moe failed: {type(e).__name__}: {e} (no output written)", file=sys.stderr)
-        return 1
-    print(f"wrote {n} tensors into {args.out_dir}", file=sys.stderr)
-    return 0
+    rc, n = guarded(lambda: build_moe(args.config, args.out_dir, seed=args.seed,
+                                      out_shard_size=shard_size(args.out_shard_size),
+                                      allow_overwrite=args.allow_overwrite), "moe")
+    if rc == 0:
+        print(f"wrote {n} tensors into {args.out_dir}", file=sys.stderr)
+    return rc

@@ -24,14 +24,13 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 from lfm_engine.merge.io import ModelFolder, read_tensor
+from lfm_engine.merge.outdir import staged_output
 
 SKIP_RE = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|embed_in|embed_out|norm|ln_)")
 LM_HEAD_RE = re.compile(r"(^|\.)lm_head\.weight$")
@@ -125,19 +124,10 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
            "use_rslora": False, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
            "task_type": "CAUSAL_LM", "inference_mode": True,
            "base_model_name_or_path": os.path.abspath(base_path)}
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with staged_output(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         with open(os.path.join(tmp, "extraction_report.json"), "w") as f:
             json.dump([m.__dict__ for m in report], f, indent=1)
-        if os.path.lexists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

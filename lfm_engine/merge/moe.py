@@ -40,13 +40,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
 from lfm_engine.merge import config as C
+from lfm_engine.merge.outdir import staged_output
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
@@ -280,16 +280,16 @@ def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="
             info = fo.tensors[src]
             specs.append((out_name, dt(info), tuple(info.shape)))
     layout = plan_shards(specs, parse_size(out_shard_size))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    writer = None
-    try:
+    with staged_output(out_dir) as tmp:
         writer = ShardedWriter(tmp, layout, metadata={"producer": "lfm_engine moe"})
-        for (out_name, fo, src, li), (_, d, _) in zip(entries, specs):
-            t = gates[li] if fo is None else read_tensor(fo.tensors[src])
-            writer.write(out_name, t.to(d).contiguous())
-        writer.close()
+        try:
+            for (out_name, fo, src, li), (_, d, _) in zip(entries, specs):
+                t = gates[li] if fo is None else read_tensor(fo.tensors[src])
+                writer.write(out_name, t.to(d).contiguous())
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         mc = dict(base.config)
         mc.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
                   num_local_experts=len(experts), num_experts_per_tok=cfg.experts_per_token)
@@ -304,12 +304,4 @@ def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="
                 shutil.copyfile(s, os.path.join(tmp, fn))
         with open(os.path.join(tmp, "mergekit_moe_config.yml"), "w") as f:
             f.write(cfg.yaml_text)
-        if os.path.lexists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return len(entries)
