@@ -79,7 +79,9 @@ LFM_API const char* lfm_last_error(void);
 LFM_API const char* lfm_status_string(lfm_status status);
 LFM_API const char* lfm_version(void);
 LFM_API int lfm_abi_version(void);
-/* JSON object: version, abi, cuda (bool), cuda_archs, simd (best level this CPU runs). */
+/* JSON object: version, abi, cuda (bool), cuda_archs, simd (the active SIMD level),
+   simd_host (the best level this CPU runs). The string is valid until the next call
+   from the same thread. */
 LFM_API const char* lfm_build_info(void);
 
 /* Fill a contiguous view (strides computed row-major). ndim <= LFM_MAX_DIMS. */
@@ -89,6 +91,13 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
 /* Worker threads of the CPU kernels. Default: LFM_NUM_THREADS or all cores. */
 LFM_API int lfm_get_num_threads(void);
 LFM_API lfm_status lfm_set_num_threads(int n);
+
+/* SIMD level of the CPU kernels: "baseline", "avx2", "avx512" or "neon"; NULL or ""
+   returns to LFM_SIMD / the host's best. Every level gives the same bits (docs/spec).
+   A level this CPU cannot run is LFM_STATUS_INVALID_ARGUMENT. The environment
+   variable LFM_SIMD sets the same at start; an unusable LFM_SIMD makes every other
+   entry point fail with LFM_STATUS_INVALID_ARGUMENT until this call replaces it. */
+LFM_API lfm_status lfm_set_simd(const char* level);
 
 #ifdef __cplusplus
 }
