@@ -57,7 +57,15 @@ METHOD_PARAMS = {
     "task_arithmetic": [dict(weight=0.4), dict(weight=0.3), dict(weight=0.3)],
     "della": [dict(weight=0.4, density=0.5, epsilon=0.1)] * 3,
     "breadcrumbs_ties": [dict(weight=0.4, density=0.8, gamma=0.05)] * 3,
+    # the slerp family (torch path, one finiteness screen per output tensor): as many
+    # models as entries here (slerp: the base and one model)
+    "slerp": [{}],
+    "nuslerp": [dict(weight=0.6), dict(weight=0.4)],
+    "multislerp": [dict(weight=0.4), dict(weight=0.3), dict(weight=0.3)],
+    "karcher": [{}] * 3,
+    "model_stock": [{}] * 3,
 }
+METHOD_GLOBALS = {"slerp": {"t": 0.4}}
 RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
@@ -307,6 +315,8 @@ def main(argv=None) -> int:
                    "models": [{"model": p, "parameters": prm}
                               for p, prm in zip(paths[1:], METHOD_PARAMS[method])],
                    "dtype": "bfloat16"}
+            if method in METHOD_GLOBALS:
+                cfg["parameters"] = METHOD_GLOBALS[method]
             cfg_path = os.path.join(work, f"{method}.yml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False)

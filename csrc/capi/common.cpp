@@ -47,14 +47,17 @@ LFM_API const char* lfm_version(void) { return LFM_VERSION_STRING; }
 LFM_API int lfm_abi_version(void) { return LFM_ABI_VERSION; }
 
 LFM_API const char* lfm_build_info(void) {
-    static const std::string info = lfm::cat(
+    // rebuilt on each call: the active SIMD level can change (lfm_set_simd)
+    thread_local std::string info;
+    info = lfm::cat(
         "{\"version\": \"", LFM_VERSION_STRING, "\", \"abi\": ", LFM_ABI_VERSION,
 #ifdef LFM_HAVE_CUDA
         ", \"cuda\": true",
 #else
         ", \"cuda\": false",
 #endif
-        ", \"cuda_archs\": \"", LFM_CUDA_ARCHS, "\", \"simd\": \"", lfm::cpu_simd_level(), "\"}");
+        ", \"cuda_archs\": \"", LFM_CUDA_ARCHS, "\", \"simd\": \"", lfm::cpu_simd_level(), "\", \"simd_host\": \"",
+        lfm::simd_level_name(lfm::host_simd_level()), "\"}");
     return info.c_str();
 }
 
@@ -75,10 +78,16 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
             if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
             t->shape[i] = shape[i];
             t->strides[i] = stride;
-            stride *= shape[i];
+            if (shape[i] > 0 && __builtin_mul_overflow(stride, shape[i], &stride))
+                lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape too large to address (element count overflows)");
         }
         lfm::dtype_size(dtype);
     });
+}
+
+LFM_API lfm_status lfm_set_simd(const char* level) {
+    // unchecked: this call is how a program replaces an unusable LFM_SIMD
+    return lfm::guard_unchecked("lfm_set_simd", [&] { lfm::set_simd_level(level); });
 }
 
 LFM_API int lfm_get_num_threads(void) { return lfm::get_num_threads(); }

@@ -2,6 +2,8 @@
 
     lfm-engine demo                          run the built-in example (start here)
     lfm-engine merge CONFIG.yml OUT          merge models from a mergekit-style YAML
+    lfm-engine extract-lora BASE FT OUT      extract a LoRA adapter from a fine-tune (--rank R)
+    lfm-engine moe CONFIG.yml OUT            build a Mixtral MoE from dense fine-tunes (mergekit-moe)
     lfm-engine serve --model B --adapter ..  serve a base model with many LoRA adapters (HTTP)
     lfm-engine compress --base B --model FT  encode a fine-tune as compressed deltas (.lfmd)
     lfm-engine decompress --base B X.lfmd O  rebuild a model folder from a base and an .lfmd
@@ -24,6 +26,8 @@ import sys
 SUBCOMMAND_MODULES = [
     "lfm_engine.cli.demo",
     "lfm_engine.cli.merge",
+    "lfm_engine.cli.extract_lora",
+    "lfm_engine.cli.moe",
     "lfm_engine.cli.serve",
     "lfm_engine.cli.compress",
     "lfm_engine.cli.bench",

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from lfm_engine.merge import config as C
+from lfm_engine.merge import elementwise
 from lfm_engine.merge.io import CheckpointError, ModelFolder, TensorInfo
 from lfm_engine.core.merge_methods import MergeConfigError, resolve_merge_params
 
@@ -552,6 +553,8 @@ def validate_task(method: str, task: TensorTask, seed: int) -> None:
         eps = sh.get("eps")
         if eps is not None and (not C._is_num(eps) or not eps > 0):
             raise MergeConfigError(f"parameter 'eps' must be a positive number, got {eps!r}")
+    elif method in elementwise.METHODS:
+        elementwise.shared_values(method, sh)
     elif method == "karcher":
         mi, tol = sh.get("max_iter"), sh.get("tol")
         if mi is not None and (not C._is_num(mi) or int(mi) != mi or mi < 1):

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/tensor.h"
+#include "core/thread_pool.h"
 #include "kernels/codec/codec.h"
 
 namespace lfm::codec {
@@ -49,7 +50,7 @@ void read_options(const lfm_codec_options* opts, lfm_codec* codec, int64_t* grou
     *per_tensor = opts->per_tensor != 0;
     if (!std::isfinite(opts->alpha)) fail(LFM_STATUS_INVALID_ARGUMENT, "alpha is not finite");
     *alpha = static_cast<float>(opts->alpha);
-    if (opts->n_threads < 0) fail(LFM_STATUS_INVALID_ARGUMENT, "n_threads must be >= 0");
+    check_n_threads(opts->n_threads);
     *n_threads = opts->n_threads;
 }
 

@@ -5,6 +5,7 @@
 #include "core/philox.h"
 #include "core/status.h"
 #include "core/tensor.h"
+#include "core/thread_pool.h"
 #include "kernels/merge/merge.h"
 
 namespace lfm::merge {
@@ -88,7 +89,7 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
     a.seed = opts->seed;
     a.name = opts->tensor_name ? opts->tensor_name : "";
     a.n_threads = opts->n_threads;
-    if (a.n_threads < 0) fail(LFM_STATUS_INVALID_ARGUMENT, "n_threads must be >= 0, got ", a.n_threads);
+    check_n_threads(a.n_threads);
 
     a.K = opts->n_models;
     if (a.K < 1) fail(LFM_STATUS_INVALID_ARGUMENT, "no models to merge (n_models = ", a.K, ")");

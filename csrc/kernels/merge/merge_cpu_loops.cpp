@@ -1,3 +1,8 @@
+// The CPU merge kernel's inner loops, compiled for baseline x86-64 and x86-64-v3 from one
+// source (merge_cpu_loops_impl.inc) and reached through LoopTable (merge_cpu_loops.h).
+// Two copies in one translation unit, the second under a target pragma, rather than two
+// files built with different -march flags: inline functions from headers then exist once,
+// compiled for the baseline, so no AVX2 code can leak into the baseline path.
 #include "kernels/merge/merge_cpu_loops.h"
 
 #include <algorithm>
@@ -11,337 +16,80 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LFM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LFM_MULTIVERSION
+namespace lfm::merge {
+void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out);
+
+namespace loops_baseline {
+#include "kernels/merge/merge_cpu_loops_impl.inc"
+}  // namespace loops_baseline
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace loops_avx2 {
+#include "kernels/merge/merge_cpu_loops_impl.inc"
+}  // namespace loops_avx2
+#pragma GCC pop_options
+#define LFM_HAVE_LOOPS_AVX2 1
 #endif
 
-namespace lfm::merge::loops {
-
-LFM_MULTIVERSION uint32_t sub_check(float* __restrict x, const float* __restrict b, int64_t len) {
-    uint32_t bad = 0;
-    for (int64_t j = 0; j < len; ++j) {
-        uint32_t ub, ux;
-        std::memcpy(&ub, &b[j], 4);
-        float d = x[j] - b[j];
-        std::memcpy(&ux, &d, 4);
-        // a NaN/Inf in x or b makes d NaN/Inf; a finite overflow makes d Inf
-        bad |= ((ux & 0x7f800000u) == 0x7f800000u) | ((ub & 0x7f800000u) == 0x7f800000u);
-        x[j] = d;
-    }
-    return bad;
-}
-
-LFM_MULTIVERSION uint32_t check_finite(const float* __restrict x, int64_t len) {
-    uint32_t bad = 0;
-    for (int64_t j = 0; j < len; ++j) {
-        uint32_t u;
-        std::memcpy(&u, &x[j], 4);
-        bad |= (u & 0x7f800000u) == 0x7f800000u;
-    }
-    return bad;
-}
-
-LFM_MULTIVERSION void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin,
-                               int64_t lo_emax, uint32_t hi_v, int64_t hi_emin, int64_t hi_emax,
-                               uint8_t* __restrict keep, int64_t len) {
-    // index bounds made block-local and clamped to [-1, len], so the loop compares 32-bit lanes
-    auto local = [&](int64_t e) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(e - start, -1), len)); };
-    const int32_t l0 = local(lo_emin), l1 = local(lo_emax), h0 = local(hi_emin), h1 = local(hi_emax);
-    for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
-        uint32_t u;
-        std::memcpy(&u, &x[j], 4);
-        u &= 0x7fffffffu;
-        const uint32_t inside = (u >= lo_v) & (u <= hi_v);
-        const uint32_t lo_ok = (u != lo_v) | ((j >= l0) & (j <= l1));
-        const uint32_t hi_ok = (u != hi_v) | ((j >= h0) & (j <= h1));
-        keep[j] = static_cast<uint8_t>(inside & lo_ok & hi_ok);
-    }
-}
-
-LFM_MULTIVERSION int64_t bracket(const float* __restrict x, uint32_t lo, uint32_t hi, uint32_t* __restrict pos,
-                                 int64_t* below, int64_t len) {
-    // Chunks of 16: counting vectorizes; the scalar extraction runs only for the chunks
-    // that hold a candidate (a narrow bracket leaves most chunks empty).
-    constexpr int C = 16;
-    int64_t nb = 0, c = 0, j0 = 0;
-    for (; j0 + C <= len; j0 += C) {
-        uint32_t inside = 0, under = 0;
-        for (int j = 0; j < C; ++j) {
-            uint32_t u;
-            std::memcpy(&u, &x[j0 + j], 4);
-            u &= 0x7fffffffu;
-            under += u < lo;
-            inside += (u >= lo) & (u <= hi);
-        }
-        nb += under;
-        if (inside) {
-            for (int j = 0; j < C; ++j) {
-                uint32_t u;
-                std::memcpy(&u, &x[j0 + j], 4);
-                u &= 0x7fffffffu;
-                pos[c] = static_cast<uint32_t>(j0 + j);  // always written, kept only when inside
-                c += (u >= lo) & (u <= hi);
-            }
-        }
-    }
-    for (int64_t j = j0; j < len; ++j) {
-        uint32_t u;
-        std::memcpy(&u, &x[j], 4);
-        u &= 0x7fffffffu;
-        nb += u < lo;
-        pos[c] = static_cast<uint32_t>(j);
-        c += (u >= lo) & (u <= hi);
-    }
-    *below = nb;
-    return c;
-}
-
 namespace {
-inline float to_f32(uint16_t h) { return bf16_to_f32(h); }
-
-template <typename T>
-LFM_MULTIVERSION int64_t delta_bracket_t(const T* __restrict x, const float* __restrict b, uint32_t lo, uint32_t hi,
-                                         uint32_t* __restrict pos, uint32_t* __restrict vals, int64_t* below,
-                                         uint32_t* bad, int64_t len) {
-    // As bracket(), chunks of 16: the counting vectorizes, extraction only where needed.
-    constexpr int C = 16;
-    int64_t nb = 0, c = 0, j0 = 0;
-    uint32_t nonfinite = 0;
-    auto abs_bits = [&](int64_t j, uint32_t& nf) {
-        uint32_t u;
-        const float d = to_f32(x[j]) - b[j];
-        std::memcpy(&u, &d, 4);
-        nf |= (u & 0x7f800000u) == 0x7f800000u;
-        return u & 0x7fffffffu;
-    };
-    for (; j0 + C <= len; j0 += C) {
-        uint32_t inside = 0, under = 0;
-        for (int j = 0; j < C; ++j) {
-            const uint32_t u = abs_bits(j0 + j, nonfinite);
-            under += u < lo;
-            inside += (u >= lo) & (u <= hi);
-        }
-        nb += under;
-        if (inside) {
-            uint32_t ignore = 0;
-            for (int j = 0; j < C; ++j) {
-                const uint32_t u = abs_bits(j0 + j, ignore);
-                pos[c] = static_cast<uint32_t>(j0 + j);
-                vals[c] = u;
-                c += (u >= lo) & (u <= hi);
-            }
-        }
-    }
-    for (int64_t j = j0; j < len; ++j) {
-        const uint32_t u = abs_bits(j, nonfinite);
-        nb += u < lo;
-        pos[c] = static_cast<uint32_t>(j);
-        vals[c] = u;
-        c += (u >= lo) & (u <= hi);
-    }
-    *below = nb;
-    *bad |= nonfinite;
-    return c;
-}
+const LoopTable kBaseline = {
+    "baseline",
+    &loops_baseline::sub_check,
+    &loops_baseline::check_finite,
+    &loops_baseline::cut_keep,
+    &loops_baseline::bracket,
+    &loops_baseline::delta_bracket,
+    &loops_baseline::count_equal_abs,
+    &loops_baseline::draws_below,
+    &loops_baseline::weigh,
+    &loops_baseline::weigh_add,
+    &loops_baseline::elect_add64,
+    &loops_baseline::sign_of,
+    &loops_baseline::agree_add_bits,
+    &loops_baseline::agree_add_div,
+    &loops_baseline::scale_by_table,
+    &loops_baseline::l1_sums,
+    &loops_baseline::or_bit,
+    &loops_baseline::divide_guarded,
+    &loops_baseline::finish,
+    &loops_baseline::scale,
+    &loops_baseline::fused_ties,
+    &philox_blocks};
+#ifdef LFM_HAVE_LOOPS_AVX2
+const LoopTable kAvx2 = {
+    "avx2",
+    &loops_avx2::sub_check,
+    &loops_avx2::check_finite,
+    &loops_avx2::cut_keep,
+    &loops_avx2::bracket,
+    &loops_avx2::delta_bracket,
+    &loops_avx2::count_equal_abs,
+    &loops_avx2::draws_below,
+    &loops_avx2::weigh,
+    &loops_avx2::weigh_add,
+    &loops_avx2::elect_add64,
+    &loops_avx2::sign_of,
+    &loops_avx2::agree_add_bits,
+    &loops_avx2::agree_add_div,
+    &loops_avx2::scale_by_table,
+    &loops_avx2::l1_sums,
+    &loops_avx2::or_bit,
+    &loops_avx2::divide_guarded,
+    &loops_avx2::finish,
+    &loops_avx2::scale,
+    &loops_avx2::fused_ties,
+    &philox_blocks};
+#endif
 }  // namespace
 
-int64_t delta_bracket(const void* x, lfm_dtype dt, const float* __restrict b, uint32_t lo, uint32_t hi,
-                      uint32_t* __restrict pos, uint32_t* __restrict vals, int64_t* below, uint32_t* bad,
-                      int64_t len) {
-    // float32 inputs are faster through the materialised path (memcpy + sub_check + bracket,
-    // measured): only bfloat16, which halves the bytes read, takes the fused one
-    if (dt == LFM_DTYPE_BF16)
-        return delta_bracket_t(static_cast<const uint16_t*>(x), b, lo, hi, pos, vals, below, bad, len);
-    return -1;
-}
-
-LFM_MULTIVERSION int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len) {
-    int64_t c = 0;
-    for (int64_t j = 0; j < len; ++j) {
-        uint32_t u;
-        std::memcpy(&u, &x[j], 4);
-        c += (u & 0x7fffffffu) == v;
-    }
-    return c;
-}
-
-LFM_MULTIVERSION void draws_below(const uint32_t* __restrict draws, uint32_t thr, uint8_t* __restrict keep,
-                                  int64_t len) {
-    for (int64_t j = 0; j < len; ++j) keep[j] = static_cast<uint8_t>(draws[j] < thr);
-}
-
-LFM_MULTIVERSION void weigh(const float* x, const uint8_t* __restrict keep, float c, float* t, int64_t len) {
-    if (keep) {
-        for (int64_t j = 0; j < len; ++j) {
-            const float v = c * x[j];  // loaded unconditionally: the select then vectorizes
-            t[j] = keep[j] ? v : 0.0f;
-        }
-    } else {
-        for (int64_t j = 0; j < len; ++j) t[j] = c * x[j];
-    }
-}
-
-LFM_MULTIVERSION void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float c,
-                                float* __restrict mixed, int64_t len) {
-    if (keep) {
-        for (int64_t j = 0; j < len; ++j) {
-            const float v = c * x[j];
-            mixed[j] += keep[j] ? v : 0.0f;
-        }
-    } else {
-        for (int64_t j = 0; j < len; ++j) mixed[j] += c * x[j];
-    }
-}
-
-LFM_MULTIVERSION void elect_add64(const float* __restrict x, const uint8_t* __restrict keep, double w, double f,
-                                  double* __restrict S, int64_t len) {
-    if (keep) {
-        for (int64_t j = 0; j < len; ++j) {
-            const double dv = w * (static_cast<double>(x[j]) * f);
-            S[j] += keep[j] ? dv : 0.0;
-        }
-    } else {
-        for (int64_t j = 0; j < len; ++j) S[j] += w * (static_cast<double>(x[j]) * f);
-    }
-}
-
-LFM_MULTIVERSION void sign_of(const double* __restrict S, float* __restrict sgn, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) sgn[j] = S[j] >= 0.0 ? 1.0f : -1.0f;
-}
-
-LFM_MULTIVERSION void agree_add_bits(const float* e, const float* t, const float* __restrict sgn, float bit,
-                                     float* __restrict mixed, float* __restrict bits, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
-        const bool agree = e[j] * sgn[j] > 0.0f;
-        const float tj = t[j];  // loaded unconditionally: the select then vectorizes
-        mixed[j] += agree ? tj : 0.0f;
-        bits[j] += agree ? bit : 0.0f;
-    }
-}
-
-LFM_MULTIVERSION void agree_add_div(const float* e, const float* t, const float* __restrict sgn, double wd,
-                                    float* __restrict mixed, double* __restrict div, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
-        const bool agree = e[j] * sgn[j] > 0.0f;
-        const float tj = t[j];
-        mixed[j] += agree ? tj : 0.0f;
-        div[j] += agree ? wd : 0.0;
-    }
-}
-
-LFM_MULTIVERSION void scale_by_table(float* __restrict mixed, const float* __restrict bits,
-                                     const float* __restrict table, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) mixed[j] *= table[static_cast<int32_t>(bits[j])];
-}
-
-LFM_MULTIVERSION void l1_sums(const float* __restrict x, const uint8_t* __restrict keep, int64_t len,
-                              double* tot, double* kept) {
-    constexpr int L = 8;
-    double t[L] = {0}, k[L] = {0};
-    int64_t j = 0;
-    for (; j + L <= len; j += L)
-        for (int l = 0; l < L; ++l) {
-            const double v = std::fabs(static_cast<double>(x[j + l]));
-            t[l] += v;
-            k[l] += v * static_cast<double>(keep[j + l]);
-        }
-    for (int l = 0; j < len; ++j, ++l) {
-        const double v = std::fabs(static_cast<double>(x[j]));
-        t[l] += v;
-        k[l] += v * static_cast<double>(keep[j]);
-    }
-    double ts = 0.0, ks = 0.0;
-    for (int l = 0; l < L; ++l) {
-        ts += t[l];
-        ks += k[l];
-    }
-    *tot = ts;
-    *kept = ks;
-}
-
-LFM_MULTIVERSION void or_bit(const uint8_t* __restrict keep, uint8_t bit, uint8_t* __restrict m, int64_t stride,
-                             int64_t len) {
-    if (stride == 1) {
-        for (int64_t j = 0; j < len; ++j) m[j] |= static_cast<uint8_t>(keep[j] * bit);
-    } else {
-        for (int64_t j = 0; j < len; ++j) m[j * stride] |= static_cast<uint8_t>(keep[j] * bit);
-    }
-}
-
-namespace {
-// K is a template constant so the model loops unroll and the element loop vectorizes.
-template <int K>
-LFM_MULTIVERSION void fused_ties_k(const float* const* xs, const uint8_t* const* ks, const float* coef,
-                                   const double* wd, const double* fd, const float* __restrict b, float lam,
-                                   const float* __restrict table, float* __restrict out, int64_t len) {
-    const float* x[K];
-    const uint8_t* k[K];
-    float c[K];
-    double w[K], f[K];
-    for (int i = 0; i < K; ++i) {
-        x[i] = xs[i];
-        k[i] = ks[i];
-        c[i] = coef[i];
-        w[i] = wd[i];
-        f[i] = fd[i];
-    }
-    for (int64_t j = 0; j < len; ++j) {
-        float t[K];
-        double S = 0.0;  // the election in float64, ordered like the reference: w * (delta * f)
-        for (int i = 0; i < K; ++i) {
-            const float xv = x[i][j];
-            const bool kept = k[i][j] != 0;
-            const float v = c[i] * xv;
-            t[i] = kept ? v : 0.0f;
-            const double dv = w[i] * (static_cast<double>(xv) * f[i]);
-            S += kept ? dv : 0.0;
-        }
-        const float sg = S >= 0.0 ? 1.0f : -1.0f;
-        float mixed = 0.0f, bits = 0.0f;
-        for (int i = 0; i < K; ++i) {
-            const bool agree = t[i] * sg > 0.0f;
-            mixed += agree ? t[i] : 0.0f;
-            bits += agree ? static_cast<float>(1 << i) : 0.0f;
-        }
-        mixed *= table[static_cast<int32_t>(bits)];
-        out[j] = b[j] + lam * mixed;
-    }
-}
-}  // namespace
-
-void fused_ties(int K, const float* const* x, const uint8_t* const* keep, const float* coef, const double* w,
-                const double* f, const float* b, float lam, const float* table, float* out, int64_t len) {
-    switch (K) {
-        case 1: return fused_ties_k<1>(x, keep, coef, w, f, b, lam, table, out, len);
-        case 2: return fused_ties_k<2>(x, keep, coef, w, f, b, lam, table, out, len);
-        case 3: return fused_ties_k<3>(x, keep, coef, w, f, b, lam, table, out, len);
-        case 4: return fused_ties_k<4>(x, keep, coef, w, f, b, lam, table, out, len);
-        case 5: return fused_ties_k<5>(x, keep, coef, w, f, b, lam, table, out, len);
-        case 6: return fused_ties_k<6>(x, keep, coef, w, f, b, lam, table, out, len);
-        case 7: return fused_ties_k<7>(x, keep, coef, w, f, b, lam, table, out, len);
-        default: return fused_ties_k<8>(x, keep, coef, w, f, b, lam, table, out, len);
-    }
-}
-
-LFM_MULTIVERSION void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
-        const double d = std::fabs(div[j]) < 1e-8 ? 1.0 : div[j];
-        mixed[j] = static_cast<float>(static_cast<double>(mixed[j]) / d);
-    }
-}
-
-LFM_MULTIVERSION void finish(const float* __restrict b, float lam, const float* __restrict mixed,
-                             float* __restrict o, int64_t len) {
-    if (b)
-        for (int64_t j = 0; j < len; ++j) o[j] = b[j] + lam * mixed[j];
-    else
-        std::memcpy(o, mixed, static_cast<size_t>(len) * 4);
-}
-
-LFM_MULTIVERSION void scale(float* __restrict mixed, float s, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) mixed[j] *= s;
+const LoopTable& merge_loops() {
+#ifdef LFM_HAVE_LOOPS_AVX2
+    // avx512 hosts run the AVX2 loops (no AVX-512 merge loops yet; docs/spec/merge.md)
+    if (simd_level() == SimdLevel::Avx2 || simd_level() == SimdLevel::Avx512) return kAvx2;
+#endif
+    return kBaseline;
 }
 
 namespace {
@@ -446,4 +194,4 @@ void philox_blocks_portable(uint64_t seed, uint32_t stream, uint64_t q0, int64_t
 }
 
 }  // namespace
-}  // namespace lfm::merge::loops
+}  // namespace lfm::merge
