@@ -494,3 +494,28 @@ def test_cli_serve_without_the_serve_extra(tmp_path, capsys, monkeypatch):
     assert cli_serve.run(ap.parse_args(["serve", str(tmp_path)])) == 2
     err = capsys.readouterr().err
     assert 'pip install "lfm_engine[serve]"' in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_engine_kv_budget_queues_and_refuses(llama_setup):
+    from lfm_engine.serve.engine import _kv_columns
+
+    base, paths = llama_setup
+    model, pool = _ours(base, paths)
+    probe = Engine(model, pool)
+    per_tok = probe.kv_bytes_per_token  # 2 layers x 2 kv heads x 8 dims x 2 (K, V) x 4 bytes
+    assert per_tok == 2 * 2 * 2 * 8 * 4
+    reqs = [Request(prompt=[i + 1] * 4, adapter=[None, "a"][i % 2], max_new_tokens=6, ignore_eos=True)
+            for i in range(5)]
+    eng = Engine(model, pool, max_batch_size=8, kv_cache_bytes=_kv_columns(2, 10) * per_tok)
+    hs = [eng.submit(r) for r in reqs]
+    most = 0
+    for _ in range(200):
+        if all(h.done() for h in hs):
+            break
+        eng.step()
+        most = max(most, len(eng._running))
+    assert most == 2  # the budget holds two rows of 10 reserved tokens, never more
+    for h, r in zip(hs, reqs):
+        assert h.result(0).token_ids == _naive_greedy(model, pool, r.prompt, r.adapter, 6)
+    with pytest.raises(ValueError, match="KV cache"):
+        eng.submit(Request(prompt=[1] * 60, max_new_tokens=60))

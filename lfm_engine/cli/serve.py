@@ -38,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-adapter-bytes", type=int, default=None, help="byte budget of resident adapters")
     p.add_argument("--max-num-seqs", "--max-batch-size", dest="max_batch_size", type=int, default=32)
     p.add_argument("--max-model-len", "--max-seq-len", dest="max_seq_len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                   help="KV cache budget: requests wait for room, one that cannot fit alone is a 400")
     p.add_argument("--no-runtime-adapters", action="store_true", help="refuse adapter loads over HTTP")
     p.add_argument("--adapter-root", default=None, metavar="DIR", help="HTTP adapter paths must lie under DIR")
     p.add_argument("--max-prompts-per-request", type=int, default=64, help="prompts x n per request")
@@ -127,7 +129,8 @@ def build(args):
     futs = [pool.load(n, resolve_local(p, f"adapter {n!r}"), pin=n in args.pin) for n, p in adapters]
     for f in futs:
         f.result()
-    engine = Engine(model, pool, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    engine = Engine(model, pool, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                    kv_cache_bytes=args.kv_cache_memory)
     base_name = args.served_model_name or os.path.basename(os.path.normpath(model_arg))
     app = ServeApp(engine, base_name, api_key=args.api_key or os.environ.get("LFM_API_KEY"),
                    runtime_adapters=not args.no_runtime_adapters, adapter_root=args.adapter_root,

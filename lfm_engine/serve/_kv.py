@@ -32,7 +32,9 @@ class GrowLayer(DynamicLayer):
         n = key_states.shape[-2]
         L = self._len
         if self._kb is None or L + n > self._kb.shape[2]:
-            cap = max(L + n, 2 * (self._kb.shape[2] if self._kb is not None else 0), 16)
+            # bounded headroom (a quarter + 64 columns), not doubling: the engine's KV budget
+            # counts on it (engine._kv_columns)
+            cap = L + n + (L + n) // 4 + 64
             B, H, _, D = key_states.shape
             kb = key_states.new_zeros(B, H, cap, D)
             vb = value_states.new_zeros(B, H, cap, value_states.shape[-1])

@@ -169,12 +169,19 @@ class _Seq:
     t_admit: float = 0.0
     t_first: float = 0.0
     held: bool = False  # holds a pool reference on its adapter
+    reserve: int = 0  # prompt + max_new_tokens: the KV columns this row may need
     text: str = ""  # detokenized so far (incremental: see _detok)
     prefix_off: int = 0
     read_off: int = 0
 
 
 # ----------------------------------------------------------------------------- engine
+
+
+def _kv_columns(rows: int, longest: int) -> int:
+    """Token columns a cache of `rows` rows may hold when its longest row reaches `longest`:
+    padding to the longest row, GrowLayer's 1/4 + 64 growth headroom, the 16 of a join."""
+    return rows * (longest + longest // 4 + 80)
 
 
 def _check_sampling(r: Request) -> None:
@@ -206,10 +213,17 @@ class Engine:
         tokenizer: optional; enables text prompts, `text` in results and text stops.
         max_batch_size: most sequences decoded together.
         max_seq_len: longest prompt + generation (default: config.max_position_embeddings).
+        kv_cache_bytes: optional KV memory budget. Each request reserves R = prompt +
+            max_new_tokens tokens; the running batch's cache holds at most B rows of
+            (max R) · 5/4 + 80 token columns (left padding to the longest row, growth
+            headroom), each 2 · layers · kv_heads · head_dim · itemsize bytes. A request that
+            would push that over the budget waits for rows to finish; one that cannot fit
+            even alone is refused at submit (ValueError). Transient copies while rows join
+            are not counted.
     """
 
     def __init__(self, model, pool: AdapterPool, tokenizer=None, *, max_batch_size: int = 32,
-                 max_seq_len: Optional[int] = None):
+                 max_seq_len: Optional[int] = None, kv_cache_bytes: Optional[int] = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         from . import _kv  # needs transformers; imported here so `lfm_engine.serve` imports without it
@@ -228,6 +242,15 @@ class Engine:
             eos = getattr(gcfg, "eos_token_id", None) if gcfg is not None else None
             if eos is None:
                 eos = getattr(cfg, "eos_token_id", None)
+        heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", heads) // heads)
+        layers = int(getattr(cfg, "num_hidden_layers", 1) or 1)
+        itemsize = next(model.parameters()).element_size()
+        self.kv_bytes_per_token = 2 * layers * kv_heads * head_dim * itemsize
+        if kv_cache_bytes is not None and kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
+        self.kv_budget_tokens = None if kv_cache_bytes is None else int(kv_cache_bytes) // self.kv_bytes_per_token
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         params = inspect.signature(model.forward).parameters
         self._has_logits_to_keep = "logits_to_keep" in params
@@ -290,6 +313,11 @@ class Engine:
         if len(ids) + r.max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the "
                              f"model's maximum sequence length {self.max_seq_len}")
+        reserve = len(ids) + r.max_new_tokens
+        if self.kv_budget_tokens is not None and _kv_columns(1, reserve) > self.kv_budget_tokens:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({r.max_new_tokens}) needs "
+                             f"{_kv_columns(1, reserve) * self.kv_bytes_per_token} bytes of KV cache, more than the "
+                             f"budget of {self.kv_budget_tokens * self.kv_bytes_per_token} bytes (kv_cache_bytes)")
         if r.adapter is not None and r.adapter not in self.pool:
             raise KeyError(f"no adapter named {r.adapter!r} (known: {sorted(self.pool.names())})")
         if not r.ignore_eos:
@@ -302,7 +330,8 @@ class Engine:
         rid = r.request_id or f"req-{next(self._ids)}"
         h = Handle(r, rid, ids, on_event)
         h._stops = stops
-        seq = _Seq(handle=h, adapter=r.adapter, stop_ids=frozenset(stop_ids), generator=gen, t_submit=time.perf_counter())
+        seq = _Seq(handle=h, adapter=r.adapter, stop_ids=frozenset(stop_ids), generator=gen, t_submit=time.perf_counter(),
+                   reserve=reserve)
         with self._submit_lock:
             self._waiting.append(seq)
             self._wake.notify_all()
@@ -377,6 +406,7 @@ class Engine:
     def _admit(self) -> List[_Seq]:
         room = self.max_batch_size - len(self._running)
         joined: List[_Seq] = []
+        longest = max((s.reserve for s in self._running), default=0)
         with self._submit_lock:
             keep: Deque[_Seq] = deque()
             while self._waiting:
@@ -386,6 +416,10 @@ class Engine:
                     continue
                 if len(joined) >= room:
                     keep.append(s)
+                    continue
+                if self.kv_budget_tokens is not None and _kv_columns(
+                        len(self._running) + len(joined) + 1, max(longest, s.reserve)) > self.kv_budget_tokens:
+                    keep.append(s)  # waits until finished rows free KV memory
                     continue
                 if s.adapter is not None:
                     try:
@@ -400,6 +434,7 @@ class Engine:
                     s.held = True
                 s.t_admit = time.perf_counter()
                 joined.append(s)
+                longest = max(longest, s.reserve)
             self._waiting = keep
         return joined
 
