@@ -269,19 +269,38 @@ def test_engine_survives_a_failing_forward(llama_setup, monkeypatch):
 
     def flaky(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 2:  # the first decode step fails
+        if calls["n"] == 2:  # the first decode step fails once: retried row by row
             raise RuntimeError("simulated device error")
         return real(*a, **kw)
 
     monkeypatch.setattr(model, "forward", flaky)
-    res = eng.generate([Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=4, ignore_eos=True),
-                        Request(prompt=[4, 5], max_new_tokens=4, ignore_eos=True)])
-    assert [r.finish_reason for r in res] == ["error", "error"]
-    assert "simulated device error" in res[0].error and res[0].error_type == "internal"
-    assert len(res[0].token_ids) == 1  # from the prefill
-    assert all(i["in_use"] == 0 for i in pool.info())  # references released
-    ok = eng.generate([Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=3, ignore_eos=True)])[0]
-    assert ok.finish_reason == "length" and ok.token_ids == _naive_greedy(model, pool, [1, 2, 3], "a", 3)
+    reqs = [Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=4, ignore_eos=True),
+            Request(prompt=[4, 5], max_new_tokens=4, ignore_eos=True)]
+    res = eng.generate(reqs)
+    for r, q in zip(res, reqs):
+        assert r.finish_reason == "length" and r.token_ids == _naive_greedy(model, pool, q.prompt, q.adapter, 4)
+
+    # a row that fails on its own (here: every forward that includes adapter "b") ends with
+    # an error; the rows it shared the prefill and the decode steps with never notice
+    def poisoned(*a, **kw):
+        asg = pool.current()
+        if asg is not None and "b" in asg.names and kw["input_ids"].shape[1] == calls["poison_len"]:
+            raise RuntimeError("simulated out of memory")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", poisoned)
+    reqs = [Request(prompt=[1, 2, 3], adapter="a", max_new_tokens=5, ignore_eos=True),
+            Request(prompt=[6, 7, 8], adapter="b", max_new_tokens=5, ignore_eos=True),
+            Request(prompt=[4, 5], max_new_tokens=5, ignore_eos=True)]
+    for where in (3, 1):  # 3: the joint prefill fails; 1: a decode step fails
+        calls["poison_len"] = where
+        res = eng.generate(reqs)
+        assert res[1].finish_reason == "error" and "simulated out of memory" in res[1].error, where
+        assert res[1].error_type == "internal"
+        for i in (0, 2):
+            assert res[i].finish_reason == "length", (where, res[i].error)
+            assert res[i].token_ids == _naive_greedy(model, pool, reqs[i].prompt, reqs[i].adapter, 5)
+        assert all(i["in_use"] == 0 for i in pool.info())  # references released
 
 
 # ----------------------------------------------------------------------------- pool

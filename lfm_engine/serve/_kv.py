@@ -104,3 +104,40 @@ def merge_caches(a: EngineCache, a_pad: List[int], b: EngineCache, b_pad: List[i
         la.set_rows(k, v)
     pads = [p + (L - La) for p in a_pad] + [p + (L - Lb) for p in b_pad]
     return a, pads
+
+
+# failure isolation (Engine._decode_rows_apart) ---------------------------------------
+
+def lengths(cache: EngineCache) -> List[int]:
+    """Filled length of every layer (to undo a forward that failed half-way)."""
+    return [layer.get_seq_length() for layer in cache.layers]
+
+
+def restore(cache: EngineCache, lens: List[int]) -> None:
+    """Forget the columns a failed forward appended (the buffers keep them, unread)."""
+    for layer, n in zip(cache.layers, lens):
+        if layer.is_initialized and layer._len != n:
+            layer._len = n
+            layer.keys = layer._kb[:, :, :n]
+            layer.values = layer._vb[:, :, :n]
+
+
+def select(cache: EngineCache, rows: List[int]) -> EngineCache:
+    """A new cache holding copies of the given rows."""
+    out = EngineCache()
+    idx = torch.tensor(rows, dtype=torch.long, device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        g = GrowLayer()
+        g.set_rows(layer.keys.index_select(0, idx), layer.values.index_select(0, idx))
+        out.layers.append(g)
+    return out
+
+
+def concat(caches: List[EngineCache]) -> EngineCache:
+    """Rows of every cache, in order; all must have the same length."""
+    out = EngineCache()
+    for per_layer in zip(*(c.layers for c in caches)):
+        g = GrowLayer()
+        g.set_rows(torch.cat([x.keys for x in per_layer]), torch.cat([x.values for x in per_layer]))
+        out.layers.append(g)
+    return out

@@ -386,22 +386,30 @@ class Engine:
                 self._guarded(self._decode)
             joined = self._admit()
             if joined:
-                self._guarded(lambda: self._prefill(joined), joined)
+                self._guarded(lambda: self._prefill_apart(joined), joined)
                 n += len(joined)
             if n:
                 self._stats["busy_s"] += time.perf_counter() - t0
             return n
 
-    def _guarded(self, fn: Callable[[], None], extra: Sequence[_Seq] = ()) -> None:
+    def _guarded(self, fn: Callable[[], None], joining: Sequence[_Seq] = ()) -> None:
         # A failing forward (out of memory, a broken adapter...) ends the affected requests
-        # with an error instead of killing the serving loop.
+        # with an error instead of killing the serving loop. The decode and prefill paths
+        # first retry row by row (_decode_rows_apart, _prefill_apart), so what reaches here
+        # failed alone: joining requests that never entered the batch fail by themselves;
+        # anything else leaves the batch state unknown, so the running rows end too.
         try:
             fn()
         except Exception as e:  # noqa: BLE001
-            victims = list(self._running) + [s for s in extra if s not in self._running]
-            self._running, self._cache, self._pads = [], None, []
+            msg = f"{type(e).__name__}: {e}"
+            if joining and not any(s in self._running for s in joining):
+                victims = [s for s in joining if not s.handle.done()]
+            else:
+                victims = list(self._running) + [s for s in joining if s not in self._running]
+                self._running, self._cache, self._pads = [], None, []
             for s in victims:
-                self._finish(s, "error", f"{type(e).__name__}: {e}", "internal")
+                if not s.handle.done():
+                    self._finish(s, "error", msg, "internal")
 
     def _admit(self) -> List[_Seq]:
         room = self.max_batch_size - len(self._running)
@@ -458,12 +466,61 @@ class Engine:
         ids = torch.tensor([s.handle.tokens[-1] for s in seqs], dtype=torch.long).view(B, 1)
         mask = (torch.arange(L + 1)[None, :] >= pads[:, None]).long()
         pos = (L - pads).view(B, 1)
-        logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), self._cache, last_only=False)[:, -1, :]
+        lens = self._kv.lengths(self._cache)
+        try:
+            logits = self._forward(seqs, ids.to(dev), mask.to(dev), pos.to(dev), self._cache, last_only=False)[:, -1, :]
+        except Exception:  # noqa: BLE001
+            if B == 1:
+                raise
+            self._kv.restore(self._cache, lens)
+            seqs, logits = self._decode_rows_apart(ids.to(dev), mask.to(dev), pos.to(dev))
+            if not seqs:
+                return
         self._stats["steps"] += 1
         self._stats["batch_rows"] += B
         self._stats["decode_tokens"] += B
         self._emit(seqs, logits)
         self._retire()
+
+    def _decode_rows_apart(self, ids, mask, pos):
+        """The batched decode failed (out of memory, a broken adapter ...): run every row
+        alone on a copy of its cache rows, so only the rows that fail on their own end
+        with an error; the others continue as if nothing happened."""
+        keep, logits, caches, pads = [], [], [], []
+        for i, s in enumerate(self._running):
+            c = self._kv.select(self._cache, [i])
+            try:
+                lg = self._forward([s], ids[i:i + 1], mask[i:i + 1], pos[i:i + 1], c, last_only=False)[:, -1, :]
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                self._finish(s, "error", f"{type(e).__name__}: {e}", "internal")
+                continue
+            keep.append(s)
+            logits.append(lg)
+            caches.append(c)
+            pads.append(self._pads[i])
+        if not keep:
+            self._running, self._cache, self._pads = [], None, []
+            return [], None
+        self._running, self._cache, self._pads = keep, self._kv.concat(caches), pads
+        return keep, torch.cat(logits)
+
+    def _prefill_apart(self, joined: List[_Seq]) -> None:
+        """Prefill the joining requests together; when that fails, one at a time, so only
+        a request that fails alone ends with an error."""
+        try:
+            self._prefill(joined)
+            return
+        except Exception:  # noqa: BLE001
+            if len(joined) == 1:
+                raise
+        for s in joined:
+            try:
+                self._prefill([s])
+            except Exception as e:  # noqa: BLE001
+                if s not in self._running:
+                    self._finish(s, "error", f"{type(e).__name__}: {e}", "internal")
+                else:
+                    raise
 
     def _prefill(self, seqs: List[_Seq]) -> None:
         dev = self.pool.device
