@@ -538,3 +538,18 @@ def test_engine_kv_budget_queues_and_refuses(llama_setup):
         assert h.result(0).token_ids == _naive_greedy(model, pool, r.prompt, r.adapter, 6)
     with pytest.raises(ValueError, match="KV cache"):
         eng.submit(Request(prompt=[1] * 60, max_new_tokens=60))
+
+
+def test_hub_ids_resolve_from_the_local_cache(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    from lfm_engine.cli.serve import resolve_local
+
+    snap = tmp_path / "models--org--tiny" / "snapshots" / ("ab" * 20)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert os.path.samefile(resolve_local("org/tiny", "model"), snap)
+    with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
+        resolve_local("org/absent", "model")
