@@ -171,3 +171,27 @@ def test_pool_tables_follow_resident_ranks_and_rank_limit(srv, tmp_path):
         assert pool.table(q).r_max == 2 and pool.table_bytes() == before
     with torch.no_grad(), pool.assign(["c"]):
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+
+
+def test_client_disconnect_cancels_and_frees_the_row(srv):
+    run, _, _ = srv
+    eng = run.app.engine
+    before = eng.stats()["cancelled"]
+    body = dict(model="a", prompt=[1, 2], max_tokens=100, temperature=0, ignore_eos=True, stream=True)
+    with httpx.Client(base_url=run.url, timeout=30) as hc:
+        with hc.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            eng._step_lock.acquire()  # hold the engine while the client goes away
+    try:
+        deadline = time.monotonic() + 10
+        while not all(s.handle.cancelled for s in eng._running) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        eng._step_lock.release()
+    deadline = time.monotonic() + 10
+    while eng.stats()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert eng.stats()["cancelled"] == before + 1 and eng.stats()["running"] == 0
+    assert _health_ok(run.url)

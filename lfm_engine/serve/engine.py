@@ -264,7 +264,7 @@ class Engine:
         self._cache = None  # _kv.EngineCache of the running rows
         self._pads: List[int] = []
         self._ids = itertools.count()
-        self._stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, generated_tokens=0, finished=0,
+        self._stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, generated_tokens=0, finished=0, cancelled=0,
                            busy_s=0.0, batch_rows=0)
 
     # ------------------------------------------------------------------ submission
@@ -658,5 +658,7 @@ class Engine:
                            prompt_logprobs=h.prompt_logprobs)
         if reason in ("stop", "length"):
             self._stats["finished"] += 1
+        elif reason == "cancelled":
+            self._stats["cancelled"] += 1
         h._done.set()
         h._event(None)

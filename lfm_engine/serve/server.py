@@ -519,12 +519,7 @@ class ServeApp:
         async def _internal(_req, e: Exception):
             return _err(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
-        @app.middleware("http")
-        async def _count(req, call_next):
-            resp = await call_next(req)
-            me.metrics.requests.labels(req.url.path if req.url.path in _ROUTES else "other",
-                                       str(resp.status_code)).inc()
-            return resp
+        app.add_middleware(_CountRequests, metrics=me.metrics)
 
         @app.get("/health")
         async def health():
@@ -587,6 +582,30 @@ class ServeApp:
 
 _ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
            "/v1/unload_lora_adapter", "/v1/adapters"}
+
+
+class _CountRequests:
+    """Plain ASGI middleware: counts responses by route and status (streaming untouched,
+    unlike BaseHTTPMiddleware, so disconnects still reach the route)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_counted(msg):
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.requests.labels(path if path in _ROUTES else "other", str(status["code"])).inc()
 
 
 class _Partial:
