@@ -65,6 +65,11 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
         if (ndim < 0 || ndim > LFM_MAX_DIMS)
             lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "ndim ", ndim, " outside 0..", LFM_MAX_DIMS);
         if (ndim > 0 && !shape) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape is NULL");
+        const int dc = lfm::enum_code(dtype), vc = lfm::enum_code(device);
+        if (!lfm::valid_dtype_code(dc)) lfm::fail(LFM_STATUS_UNSUPPORTED_DTYPE, "unknown dtype code ", dc);
+        if (!lfm::valid_device_code(vc)) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "unknown device type ", vc);
+        for (int i = 0; i < ndim; ++i)
+            if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
         std::memset(t, 0, sizeof(*t));
         t->data = data;
         t->dtype = dtype;
@@ -75,9 +80,9 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
             if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
             t->shape[i] = shape[i];
             t->strides[i] = stride;
-            stride *= shape[i];
+            if (__builtin_mul_overflow(stride, shape[i], &stride))  // signed overflow would be UB
+                lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape has more elements than int64 can count");
         }
-        lfm::dtype_size(dtype);
     });
 }
 

@@ -38,13 +38,12 @@ The definition shared with the CPU and CUDA kernels (so masks are bit-identical)
   mixed = sum agreeing t_i in fp32; normalised by fp32(1 / divisor) of the agreement
   pattern (K <= 8, divisor summed in float64 in model order, |d| < 1e-8 -> 1) or, for
   K > 8, by a float64 per-element divisor. Without consensus mixed = sum_i t_i
-  (fma(c_i, delta_i, mixed) when nothing is sparsified) and *= fp32(1 / sum_i w_i).
-  out = fma(lam, mixed, b) (linear: mixed), rounded to out's dtype.
-  The CPU kernel's x86-64-v3 loops fuse exactly at those two places (its baseline
-  x86-64 loops round twice, so CPUs without AVX2 can differ by an ulp there). Other FMA
-  contraction is disabled on the GPU. So outputs equal the CPU kernel's (v3 path) bit
-  for bit except where the L1 factor's float64 sums differ in summation order; the
-  interpreter tests see no difference at all.
+  (c_i * delta_i then + mixed, two roundings) and *= fp32(1 / sum_i w_i).
+  out = b + fp32(lam * mixed) (linear: mixed), rounded to out's dtype.
+  Nothing is fused anywhere (kernels launched with enable_fp_fusion=False; the CPU
+  kernel is built with -ffp-contract=off, CUDA with explicit _rn intrinsics), so outputs
+  equal the CPU kernel's bit for bit on every SIMD level except where the L1 factor's
+  float64 sums differ in summation order (docs/spec/merge.md, "Election arithmetic").
 
 NaN/Inf in the base or a model (or a task vector overflowing fp32) raises ValueError
 naming the tensor and the element, like the CPU kernel. Tensors must have fewer than
@@ -289,14 +288,11 @@ def _della_apply_kernel(order_ptr, thr_ptr, mask_ptr, i, stream, n, cols, seed_l
 
 @triton.jit
 def _fma32(a, b, c, INTERP: tl.constexpr):
-    """a * b + c in fp32 with one rounding, like the CPU kernel's FMA (x86-64-v3) loops.
-    The interpreter's tl.fma rounds twice, so it goes through float64 there (the exact
-    product plus c, rounded to double then to float: equal to the fused result except
-    in rare double-rounding cases)."""
-    if INTERP:
-        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
-    else:
-        return tl.fma(a, b, c)
+    """a * b + c in fp32 as two roundings (product, then sum), like every other backend:
+    the spec (docs/spec/merge.md, "Election arithmetic") fuses nothing, so the CPU's
+    baseline and AVX2 builds, CUDA and Triton give the same bits. The kernels are launched
+    with enable_fp_fusion=False, so the compiler does not contract this either."""
+    return a * b + c
 
 
 @triton.jit

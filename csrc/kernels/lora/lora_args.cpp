@@ -87,7 +87,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
         a.H_in = xu->shape[1];
     }
     const lfm_tensor* u = op == Op::Shrink ? out : (op == Op::Expand ? in : nullptr);
-    if (u) {
+    if (op != Op::Apply) {  // shrink and expand need u: a NULL u is refused by check_view, not skipped
         check_view(u, "u");
         check_dtype(*u, LFM_DTYPE_F32, "u");
         check_packed(*u, "u");
@@ -144,8 +144,10 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
             d.b_dt = s.B->dtype;
             d.H_out = s.B->shape[1];
             d.off = s.y_col_offset;
-            if (d.off < 0 || d.off + d.H_out > a.H_y)
-                fail(LFM_STATUS_OUT_OF_RANGE, "slice ", i, " writes columns ", d.off, "..", d.off + d.H_out - 1,
+            // overflow-safe: off + H_out could wrap (signed overflow, UB) and pass; H_out and H_y
+            // are >= 0 (check_view), so compare off against H_y - H_out instead
+            if (d.off < 0 || d.H_out > a.H_y || d.off > a.H_y - d.H_out)
+                fail(LFM_STATUS_OUT_OF_RANGE, "slice ", i, " writes ", d.H_out, " columns from column offset ", d.off,
                      " but y has ", a.H_y, " columns");
             d.scales = static_cast<const float*>(nullptr);
         }

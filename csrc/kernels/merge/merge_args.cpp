@@ -69,9 +69,9 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
         fail(LFM_STATUS_INVALID_ARGUMENT, "options.struct_size is ", opts->struct_size, ", expected ",
              sizeof(lfm_merge_options), " (initialise with lfm_merge_options_init)");
     MergeArgs a;
-    a.method = opts->method;
-    if (static_cast<int>(a.method) < 0 || static_cast<int>(a.method) > LFM_MERGE_LINEAR)
-        fail(LFM_STATUS_INVALID_ARGUMENT, "unknown merge method code ", static_cast<int>(a.method));
+    const int mc = enum_code(opts->method);
+    if (mc < 0 || mc > LFM_MERGE_LINEAR) fail(LFM_STATUS_INVALID_ARGUMENT, "unknown merge method code ", mc);
+    a.method = static_cast<lfm_merge_method>(mc);
     a.sparsifier = method_sparsifier(a.method);
     a.consensus = method_consensus(a.method);
     a.normalize = opts->normalize < 0 ? method_normalize_default(a.method) : opts->normalize != 0;

@@ -15,9 +15,9 @@
 //   partials summed on the host in chunk order;
 //   the merge pass: one kernel reading base + K models per quad of elements, writing
 //   `out` in its dtype. Every floating-point step is an explicit rounding intrinsic
-//   (__fadd_rn, __fmul_rn, __fmaf_rn, __fma_rn, __ddiv_rn ...), so nvcc contracts nothing
-//   on its own, and the steps are the CPU kernel's (x86-64-v3 loops, fused where they
-//   fuse): outputs equal the CPU kernel's bit for bit, except that the L1 factor's
+//   (__fadd_rn, __fmul_rn, __dmul_rn, __dadd_rn, __ddiv_rn ...), so nvcc contracts nothing
+//   (the unit is also built with --fmad=false), and the steps are the CPU kernel's (built
+//   with -ffp-contract=off, nothing fused; docs/spec/merge.md "Election arithmetic"): outputs equal the CPU kernel's bit for bit, except that the L1 factor's
 //   float64 sums may differ in summation order (last bit of the factor).
 // Scratch comes from cudaMallocAsync on the caller's stream; every CUDA error becomes
 // lfm::fail(LFM_STATUS_DEVICE_ERROR, ...); NaN/Inf inputs -> LFM_STATUS_NONFINITE with
@@ -370,13 +370,12 @@ __global__ void k_row_offsets(long long rows, long long cols, int* off) {
 }
 
 // ---- the merge pass -------------------------------------------------------------------------
-// The CPU kernel's arithmetic, step by step (its x86-64-v3 loops fuse exactly where
-// __fmaf_rn stands here): t_i = kept ? coef_i * delta_i : 0 (fp32). Consensus: e_i = t_i
+// The CPU kernel's arithmetic, step by step (no fused multiply-add anywhere): t_i = kept ? coef_i * delta_i : 0 (fp32). Consensus: e_i = t_i
 // (unweighted: kept ? ecoef_i * delta_i : 0); the elected sign is that of the float64 sum
 // of kept (w_i) (delta_i * f_i), like the reference (the CPU reaches the same sign);
 // mixed = sum of agreeing t_i; normalised by the pattern table (K <= 8) or a float64
-// divisor. Without consensus mixed = sum t_i (fused when nothing is sparsified), then
-// *= fp32(1 / sum w). out = fma(lam, mixed, b).
+// divisor. Without consensus mixed = sum t_i, then
+// *= fp32(1 / sum w). out = b + fp32(lam * mixed).
 __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
     const long long nq = (a.n + 3) / 4;
     for (long long q = global_tid(); q < nq; q += grid_stride()) {
@@ -428,14 +427,14 @@ __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
                 model4(a, i, q, bp, d, kp);
                 const float c = a.models[i].coef;
                 for (int k = 0; k < 4; ++k)
-                    mixed[k] = a.sparsifier == kSpNone ? __fmaf_rn(c, d[k], mixed[k])
+                    mixed[k] = a.sparsifier == kSpNone ? __fadd_rn(__fmul_rn(c, d[k]), mixed[k])
                                                        : __fadd_rn(mixed[k], kp[k] ? __fmul_rn(c, d[k]) : 0.0f);
             }
             if (a.normalize)
                 for (int k = 0; k < 4; ++k) mixed[k] = __fmul_rn(mixed[k], a.inv_plain_div);
         }
         float o[4];
-        for (int k = 0; k < 4; ++k) o[k] = a.base ? __fmaf_rn(a.lam, mixed[k], b[k]) : mixed[k];
+        for (int k = 0; k < 4; ++k) o[k] = a.base ? __fadd_rn(__fmul_rn(a.lam, mixed[k]), b[k]) : mixed[k];
         store4(a.out, a.odtype, q, a.n, a.vec, o);
     }
 }
