@@ -54,7 +54,8 @@ LFM_API const char* lfm_build_info(void) {
 #else
         ", \"cuda\": false",
 #endif
-        ", \"cuda_archs\": \"", LFM_CUDA_ARCHS, "\", \"simd\": \"", lfm::cpu_simd_level(), "\"}");
+        ", \"cuda_archs\": \"", LFM_CUDA_ARCHS, "\", \"simd\": \"", lfm::cpu_simd_level(), "\", \"simd_host\": \"", lfm::cpu_simd_host_level(),
+        "\", \"simd_env\": \"", lfm::cpu_simd_env(), "\"}");
     return info.c_str();
 }
 

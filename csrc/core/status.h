@@ -42,9 +42,12 @@ void clear_last_error();
 
 // Run fn(); map every exception to a status and record its message. `where`
 // names the entry point so the message says where it failed.
+void check_simd_env();  // core/cpu_features.h: throws when LFM_SIMD is unusable
+
 template <typename Fn>
 lfm_status guard(const char* where, Fn&& fn) noexcept {
     try {
+        check_simd_env();  // a bad LFM_SIMD fails every call with its message, no silent fallback
         fn();
         clear_last_error();
         return LFM_STATUS_OK;

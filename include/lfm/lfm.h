@@ -79,7 +79,9 @@ LFM_API const char* lfm_last_error(void);
 LFM_API const char* lfm_status_string(lfm_status status);
 LFM_API const char* lfm_version(void);
 LFM_API int lfm_abi_version(void);
-/* JSON object: version, abi, cuda (bool), cuda_archs, simd (best level this CPU runs). */
+/* JSON object: version, abi, cuda (bool), cuda_archs, simd (the level the CPU kernels use:
+ * baseline, avx2, avx512, neon, portable; "invalid" when LFM_SIMD is unusable, and then every
+ * other call fails naming it), simd_host (best level this CPU runs), simd_env (LFM_SIMD). */
 LFM_API const char* lfm_build_info(void);
 
 /* Fill a contiguous view (strides computed row-major). ndim <= LFM_MAX_DIMS. */
