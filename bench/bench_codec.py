@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from lfm_engine.bench_util import Report, copy_bandwidth, device_name
+from benchlib import Report, copy_bandwidth, device_name
 from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
 
 

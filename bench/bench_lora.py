@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from lfm_engine.bench_util import Report, copy_bandwidth, device_name, time_fn
+from benchlib import Report, copy_bandwidth, device_name, time_fn
 from lfm_engine.ops.lora import lora_apply
 from lfm_engine.reference.lora import segments_to_token_slot
 
@@ -53,7 +53,7 @@ def torch_per_adapter(x, A, B, ts, ranks, scales, y):
 
 
 def timed(fn, device: str, reps: int, stat: str) -> float:
-    """Median (bench_util.time_fn) or, on a machine shared with other jobs, the minimum
+    """Median (benchlib.time_fn) or, on a machine shared with other jobs, the minimum
     over reps: time slices stolen by other processes inflate single runs by milliseconds."""
     if stat == "median":
         return time_fn(fn, device=device, warmup=2, reps=reps)

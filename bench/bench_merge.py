@@ -19,9 +19,9 @@ import torch
 
 from lfm_engine import merge_tensors
 from lfm_engine.baselines.torch_merge import merge_tensors_torch_multipass
-from lfm_engine.bench_util import (MERGE_BENCH_METHODS, Report, copy_bandwidth, device_name, merge_bench_kwargs,
+from benchlib import (MERGE_BENCH_METHODS, Report, copy_bandwidth, device_name, merge_bench_kwargs,
                                    time_fn)
-from lfm_engine.merge_params import resolve_merge_params
+from lfm_engine.core.merge_methods import resolve_merge_params
 
 # Read passes over (base + K models) that the CPU kernel makes per method with its
 # default options (csrc/kernels/merge/merge_cpu.cpp): the sample-and-bracket selection

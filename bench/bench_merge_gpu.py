@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from lfm_engine.bench_util import (MERGE_BENCH_METHODS, Report, copy_bandwidth, device_name, merge_bench_kwargs,
+from benchlib import (MERGE_BENCH_METHODS, Report, copy_bandwidth, device_name, merge_bench_kwargs,
                                    time_fn)
-from lfm_engine.merge_params import resolve_merge_params
+from lfm_engine.core.merge_methods import resolve_merge_params
 
 # Read passes over (base + K models) per method with default options.
 # CUDA: 3 radix-histogram passes per magnitude cut (breadcrumbs: 2 cuts per model, read

@@ -31,7 +31,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In a source checkout ROOT is the repo (tests/fixtures_models.py, lfm_engine/); in an
 # installed package this file is lfm_engine/bench_suites/ and the fixtures come from
-# lfm_engine.demo_data (same folder layout; its random_weights has no `scale`).
+# lfm_engine.demo.data (same folder layout; its random_weights has no `scale`).
 SOURCE_TREE = os.path.isfile(os.path.join(ROOT, "lfm_engine", "__init__.py"))
 if SOURCE_TREE:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -40,12 +40,12 @@ if SOURCE_TREE:
 try:
     from fixtures_models import finetune, llama_config, load_folder, random_weights, write_model  # noqa: E402
 except ImportError:
-    from lfm_engine.demo_data import finetune, llama_config, load_folder, write_model  # noqa: E402
-    from lfm_engine.demo_data import random_weights as _random_weights  # noqa: E402
+    from lfm_engine.demo.data import finetune, llama_config, load_folder, write_model  # noqa: E402
+    from lfm_engine.demo.data import random_weights as _random_weights  # noqa: E402
 
     def random_weights(cfg, seed, dtype, scale=None):
         return _random_weights(cfg, seed, dtype)
-from lfm_engine.bench_util import Report, copy_bandwidth  # noqa: E402
+from benchlib import Report, copy_bandwidth  # noqa: E402
 
 SIZES = {
     "full": dict(hidden=1024, layers=8, intermediate=2816, vocab=8192, heads=16, kv_heads=16),
@@ -57,7 +57,15 @@ METHOD_PARAMS = {
     "task_arithmetic": [dict(weight=0.4), dict(weight=0.3), dict(weight=0.3)],
     "della": [dict(weight=0.4, density=0.5, epsilon=0.1)] * 3,
     "breadcrumbs_ties": [dict(weight=0.4, density=0.8, gamma=0.05)] * 3,
+    # the slerp family (torch path, one finiteness screen per output tensor): as many
+    # models as entries here (slerp: the base and one model)
+    "slerp": [{}],
+    "nuslerp": [dict(weight=0.6), dict(weight=0.4)],
+    "multislerp": [dict(weight=0.4), dict(weight=0.3), dict(weight=0.3)],
+    "karcher": [{}] * 3,
+    "model_stock": [{}] * 3,
 }
+METHOD_GLOBALS = {"slerp": {"t": 0.4}}
 RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
@@ -307,6 +315,8 @@ def main(argv=None) -> int:
                    "models": [{"model": p, "parameters": prm}
                               for p, prm in zip(paths[1:], METHOD_PARAMS[method])],
                    "dtype": "bfloat16"}
+            if method in METHOD_GLOBALS:
+                cfg["parameters"] = METHOD_GLOBALS[method]
             cfg_path = os.path.join(work, f"{method}.yml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False)

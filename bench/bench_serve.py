@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lfm_engine.bench_util import Report, copy_bandwidth, device_name  # noqa: E402
+from benchlib import Report, copy_bandwidth, device_name  # noqa: E402
 
 
 def main(argv=None) -> int:

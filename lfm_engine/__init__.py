@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.core.merge_methods import METHODS, MergeConfigError
 from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
 from lfm_engine.ops.lora import lora_apply, lora_apply_slices, lora_expand, lora_shrink
 from lfm_engine.ops.merge import merge_tensors
@@ -71,7 +71,7 @@ def get_library() -> str:
 
 
 def build_info() -> dict:
-    """{version, abi, cuda, cuda_archs, simd} of the compiled core."""
+    """{version, abi, cuda, cuda_archs, simd (active level), simd_host} of the compiled core."""
     from lfm_engine._native import native
 
     return json.loads(native().build_info())
@@ -82,6 +82,15 @@ def set_num_threads(n: int) -> None:
     from lfm_engine._native import native
 
     native().set_num_threads(int(n))
+
+
+def set_simd_level(level: str | None) -> None:
+    """Force the CPU kernels' SIMD level: "baseline", "avx2", "avx512" or "neon"; None
+    returns to LFM_SIMD / the host's best. Every level gives the same bits (docs/spec/merge.md
+    "Arithmetic"); a level this CPU cannot run raises ValueError."""
+    from lfm_engine._native import native
+
+    native().set_simd(level or "")
 
 
 # Names loaded on first use (their modules are larger and not needed to merge tensors).
@@ -106,6 +115,6 @@ __all__ = [
     "METHODS", "MergeConfigError", "merge_tensors", "merge_models",
     "lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices",
     "encode_delta", "decode_delta", "decode_add", "delta_apply", "compress_model", "decompress_model", "get_include", "get_library", "build_info",
-    "set_num_threads", "__version__", *_LAZY,
+    "set_num_threads", "set_simd_level", "__version__", *_LAZY,
 ]
 del os

@@ -123,4 +123,4 @@ def make_family(root: str, n_finetunes: int = 3, *, dtype=torch.float32, shards:
 
 
 # All tensors of a model folder (single file or sharded): one implementation, in the package.
-from lfm_engine.demo_data import load_folder  # noqa: E402,F401
+from lfm_engine.demo.data import load_folder  # noqa: E402,F401

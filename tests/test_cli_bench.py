@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lfm_engine import cli_bench
+from lfm_engine.cli import bench as cli_bench
 from lfm_engine.cli import main
 
 REPO_BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -24,7 +24,7 @@ def test_installed_copy_is_looked_up_first(tmp_path, monkeypatch):
     pkg = tmp_path / "lfm_engine"
     (pkg / "bench_suites").mkdir(parents=True)
     (pkg / "bench_suites" / "bench_merge.py").write_text("def main(argv=None):\n    return 0\n")
-    monkeypatch.setattr(cli_bench, "__file__", str(pkg / "cli_bench.py"))
+    monkeypatch.setattr(cli_bench, "__file__", str(pkg / "cli" / "bench.py"))
     assert cli_bench.find_suites() == {"merge": pkg / "bench_suites" / "bench_merge.py"}
     (pkg / "bench_suites" / "bench_merge.py").unlink()
     with pytest.raises(cli_bench.SuiteError, match="no benchmark suites"):

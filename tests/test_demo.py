@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lfm_engine.demo_data import load_folder, make_demo_set
+from lfm_engine.demo.data import load_folder, make_demo_set
 
 
 def test_demo_set_is_real_hf_and_peft(tmp_path):
@@ -80,7 +80,7 @@ def test_demo_end_to_end_tiny(capsys):
 def test_demo_fails_when_a_check_fails(capsys, monkeypatch):
     """The exit code follows the checks: a merge that is not the one checked must give rc 1
     (here the YAML asks for another density than the reference is computed with)."""
-    from lfm_engine import cli_demo
+    from lfm_engine.demo import runner as cli_demo
     from lfm_engine.cli import main
 
     real = cli_demo.ties_config

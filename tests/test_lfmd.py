@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lfm_engine.cli_compress import main as cli_main
-from lfm_engine.cli_compress import register
+from lfm_engine.cli.compress import main as cli_main
+from lfm_engine.cli.compress import register
 from lfm_engine.compress import (
     FORMAT, FingerprintMismatchError, LfmdError, compress_model, decompress_model, inspect_container, open_container,
     parse_codec_spec,

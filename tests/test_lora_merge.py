@@ -1,4 +1,4 @@
-"""lfm_engine.lora_merge: merging PEFT LoRA adapters into weights and into a new LoRA (CPU)."""
+"""lfm_engine.merge.lora_merge: merging PEFT LoRA adapters into weights and into a new LoRA (CPU)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from lfm_engine.lora_merge import (LoraAdapter, load_peft_adapter, merge_adapters_into, merge_adapters_to_lora,
+from lfm_engine.merge.lora_merge import (LoraAdapter, load_peft_adapter, merge_adapters_into, merge_adapters_to_lora,
                                    merged_delta, randomized_svd, save_peft_adapter)
-from lfm_engine.merge_params import resolve_merge_params
+from lfm_engine.core.merge_methods import resolve_merge_params
 from lfm_engine.reference.merge import merge_tensors_reference
 
 MODS = {"model.layers.0.self_attn.q_proj": (24, 40), "model.layers.0.mlp.down_proj": (40, 56)}

@@ -7,7 +7,7 @@ import torch
 
 import lfm_engine
 from lfm_engine import merge_tensors
-from lfm_engine.merge_params import METHODS, resolve_merge_params
+from lfm_engine.core.merge_methods import METHODS, resolve_merge_params
 from lfm_engine.reference import merge as ref
 from lfm_engine.reference.philox import stream_id
 

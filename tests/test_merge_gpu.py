@@ -24,7 +24,7 @@ from conftest import poison  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from lfm_engine.merge_params import resolve_merge_params  # noqa: E402
+from lfm_engine.core.merge_methods import resolve_merge_params  # noqa: E402
 from lfm_engine.ops.merge import merge_tensors  # noqa: E402
 from lfm_engine.reference.merge import sparsify_mask, task_vector  # noqa: E402
 

@@ -19,11 +19,12 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import assert_close  # noqa: E402
+from merge_cli_helpers import karcher64  # noqa: E402
 from fixtures_models import (finetune, llama_config, load_folder, make_family,  # noqa: E402
                              random_weights, write_model)
 
 from lfm_engine import merge_tensors  # noqa: E402
-from lfm_engine.cli_merge import main as cli_main  # noqa: E402
+from lfm_engine.cli.merge import main as cli_main  # noqa: E402
 from lfm_engine.merge import MergeConfigErrors, MergeWarning, merge_models  # noqa: E402
 from lfm_engine.merge import runner as merge_runner  # noqa: E402
 from lfm_engine.merge.io import CheckpointError, parse_size, read_safetensors_header  # noqa: E402
@@ -234,24 +235,6 @@ def multislerp64(ws, xs, b):
     return b.double() + r.reshape(b.shape)
 
 
-def karcher64(xs, iters=10, tol=1e-5):
-    X = torch.stack([x.double().flatten() for x in xs])
-    n = X.norm(dim=1)
-    U = X / n[:, None]
-    mu = U.mean(0)
-    mu = mu / mu.norm()
-    for _ in range(iters):
-        c = (U @ mu).clamp(-1, 1)
-        th = torch.acos(c)
-        coef = torch.where(th < tol, torch.zeros_like(th), th / torch.sin(th)) / len(xs)
-        g = (coef[:, None] * (U - c[:, None] * mu[None])).sum(0)
-        if g.norm() < tol:
-            break
-        mu = torch.cos(g.norm()) * mu + torch.sin(g.norm()) * g / g.norm()
-        mu = mu / mu.norm()
-    return (n.mean() * mu).reshape(xs[0].shape)
-
-
 def test_multislerp_and_karcher(family, tmp_path):
     paths, T = family
     cfg = {"merge_method": "multislerp", "base_model": paths[0],
@@ -427,8 +410,10 @@ def test_bin_checkpoint_refused_never_unpickled(family, tmp_path, capsys):
         ModelFolder(str(tmp_path / "binmodel"))
 
 
-def test_dry_run_reports_all_problems_together(family, tmp_path, capsys):
+def test_dry_run_reports_all_problems_together(family, tmp_path, capsys, monkeypatch):
     paths, _ = family
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # the hub id is looked up in an empty cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     _pickle_folder(str(tmp_path / "binmodel"), tmp_path / "marker")
     cfg = {"merge_method": "tiess", "base_model": str(tmp_path / "nope"),
            "models": [{"model": "some-org/some-model", "parameters": {"weight": 1}},
@@ -438,7 +423,8 @@ def test_dry_run_reports_all_problems_together(family, tmp_path, capsys):
     rc, out = run_cli(cfg, tmp_path, "cfg.yml", "--dry-run")
     err = capsys.readouterr().err
     assert rc == 2
-    for needle in ("did you mean 'ties'", "nope' does not exist", "local folders only", "pickle",
+    for needle in ("did you mean 'ties'", "nope' does not exist",
+                   "hub model 'some-org/some-model' is not available", "pickle",
                    "modelz: unknown key", "models[2].paramters: unknown key", "'union' is not supported"):
         assert needle in err, (needle, err)
     assert "error: 7 problems" in err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lfm_engine.merge_params import MergeParams, resolve_merge_params
+from lfm_engine.core.merge_methods import MergeParams, resolve_merge_params
 from lfm_engine.reference import philox as ph
 from lfm_engine.reference.merge import (
     della_keep_probabilities,

@@ -479,7 +479,7 @@ def _http(base_url, method, path, body=None, raw=None):
 def server(llama_setup, tmp_path_factory):
     import argparse
 
-    from lfm_engine import cli_serve
+    from lfm_engine.cli import serve as cli_serve
 
     base, paths = llama_setup
     mdir = str(tmp_path_factory.mktemp("model") / "tiny-llama")
@@ -625,7 +625,7 @@ def test_http_concurrent_clients_batch_together(server):
 def test_cli_serve_bad_arguments(tmp_path, capsys):
     import argparse
 
-    from lfm_engine import cli_serve
+    from lfm_engine.cli import serve as cli_serve
 
     ap = argparse.ArgumentParser()
     cli_serve.add_parser(ap.add_subparsers())

@@ -4,7 +4,7 @@ compare different work."""
 import pytest
 import torch
 
-from lfm_engine.merge_params import resolve_merge_params
+from lfm_engine.core.merge_methods import resolve_merge_params
 from lfm_engine.reference.merge import merge_tensors_reference
 
 from lfm_engine.baselines import torch_merge as baseline

@@ -47,15 +47,17 @@ LFM_API const char* lfm_version(void) { return LFM_VERSION_STRING; }
 LFM_API int lfm_abi_version(void) { return LFM_ABI_VERSION; }
 
 LFM_API const char* lfm_build_info(void) {
-    static const std::string info = lfm::cat(
+    // rebuilt on each call: the active SIMD level can change (lfm_set_simd)
+    thread_local std::string info;
+    info = lfm::cat(
         "{\"version\": \"", LFM_VERSION_STRING, "\", \"abi\": ", LFM_ABI_VERSION,
 #ifdef LFM_HAVE_CUDA
         ", \"cuda\": true",
 #else
         ", \"cuda\": false",
 #endif
-        ", \"cuda_archs\": \"", LFM_CUDA_ARCHS, "\", \"simd\": \"", lfm::cpu_simd_level(), "\", \"simd_host\": \"", lfm::cpu_simd_host_level(),
-        "\", \"simd_env\": \"", lfm::cpu_simd_env(), "\"}");
+        ", \"cuda_archs\": \"", LFM_CUDA_ARCHS, "\", \"simd\": \"", lfm::cpu_simd_level(), "\", \"simd_host\": \"",
+        lfm::simd_level_name(lfm::host_simd_level()), "\"}");
     return info.c_str();
 }
 
@@ -66,25 +68,33 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
         if (ndim < 0 || ndim > LFM_MAX_DIMS)
             lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "ndim ", ndim, " outside 0..", LFM_MAX_DIMS);
         if (ndim > 0 && !shape) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape is NULL");
-        const int dc = lfm::enum_code(dtype), vc = lfm::enum_code(device);
-        if (!lfm::valid_dtype_code(dc)) lfm::fail(LFM_STATUS_UNSUPPORTED_DTYPE, "unknown dtype code ", dc);
-        if (!lfm::valid_device_code(vc)) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "unknown device type ", vc);
-        for (int i = 0; i < ndim; ++i)
+        // everything is checked before *t is touched: a refused call leaves it as it was
+        lfm::dtype_size(dtype);  // throws on an unknown dtype code
+        if (device != LFM_DEVICE_CPU && device != LFM_DEVICE_CUDA)
+            lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "unknown device type ", static_cast<int>(device));
+        int64_t strides[LFM_MAX_DIMS];
+        int64_t stride = 1;
+        for (int i = ndim - 1; i >= 0; --i) {
             if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
+            strides[i] = stride;
+            if (shape[i] > 0 && __builtin_mul_overflow(stride, shape[i], &stride))
+                lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape too large to address (element count overflows)");
+        }
         std::memset(t, 0, sizeof(*t));
         t->data = data;
         t->dtype = dtype;
         t->device = device;
         t->ndim = ndim;
-        int64_t stride = 1;
-        for (int i = ndim - 1; i >= 0; --i) {
-            if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
+        for (int i = 0; i < ndim; ++i) {
             t->shape[i] = shape[i];
-            t->strides[i] = stride;
-            if (__builtin_mul_overflow(stride, shape[i], &stride))  // signed overflow would be UB
-                lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape has more elements than int64 can count");
+            t->strides[i] = strides[i];
         }
     });
+}
+
+LFM_API lfm_status lfm_set_simd(const char* level) {
+    // unchecked: this call is how a program replaces an unusable LFM_SIMD
+    return lfm::guard_unchecked("lfm_set_simd", [&] { lfm::set_simd_level(level); });
 }
 
 LFM_API int lfm_get_num_threads(void) { return lfm::get_num_threads(); }

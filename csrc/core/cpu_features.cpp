@@ -1,8 +1,9 @@
 #include "core/cpu_features.h"
 
-#include <cctype>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "core/status.h"
@@ -10,103 +11,137 @@
 namespace lfm {
 namespace {
 
-enum Level { kPortable = 0, kBaseline = 1, kNeon = 1, kAvx2 = 2, kAvx512 = 3 };
-
-struct SimdState {
-    int host = kPortable;       // best level of this CPU
-    int effective = kPortable;  // min(host, LFM_SIMD)
-    std::string env;            // LFM_SIMD as given
-    std::string env_shown;      // the same with anything but [A-Za-z0-9_-] as '?', safe inside JSON
-    std::string error;          // non-empty: LFM_SIMD is unusable
-};
-
-int host_level() {
+bool host_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
-    return kBaseline;
-#elif defined(__aarch64__)
-    return kNeon;  // Advanced SIMD is mandatory on aarch64
+    static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return v;
 #else
-    return kPortable;
+    return false;
 #endif
 }
 
-const char* level_name(int l) {
-#if defined(__aarch64__)
-    if (l == kNeon) return "neon";
+bool host_f16c() {
+#if defined(__x86_64__) || defined(_M_X64)
+    static const bool v = __builtin_cpu_supports("f16c");
+    return v;
+#else
+    return false;
 #endif
-    switch (l) {
-        case kAvx512: return "avx512";
-        case kAvx2: return "avx2";
-        case kBaseline: return "baseline";
-        default: return "portable";
+}
+
+bool host_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+    static const bool v = host_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+    return v;
+#else
+    return false;
+#endif
+}
+
+// Parse a level name; returns false with `why` filled when it is unknown or unrunnable.
+bool parse_level(const char* name, SimdLevel* out, std::string* why) {
+    static const struct { const char* name; SimdLevel level; } kNames[] = {
+        {"baseline", SimdLevel::Baseline}, {"avx2", SimdLevel::Avx2}, {"avx512", SimdLevel::Avx512},
+        {"neon", SimdLevel::Neon}};
+    for (const auto& n : kNames) {
+        if (std::strcmp(name, n.name) != 0) continue;
+        const SimdLevel host = host_simd_level();
+        const bool arm = host == SimdLevel::Neon;
+        const bool ok = n.level == SimdLevel::Baseline ||
+                        (arm ? n.level == SimdLevel::Neon
+                             : n.level != SimdLevel::Neon && static_cast<int>(n.level) <= static_cast<int>(host));
+        if (!ok) {
+            *why = cat("SIMD level '", name, "' cannot run on this CPU (its best level is '", simd_level_name(host),
+                       "')");
+            return false;
+        }
+        *out = n.level;
+        return true;
     }
+    *why = cat("unknown SIMD level '", name, "' (use baseline, avx2, avx512 or neon)");
+    return false;
 }
 
-SimdState make_state() {
-    SimdState s;
-    s.host = host_level();
-    s.effective = s.host;
-    const char* e = std::getenv("LFM_SIMD");
-    if (!e || !*e) return s;
-    s.env = e;
-    for (char c : s.env) s.env_shown += (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-') ? c : '?';
-#if defined(__x86_64__) || defined(_M_X64)
-    const bool x86 = true;
-#else
-    const bool x86 = false;
-#endif
-    int want = -1;
-    if (s.env == "baseline") want = x86 ? kBaseline : -2;
-    else if (s.env == "avx2") want = x86 ? kAvx2 : -2;
-    else if (s.env == "avx512") want = x86 ? kAvx512 : -2;
-    else if (s.env == "neon") want = x86 ? -2 : (s.host == kNeon ? kNeon : -2);
-    if (want == -1)
-        s.error = cat("LFM_SIMD=\"", s.env, "\" is not a SIMD level (use baseline, avx2, avx512 or neon)");
-    else if (want == -2 || want > s.host)
-        s.error = cat("LFM_SIMD=", s.env, " cannot run on this CPU (its best level is ", level_name(s.host), ")");
-    else
-        s.effective = want;
-    return s;
+// -2: not read yet; -1: none forced; else a SimdLevel
+std::atomic<int> g_forced{-2};
+std::string g_env_error;  // written once under g_once, before g_forced is published
+std::once_flag g_once;
+
+int forced() {
+    int f = g_forced.load(std::memory_order_acquire);
+    if (f != -2) return f;
+    std::call_once(g_once, [] {
+        const char* env = std::getenv("LFM_SIMD");
+        int v = -1;
+        if (env && *env) {
+            SimdLevel lvl;
+            std::string why;
+            if (parse_level(env, &lvl, &why))
+                v = static_cast<int>(lvl);
+            else
+                g_env_error = cat("LFM_SIMD: ", why);
+        }
+        int expected = -2;
+        g_forced.compare_exchange_strong(expected, v, std::memory_order_acq_rel);
+    });
+    return g_forced.load(std::memory_order_acquire);
 }
 
-const SimdState& state() {
-    static const SimdState s = make_state();
-    return s;
-}
+std::atomic<bool> g_set_explicitly{false};
 
 }  // namespace
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-    return state().effective >= kAvx2;
+SimdLevel host_simd_level() {
+#if defined(__aarch64__)
+    return SimdLevel::Neon;
 #else
-    return false;
+    if (host_avx512()) return SimdLevel::Avx512;
+    if (host_avx2()) return SimdLevel::Avx2;
+    return SimdLevel::Baseline;
 #endif
 }
-bool cpu_has_f16c() {
-#if defined(__x86_64__) || defined(_M_X64)
-    static const bool v = __builtin_cpu_supports("f16c");
-    return v && cpu_has_avx2();
-#else
-    return false;
-#endif
+
+SimdLevel simd_level() {
+    const int f = forced();
+    return f >= 0 ? static_cast<SimdLevel>(f) : host_simd_level();
 }
-bool cpu_has_avx512f() {
-#if defined(__x86_64__) || defined(_M_X64)
-    return state().effective >= kAvx512;
-#else
-    return false;
-#endif
+
+const char* simd_level_name(SimdLevel level) {
+    switch (level) {
+        case SimdLevel::Baseline: return "baseline";
+        case SimdLevel::Avx2: return "avx2";
+        case SimdLevel::Avx512: return "avx512";
+        case SimdLevel::Neon: return "neon";
+    }
+    return "unknown";
 }
-const char* cpu_simd_level() { return cpu_simd_env_ok() ? level_name(state().effective) : "invalid"; }
-const char* cpu_simd_host_level() { return level_name(state().host); }
-const char* cpu_simd_env() { return state().env_shown.c_str(); }
-bool cpu_simd_env_ok() { return state().error.empty(); }
+
+void set_simd_level(const char* name) {
+    forced();  // read LFM_SIMD first, so a later first read cannot undo this call
+    int v = -1;
+    if (name && *name) {
+        SimdLevel lvl;
+        std::string why;
+        if (!parse_level(name, &lvl, &why)) fail(LFM_STATUS_INVALID_ARGUMENT, why);
+        v = static_cast<int>(lvl);
+    }
+    g_set_explicitly.store(true, std::memory_order_release);
+    g_forced.store(v, std::memory_order_release);
+}
+
 void check_simd_env() {
-    if (!cpu_simd_env_ok()) fail(LFM_STATUS_INVALID_ARGUMENT, state().error);
+    forced();
+    if (!g_env_error.empty() && !g_set_explicitly.load(std::memory_order_acquire))
+        fail(LFM_STATUS_INVALID_ARGUMENT, g_env_error);
 }
+
+bool cpu_has_avx2() {
+    const SimdLevel l = simd_level();
+    return (l == SimdLevel::Avx2 || l == SimdLevel::Avx512) && host_avx2();
+}
+bool cpu_has_f16c() { return cpu_has_avx2() && host_f16c(); }
+bool cpu_has_avx512f() { return simd_level() == SimdLevel::Avx512 && host_avx512(); }
+const char* cpu_simd_level() { return simd_level_name(simd_level()); }
 
 }  // namespace lfm

@@ -1,20 +1,30 @@
-// Run-time CPU feature detection (the default build targets baseline x86-64; hot loops
-// pick AVX2/AVX-512 paths with these checks) and the forced level LFM_SIMD.
+// Run-time CPU feature detection and the active SIMD level.
 //
-// LFM_SIMD=baseline|avx2|avx512|neon (read once, at the first call) caps the level the
-// kernels use, so tests can compare every level a host runs. An unknown value, or a
-// level this CPU cannot run, is an error: check_simd_env() throws lfm::Error naming it,
-// and every C ABI entry point calls it (lfm::guard), so nothing silently falls back.
+// The default build targets baseline x86-64 (or plain aarch64); hot loops pick their
+// AVX2/F16C paths at run time. The active level is the host's best unless the
+// environment variable LFM_SIMD (baseline | avx2 | avx512 | neon) or lfm_set_simd()
+// forces a lower one, so tests can compare every level a host supports bit for bit.
+// A level the host cannot run, or an unknown name, is an error (never a silent fallback).
 #pragma once
 
 namespace lfm {
-bool cpu_has_avx2();     // AVX2 + FMA, and the effective level allows it
-bool cpu_has_f16c();     // F16C with AVX2 allowed
-bool cpu_has_avx512f();  // AVX-512F, and the effective level allows it
-// effective level: "avx512", "avx2", "baseline" (x86-64), "neon" (aarch64) or "portable"
-const char* cpu_simd_level();
-const char* cpu_simd_host_level();  // best level this CPU runs, ignoring LFM_SIMD
-const char* cpu_simd_env();         // LFM_SIMD as read ("" when unset; odd characters as '?')
-bool cpu_simd_env_ok();             // false when LFM_SIMD is unknown or not runnable here
-void check_simd_env();              // throws lfm::Error when !cpu_simd_env_ok()
+
+enum class SimdLevel { Baseline = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
+
+SimdLevel host_simd_level();          // the best level this CPU runs
+SimdLevel simd_level();               // the active level (forced or the host's)
+const char* simd_level_name(SimdLevel level);
+// Force a level by name; nullptr or "" returns to LFM_SIMD / the host's best.
+// Throws lfm::Error (invalid argument) naming the problem.
+void set_simd_level(const char* name);
+// Throws lfm::Error when LFM_SIMD holds an unknown or unrunnable level (and no
+// set_simd_level() call has overridden it); every C ABI entry point checks this.
+void check_simd_env();
+
+// Feature checks of the active level (false when a lower level is forced).
+bool cpu_has_avx2();     // AVX2 + FMA
+bool cpu_has_f16c();     // AVX2 level and F16C
+bool cpu_has_avx512f();  // AVX-512 level
+const char* cpu_simd_level();  // simd_level_name(simd_level())
+
 }  // namespace lfm

@@ -40,14 +40,13 @@ template <typename... Args>
 void set_last_error(const std::string& msg);
 void clear_last_error();
 
+void check_simd_env();  // core/cpu_features.h: an unusable LFM_SIMD is an error
+
 // Run fn(); map every exception to a status and record its message. `where`
 // names the entry point so the message says where it failed.
-void check_simd_env();  // core/cpu_features.h: throws when LFM_SIMD is unusable
-
 template <typename Fn>
-lfm_status guard(const char* where, Fn&& fn) noexcept {
+lfm_status guard_unchecked(const char* where, Fn&& fn) noexcept {
     try {
-        check_simd_env();  // a bad LFM_SIMD fails every call with its message, no silent fallback
         fn();
         clear_last_error();
         return LFM_STATUS_OK;
@@ -64,6 +63,16 @@ lfm_status guard(const char* where, Fn&& fn) noexcept {
         set_last_error(cat(where, ": internal error (unknown exception)"));
         return LFM_STATUS_INTERNAL;
     }
+}
+
+// guard_unchecked() after checking that the LFM_SIMD environment variable is usable, so
+// every entry point reports a bad LFM_SIMD instead of silently running another level.
+template <typename Fn>
+lfm_status guard(const char* where, Fn&& fn) noexcept {
+    return guard_unchecked(where, [&] {
+        check_simd_env();
+        fn();
+    });
 }
 
 }  // namespace lfm

@@ -65,16 +65,17 @@ void check_view(const lfm_tensor* t, const char* what) {
     if (!t) fail(LFM_STATUS_INVALID_ARGUMENT, what, " is NULL");
     if (t->ndim < 0 || t->ndim > LFM_MAX_DIMS)
         fail(LFM_STATUS_INVALID_ARGUMENT, what, " has ndim ", t->ndim, " (must be 0..", LFM_MAX_DIMS, ")");
-    int64_t n = 1;  // numel() and byte offsets are int64: a shape whose count overflows is refused here
-    for (int i = 0; i < t->ndim; ++i) {
+    for (int i = 0; i < t->ndim; ++i)
         if (t->shape[i] < 0) fail(LFM_STATUS_INVALID_ARGUMENT, what, " has a negative dimension ", shape_str(*t));
-        if (__builtin_mul_overflow(n, t->shape[i], &n) || n > (INT64_MAX >> 3))
-            fail(LFM_STATUS_INVALID_ARGUMENT, what, " has shape ", shape_str(*t), ": too many elements");
-    }
-    const int dc = enum_code(t->dtype);
-    if (!valid_dtype_code(dc)) fail(LFM_STATUS_UNSUPPORTED_DTYPE, what, " has an unknown dtype code ", dc);
-    const int vc = enum_code(t->device);
-    if (!valid_device_code(vc)) fail(LFM_STATUS_INVALID_ARGUMENT, what, " has an unknown device type ", vc);
+    const size_t esize = dtype_size(t->dtype);  // throws on an unknown dtype code
+    // The byte size of the non-zero dimensions must fit in int64, so no size or offset
+    // computed from the shape (numel, row-major strides, byte counts) can overflow.
+    int64_t bytes = static_cast<int64_t>(esize);
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] > 0 && __builtin_mul_overflow(bytes, t->shape[i], &bytes))
+            fail(LFM_STATUS_INVALID_ARGUMENT, what, " has shape ", shape_str(*t), ", too large to address");
+    if (t->device != LFM_DEVICE_CPU && t->device != LFM_DEVICE_CUDA)
+        fail(LFM_STATUS_INVALID_ARGUMENT, what, " has an unknown device type ", static_cast<int>(t->device));
     if (numel(*t) > 0 && t->data == nullptr) fail(LFM_STATUS_INVALID_ARGUMENT, what, " has no data pointer");
 }
 

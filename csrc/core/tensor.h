@@ -1,25 +1,11 @@
 // Helpers over lfm_tensor views: sizes, contiguity, checks with clear messages.
 #pragma once
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 #include "core/status.h"
 
 namespace lfm {
-
-// A C caller may store any int in an enum-typed field; loading an out-of-range value as a
-// C++ enum is undefined behaviour, so codes are read as plain integers (the bytes, not an
-// enum load) and validated before they are converted back to the enum type.
-template <class E>
-inline int enum_code(const E& e) {
-    static_assert(sizeof(E) == sizeof(int), "C ABI enums are int-sized");
-    int v;
-    std::memcpy(&v, &e, sizeof v);
-    return v;
-}
-inline bool valid_dtype_code(int c) { return c >= LFM_DTYPE_F32 && c <= LFM_DTYPE_U32; }
-inline bool valid_device_code(int c) { return c == LFM_DEVICE_CPU || c == LFM_DEVICE_CUDA; }
 
 size_t dtype_size(lfm_dtype dt);
 const char* dtype_name(lfm_dtype dt);

@@ -18,10 +18,10 @@ int env_threads() {
     const char* s = std::getenv("LFM_NUM_THREADS");
     if (s && *s) {
         int v = std::atoi(s);
-        if (v >= 1) return v;
+        if (v >= 1) return std::min(v, kMaxThreads);
     }
     unsigned hc = std::thread::hardware_concurrency();
-    return hc ? static_cast<int>(hc) : 1;
+    return hc ? std::min(static_cast<int>(hc), kMaxThreads) : 1;
 }
 
 std::atomic<int> g_num_threads{0};
@@ -117,8 +117,14 @@ int get_num_threads() {
 }
 
 void set_num_threads(int n) {
-    if (n < 1) fail(LFM_STATUS_INVALID_ARGUMENT, "number of threads must be >= 1, got ", n);
+    if (n < 1 || n > kMaxThreads)
+        fail(LFM_STATUS_INVALID_ARGUMENT, "number of threads must be in 1..", kMaxThreads, ", got ", n);
     g_num_threads.store(n);
+}
+
+void check_n_threads(int n) {
+    if (n < 0 || n > kMaxThreads)
+        fail(LFM_STATUS_INVALID_ARGUMENT, "n_threads must be in 0..", kMaxThreads, " (0 = library default), got ", n);
 }
 
 int plan_workers(int64_t n_tasks, int max_workers) {

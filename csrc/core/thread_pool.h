@@ -11,8 +11,14 @@
 
 namespace lfm {
 
-int get_num_threads();           // LFM_NUM_THREADS, else hardware concurrency
-void set_num_threads(int n);     // n >= 1
+// Worker counts are bounded: per-worker scratch is sized by them, so a count from
+// input (2^31 - 1, say) must be an error, not a 17 GB allocation.
+constexpr int kMaxThreads = 1024;
+
+int get_num_threads();           // LFM_NUM_THREADS (clamped to 1..kMaxThreads), else hardware concurrency
+void set_num_threads(int n);     // 1 <= n <= kMaxThreads
+// A per-call n_threads option: 0 (library default) .. kMaxThreads, else lfm::Error.
+void check_n_threads(int n);
 // How many worker slots parallel_for will use for these arguments (for sizing scratch).
 int plan_workers(int64_t n_tasks, int max_workers);
 void parallel_for(int64_t n_tasks, int max_workers, const std::function<void(int64_t, int)>& fn);

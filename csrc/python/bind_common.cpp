@@ -8,6 +8,7 @@ void bind_common(pyb::module_& m) {
     m.def("build_info", [] { return std::string(lfm_build_info()); });
     m.def("get_num_threads", [] { return lfm_get_num_threads(); });
     m.def("set_num_threads", [](int n) { check(lfm_set_num_threads(n)); });
+    m.def("set_simd", [](const std::string& level) { check(lfm_set_simd(level.c_str())); });
 }
 
 }  // namespace lfm::py

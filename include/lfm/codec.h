@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-typedef enum lfm_codec {
+typedef LFM_ENUM(lfm_codec) {
     LFM_CODEC_SIGN1 = 0,
     LFM_CODEC_INT8 = 1,
     LFM_CODEC_INT4 = 2,

@@ -33,7 +33,17 @@ extern "C" {
 #define LFM_ABI_VERSION 1
 #define LFM_MAX_DIMS 8
 
-typedef enum lfm_status {
+/* Every enum of the ABI is int32-sized. In C++ it gets that fixed underlying type, so
+ * any int32 a caller stores (a corrupt or out-of-range code) is a valid value to read,
+ * and the library rejects it by its number instead of reading an invalid enum value
+ * (undefined behaviour in C++). The layout is the same in C and C++. */
+#ifdef __cplusplus
+#  define LFM_ENUM(name) enum name : int32_t
+#else
+#  define LFM_ENUM(name) enum name
+#endif
+
+typedef LFM_ENUM(lfm_status) {
     LFM_STATUS_OK = 0,
     LFM_STATUS_INVALID_ARGUMENT = 1, /* a parameter is out of its domain */
     LFM_STATUS_UNSUPPORTED_DTYPE = 2,
@@ -46,7 +56,7 @@ typedef enum lfm_status {
     LFM_STATUS_INTERNAL = 9
 } lfm_status;
 
-typedef enum lfm_dtype {
+typedef LFM_ENUM(lfm_dtype) {
     LFM_DTYPE_F32 = 0,
     LFM_DTYPE_F16 = 1,
     LFM_DTYPE_BF16 = 2,
@@ -57,7 +67,7 @@ typedef enum lfm_dtype {
     LFM_DTYPE_U32 = 7
 } lfm_dtype;
 
-typedef enum lfm_device_type {
+typedef LFM_ENUM(lfm_device_type) {
     LFM_DEVICE_CPU = 0,
     LFM_DEVICE_CUDA = 1
 } lfm_device_type;
@@ -79,9 +89,9 @@ LFM_API const char* lfm_last_error(void);
 LFM_API const char* lfm_status_string(lfm_status status);
 LFM_API const char* lfm_version(void);
 LFM_API int lfm_abi_version(void);
-/* JSON object: version, abi, cuda (bool), cuda_archs, simd (the level the CPU kernels use:
- * baseline, avx2, avx512, neon, portable; "invalid" when LFM_SIMD is unusable, and then every
- * other call fails naming it), simd_host (best level this CPU runs), simd_env (LFM_SIMD). */
+/* JSON object: version, abi, cuda (bool), cuda_archs, simd (the active SIMD level),
+   simd_host (the best level this CPU runs). The string is valid until the next call
+   from the same thread. */
 LFM_API const char* lfm_build_info(void);
 
 /* Fill a contiguous view (strides computed row-major). ndim <= LFM_MAX_DIMS. */
@@ -91,6 +101,13 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
 /* Worker threads of the CPU kernels. Default: LFM_NUM_THREADS or all cores. */
 LFM_API int lfm_get_num_threads(void);
 LFM_API lfm_status lfm_set_num_threads(int n);
+
+/* SIMD level of the CPU kernels: "baseline", "avx2", "avx512" or "neon"; NULL or ""
+   returns to LFM_SIMD / the host's best. Every level gives the same bits (docs/spec).
+   A level this CPU cannot run is LFM_STATUS_INVALID_ARGUMENT. The environment
+   variable LFM_SIMD sets the same at start; an unusable LFM_SIMD makes every other
+   entry point fail with LFM_STATUS_INVALID_ARGUMENT until this call replaces it. */
+LFM_API lfm_status lfm_set_simd(const char* level);
 
 #ifdef __cplusplus
 }

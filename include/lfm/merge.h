@@ -9,7 +9,7 @@
 extern "C" {
 #endif
 
-typedef enum lfm_merge_method {
+typedef LFM_ENUM(lfm_merge_method) {
     LFM_MERGE_TASK_ARITHMETIC = 0,
     LFM_MERGE_TIES = 1,
     LFM_MERGE_DARE_LINEAR = 2,
@@ -21,7 +21,7 @@ typedef enum lfm_merge_method {
     LFM_MERGE_LINEAR = 8
 } lfm_merge_method;
 
-typedef enum lfm_rescale {
+typedef LFM_ENUM(lfm_rescale) {
     LFM_RESCALE_NONE = 0,
     LFM_RESCALE_L1 = 1,              /* kept *= ||delta||_1 / ||delta'||_1 (spec) */
     LFM_RESCALE_INVERSE_DENSITY = 2  /* kept *= 1 / density (PEFT, original DARE) */

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lfm_engine.merge_params import (
+from lfm_engine.core.merge_methods import (
     RESCALE_INVERSE_DENSITY,
     RESCALE_L1,
     SPARSIFY_DELLA,

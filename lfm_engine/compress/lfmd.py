@@ -16,6 +16,13 @@ An .lfmd file is a safetensors file (any safetensors reader opens it):
                 so decompress writes the same files (and index) back.
     lfm.files   JSON map file name -> text of the model folder's small config files
                 (config.json, generation_config.json, tokenizer_config.json, ... under 256 KiB).
+    lfm.meta_sha256  SHA-256 of the other lfm.* values (see _meta_digest): a container whose
+                metadata was altered after writing is refused.
+
+Every file name in lfm.layout and lfm.files is checked before use (lfm_engine/io/names.py:
+a bare name, no path, no '..', no control characters); lfm.layout must place every
+tensor of lfm.codecs exactly once in .safetensors shards, and lfm.files may not name a
+weight file or the index (docs/codecs.md "File names from metadata").
 
 Decisions where the spec is silent:
 - Which tensors are encoded: tensors with ndim >= 2 present in both folders with the
@@ -49,12 +56,15 @@ import torch
 from lfm_engine.compress.safetensors_io import (
     ModelFolder, SafetensorsFile, SafetensorsFormatError, StreamWriter, dtype_name, parse_dtype_name, tensor_bytes,
 )
+from lfm_engine.io.names import UnsafeNameError, check_file_name, path_inside
 from lfm_engine.ops.codec import Encoded, decode_add, decode_delta, encode_delta
 from lfm_engine.reference.codec import CODECS, CodecError
 
 FORMAT = "lfmd/1"
 SEP = "::"
 SMALL_FILE_LIMIT = 256 << 10
+META_DIGEST = "lfm.meta_sha256"
+INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
@@ -182,12 +192,21 @@ def _field_digest(tensors: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 over the lfm.* metadata values except the digest itself, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(meta):
+        if k.startswith("lfm.") and k != META_DIGEST:
+            h.update(k.encode("utf-8") + b"\0" + str(meta[k]).encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
 def _small_files(folder: Path) -> dict:
     out = {}
     if not folder.is_dir():
         return out
     for p in sorted(folder.iterdir()):
-        if (p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != "model.safetensors.index.json"
+        if (p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX_NAME
                 and p.stat().st_size <= SMALL_FILE_LIMIT and p.suffix in (".json", ".txt", ".model", ".jinja", ".md")):
             try:
                 out[p.name] = p.read_text(encoding="utf-8")
@@ -295,6 +314,7 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
                 "lfm.layout": json.dumps(layout, separators=(",", ":")),
                 "lfm.files": json.dumps(_small_files(Path(model_dir))),
             }
+            meta[META_DIGEST] = _meta_digest(meta)
             writer.finish(meta)
         except BaseException:
             writer.abort()
@@ -369,6 +389,9 @@ def open_container(path) -> Container:
             files = json.loads(meta.get("lfm.files", "{}"))
         except (KeyError, json.JSONDecodeError) as exc:
             raise LfmdError(f"{path}: corrupt lfm.codecs / lfm.layout metadata ({exc})") from None
+        if META_DIGEST in meta and meta[META_DIGEST] != _meta_digest(meta):
+            raise LfmdError(f"{path}: the container's metadata was altered after it was written "
+                            f"({META_DIGEST} does not match)")
         if not isinstance(codecs, dict):
             raise LfmdError(f"{path}: corrupt lfm.codecs (not a JSON object)")
         known = set(CODECS) | {"raw", "zero"}
@@ -377,14 +400,59 @@ def open_container(path) -> Container:
                 raise LfmdError(f"{path}: corrupt lfm.codecs entry for '{name}'")
             if e["codec"] not in known:
                 raise LfmdError(f"{path}: '{name}' uses codec '{e['codec']}' which this lfm_engine does not know")
+            if not isinstance(e.get("sha256"), str):
+                raise LfmdError(f"{path}: lfm.codecs entry for '{name}' has no SHA-256 of its data")
         if "lfm.base" not in meta:
             raise LfmdError(f"{path}: no lfm.base fingerprint in the metadata")
-        if not layout:
-            layout = {"model.safetensors": list(codecs)}
+        if "lfm.layout" not in meta:
+            layout = {"model.safetensors": list(codecs)}  # one shard, as the fine-tune had
+        try:
+            _check_layout(layout, codecs, f"{path}: lfm.layout")
+            _check_files(files, layout, f"{path}: lfm.files")
+        except UnsafeNameError as exc:
+            raise LfmdError(str(exc)) from None
         return Container(path, sf, codecs, meta["lfm.base"], meta.get("lfm.source", ""), layout, files)
     except BaseException:
         sf.close()
         raise
+
+
+def _check_layout(layout, codecs: dict, where: str) -> None:
+    """lfm.layout must be {shard.safetensors: [param, ...]} with bare shard names that place
+    every param of lfm.codecs exactly once: decompress never publishes a folder that lacks
+    weights the container holds."""
+    if not isinstance(layout, dict) or not all(isinstance(v, list) for v in layout.values()):
+        raise LfmdError(f"{where}: not a JSON object of shard name -> list of tensor names")
+    if codecs and not layout:
+        raise LfmdError(f"{where}: names no shard, but the container holds {len(codecs)} tensors")
+    placed = {}
+    for shard, names in layout.items():
+        check_file_name(shard, where)
+        if not shard.endswith(".safetensors"):
+            raise LfmdError(f"{where}: shard '{shard}' is not a .safetensors file name")
+        for n in names:
+            if n not in codecs:
+                raise LfmdError(f"{where}: shard '{shard}' lists '{n}' which lfm.codecs lacks")
+            if n in placed:
+                raise LfmdError(f"{where}: '{n}' is placed in two shards ('{placed[n]}' and '{shard}')")
+            placed[n] = shard
+    missing = [n for n in codecs if n not in placed]
+    if missing:
+        raise LfmdError(f"{where}: {len(missing)} tensors of lfm.codecs are in no shard (first: '{missing[0]}'); "
+                        "decompressing would leave them out")
+
+
+def _check_files(files, layout: dict, where: str) -> None:
+    """lfm.files must be {bare file name: text}, never a weight file, the index or a shard."""
+    if not isinstance(files, dict):
+        raise LfmdError(f"{where}: not a JSON object of file name -> text")
+    for fname, text in files.items():
+        check_file_name(fname, where)
+        if not isinstance(text, str):
+            raise LfmdError(f"{where}: the content of '{fname}' is not text")
+        if fname.endswith(WEIGHT_SUFFIXES) or fname == INDEX_NAME or fname in layout:
+            raise LfmdError(f"{where}: '{fname}' would replace a weight file or the index; "
+                            "only small config files may travel in lfm.files")
 
 
 def inspect_container(path) -> dict:
@@ -442,15 +510,14 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
             weight_map = {}
             total_size = 0
             done = 0
-            for fname, names in c.layout.items():
+            for fname, names in c.layout.items():  # names checked by open_container
                 plan = []
                 for n in names:
-                    if n not in c.codecs:
-                        raise LfmdError(f"{path}: lfm.layout lists '{n}' which lfm.codecs lacks")
                     e = c.codecs[n]
                     plan.append((n, parse_dtype_name(e["dtype"]), tuple(e["shape"])))
                     weight_map[n] = fname
-                writer = StreamWriter(tmp / fname, plan=plan, metadata={"format": "pt"})
+                writer = StreamWriter(path_inside(tmp, fname, f"{path}: lfm.layout"), plan=plan,
+                                      metadata={"format": "pt"})
                 try:
                     for n, dt, shape in plan:
                         if progress:
@@ -468,6 +535,7 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
                                                 "lacks" + (" (forced past a fingerprint mismatch)" if force else ""))
                             b = base.get(n)
                             if e["codec"] == "zero":
+                                c.fields(n)  # checks the entry's SHA-256 (of no fields) too
                                 v = b.to(dt)
                             else:
                                 enc = c.encoded(n)
@@ -482,16 +550,14 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
                     writer.abort()
                     raise
             if len(c.layout) > 1:
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                (tmp / INDEX_NAME).write_text(json.dumps(
                     {"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
-            for fname, text in c.files.items():
-                if "/" in fname or "\\" in fname or fname.startswith("."):
-                    continue  # never write outside the output folder
-                (tmp / fname).write_text(text, encoding="utf-8")
+            for fname, text in c.files.items():  # bare, non-weight names (open_container)
+                Path(path_inside(tmp, fname, f"{path}: lfm.files")).write_text(text, encoding="utf-8")
             bdir = Path(base_dir)
             if bdir.is_dir():
                 for p in bdir.iterdir():
-                    if (p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != "model.safetensors.index.json"
+                    if (p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX_NAME
                             and not (tmp / p.name).exists()):
                         shutil.copy2(p, tmp / p.name)
             if out_dir.exists():

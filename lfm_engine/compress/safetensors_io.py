@@ -28,8 +28,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from lfm_engine.safetensors_format import ST_DTYPES as _ST, SafetensorsFormatError  # noqa: F401
-from lfm_engine.safetensors_format import read_header as _read_header
+from lfm_engine.io.safetensors_format import ST_DTYPES as _ST, SafetensorsFormatError  # noqa: F401
+from lfm_engine.io.safetensors_format import read_header as _read_header
 
 ST_DTYPES = {tag: dt for tag, (dt, _) in _ST.items()}  # tag -> torch dtype
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
@@ -49,7 +49,7 @@ def parse_dtype_name(name: str) -> torch.dtype:
 
 def read_header(path) -> tuple[dict, dict, int]:
     """(tensors: name -> {dtype, shape, data_offsets}, metadata, data_start) of a safetensors file,
-    validated by lfm_engine.safetensors_format.read_header."""
+    validated by lfm_engine.io.safetensors_format.read_header."""
     entries, meta, data_start = _read_header(path)
     header = {n: {"dtype": x.tag, "shape": list(x.shape),
                   "data_offsets": [x.start - data_start, x.end - data_start]} for n, x in entries.items()}

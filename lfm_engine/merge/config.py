@@ -2,8 +2,8 @@
 
 Accepted vocabulary (mergekit's, spec/merge.md)::
 
-    merge_method: ties                 # a method of lfm_engine.merge.runner.ALL_METHODS
-    base_model: path/to/base           # local folder
+    merge_method: ties                 # one of ALL_METHODS
+    base_model: path/to/base           # local folder, hub id org/name[@rev], or MODEL+LORA
     models:                            # or `slices:` (not both)
       - model: path/to/ft1
         parameters: {weight: 0.5, density: [0.2, 0.8]}
@@ -19,6 +19,12 @@ Accepted vocabulary (mergekit's, spec/merge.md)::
     out_dtype: bfloat16
     tokenizer_source: base             # `base`, a model path, or absent (= base)
     tokenizer: {source: base}          # the same, mergekit's newer spelling
+    chat_template: chatml              # a name, `auto` or a Jinja template (.chat_template)
+
+Several YAML documents (mergekit-multi) are run by :mod:`.stages`; this parser takes
+one. Parameters some other method uses are dropped with one warning per name; numeric
+strings (``1e-8``) are numbers; the YAML itself is read with bounds
+(:mod:`.yaml_load`). Definitions and decisions: docs/spec/merge.md.
 
 A parameter value is a scalar, a gradient list of numbers (interpolated
 piecewise-linearly at t), or a list of ``{filter, value}`` entries (first entry
@@ -39,15 +45,19 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from lfm_engine.merge_params import METHODS, MergeConfigError
+from lfm_engine.core.merge_methods import METHODS, MergeConfigError
+from lfm_engine.merge import chat_template, hub, lora_ref
+from lfm_engine.merge.elementwise import METHODS as ELEMENTWISE, ONE_MODEL, PARAMS as ELEMENTWISE_PARAMS
+from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
 TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
-TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher")
+TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher", "passthrough") + ELEMENTWISE
 ALL_METHODS = tuple(METHODS) + TORCH_METHODS
 
 # parameters read per input model (may appear at any level) and shared ones
@@ -68,13 +78,20 @@ for _m, _spec in METHODS.items():
         extra = ("epsilon",)
     INPUT_PARAMS[_m] = _TASK_INPUT + extra
     SHARED_PARAMS[_m] = _TASK_SHARED
-INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("weight",), karcher=())
+INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("weight",), karcher=(),
+                    passthrough=("scale",))
 SHARED_PARAMS.update(slerp=("t",), nuslerp=("nuslerp_flatten", "nuslerp_row_wise"),
                      model_stock=("filter_wise",), multislerp=("normalize_weights", "eps"),
-                     karcher=("max_iter", "tol"))
+                     karcher=("max_iter", "tol"), passthrough=())
+for _m in ELEMENTWISE:
+    INPUT_PARAMS[_m] = ()
+    SHARED_PARAMS[_m] = tuple(ELEMENTWISE_PARAMS[_m])
+# every parameter name some method reads: one a method does not use is ignored with a
+# warning (mergekit ignores it silently), any other name is an error
+KNOWN_PARAMS = frozenset(p for d in (INPUT_PARAMS, SHARED_PARAMS) for ps in d.values() for p in ps)
 # methods whose per-model `weight` must be given explicitly (as in mergekit)
 WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if "weight" in INPUT_PARAMS[m])
-BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock")
+BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock") + ELEMENTWISE
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -82,11 +99,13 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
           "float64": "float64"}
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
-             "out_dtype", "tokenizer_source", "tokenizer")
+             "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 _UNSUPPORTED_TOP = {
     "modules": "multi-module (`modules:`) configs are not supported; use `models:` or `slices:`",
-    "chat_template": "`chat_template` is not supported; edit tokenizer_config.json of the output",
 }
+# keys only mergekit-moe configs have (mergekit/moe/config.py)
+MOE_KEYS = ("gate_mode", "experts", "experts_per_token", "shared_experts", "residual_scale",
+            "architecture")
 
 
 class MergeConfigErrors(MergeConfigError):
@@ -135,6 +154,8 @@ class MergeConfig:
     raw: dict
     yaml_text: str
     origin: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)   # e.g. parameters the method ignores
+    chat_template: Optional[str] = None   # a name, `auto` or a literal (see .chat_template)
 
     @property
     def output_dtype(self) -> Optional[str]:
@@ -145,6 +166,29 @@ class MergeConfig:
 
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_NUMERIC_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def as_number(value):
+    """A numeric string (YAML 1.1 reads ``1e-8`` and ``5e-1`` as strings) as a float;
+    anything else unchanged. Integral values written with an exponent (``1e3``) become ints."""
+    if isinstance(value, str) and _NUMERIC_RE.fullmatch(value.strip()):
+        f = float(value)
+        if "." not in value and f.is_integer() and abs(f) < 2**63:
+            return int(f)
+        return f
+    return value
+
+
+def coerce_numbers(value):
+    """``as_number`` applied through a setting (scalars, gradient lists, filter entries)."""
+    if isinstance(value, list):
+        return [coerce_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (coerce_numbers(v) if k == "value" else v) for k, v in value.items()}
+    return as_number(value)
 
 
 def check_setting(value, where: str, errors: List[str]) -> None:
@@ -221,7 +265,7 @@ def lookup(name: str, levels: Sequence[Optional[dict]], tensor_name: str, t: flo
 # --------------------------------------------------------------------------- parsing
 
 def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(word), [c for c in choices if c != word], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -233,35 +277,110 @@ def _check_keys(mapping: dict, allowed, where: str, errors: List[str]) -> None:
 
 
 def _resolve_path(ref: str, origin_dir: Optional[str]) -> str:
+    """Absolute folder of a model reference: a local path (against the current directory,
+    then the config's folder), else a hub id's snapshot in the Hugging Face cache (see
+    :mod:`.hub`); an unresolvable reference gives a path that does not exist, which the
+    files phase reports (with the hub's reason for hub ids)."""
+    parts = lora_ref.split(ref)
+    if parts is not None:
+        model, lora = (_resolve_path(x, origin_dir) for x in parts)
+        if os.path.isdir(model) and os.path.isdir(lora):
+            return lora_ref.overlay(model, lora)
+        return os.path.abspath(ref)   # reported by _quick_folder_check
     p = os.path.expanduser(ref)
-    if os.path.isabs(p) or os.path.exists(p) or origin_dir is None:
+    if os.path.isabs(p) or os.path.exists(p):
         return os.path.abspath(p)
-    alt = os.path.join(origin_dir, p)
-    return os.path.abspath(alt if os.path.exists(alt) else p)
+    if origin_dir is not None and os.path.exists(os.path.join(origin_dir, p)):
+        return os.path.abspath(os.path.join(origin_dir, p))
+    if hub.parse_hub_ref(ref) is not None:
+        try:
+            return hub.resolve(ref)
+        except hub.HubError:
+            pass  # reported by _quick_folder_check
+    return os.path.abspath(p)
 
 
-def _check_params(params, where: str, method: Optional[str], level: str, errors: List[str]) -> dict:
+class _Parse:
+    """State shared by the parsing phases: the messages and what they need to know."""
+
+    def __init__(self, origin: Optional[str]):
+        self.errors: List[str] = []
+        self.unused: Dict[str, List[str]] = {}      # parameter -> where it was given
+        self.origin_dir = os.path.dirname(origin) if origin else None
+        self.method: Optional[str] = None
+        self.int8_mask: List[str] = []               # where int8_mask was given
+
+    def unused_warnings(self) -> List[str]:
+        out = []
+        if self.int8_mask:
+            out.append(f"int8_mask (given in {', '.join(self.int8_mask[:3])}) has no effect: it only "
+                       f"changes mergekit's mask storage; masks here are never materialised as floats")
+        for k, wheres in self.unused.items():
+            more = f" and {len(wheres) - 3} more" if len(wheres) > 3 else ""
+            out.append(f"parameter '{k}' is not used by method '{self.method}' and is ignored "
+                       f"(given in {', '.join(wheres[:3])}{more})")
+        return out
+
+
+def _check_params(params, where: str, level: str, st: _Parse) -> dict:
+    """Validate one `parameters:` mapping; numeric strings become numbers.
+
+    A name no method knows is an error (with a suggestion); a name another method
+    uses is dropped with one warning per name (as mergekit, which ignores it); a
+    shared parameter below slice level is an error saying where it belongs.
+    """
     if params is None:
         return {}
     if not isinstance(params, dict):
-        errors.append(f"{where}: must be a mapping of parameter names to values")
+        st.errors.append(f"{where}: must be a mapping of parameter names to values")
         return {}
+    method = st.method
     inp = INPUT_PARAMS.get(method, ()) if method else ()
     sh = SHARED_PARAMS.get(method, ()) if method else ()
     allowed = set(inp) | (set(sh) if level in ("global", "slice") else set())
+    out = {}
     for k, v in params.items():
         if method is not None and k not in allowed:
             if k in sh:
-                errors.append(f"{where}.{k}: '{k}' is a global parameter of '{method}'; "
-                              f"set it under the top-level (or slice) `parameters:`")
+                st.errors.append(f"{where}.{k}: '{k}' is a global parameter of '{method}'; "
+                                 f"set it under the top-level (or slice) `parameters:`")
+            elif k in KNOWN_PARAMS:
+                st.unused.setdefault(k, []).append(f"{where}.{k}")
             else:
                 known = sorted(allowed) or ["(none)"]
-                errors.append(f"{where}.{k}: unknown parameter for method '{method}'"
-                              + _suggest(k, set(inp) | set(sh) | {"weight", "density"})
-                              + f" (accepted here: {', '.join(known)})")
+                st.errors.append(f"{where}.{k}: unknown parameter for method '{method}'"
+                                 + _suggest(k, set(inp) | set(sh) | KNOWN_PARAMS)
+                                 + f" (accepted here: {', '.join(known)})")
             continue
-        check_setting(v, f"{where}.{k}", errors)
-    return dict(params)
+        v = coerce_numbers(v)
+        check_setting(v, f"{where}.{k}", st.errors)
+        if k == "int8_mask":
+            st.int8_mask.append(f"{where}.{k}")
+        if k in NUMERIC_PARAMS:
+            bad = [x for x in _scalars(v) if not _is_num(x)]
+            if bad:
+                st.errors.append(f"{where}.{k}: must be a number, got {bad[0]!r}")
+        out[k] = v
+    return out
+
+
+NUMERIC_PARAMS = frozenset(("weight", "density", "gamma", "epsilon", "lambda", "t", "eps", "tol",
+                            "max_iter", "scale", "select_topk", "r", "alpha"))
+
+
+def _scalars(value):
+    """The scalar values a setting can evaluate to (filter entries' values included)."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, dict):
+                if not isinstance(v.get("value"), dict):
+                    yield from _scalars(v.get("value", 0.0))  # a missing value is reported elsewhere
+            else:
+                yield from _scalars(v)
+    else:
+        yield value
 
 
 def _parse_model_ref(entry, where: str, errors: List[str]) -> Optional[str]:
@@ -271,63 +390,79 @@ def _parse_model_ref(entry, where: str, errors: List[str]) -> Optional[str]:
     if not isinstance(entry, str) or not entry.strip():
         errors.append(f"{where}: expected a model folder path, got {entry!r}")
         return None
-    if "+" in entry and not os.path.exists(entry):
-        errors.append(f"{where}: '{entry}': LoRA references (model+lora) are not supported; "
-                      f"merge the adapter into its model first")
+    if "+" in entry and not os.path.exists(entry) and lora_ref.split(entry) is None:
+        errors.append(f"{where}: '{entry}': expected MODEL+LORA with both parts given")
         return None
     return entry
 
 
-def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool = True) -> MergeConfig:
-    """Parse a YAML file path, YAML text or an already-loaded dict; raise MergeConfigErrors.
+# ---- phase 1: text -> one mapping
 
-    With ``check_files`` the model folders are checked for existence, hub ids and
-    pickle-only checkpoints here too (shape/architecture checks need the tensor
-    headers and are done by :func:`lfm_engine.merge.plan.build_plan`).
-    """
-    origin = None
+def _load_raw(config) -> Tuple[dict, str, Optional[str]]:
+    """(mapping, YAML text, absolute config path or None) of a path, YAML text or dict."""
     if isinstance(config, dict):
-        raw = config
-        text = yaml.safe_dump(config, sort_keys=False)
-    else:
-        s = os.fspath(config)
-        if "\n" not in s and (s.endswith((".yml", ".yaml")) or os.path.isfile(s)):
-            if not os.path.isfile(s):
-                raise MergeConfigErrors([f"config file '{s}' does not exist"])
-            origin = os.path.abspath(s)
+        return config, yaml.safe_dump(config, sort_keys=False), None
+    s = os.fspath(config)
+    origin = None
+    if "\n" not in s and (s.endswith((".yml", ".yaml")) or os.path.isfile(s)):
+        if not os.path.isfile(s):
+            raise MergeConfigErrors([f"config file '{s}' does not exist"])
+        origin = os.path.abspath(s)
+        try:
             with open(s, encoding="utf-8") as f:
                 text = f.read()
-        else:
-            text = s
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise MergeConfigErrors([f"{origin or 'config'}: invalid YAML: {e}"]) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise MergeConfigErrors([f"{s}: cannot read the config: {e}"]) from None
+    else:
+        text = s
+    name = origin or "config"
+    try:
+        docs = load_documents(text)
+    except YamlLimitError as e:
+        raise MergeConfigErrors([f"{name}: refused: {e}"]) from None
+    except yaml.YAMLError as e:
+        raise MergeConfigErrors([f"{name}: invalid YAML: {e}"]) from None
+    if len(docs) > 1:
+        raise MergeConfigErrors([_multi_document_message(name, docs)])
+    raw = docs[0] if docs else None
     if not isinstance(raw, dict):
         raise MergeConfigErrors(["the configuration must be a YAML mapping (merge_method: ..., models: ...)"])
-    errors: List[str] = []
-    origin_dir = os.path.dirname(origin) if origin else None
+    return raw, text, origin
 
+
+def _multi_document_message(name: str, docs: list) -> str:
+    stages = [str(d.get("name")) if isinstance(d, dict) and d.get("name") is not None
+              else f"#{i + 1} (unnamed)" for i, d in enumerate(docs)]
+    return (f"{name}: holds {len(docs)} YAML documents (stages: {', '.join(stages)}): multi-stage "
+            f"configs (mergekit-multi) are not supported yet; run each stage as its own "
+            f"`lfm-engine merge` with a single-document config, later stages naming the "
+            f"earlier outputs' folders")
+
+
+# ---- phase 2: top-level keys, method, dtypes, tokenizer
+
+def _check_top(raw: dict, st: _Parse) -> None:
+    moe = [k for k in MOE_KEYS if k in raw]
+    if moe:
+        raise MergeConfigErrors([
+            f"this is a mergekit-moe config (keys: {', '.join(moe)}); use `lfm-engine moe "
+            f"CONFIG OUT_DIR` (`lfm-engine merge` takes mergekit-yaml configs)"])
     for k in raw:
         if k in _UNSUPPORTED_TOP:
-            errors.append(f"{k}: {_UNSUPPORTED_TOP[k]}")
+            st.errors.append(f"{k}: {_UNSUPPORTED_TOP[k]}")
         elif k not in _TOP_KEYS:
-            errors.append(f"{k}: unknown key" + _suggest(k, _TOP_KEYS + tuple(_UNSUPPORTED_TOP)))
-
+            st.errors.append(f"{k}: unknown key" + _suggest(k, _TOP_KEYS + tuple(_UNSUPPORTED_TOP)))
     method = raw.get("merge_method")
     if method is None:
-        errors.append("merge_method: missing (one of: " + ", ".join(ALL_METHODS) + ")")
+        st.errors.append("merge_method: missing (one of: " + ", ".join(ALL_METHODS) + ")")
     elif not isinstance(method, str) or method not in ALL_METHODS:
-        errors.append(f"merge_method: unknown method '{method}'" + _suggest(method, ALL_METHODS)
-                      + " (supported: " + ", ".join(ALL_METHODS) + ")")
+        st.errors.append(f"merge_method: unknown method '{method}'" + _suggest(method, ALL_METHODS)
+                         + " (supported: " + ", ".join(ALL_METHODS) + ")")
         method = None
+    st.method = method
 
-    gparams = _check_params(raw.get("parameters"), "parameters", method, "global", errors)
 
-    base_ref = raw.get("base_model")
-    if base_ref is not None:
-        base_ref = _parse_model_ref(base_ref, "base_model", errors)
-
+def _parse_dtypes(raw: dict, errors: List[str]) -> Dict[str, Optional[str]]:
     dtypes = {}
     for key in ("dtype", "out_dtype"):
         v = raw.get(key)
@@ -339,7 +474,10 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
             dtypes[key] = None
         else:
             dtypes[key] = DTYPES[v.lower()]
+    return dtypes
 
+
+def _parse_tokenizer(raw: dict, errors: List[str]) -> Optional[str]:
     tok = raw.get("tokenizer_source")
     tsec = raw.get("tokenizer")
     if tsec is not None:
@@ -355,144 +493,245 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
                 errors.append("tokenizer.source, tokenizer_source: give only one of them")
             elif "source" in tsec:
                 tok = tsec["source"]
-    if tok is not None:
-        if tok == "union":
-            errors.append("tokenizer_source: 'union' is not supported (it needs vocabulary "
-                          "re-mapping of the embeddings); use 'base' or one model's path")
-            tok = None
-        elif not isinstance(tok, str):
-            errors.append(f"tokenizer_source: expected 'base' or a model path, got {tok!r}")
-            tok = None
+    if tok is None:
+        return None
+    if tok == "union":
+        errors.append("tokenizer_source: 'union' is not supported (it needs vocabulary "
+                      "re-mapping of the embeddings); use 'base' or one model's path")
+        return None
+    if not isinstance(tok, str):
+        errors.append(f"tokenizer_source: expected 'base' or a model path, got {tok!r}")
+        return None
+    return tok
+
+
+# ---- phase 3: models / slices
+
+def _entries(value, key: str, expected: str, st: _Parse, shorthand: Optional[str] = None):
+    """(where, mapping) for each entry of the list under `key`, reporting a missing or
+    empty list and non-mapping entries (a bare string is ``{shorthand: string}``)."""
+    if not isinstance(value, list) or not value:
+        st.errors.append(f"{key}: must be a non-empty list")
+        return
+    for i, ent in enumerate(value):
+        where = f"{key}[{i}]"
+        if shorthand and isinstance(ent, str):
+            ent = {shorthand: ent}
+        if not isinstance(ent, dict):
+            st.errors.append(f"{where}: expected a mapping with {expected}")
+            continue
+        yield where, ent
+
+
+def _parse_models(ml, st: _Parse) -> List[Source]:
+    models = []
+    for where, ent in _entries(ml, "models", "'model' and 'parameters'", st, shorthand="model"):
+        _check_keys(ent, ("model", "parameters"), where, st.errors)
+        ref = _parse_model_ref(ent.get("model"), f"{where}.model", st.errors)
+        params = _check_params(ent.get("parameters"), f"{where}.parameters", "model", st)
+        if ref is not None:
+            models.append(Source(ref, _resolve_path(ref, st.origin_dir), params, where))
+    return models
+
+
+def _parse_layer_range(lr, where: str, errors: List[str]) -> Optional[tuple]:
+    if isinstance(lr, list):
+        lr = [as_number(x) for x in lr]
+        lr = [int(x) if isinstance(x, float) and x.is_integer() else x for x in lr]
+    if (not isinstance(lr, list) or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+            or lr[0] < 0 or lr[1] <= lr[0]):
+        errors.append(f"{where}: must be [start, end) with 0 <= start < end integers, got {lr!r}")
+        return None
+    return tuple(lr)
+
+
+def _parse_slices(sl, st: _Parse) -> List[Slice]:
+    slices = []
+    for where, s in _entries(sl, "slices", "'sources'", st):
+        _check_keys(s, ("sources", "parameters", "base_model"), where, st.errors)
+        sparams = _check_params(s.get("parameters"), f"{where}.parameters", "slice", st)
+        sbase = s.get("base_model")
+        if sbase is not None:
+            sbase = _parse_model_ref(sbase, f"{where}.base_model", st.errors)
+        srcs = []
+        lengths = []
+        for w2, src in _entries(s.get("sources"), f"{where}.sources", "'model' and 'layer_range'", st):
+            _check_keys(src, ("model", "layer_range", "parameters"), w2, st.errors)
+            ref = _parse_model_ref(src.get("model"), f"{w2}.model", st.errors)
+            params = _check_params(src.get("parameters"), f"{w2}.parameters", "source", st)
+            lr = _parse_layer_range(src.get("layer_range"), f"{w2}.layer_range", st.errors)
+            if lr:
+                lengths.append(lr[1] - lr[0])
+            if ref is not None:
+                srcs.append(Source(ref, _resolve_path(ref, st.origin_dir), params, w2, lr))
+        if len(set(lengths)) > 1:
+            st.errors.append(f"{where}.sources: all sources of a slice must span the same number "
+                             f"of layers, got {lengths}")
+        slices.append(Slice(srcs, sparams, sbase, where))
+    return slices
+
+
+# ---- phase 4: method structure (how many models, which need a base or weights)
+
+def _check_structure(method: str, base_ref, base_path, models, slices, gparams, errors) -> None:
+    if method in BASE_REQUIRED and base_ref is None and not (
+            slices and all(s.base_ref for s in slices)):
+        errors.append(f"base_model: method '{method}' needs a base model")
+    if models is not None and method in BASE_REQUIRED + ("nuslerp", "multislerp"):
+        nonbase = [m for m in models if base_ref is None or m.path != base_path]
+        if method == "slerp" and len(nonbase) != 1:
+            errors.append(f"models: slerp merges the base with exactly one other model, "
+                          f"got {len(nonbase)} non-base models")
+        if method == "nuslerp" and len(nonbase) != 2:
+            errors.append(f"models: nuslerp needs exactly two non-base models, got {len(nonbase)}")
+        if method == "multislerp" and len(nonbase) < 1:
+            errors.append("models: multislerp needs at least one non-base model")
+        if method in ONE_MODEL and len(nonbase) != 1:
+            errors.append(f"models: {method} merges the base with exactly one other model, "
+                          f"got {len(nonbase)} non-base models")
+        if method == "model_stock" and len(nonbase) < 2:
+            errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
+    if method == "passthrough":
+        # one input per output tensor (mergekit: InputContract(max_inputs=1)); the layers
+        # of a frankenmerge come from `slices:`, one source each
+        if models is not None:
+            inputs = {m.path for m in models} | ({base_path} if base_path else set())
+            if len(inputs) != 1:
+                errors.append(f"models: passthrough copies exactly one model, got {len(inputs)} "
+                              f"(with base_model); use `slices:` with one source per slice")
+        for s in slices or []:
+            if len(s.sources) != 1:
+                errors.append(f"{s.where}.sources: passthrough takes exactly one source per "
+                              f"slice, got {len(s.sources)}")
+    if method in WEIGHT_REQUIRED and models is not None:
+        for m in models:
+            if method != "linear" and base_ref is not None and m.path == base_path:
+                continue  # the base's parameters are unused by base-relative methods
+            if "weight" not in m.parameters and "weight" not in gparams:
+                errors.append(f"{m.where}.parameters.weight: missing (method '{method}' "
+                              f"needs a weight for every model)")
+
+
+# ---- phase 5: files (existence, formats, layer counts)
+
+def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
+    """Check every referenced folder; True when all of them open and hold their layers."""
+    from lfm_engine.merge.io import CheckpointError
+    refs = []
+    if base_ref:
+        refs.append((base_ref, base_path, "base_model"))
+    for m in models or []:
+        refs.append((m.ref, m.path, m.where + ".model"))
+    for s in slices or []:
+        for src in s.sources:
+            refs.append((src.ref, src.path, src.where + ".model"))
+        if s.base_ref:
+            refs.append((s.base_ref, _resolve_path(s.base_ref, st.origin_dir), s.where + ".base_model"))
+    if tok not in (None, "base"):
+        refs.append((tok, _resolve_path(tok, st.origin_dir), "tokenizer_source"))
+    n_before = len(st.errors)
+    seen = set()
+    for ref, path, where in refs:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            _quick_folder_check(ref, path)
+        except CheckpointError as e:
+            st.errors.append(f"{where}: {e}")
+            continue
+        st.errors += [f"{where}: {m}" for m in lora_ref.check(path, ref)]
+    if len(st.errors) == n_before:
+        # every size taken from the config is bounded by what the folders hold, so a
+        # `layer_range: [0, 1e9]` is an error here instead of a billion planned layers
+        layers: Dict[str, int] = {}
+        for s in slices or []:
+            for src in s.sources:
+                if src.layer_range is None:
+                    continue
+                if src.path not in layers:
+                    layers[src.path] = folder_num_layers(src.path)
+                nl = layers[src.path]
+                if src.layer_range[1] > nl:
+                    st.errors.append(f"{src.where}.layer_range: {list(src.layer_range)} is beyond "
+                                     f"the {nl} layers of {src.ref}")
+    return len(st.errors) == n_before
+
+
+def folder_num_layers(path: str) -> int:
+    """Layer count of a model folder: config.json's num_hidden_layers (n_layer,
+    num_layers), else one more than the highest layer index among its tensor names."""
+    import json
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        cfg = {}
+    if isinstance(cfg, dict):
+        for k in ("num_hidden_layers", "n_layer", "num_layers"):
+            n = cfg.get(k)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                return n
+    from lfm_engine.merge.io import ModelFolder
+    from lfm_engine.merge.plan import layer_index
+    idx = [layer_index(n) for n in ModelFolder(path).tensors]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else 0
+
+
+def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool = True) -> MergeConfig:
+    """Parse a YAML file path, YAML text or an already-loaded dict; raise MergeConfigErrors.
+
+    Phases: (1) load one bounded YAML document, (2) top-level keys, method, dtypes,
+    tokenizer, (3) models or slices with their parameters, (4) the method's
+    structure (model count, base, weights), (5) with ``check_files`` the folders
+    (existence, hub ids, pickle/GGUF-only checkpoints, layer ranges within the
+    layers the folders hold). Shape/architecture checks need the tensor headers and
+    are done by :func:`lfm_engine.merge.plan.build_plan`.
+    """
+    raw, text, origin = _load_raw(config)
+    st = _Parse(origin)
+    _check_top(raw, st)
+    method = st.method
+    gparams = _check_params(raw.get("parameters"), "parameters", "global", st)
+    base_ref = raw.get("base_model")
+    if base_ref is not None:
+        base_ref = _parse_model_ref(base_ref, "base_model", st.errors)
+    dtypes = _parse_dtypes(raw, st.errors)
+    tok = _parse_tokenizer(raw, st.errors)
+    chat = raw.get("chat_template")
+    if chat is not None and chat_template.check(chat):
+        st.errors.append(chat_template.check(chat))
+        chat = None
 
     models = slices = None
     if raw.get("models") is not None and raw.get("slices") is not None:
-        errors.append("models, slices: give either `models:` or `slices:`, not both")
+        st.errors.append("models, slices: give either `models:` or `slices:`, not both")
     if raw.get("models") is not None:
-        models = []
-        ml = raw["models"]
-        if not isinstance(ml, list) or not ml:
-            errors.append("models: must be a non-empty list")
-            ml = []
-        for i, ent in enumerate(ml):
-            where = f"models[{i}]"
-            if isinstance(ent, str):
-                ent = {"model": ent}
-            if not isinstance(ent, dict):
-                errors.append(f"{where}: expected a mapping with 'model' and 'parameters'")
-                continue
-            _check_keys(ent, ("model", "parameters"), where, errors)
-            ref = _parse_model_ref(ent.get("model"), f"{where}.model", errors)
-            params = _check_params(ent.get("parameters"), f"{where}.parameters", method, "model", errors)
-            if ref is not None:
-                models.append(Source(ref, _resolve_path(ref, origin_dir), params, where))
+        models = _parse_models(raw["models"], st)
     elif raw.get("slices") is not None:
-        slices = []
-        sl = raw["slices"]
-        if not isinstance(sl, list) or not sl:
-            errors.append("slices: must be a non-empty list")
-            sl = []
-        for si, s in enumerate(sl):
-            where = f"slices[{si}]"
-            if not isinstance(s, dict):
-                errors.append(f"{where}: expected a mapping with 'sources'")
-                continue
-            _check_keys(s, ("sources", "parameters", "base_model"), where, errors)
-            sparams = _check_params(s.get("parameters"), f"{where}.parameters", method, "slice", errors)
-            sbase = s.get("base_model")
-            if sbase is not None:
-                sbase = _parse_model_ref(sbase, f"{where}.base_model", errors)
-            srcs = []
-            src_list = s.get("sources")
-            if not isinstance(src_list, list) or not src_list:
-                errors.append(f"{where}.sources: must be a non-empty list")
-                src_list = []
-            lengths = []
-            for j, src in enumerate(src_list):
-                w2 = f"{where}.sources[{j}]"
-                if not isinstance(src, dict):
-                    errors.append(f"{w2}: expected a mapping with 'model' and 'layer_range'")
-                    continue
-                _check_keys(src, ("model", "layer_range", "parameters"), w2, errors)
-                ref = _parse_model_ref(src.get("model"), f"{w2}.model", errors)
-                params = _check_params(src.get("parameters"), f"{w2}.parameters", method, "source", errors)
-                lr = src.get("layer_range")
-                if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                        or lr[0] < 0 or lr[1] <= lr[0]):
-                    errors.append(f"{w2}.layer_range: must be [start, end) with 0 <= start < end, got {lr!r}")
-                    lr = None
-                else:
-                    lengths.append(lr[1] - lr[0])
-                if ref is not None:
-                    srcs.append(Source(ref, _resolve_path(ref, origin_dir), params, w2,
-                                       tuple(lr) if lr else None))
-            if len(set(lengths)) > 1:
-                errors.append(f"{where}.sources: all sources of a slice must span the same number "
-                              f"of layers, got {lengths}")
-            slices.append(Slice(srcs, sparams, sbase, where))
+        slices = _parse_slices(raw["slices"], st)
     else:
-        errors.append("models: missing (give `models:` or `slices:`)")
+        st.errors.append("models: missing (give `models:` or `slices:`)")
+    base_path = _resolve_path(base_ref, st.origin_dir) if base_ref else None
 
-    base_path = _resolve_path(base_ref, origin_dir) if base_ref else None
-
-    # method structure
     if method is not None:
-        if method in BASE_REQUIRED and base_ref is None and not (
-                slices and all(s.base_ref for s in slices)):
-            errors.append(f"base_model: method '{method}' needs a base model")
-        if models is not None and method in BASE_REQUIRED + ("nuslerp", "multislerp"):
-            nonbase = [m for m in models if base_ref is None or m.path != base_path]
-            if method == "slerp" and len(nonbase) != 1:
-                errors.append(f"models: slerp merges the base with exactly one other model, "
-                              f"got {len(nonbase)} non-base models")
-            if method == "nuslerp" and len(nonbase) != 2:
-                errors.append(f"models: nuslerp needs exactly two non-base models, got {len(nonbase)}")
-            if method == "multislerp" and len(nonbase) < 1:
-                errors.append("models: multislerp needs at least one non-base model")
-            if method == "model_stock" and len(nonbase) < 2:
-                errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
-        if method in WEIGHT_REQUIRED and models is not None:
-            for m in models:
-                if method not in ("linear", "karcher") and base_ref is not None and m.path == base_path:
-                    continue  # the base's parameters are unused by base-relative methods
-                if "weight" not in m.parameters and "weight" not in gparams:
-                    errors.append(f"{m.where}.parameters.weight: missing (method '{method}' "
-                                  f"needs a weight for every model)")
+        _check_structure(method, base_ref, base_path, models, slices, gparams, st.errors)
+        if method == "karcher" and base_ref and models is not None \
+                and all(m.path != base_path for m in models):
+            # mergekit adds a base that is not listed to the inputs (last), so the Karcher
+            # mean runs over the models and the base (spec/merge.md "karcher")
+            models.append(Source(base_ref, base_path, {}, "base_model"))
 
-    # files
-    if check_files:
-        from lfm_engine.merge.io import CheckpointError
-        seen = {}
-        refs = []
-        if base_ref:
-            refs.append((base_ref, base_path, "base_model"))
-        for m in models or []:
-            refs.append((m.ref, m.path, m.where + ".model"))
-        for s in slices or []:
-            for src in s.sources:
-                refs.append((src.ref, src.path, src.where + ".model"))
-            if s.base_ref:
-                refs.append((s.base_ref, _resolve_path(s.base_ref, origin_dir), s.where + ".base_model"))
-        if tok not in (None, "base"):
-            refs.append((tok, _resolve_path(tok, origin_dir), "tokenizer_source"))
-        n_before = len(errors)
-        for ref, path, where in refs:
-            if path in seen:
-                continue
-            seen[path] = True
-            try:
-                _quick_folder_check(ref, path)
-            except CheckpointError as e:
-                errors.append(f"{where}: {e}")
-        files_ok = len(errors) == n_before
-    else:
-        files_ok = False
-
+    files_ok = _check_files(base_ref, base_path, models, slices, tok, st) if check_files else False
     cfg = MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
                       slices=slices, parameters=gparams, dtype=dtypes["dtype"],
                       out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
-                      yaml_text=text, origin=origin)
-    if errors:
-        err = MergeConfigErrors(errors)
+                      yaml_text=text, origin=origin, warnings=st.unused_warnings(),
+                      chat_template=chat)
+    if st.errors:
+        err = MergeConfigErrors(st.errors)
         # What could still be planned, so a caller can add the tensor-level problems
         # (shapes, architectures, per-tensor parameter values) to the same report.
         usable = method is not None and (models or slices) and (base_ref is None or base_path)
@@ -502,13 +741,31 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
 
 
 def _quick_folder_check(ref: str, path: str) -> None:
-    """Existence / hub id / pickle-only checks without reading headers."""
-    from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError, is_hub_id
+    """Existence / hub id / pickle- or GGUF-only checks without reading headers."""
+    from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError
+    parts = lora_ref.split(ref)
+    if parts is not None and not os.path.isdir(path):
+        # name the part that is missing (the overlay exists once both parts resolve)
+        for part, what in zip(parts, ("model", "LoRA adapter")):
+            if not os.path.isdir(_resolve_path(part, None)):
+                try:
+                    _quick_folder_check(part, _resolve_path(part, None))
+                except CheckpointError as e:
+                    raise CheckpointError(f"'{ref}': the {what}: {e}") from None
+        raise CheckpointError(f"'{ref}': cannot be resolved")
+    if parts is not None:
+        path_l = _resolve_path(parts[1], None)
+        if not os.path.isfile(os.path.join(path_l, "adapter_config.json")):
+            raise CheckpointError(f"'{ref}': the LoRA adapter folder '{parts[1]}' has no "
+                                  f"adapter_config.json (a PEFT adapter folder is expected)")
+    if ref.lower().endswith(".gguf") or (os.path.isfile(path) and path.lower().endswith(".gguf")):
+        raise CheckpointError(_GGUF_MSG.format(ref=ref))
     if not os.path.isdir(path):
-        if is_hub_id(ref):
-            raise CheckpointError(
-                f"'{ref}' is not a local folder and looks like a Hugging Face hub id: local folders only "
-                f"(download it first, e.g. `huggingface-cli download {ref} --local-dir DIR`)")
+        if hub.parse_hub_ref(ref) is not None:
+            try:
+                hub.resolve(ref)
+            except hub.HubError as e:
+                raise CheckpointError(str(e)) from None
         raise CheckpointError(f"model folder '{ref}' does not exist")
     files = os.listdir(path)
     if not any(f.endswith(".safetensors") for f in files):
@@ -517,5 +774,15 @@ def _quick_folder_check(ref: str, path: str) -> None:
             raise CheckpointError(
                 f"'{ref}' holds only pickle checkpoints ({', '.join(pk[:3])}); they are refused "
                 f"because loading a pickle can run arbitrary code. Convert the model to "
-                f"safetensors first")
+                f"safetensors first (e.g. `AutoModelForCausalLM.from_pretrained(DIR)."
+                f"save_pretrained(NEW_DIR, safe_serialization=True)` in transformers, on a "
+                f"checkpoint you trust)")
+        if any(f.lower().endswith(".gguf") for f in files):
+            raise CheckpointError(_GGUF_MSG.format(ref=ref))
         raise CheckpointError(f"'{ref}' contains no *.safetensors weights")
+
+
+_GGUF_MSG = ("'{ref}' is a GGUF checkpoint: GGUF (llama.cpp, often quantized) is not a merge "
+             "input; merge the original Hugging Face safetensors model, or convert the GGUF back "
+             "with transformers (`AutoModelForCausalLM.from_pretrained(DIR, gguf_file=FILE)."
+             "save_pretrained(NEW_DIR)`, which dequantizes)")

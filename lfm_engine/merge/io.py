@@ -43,8 +43,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lfm_engine.safetensors_format import ST_DTYPES, TORCH_TO_ST, SafetensorsFormatError  # noqa: F401
-from lfm_engine.safetensors_format import read_header as _read_header
+from lfm_engine.io.names import UnsafeNameError, check_file_name
+from lfm_engine.io.safetensors_format import ST_DTYPES, TORCH_TO_ST, SafetensorsFormatError  # noqa: F401
+from lfm_engine.io.safetensors_format import read_header as _read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -200,7 +201,11 @@ class ModelFolder:
                     raise TypeError
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index_path}: not a valid index (no weight_map) ({e})") from None
-            shard_names = sorted(set(wmap.values()))
+            # shard names come from the file: bare names only (never '../x' or '/etc/x')
+            try:
+                shard_names = sorted({check_file_name(v, f"{index_path}: weight_map") for v in wmap.values()})
+            except UnsafeNameError as e:
+                raise CheckpointError(str(e)) from None
         else:
             wmap = None
             shard_names = st_files

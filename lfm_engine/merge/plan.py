@@ -39,8 +39,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from lfm_engine.merge import config as C
+from lfm_engine.merge import elementwise
 from lfm_engine.merge.io import CheckpointError, ModelFolder, TensorInfo
-from lfm_engine.merge_params import MergeConfigError, resolve_merge_params
+from lfm_engine.core.merge_methods import MergeConfigError, resolve_merge_params
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 EMBED_RE = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)")
@@ -503,7 +504,7 @@ def task_merge_kwargs(method: str, task: TensorTask, seed: int) -> dict:
 
 
 def default_if_none(v, p):
-    from lfm_engine.merge_params import DEFAULT_EPSILON, DEFAULT_GAMMA
+    from lfm_engine.core.merge_methods import DEFAULT_EPSILON, DEFAULT_GAMMA
     if v is not None:
         return v
     return {"density": 1.0, "gamma": DEFAULT_GAMMA, "epsilon": DEFAULT_EPSILON, "weight": 1.0}[p]
@@ -552,6 +553,8 @@ def validate_task(method: str, task: TensorTask, seed: int) -> None:
         eps = sh.get("eps")
         if eps is not None and (not C._is_num(eps) or not eps > 0):
             raise MergeConfigError(f"parameter 'eps' must be a positive number, got {eps!r}")
+    elif method in elementwise.METHODS:
+        elementwise.shared_values(method, sh)
     elif method == "karcher":
         mi, tol = sh.get("max_iter"), sh.get("tol")
         if mi is not None and (not C._is_num(mi) or int(mi) != mi or mi < 1):

@@ -10,7 +10,12 @@ Where each method runs
 * slerp, nuslerp, model_stock, multislerp and karcher run in plain torch
   (:mod:`.geometric`): each is a global reduction (norms/dots/cosines; karcher a few
   such iterations) and one scaled sum, vectorised torch ops that already run at
-  memory bandwidth; there is no sparsification or sign election to fuse.
+  memory bandwidth; there is no sparsification or sign election to fuse. sce,
+  nearswap, arcee_fusion, ram and ramplus_tl (:mod:`.elementwise`) and passthrough
+  also run in torch. Their results are screened for NaN/Inf once per output tensor
+  (one fp32 sum; element-wise checks only when it is not finite, to name the cause).
+* ``model+lora`` inputs get their adapter delta added as each tensor is read
+  (:mod:`.lora_ref`).
 
 Streaming and memory
 --------------------
@@ -32,6 +37,7 @@ new one is complete).
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -48,7 +54,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from lfm_engine.merge import config as C
-from lfm_engine.merge import geometric
+from lfm_engine.merge import chat_template, elementwise, geometric, lora_ref, stages
 from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
 from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
@@ -119,6 +125,12 @@ def _torch_method(method: str, task: TensorTask, base, xs, sh) -> torch.Tensor:
         return geometric.multislerp([float(i.params["weight"]) for i in task.inputs], xs, base,
                                    normalize_weights=True if nw is None else bool(nw),
                                    eps=1e-8 if sh.get("eps") is None else float(sh["eps"]))
+    elif method in elementwise.METHODS:
+        return elementwise.merge(method, base, xs, sh)
+    elif method == "passthrough":
+        # mergekit's passthrough: the one input, times `scale` when given
+        scale = task.inputs[0].params.get("scale")
+        return xs[0] if scale is None else xs[0].to(geometric._work_dtype(xs[0])) * float(scale)
     elif method == "karcher":
         return geometric.karcher(xs, max_iter=10 if sh.get("max_iter") is None else int(sh["max_iter"]),
                                 tol=1e-5 if sh.get("tol") is None else float(sh["tol"]))
@@ -154,13 +166,8 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
                 if int(mm.group(1)) < len(task.inputs) else mm.group(0)), str(e))
             raise ValueError(f"tensor '{task.name}': {msg}") from None
     else:
-        # the torch methods would carry a NaN/Inf silently into the output: refuse it
-        for info, x in ([(task.base, base)] if base is not None else []) + \
-                [(i.info, x) for i, x in zip(task.inputs, xs)]:
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"tensor '{task.name}' of {os.path.dirname(info.file)} "
-                                 f"contains NaN or Inf")
         out = _torch_method(method, task, base, xs, sh)
+        _check_finite(task, out, base, xs)
     out = out.to(task.dtype)
     if reg is None:
         return out
@@ -168,6 +175,39 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
     full = get(full_src).to(task.dtype).clone()
     full[reg] = out
     return full
+
+
+def _all_finite(x: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Exact check in float32 chunks (torch.isfinite on bf16 is slow on CPU)."""
+    flat = x.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk]
+        if not bool(torch.isfinite(part.float() if part.dtype != torch.float64 else part).all()):
+            return False
+    return True
+
+
+def _check_finite(task: TensorTask, out: torch.Tensor, base, xs) -> None:
+    """Refuse a non-finite result of a torch-implemented method, naming its cause.
+
+    Every torch method is, per element, a combination of its inputs with finite
+    coefficients computed from norms and dots of those inputs, so a NaN/Inf input
+    makes the output (or a coefficient, hence the output) non-finite. One float32
+    sum of the output (bandwidth-bound) therefore screens the whole group; only
+    when it is not finite are the output and then the inputs checked element-wise,
+    to tell an input's NaN/Inf from an overflow of finite values.
+    """
+    if math.isfinite(float(out.sum(dtype=torch.float64 if out.dtype == torch.float64 else torch.float32))):
+        return
+    if _all_finite(out):
+        return  # only the screening sum overflowed
+    for info, x in ([(task.base, base)] if base is not None else []) + \
+            [(i.info, x) for i, x in zip(task.inputs, xs)]:
+        if x.is_floating_point() and not _all_finite(x):
+            raise ValueError(f"tensor '{task.name}' of {os.path.dirname(info.file)} "
+                             f"contains NaN or Inf")
+    raise ValueError(f"tensor '{task.name}': the merged values overflow (finite inputs, "
+                     f"non-finite result); check the merge parameters and the inputs' magnitudes")
 
 
 # ------------------------------------------------------------------- prefetch
@@ -213,7 +253,7 @@ class _Prefetcher:
                     fd = fds.get(info.file)
                     if fd is None:
                         fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
-                    t = read_tensor(info, fd, pin=self.device is not None)
+                    t = lora_ref.apply(info, read_tensor(info, fd, pin=self.device is not None))
                     if self.device is not None:
                         with torch.cuda.stream(self.copy_stream):
                             t = t.to(self.device, non_blocking=True)
@@ -316,7 +356,8 @@ def _model_card(plan: MergePlan) -> str:
 
 
 def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str],
-                      warns: List[str]) -> None:
+                      warns: List[str], copy_tokenizer: bool = True,
+                      write_model_card: bool = True) -> None:
     layout = plan.folders[plan.layout_path]
     cfg_json = dict(layout.config or {})
     if out_dtype_name:
@@ -333,15 +374,21 @@ def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, fn))
     copied = 0
-    for fn in TOKENIZER_FILES:
+    for fn in TOKENIZER_FILES if copy_tokenizer else ():
         src = os.path.join(plan.tokenizer_path, fn)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, fn))
             copied += 1
-    if not copied:
+    if copy_tokenizer and not copied:
         warns.append(f"no tokenizer files found in {plan.tokenizer_path}; the output has none")
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(_model_card(plan))
+    if plan.config.chat_template is not None:
+        if copy_tokenizer:
+            chat_template.write(folder, chat_template.resolve(plan.config.chat_template, plan.folders))
+        else:
+            warns.append("chat_template is not written: --no-copy-tokenizer writes no tokenizer files")
+    if write_model_card:
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(_model_card(plan))
     with open(os.path.join(folder, "mergekit_config.yml"), "w") as f:
         f.write(plan.config.yaml_text)
 
@@ -362,7 +409,9 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                  device: str = "cpu", threads: Optional[int] = None,
                  out_shard_size: Union[str, int] = "5GB", seed: Optional[int] = None,
                  allow_overwrite: bool = False, dry_run: bool = False,
-                 quiet: bool = False) -> MergeResult:
+                 quiet: bool = False, copy_tokenizer: bool = True,
+                 write_model_card: bool = True,
+                 intermediate_dir: Optional[str] = None) -> MergeResult:
     """Merge the models of a mergekit-style config into ``out_dir``.
 
     ``config_or_path``: a YAML file path, YAML text, or a dict. ``device``: where
@@ -370,6 +419,11 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     outputs written through host memory). ``threads``: CPU threads for the
     kernels (default: torch's setting). ``out_shard_size``: largest output shard,
     e.g. "5GB", "500MB" or bytes. ``seed``: DARE/DELLA seed (default 0).
+    ``copy_tokenizer``/``write_model_card``: write the tokenizer files / README.md
+    (mergekit's options of the same names; config.json and mergekit_config.yml are
+    always written). A multi-document YAML runs its stages in order
+    (:mod:`.stages`); named stages go to ``intermediate_dir/NAME`` (kept) or to a
+    temporary folder removed at the end.
 
     All configuration problems (unknown keys, misspelled methods, missing
     folders, pickle-only checkpoints, shape/architecture mismatches, an existing
@@ -379,6 +433,24 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     """
     t0 = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
+    staged = stages.load_stages(config_or_path)
+    if staged is not None:
+        if os.path.lexists(out_dir) and not allow_overwrite:
+            raise C.MergeConfigErrors([f"output folder '{out_dir}' already exists "
+                                       f"(use --allow-overwrite to replace it)"])
+
+        def run_one(cfg_dict, out, dry):
+            return merge_models(cfg_dict, out, device=device, threads=threads,
+                                out_shard_size=out_shard_size, seed=seed,
+                                allow_overwrite=allow_overwrite if out == out_dir else False,
+                                dry_run=dry, quiet=quiet, copy_tokenizer=copy_tokenizer,
+                                write_model_card=write_model_card)
+        res = stages.run_stages(staged[0], staged[1], out_dir, intermediate_dir, run_one, dry_run)
+        if res is None:  # dry run whose final stage reads earlier outputs
+            res = MergeResult(out_dir, "stages", 0, 0, 0, time.perf_counter() - t0, _peak_rss(), 0, True,
+                              [], f"{len(staged[0])} stages checked; the final stage reads earlier "
+                                  f"stages' outputs, so its tensors were not planned")
+        return res
     pre_errors: List[str] = []
     try:
         shard_bytes = parse_size(out_shard_size)
@@ -418,9 +490,14 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     for path in plan.folders:
         if os.path.abspath(path) == out_dir:
             pre_errors.append(f"output folder '{out_dir}' is one of the input models")
+    if cfg.chat_template is not None:
+        try:
+            chat_template.resolve(cfg.chat_template, plan.folders)
+        except ValueError as e:
+            pre_errors.append(str(e))
     if pre_errors:
         raise C.MergeConfigErrors(pre_errors)
-    for w in plan.warnings:
+    for w in cfg.warnings + plan.warnings:
         warnings.warn(w, MergeWarning, stacklevel=2)
 
     layout = plan_shards([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_bytes)
@@ -428,7 +505,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         text = plan.describe() + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
         return MergeResult(out_dir, cfg.method, len(plan.tasks), plan.input_bytes, plan.output_bytes,
                            time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
-                           list(plan.warnings), text)
+                           cfg.warnings + list(plan.warnings), text)
 
     n_threads = 0  # 0: the C++ library's default (LFM_NUM_THREADS or all cores)
     if threads is not None:
@@ -467,7 +544,8 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
             bar.set_postfix_str(f"tensors {n_done}/{len(plan.tasks)}", refresh=False)
         aw.finish()
         writer.close()
-        _write_side_files(plan, tmp, cfg.output_dtype or _dominant_float_dtype(plan), late_warns)
+        _write_side_files(plan, tmp, cfg.output_dtype or _dominant_float_dtype(plan), late_warns,
+                          copy_tokenizer, write_model_card)
         bar.close()
         if os.path.lexists(out_dir):  # allow_overwrite: swap only now that the new one is complete
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
@@ -494,7 +572,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         warnings.warn(w, MergeWarning, stacklevel=2)
     res = MergeResult(out_dir, cfg.method, len(plan.tasks), bytes_read, writer.bytes_written,
                       time.perf_counter() - t0, _peak_rss(), len(layout.files), False,
-                      list(plan.warnings) + late_warns)
+                      cfg.warnings + list(plan.warnings) + late_warns)
     if not quiet:
         print(res.summary(), file=sys.stderr)
     return res

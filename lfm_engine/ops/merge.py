@@ -24,7 +24,7 @@ import torch
 
 from lfm_engine import _tensor
 from lfm_engine._native import native
-from lfm_engine.merge_params import METHOD_CODES, RESCALE_CODES, MergeParams, resolve_merge_params
+from lfm_engine.core.merge_methods import METHOD_CODES, RESCALE_CODES, MergeParams, resolve_merge_params
 from lfm_engine.ops._dispatch import default_backends, pick_backend
 
 

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._kernels import lora_apply
+from lfm_engine.ops.lora import lora_apply
 from .pool import AdapterPool
 
 

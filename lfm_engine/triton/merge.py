@@ -32,18 +32,17 @@ The definition shared with the CPU and CUDA kernels (so masks are bit-identical)
   ``out``), the CPU kernel's arithmetic step by step: c_i = fp32(w_i f_i) (f_i the
   float64 rescale factor), t_i = keep ? c_i * delta_i : 0 in fp32. Consensus: election
   values e_i = t_i (unweighted: keep ? fp32(f_i) * delta_i : 0); the elected sign is
-  that of the float64 sum sum_i kept (w_i) (delta_i * f_i), as in the reference (the CPU
-  kernel gets the same sign, from the same float64 sum or from an fp32 sum where an
-  error bound shows it decides); e_i agrees when it has that sign;
+  that of the float64 sum sum_i kept (w_i) (delta_i * f_i), each product rounded to
+  float64 and summed in model order (the reference's operations, exact on every
+  backend); e_i agrees when it has that sign;
   mixed = sum agreeing t_i in fp32; normalised by fp32(1 / divisor) of the agreement
   pattern (K <= 8, divisor summed in float64 in model order, |d| < 1e-8 -> 1) or, for
   K > 8, by a float64 per-element divisor. Without consensus mixed = sum_i t_i
-  (c_i * delta_i then + mixed, two roundings) and *= fp32(1 / sum_i w_i).
-  out = b + fp32(lam * mixed) (linear: mixed), rounded to out's dtype.
-  Nothing is fused anywhere (kernels launched with enable_fp_fusion=False; the CPU
-  kernel is built with -ffp-contract=off, CUDA with explicit _rn intrinsics), so outputs
-  equal the CPU kernel's bit for bit on every SIMD level except where the L1 factor's
-  float64 sums differ in summation order (docs/spec/merge.md, "Election arithmetic").
+  and *= fp32(1 / sum_i w_i). out = b + lam * mixed (linear: mixed), rounded to out's dtype.
+  No operation is fused into an FMA (enable_fp_fusion=False; the CPU kernel is built with
+  -ffp-contract=off and the CUDA kernel with explicit rounding intrinsics), so outputs
+  equal the CPU kernel's bit for bit on every host, except where the L1 factor's float64
+  sums differ in summation order (docs/spec/merge.md "Arithmetic").
 
 NaN/Inf in the base or a model (or a task vector overflowing fp32) raises ValueError
 naming the tensor and the element, like the CPU kernel. Tensors must have fewer than
@@ -59,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lfm_engine.merge_params import (
+from lfm_engine.core.merge_methods import (
     RESCALE_INVERSE_DENSITY,
     RESCALE_L1,
     SPARSIFY_DELLA,
@@ -87,7 +86,8 @@ def _interpret() -> bool:
 
 def _launch_opts() -> dict:
     # No FMA contraction on the GPU: b + lam * mixed and w * x + S must round like the
-    # CPU kernel's separate multiply and add. The interpreter (numpy) never fuses.
+    # CPU kernel's separate multiply and add (-ffp-contract=off). The interpreter (numpy)
+    # never fuses.
     return {} if _interpret() else {"enable_fp_fusion": False}
 
 
@@ -287,21 +287,12 @@ def _della_apply_kernel(order_ptr, thr_ptr, mask_ptr, i, stream, n, cols, seed_l
 
 
 @triton.jit
-def _fma32(a, b, c, INTERP: tl.constexpr):
-    """a * b + c in fp32 as two roundings (product, then sum), like every other backend:
-    the spec (docs/spec/merge.md, "Election arithmetic") fuses nothing, so the CPU's
-    baseline and AVX2 builds, CUDA and Triton give the same bits. The kernels are launched
-    with enable_fp_fusion=False, so the compiler does not contract this either."""
-    return a * b + c
-
-
-@triton.jit
 def _merge_kernel(b_ptr, xs, out_ptr, coef_ptr, ecoef_ptr, wd_ptr, ff_ptr, dw_ptr, tab_ptr,
                   cut_ptr, rnd_ptr, mask_ptr, bad_ptr,
                   n, seed_lo, seed_hi, inv_plain_div, lam,
                   K: tl.constexpr, SPARS: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, UNWEIGHTED: tl.constexpr, TABLE: tl.constexpr,
-                  HAS_BASE: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
     """The fused merge pass over one block (see the module docstring for the formula).
 
     Per model i: coef = fp32(w_i f_i), ecoef = fp32(f_i or w_i f_i) (election value when
@@ -358,12 +349,12 @@ def _merge_kernel(b_ptr, xs, out_ptr, coef_ptr, ecoef_ptr, wd_ptr, ff_ptr, dw_pt
                 k = _keep(i, d, e, cut_ptr, rnd_ptr, mask_ptr, n, seed_lo, seed_hi, SPARS)
                 mixed = mixed + tl.where(k, c * d, 0.0)
             else:
-                mixed = _fma32(tl.zeros_like(d) + c, d, mixed, INTERP)
+                mixed = mixed + c * d  # two roundings, no FMA (enable_fp_fusion=False)
         if NORMALIZE:
             mixed = mixed * inv_plain_div
     _report_bad(bad_ptr, bad, offs)
     if HAS_BASE:
-        o = _fma32(tl.zeros_like(mixed) + lam, mixed, b, INTERP)
+        o = b + lam * mixed
     else:
         o = mixed
     tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=m)
@@ -559,7 +550,7 @@ def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], o
     """Merge K tensors into ``out`` with Triton kernels (formula: module docstring).
 
     base: [*S] or None (linear only); others: K tensors [*S]; out: [*S], written in place.
-    params: resolved MergeParams (lfm_engine.merge_params.resolve_merge_params).
+    params: resolved MergeParams (lfm_engine.core.merge_methods.resolve_merge_params).
     sort_max_cols: DELLA rows longer than this are ranked with torch.sort; default
     SORT_MAX_COLS on a GPU, 0 under the interpreter (whose tl.sort is a per-element
     Python loop); tests pass it to exercise both paths. return_masks: also return the keep masks as bool [K, *S]
@@ -670,7 +661,7 @@ def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], o
         n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam),
         K=K, SPARS=code, CONSENSUS=spec.consensus, NORMALIZE=bool(params.normalize),
         UNWEIGHTED=unweighted, TABLE=table,
-        HAS_BASE=ctx.has_base, INTERP=_interpret(), BLOCK=BLOCK, **_launch_opts())
+        HAS_BASE=ctx.has_base, BLOCK=BLOCK, **_launch_opts())
     ctx.check_bad()
     if not return_masks:
         return out

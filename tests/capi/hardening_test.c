@@ -38,6 +38,15 @@ int main(void) {
     int64_t huge[2] = {INT64_MAX / 2, 5};
     expect(lfm_tensor_init(&t, b, LFM_DTYPE_F32, LFM_DEVICE_CPU, 2, huge), LFM_STATUS_INVALID_ARGUMENT,
            "shape overflow");
+    /* a refused init leaves the tensor as it was (nothing half-written) */
+    t.ndim = 3;
+    t.data = xs;
+    int64_t neg[2] = {2, -1};
+    expect(lfm_tensor_init(&t, b, LFM_DTYPE_F32, LFM_DEVICE_CPU, 2, neg), LFM_STATUS_INVALID_ARGUMENT, "negative dim");
+    if (t.ndim != 3 || t.data != (void*)xs) {
+        printf("FAIL refused lfm_tensor_init wrote the tensor\n");
+        ++failures;
+    }
 
     /* the exact election: 0.5 * -0.0029296875 + 0.3 * 0.0048828125 == 0 in float64 -> sign +1 */
     double w[2] = {0.5, 0.3};

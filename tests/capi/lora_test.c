@@ -108,6 +108,20 @@ int main(void) {
     sl[1].y_col_offset = 3;
     s = lfm_lora_apply(&tx, sl, 2, &tts, NULL, NULL, &ty3, &opts, NULL);
     if (s != LFM_STATUS_INVALID_ARGUMENT) return fail("expected INVALID_ARGUMENT for overlap", s);
+    /* an offset whose sum with H_out overflows int64 must not pass the bounds check */
+    sl[1].y_col_offset = INT64_MAX - 3;
+    memcpy(y3, y, sizeof(y));
+    s = lfm_lora_apply(&tx, sl, 2, &tts, NULL, NULL, &ty3, &opts, NULL);
+    if (s != LFM_STATUS_OUT_OF_RANGE) return fail("expected OUT_OF_RANGE for an overflowing offset", s);
+    s = lfm_lora_expand(&tu, sl, 2, &tts, NULL, NULL, &ty3, &opts, NULL);
+    if (s != LFM_STATUS_OUT_OF_RANGE) return fail("expected OUT_OF_RANGE for an overflowing offset (expand)", s);
+    if (memcmp(y3, y, sizeof(y)) != 0) { printf("FAIL y written by a refused call\n"); return 1; }
+    sl[1].y_col_offset = 3;
+    /* a worker count from input is bounded (per-worker scratch would be huge) */
+    opts.n_threads = 0x7fffffff;
+    s = lfm_lora_apply(&tx, sl, 2, &tts, NULL, NULL, &ty3, &opts, NULL);
+    if (s != LFM_STATUS_INVALID_ARGUMENT) return fail("expected INVALID_ARGUMENT for n_threads = 2^31 - 1", s);
+    if (lfm_set_num_threads(0x7fffffff) != LFM_STATUS_INVALID_ARGUMENT) return fail("set_num_threads(2^31-1)", s);
     printf("OK\n");
     return 0;
 }

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/tensor.h"
+#include "core/thread_pool.h"
 #include "kernels/codec/codec.h"
 
 namespace lfm::codec {
@@ -40,16 +41,16 @@ void read_options(const lfm_codec_options* opts, lfm_codec* codec, int64_t* grou
     if (opts->struct_size < sizeof(lfm_codec_options))
         fail(LFM_STATUS_INVALID_ARGUMENT, "options.struct_size is ", opts->struct_size, ", expected >= ",
              sizeof(lfm_codec_options), " (initialise with lfm_codec_options_init)");
-    const int c = enum_code(opts->codec);
-    if (c < LFM_CODEC_SIGN1 || c > LFM_CODEC_INT2) fail(LFM_STATUS_INVALID_ARGUMENT, "unknown codec code ", c);
-    *codec = static_cast<lfm_codec>(c);
+    int c = static_cast<int>(opts->codec);
+    if (c < 0 || c > 3) fail(LFM_STATUS_INVALID_ARGUMENT, "unknown codec code ", c);
+    *codec = opts->codec;
     *group = opts->group_size;
     if (*codec != LFM_CODEC_SIGN1 && *group < 1)
         fail(LFM_STATUS_INVALID_ARGUMENT, "group_size must be >= 1, got ", *group);
     *per_tensor = opts->per_tensor != 0;
     if (!std::isfinite(opts->alpha)) fail(LFM_STATUS_INVALID_ARGUMENT, "alpha is not finite");
     *alpha = static_cast<float>(opts->alpha);
-    if (opts->n_threads < 0) fail(LFM_STATUS_INVALID_ARGUMENT, "n_threads must be >= 0");
+    check_n_threads(opts->n_threads);
     *n_threads = opts->n_threads;
 }
 

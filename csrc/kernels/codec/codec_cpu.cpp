@@ -27,6 +27,11 @@
 namespace lfm::codec {
 namespace {
 
+// Signed 4-bit values of a packed byte (two's complement nibbles), in well-defined
+// unsigned arithmetic (shifting a negative int8 left is undefined behaviour).
+inline int nibble_lo(uint8_t v) { return static_cast<int>((v & 0xFu) ^ 8u) - 8; }
+inline int nibble_hi(uint8_t v) { return static_cast<int>((v >> 4) ^ 8u) - 8; }
+
 // Rows per parallel task: about 64K elements, at least one row.
 int64_t rows_per_task(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, cols)); }
 
@@ -251,14 +256,14 @@ LFM_ALWAYS_INLINE float dot_int4_deint_body(const float* xe, const float* xo, co
     for (; i + 16 <= nb; i += 16)
         for (int j = 0; j < 16; ++j) {
             const int8_t b = static_cast<int8_t>(p[i + j]);
-            const float lo = static_cast<float>(static_cast<int8_t>(b << 4) >> 4);
-            const float hi = static_cast<float>(b >> 4);
+            const float lo = static_cast<float>(nibble_lo(static_cast<uint8_t>(b)));
+            const float hi = static_cast<float>(nibble_hi(static_cast<uint8_t>(b)));
             acc[j] += xe[i + j] * lo + xo[i + j] * hi;
         }
     float tail = 0.0f;
     for (; i < nb; ++i) {
         const int8_t b = static_cast<int8_t>(p[i]);
-        tail += xe[i] * static_cast<float>(static_cast<int8_t>(b << 4) >> 4) + xo[i] * static_cast<float>(b >> 4);
+        tail += xe[i] * static_cast<float>(nibble_lo(static_cast<uint8_t>(b))) + xo[i] * static_cast<float>(nibble_hi(static_cast<uint8_t>(b)));
     }
     float s = 0.0f;
     for (int j = 0; j < 16; ++j) s += acc[j];
@@ -279,8 +284,8 @@ LFM_ALWAYS_INLINE void row_dots_body(lfm_codec codec, const void* data_row, cons
             float* qo = q + half;
             for (int64_t i = 0; i < half; ++i) {
                 const int8_t b = static_cast<int8_t>(p[i]);
-                qe[i] = static_cast<float>(static_cast<int8_t>(b << 4) >> 4);
-                qo[i] = static_cast<float>(b >> 4);
+                qe[i] = static_cast<float>(nibble_lo(static_cast<uint8_t>(b)));
+                qo[i] = static_cast<float>(nibble_hi(static_cast<uint8_t>(b)));
             }
             for (int64_t i = 0; i < nt; ++i) {
                 const float* xe = xs + i * n;

@@ -4,6 +4,7 @@
 
 #include "core/status.h"
 #include "core/tensor.h"
+#include "core/thread_pool.h"
 #include "kernels/lora/lora.h"
 
 namespace lfm::lora {
@@ -67,7 +68,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
                  sizeof(lfm_lora_options), " (initialise with lfm_lora_options_init)");
         a.check_values = opts->check_values != 0;
         a.n_threads = opts->n_threads;
-        if (a.n_threads < 0) fail(LFM_STATUS_INVALID_ARGUMENT, "n_threads must be >= 0, got ", a.n_threads);
+        check_n_threads(a.n_threads);
     }
     if (n_slices < 1 || n_slices > LFM_LORA_MAX_SLICES)
         fail(LFM_STATUS_INVALID_ARGUMENT, "n_slices = ", n_slices, " outside 1..", LFM_LORA_MAX_SLICES);
@@ -144,8 +145,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
             d.b_dt = s.B->dtype;
             d.H_out = s.B->shape[1];
             d.off = s.y_col_offset;
-            // overflow-safe: off + H_out could wrap (signed overflow, UB) and pass; H_out and H_y
-            // are >= 0 (check_view), so compare off against H_y - H_out instead
+            // overflow-safe (off + H_out could wrap): both sizes are >= 0 (check_view)
             if (d.off < 0 || d.H_out > a.H_y || d.off > a.H_y - d.H_out)
                 fail(LFM_STATUS_OUT_OF_RANGE, "slice ", i, " writes ", d.H_out, " columns from column offset ", d.off,
                      " but y has ", a.H_y, " columns");

@@ -5,6 +5,7 @@
 #include "core/philox.h"
 #include "core/status.h"
 #include "core/tensor.h"
+#include "core/thread_pool.h"
 #include "kernels/merge/merge.h"
 
 namespace lfm::merge {
@@ -69,9 +70,9 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
         fail(LFM_STATUS_INVALID_ARGUMENT, "options.struct_size is ", opts->struct_size, ", expected ",
              sizeof(lfm_merge_options), " (initialise with lfm_merge_options_init)");
     MergeArgs a;
-    const int mc = enum_code(opts->method);
-    if (mc < 0 || mc > LFM_MERGE_LINEAR) fail(LFM_STATUS_INVALID_ARGUMENT, "unknown merge method code ", mc);
-    a.method = static_cast<lfm_merge_method>(mc);
+    a.method = opts->method;
+    if (static_cast<int>(a.method) < 0 || static_cast<int>(a.method) > LFM_MERGE_LINEAR)
+        fail(LFM_STATUS_INVALID_ARGUMENT, "unknown merge method code ", static_cast<int>(a.method));
     a.sparsifier = method_sparsifier(a.method);
     a.consensus = method_consensus(a.method);
     a.normalize = opts->normalize < 0 ? method_normalize_default(a.method) : opts->normalize != 0;
@@ -88,7 +89,7 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
     a.seed = opts->seed;
     a.name = opts->tensor_name ? opts->tensor_name : "";
     a.n_threads = opts->n_threads;
-    if (a.n_threads < 0) fail(LFM_STATUS_INVALID_ARGUMENT, "n_threads must be >= 0, got ", a.n_threads);
+    check_n_threads(a.n_threads);
 
     a.K = opts->n_models;
     if (a.K < 1) fail(LFM_STATUS_INVALID_ARGUMENT, "no models to merge (n_models = ", a.K, ")");

@@ -181,7 +181,7 @@ private:
             if (only >= 0 && i != only) continue;
             float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
             load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x, len);
-            bad |= a_.base ? loops::sub_check(x, b, len) : loops::check_finite(x, len);
+            bad |= a_.base ? loops_.sub_check(x, b, len) : loops_.check_finite(x, len);
         }
         if (bad) nonfinite(start, len);
     }
@@ -327,7 +327,7 @@ private:
             const int64_t start = blk * kBlock, len = block_len(blk);
             float* b = s.b.data();
             load_f32(ptr(a_.base, start), a_.base->dtype, b, len);
-            uint32_t bad = loops::check_finite(b, len);
+            uint32_t bad = loops_.check_finite(b, len);
             uint64_t loaded = 0;  // models whose float32 deltas are in s.x (K <= 64)
             for (int qi = 0; qi < nq; ++qi) {
                 if (total[qi].load(std::memory_order_relaxed) > cap) continue;  // overflowed: radix
@@ -338,7 +338,7 @@ private:
                 float* x = s.x.data() + static_cast<int64_t>(m) * kBlock;
                 uint32_t* cv = s.cand_v.data();
                 if (per_model[static_cast<size_t>(m)] == 1)
-                    nc = loops::delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi], cj,
+                    nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi], cj,
                                               cv, &nb, &bad, len);
                 if (nc >= 0) {
                     out.resize(static_cast<size_t>(nc));
@@ -346,10 +346,10 @@ private:
                 } else {
                     if (!(loaded >> m & 1u)) {
                         load_f32(ptr(a_.models[m], start), a_.models[m]->dtype, x, len);
-                        bad |= loops::sub_check(x, b, len);
+                        bad |= loops_.sub_check(x, b, len);
                         loaded |= uint64_t(1) << m;
                     }
-                    nc = loops::bracket(x, lo[qi], hi[qi], cj, &nb, len);
+                    nc = loops_.bracket(x, lo[qi], hi[qi], cj, &nb, len);
                     out.resize(static_cast<size_t>(nc));
                     for (int64_t c = 0; c < nc; ++c)
                         out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
@@ -462,7 +462,7 @@ private:
             load(s, blk * kBlock, len);
             for (size_t r = 0; r < nr; ++r) {
                 const float* x = s.x.data() + static_cast<int64_t>(reqs[r].model) * kBlock;
-                counts[static_cast<size_t>(blk) * nr + r] = loops::count_equal_abs(x, reqs[r].value, len);
+                counts[static_cast<size_t>(blk) * nr + r] = loops_.count_equal_abs(x, reqs[r].value, len);
             }
         });
         for (size_t r = 0; r < nr; ++r) {
@@ -495,7 +495,7 @@ private:
         const int64_t q0 = start >> 2, q1 = (start + len + 3) >> 2;
         thread_local std::vector<uint32_t> words;
         words.resize(static_cast<size_t>(q1 - q0) * 4);
-        loops::philox_blocks(a_.seed, stream, static_cast<uint64_t>(q0), q1 - q0, words.data());
+        loops_.philox_blocks(a_.seed, stream, static_cast<uint64_t>(q0), q1 - q0, words.data());
         std::memcpy(draws, words.data() + (start & 3), static_cast<size_t>(len) * 4);
     }
 
@@ -527,7 +527,7 @@ private:
             load_f32(ptr(a_.base, start), a_.base->dtype, b.data(), cols);
             for (int i = 0; i < K_; ++i) {
                 load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x.data(), cols);
-                if (loops::sub_check(x.data(), b.data(), cols)) nonfinite(start, cols);
+                if (loops_.sub_check(x.data(), b.data(), cols)) nonfinite(start, cols);
                 for (int64_t j = 0; j < cols; ++j) {
                     keys[j] = f32_bits(x[j]) & 0x7fffffffu;
                     idx[j] = static_cast<uint32_t>(j);
@@ -592,7 +592,7 @@ private:
                 const Cut& c = cuts_[i];
                 if (c.all) { std::memset(k, 1, static_cast<size_t>(len)); return; }
                 if (c.none) { std::memset(k, 0, static_cast<size_t>(len)); return; }
-                loops::cut_keep(x, start, c.lo_v, c.lo_emin, c.lo_emax, c.hi_v, c.hi_emin, c.hi_emax, k, len);
+                loops_.cut_keep(x, start, c.lo_v, c.lo_emin, c.lo_emax, c.hi_v, c.hi_emin, c.hi_emax, k, len);
                 return;
             }
             case Sparsifier::Random: {
@@ -601,7 +601,7 @@ private:
                 if (t >= 0x100000000ull) { std::memset(k, 1, static_cast<size_t>(len)); return; }
                 uint32_t* dr = s.draws.data();
                 fill_draws(a_.stream[i], start, len, dr);
-                loops::draws_below(dr, static_cast<uint32_t>(t), k, len);
+                loops_.draws_below(dr, static_cast<uint32_t>(t), k, len);
                 return;
             }
             case Sparsifier::Della:
@@ -633,10 +633,10 @@ private:
                 const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
                 keep_flags(i, start, len, x, s);
                 if (store)
-                    loops::or_bit(s.keep.data(), static_cast<uint8_t>(1u << (i & 7)),
+                    loops_.or_bit(s.keep.data(), static_cast<uint8_t>(1u << (i & 7)),
                                   mask_.data() + start * mbytes_ + (i >> 3), mbytes_, len);
                 double t = 0.0, k = 0.0;
-                loops::l1_sums(x, s.keep.data(), len, &t, &k);
+                loops_.l1_sums(x, s.keep.data(), len, &t, &k);
                 tot[blk * K_ + i] = t;
                 kept[blk * K_ + i] = k;
             }
@@ -696,7 +696,7 @@ private:
             auto E = [&](int i) { return s.e.data() + static_cast<int64_t>(i) * kBlock; };
             if (fused) {
                 // TIES family, K <= 8, weighted election: one register-level sweep per block
-                // (loops::fused_ties), the elected sign summed in float64 on the way.
+                // (loops_.fused_ties), the elected sign summed in float64 on the way.
                 const float* xp[8];
                 const uint8_t* kp[8];
                 for (int i = 0; i < K_; ++i) {
@@ -709,7 +709,7 @@ private:
                     }
                 }
                 float* o = s.o.data();
-                loops::fused_ties(K_, xp, kp, coef.data(), a_.w.data(), factor_.data(), s.b.data(), lam,
+                loops_.fused_ties(K_, xp, kp, coef.data(), a_.w.data(), factor_.data(), s.b.data(), lam,
                                   inv_div.data(), o, len);
                 char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
                 store_f32(o, a_.out->dtype, dst, len);
@@ -722,9 +722,9 @@ private:
                         keep_flags(i, start, len, X(i), s);
                         k = s.keep.data();
                     }
-                    loops::weigh_add(X(i), k, coef[i], mixed, len);
+                    loops_.weigh_add(X(i), k, coef[i], mixed, len);
                 }
-                if (a_.normalize) loops::scale(mixed, inv_plain_div, len);
+                if (a_.normalize) loops_.scale(mixed, inv_plain_div, len);
             } else {
                 // the elected sign from the float64 sum of kept (w_i) (delta_i * f_i), the
                 // reference's operations, as in the fused sweep
@@ -736,31 +736,31 @@ private:
                         keep_flags(i, start, len, X(i), s, KP(i));
                         k = KP(i);
                     }
-                    loops::weigh(X(i), k, coef[i], T(i), len);
+                    loops_.weigh(X(i), k, coef[i], T(i), len);
                     // the election value e_i: t_i itself (weighted) or factor_i * delta'_i
-                    if (unw) loops::weigh(X(i), k, ecoef[i], E(i), len);
-                    loops::elect_add64(X(i), k, unw ? 1.0 : a_.w[i], factor_[i], S, len);
+                    if (unw) loops_.weigh(X(i), k, ecoef[i], E(i), len);
+                    loops_.elect_add64(X(i), k, unw ? 1.0 : a_.w[i], factor_[i], S, len);
                 }
                 float* sgn = s.sgn.data();
-                loops::sign_of(S, sgn, len);
+                loops_.sign_of(S, sgn, len);
                 if (table) {
                     float* bits = s.bits.data();
                     std::fill(bits, bits + len, 0.0f);
                     for (int i = 0; i < K_; ++i)
-                        loops::agree_add_bits(unw ? E(i) : T(i), T(i), sgn, static_cast<float>(1u << i), mixed,
+                        loops_.agree_add_bits(unw ? E(i) : T(i), T(i), sgn, static_cast<float>(1u << i), mixed,
                                               bits, len);
-                    loops::scale_by_table(mixed, bits, inv_div.data(), len);
+                    loops_.scale_by_table(mixed, bits, inv_div.data(), len);
                 } else {
                     double* div = s.div.data();
                     std::fill(div, div + len, 0.0);
                     for (int i = 0; i < K_; ++i)
-                        loops::agree_add_div(unw ? E(i) : T(i), T(i), sgn, a_.disjoint_count ? 1.0 : a_.w[i], mixed,
+                        loops_.agree_add_div(unw ? E(i) : T(i), T(i), sgn, a_.disjoint_count ? 1.0 : a_.w[i], mixed,
                                              div, len);
-                    if (a_.normalize) loops::divide_guarded(mixed, div, len);
+                    if (a_.normalize) loops_.divide_guarded(mixed, div, len);
                 }
             }
             float* o = s.o.data();
-            loops::finish(a_.base ? s.b.data() : nullptr, lam, mixed, o, len);
+            loops_.finish(a_.base ? s.b.data() : nullptr, lam, mixed, o, len);
             char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
             store_f32(o, a_.out->dtype, dst, len);
         });
@@ -777,6 +777,7 @@ private:
     int64_t mbytes_ = 0;
     bool random_stored_ = false;  // DARE masks kept in mask_ by l1_factors
     std::vector<uint8_t> ones_;   // keep flags of an unsparsified model in the fused pass
+    const LoopTable& loops_ = merge_loops();  // the active SIMD level's loops
     std::vector<std::unique_ptr<Scratch>> scratch_ =
         std::vector<std::unique_ptr<Scratch>>(static_cast<size_t>(std::max({1, get_num_threads(), a_.n_threads})));
 };

@@ -1,118 +1,197 @@
-// Entry points of the CPU merge inner loops: each forwards to the x86-64-v3 build when the
-// effective SIMD level (LFM_SIMD, core/cpu_features.h) allows AVX2, else to the baseline
-// build. Both builds compute the same bits (no contraction, no reassociation), so the
-// level changes speed only; tests/test_simd_levels.py checks that.
+// The CPU merge kernel's inner loops, compiled for baseline x86-64 and x86-64-v3 from one
+// source (merge_cpu_loops_impl.inc) and reached through LoopTable (merge_cpu_loops.h).
+// Two copies in one translation unit, the second under a target pragma, rather than two
+// files built with different -march flags: inline functions from headers then exist once,
+// compiled for the baseline, so no AVX2 code can leak into the baseline path.
 #include "kernels/merge/merge_cpu_loops.h"
 
-#include "core/cpu_features.h"
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 
-namespace lfm::merge::loops {
+#include "core/cpu_features.h"
+#include "core/dtype.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace lfm::merge {
+void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out);
+
+namespace loops_baseline {
+#include "kernels/merge/merge_cpu_loops_impl.inc"
+}  // namespace loops_baseline
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace loops_avx2 {
+#include "kernels/merge/merge_cpu_loops_impl.inc"
+}  // namespace loops_avx2
+#pragma GCC pop_options
+#define LFM_HAVE_LOOPS_AVX2 1
+#endif
+
 namespace {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-inline bool use_v3() { return cpu_has_avx2(); }
-#else
-inline bool use_v3() { return false; }  // the v3 build is the baseline one off x86-64 GCC
+const LoopTable kBaseline = {
+    "baseline",
+    &loops_baseline::sub_check,
+    &loops_baseline::check_finite,
+    &loops_baseline::cut_keep,
+    &loops_baseline::bracket,
+    &loops_baseline::delta_bracket,
+    &loops_baseline::count_equal_abs,
+    &loops_baseline::draws_below,
+    &loops_baseline::weigh,
+    &loops_baseline::weigh_add,
+    &loops_baseline::elect_add64,
+    &loops_baseline::sign_of,
+    &loops_baseline::agree_add_bits,
+    &loops_baseline::agree_add_div,
+    &loops_baseline::scale_by_table,
+    &loops_baseline::l1_sums,
+    &loops_baseline::or_bit,
+    &loops_baseline::divide_guarded,
+    &loops_baseline::finish,
+    &loops_baseline::scale,
+    &loops_baseline::fused_ties,
+    &philox_blocks};
+#ifdef LFM_HAVE_LOOPS_AVX2
+const LoopTable kAvx2 = {
+    "avx2",
+    &loops_avx2::sub_check,
+    &loops_avx2::check_finite,
+    &loops_avx2::cut_keep,
+    &loops_avx2::bracket,
+    &loops_avx2::delta_bracket,
+    &loops_avx2::count_equal_abs,
+    &loops_avx2::draws_below,
+    &loops_avx2::weigh,
+    &loops_avx2::weigh_add,
+    &loops_avx2::elect_add64,
+    &loops_avx2::sign_of,
+    &loops_avx2::agree_add_bits,
+    &loops_avx2::agree_add_div,
+    &loops_avx2::scale_by_table,
+    &loops_avx2::l1_sums,
+    &loops_avx2::or_bit,
+    &loops_avx2::divide_guarded,
+    &loops_avx2::finish,
+    &loops_avx2::scale,
+    &loops_avx2::fused_ties,
+    &philox_blocks};
 #endif
 }  // namespace
 
-uint32_t sub_check(float* __restrict x, const float* __restrict b, int64_t len) {
-    return use_v3() ? v3::sub_check(x, b, len) : base::sub_check(x, b, len);
+const LoopTable& merge_loops() {
+#ifdef LFM_HAVE_LOOPS_AVX2
+    // avx512 hosts run the AVX2 loops (no AVX-512 merge loops yet; docs/spec/merge.md)
+    if (simd_level() == SimdLevel::Avx2 || simd_level() == SimdLevel::Avx512) return kAvx2;
+#endif
+    return kBaseline;
 }
 
-uint32_t check_finite(const float* __restrict x, int64_t len) {
-    return use_v3() ? v3::check_finite(x, len) : base::check_finite(x, len);
-}
+namespace {
 
-void cut_keep(const float* __restrict x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax, uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* __restrict keep, int64_t len) {
-    if (use_v3()) return v3::cut_keep(x, start, lo_v, lo_emin, lo_emax, hi_v, hi_emin, hi_emax, keep, len);
-    base::cut_keep(x, start, lo_v, lo_emin, lo_emax, hi_v, hi_emin, hi_emax, keep, len);
-}
+void philox_blocks_portable(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out);
 
-int64_t bracket(const float* __restrict x, uint32_t lo, uint32_t hi, uint32_t* __restrict pos, int64_t* below, int64_t len) {
-    return use_v3() ? v3::bracket(x, lo, hi, pos, below, len) : base::bracket(x, lo, hi, pos, below, len);
+#if defined(__x86_64__)
+// 8 blocks per step: 32x32->64-bit products of the even and odd lanes (vpmuludq),
+// hi/lo words recombined with blends.
+__attribute__((target("avx2"))) void philox_blocks_avx2(uint64_t seed, uint32_t stream, uint64_t q0,
+                                                        int64_t nblocks, uint32_t* __restrict out) {
+    const __m256i M0 = _mm256_set1_epi64x(0xD2511F53u), M1 = _mm256_set1_epi64x(0xCD9E8D57u);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int64_t b = 0;
+    alignas(32) uint32_t w[4][8];
+    for (; b + 8 <= nblocks; b += 8) {
+        const uint64_t q = q0 + static_cast<uint64_t>(b);
+        // counters q..q+7: low words q_lo + lane (carry into the high word handled per lane)
+        __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))), lane);
+        const __m256i carry = _mm256_cmpgt_epi32(  // unsigned c0 < q_lo means the add wrapped
+            _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q) ^ 0x80000000u)), _mm256_setzero_si256()),
+            _mm256_xor_si256(c0, _mm256_set1_epi32(static_cast<int>(0x80000000u))));
+        __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))), carry);
+        __m256i c2 = _mm256_set1_epi32(static_cast<int>(stream));
+        __m256i c3 = _mm256_setzero_si256();
+        uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+        for (int r = 0; r < 10; ++r) {
+            const __m256i pe0 = _mm256_mul_epu32(c0, M0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), M0);
+            const __m256i pe1 = _mm256_mul_epu32(c2, M1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), M1);
+            const __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
+            const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
+            const __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
+            const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
+            const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+            const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+            c0 = n0;
+            c1 = lo1;
+            c2 = n2;
+            c3 = lo0;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[0]), c0);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[1]), c1);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[2]), c2);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(w[3]), c3);
+        uint32_t* o = out + 4 * b;
+        for (int l = 0; l < 8; ++l)
+            for (int k = 0; k < 4; ++k) o[4 * l + k] = w[k][l];
+    }
+    if (b < nblocks) philox_blocks_portable(seed, stream, q0 + static_cast<uint64_t>(b), nblocks - b, out + 4 * b);
 }
+#endif
 
-int64_t delta_bracket(const void* x, lfm_dtype dt, const float* __restrict b, uint32_t lo, uint32_t hi, uint32_t* __restrict pos, uint32_t* __restrict vals, int64_t* below, uint32_t* bad, int64_t len) {
-    return use_v3() ? v3::delta_bracket(x, dt, b, lo, hi, pos, vals, below, bad, len) : base::delta_bracket(x, dt, b, lo, hi, pos, vals, below, bad, len);
-}
-
-int64_t count_equal_abs(const float* __restrict x, uint32_t v, int64_t len) {
-    return use_v3() ? v3::count_equal_abs(x, v, len) : base::count_equal_abs(x, v, len);
-}
-
-void draws_below(const uint32_t* __restrict draws, uint32_t thr, uint8_t* __restrict keep, int64_t len) {
-    if (use_v3()) return v3::draws_below(draws, thr, keep, len);
-    base::draws_below(draws, thr, keep, len);
-}
-
-void weigh(const float* x, const uint8_t* __restrict keep, float c, float* t, int64_t len) {
-    if (use_v3()) return v3::weigh(x, keep, c, t, len);
-    base::weigh(x, keep, c, t, len);
-}
-
-void weigh_add(const float* __restrict x, const uint8_t* __restrict keep, float c, float* __restrict mixed, int64_t len) {
-    if (use_v3()) return v3::weigh_add(x, keep, c, mixed, len);
-    base::weigh_add(x, keep, c, mixed, len);
-}
-
-void elect_add64(const float* __restrict x, const uint8_t* __restrict keep, double w, double f, double* __restrict S, int64_t len) {
-    if (use_v3()) return v3::elect_add64(x, keep, w, f, S, len);
-    base::elect_add64(x, keep, w, f, S, len);
-}
-
-void sign_of(const double* __restrict S, float* __restrict sgn, int64_t len) {
-    if (use_v3()) return v3::sign_of(S, sgn, len);
-    base::sign_of(S, sgn, len);
-}
-
-void agree_add_bits(const float* e, const float* t, const float* __restrict sgn, float bit, float* __restrict mixed, float* __restrict bits, int64_t len) {
-    if (use_v3()) return v3::agree_add_bits(e, t, sgn, bit, mixed, bits, len);
-    base::agree_add_bits(e, t, sgn, bit, mixed, bits, len);
-}
-
-void agree_add_div(const float* e, const float* t, const float* __restrict sgn, double wd, float* __restrict mixed, double* __restrict div, int64_t len) {
-    if (use_v3()) return v3::agree_add_div(e, t, sgn, wd, mixed, div, len);
-    base::agree_add_div(e, t, sgn, wd, mixed, div, len);
-}
-
-void scale_by_table(float* __restrict mixed, const float* __restrict bits, const float* __restrict table, int64_t len) {
-    if (use_v3()) return v3::scale_by_table(mixed, bits, table, len);
-    base::scale_by_table(mixed, bits, table, len);
-}
-
-void l1_sums(const float* __restrict x, const uint8_t* __restrict keep, int64_t len, double* tot, double* kept) {
-    if (use_v3()) return v3::l1_sums(x, keep, len, tot, kept);
-    base::l1_sums(x, keep, len, tot, kept);
-}
-
-void or_bit(const uint8_t* __restrict keep, uint8_t bit, uint8_t* __restrict m, int64_t stride, int64_t len) {
-    if (use_v3()) return v3::or_bit(keep, bit, m, stride, len);
-    base::or_bit(keep, bit, m, stride, len);
-}
-
-void divide_guarded(float* __restrict mixed, const double* __restrict div, int64_t len) {
-    if (use_v3()) return v3::divide_guarded(mixed, div, len);
-    base::divide_guarded(mixed, div, len);
-}
-
-void finish(const float* __restrict b, float lam, const float* __restrict mixed, float* __restrict o, int64_t len) {
-    if (use_v3()) return v3::finish(b, lam, mixed, o, len);
-    base::finish(b, lam, mixed, o, len);
-}
-
-void scale(float* __restrict mixed, float s, int64_t len) {
-    if (use_v3()) return v3::scale(mixed, s, len);
-    base::scale(mixed, s, len);
-}
-
-void fused_ties(int K, const float* const* x, const uint8_t* const* keep, const float* coef, const double* w, const double* f, const float* b, float lam, const float* table, float* out, int64_t len) {
-    if (use_v3()) return v3::fused_ties(K, x, keep, coef, w, f, b, lam, table, out, len);
-    base::fused_ties(K, x, keep, coef, w, f, b, lam, table, out, len);
-}
+}  // namespace
 
 void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out) {
-    if (use_v3()) return v3::philox_blocks(seed, stream, q0, nblocks, out);
-    base::philox_blocks(seed, stream, q0, nblocks, out);
+#if defined(__x86_64__)
+    if (cpu_has_avx2()) return philox_blocks_avx2(seed, stream, q0, nblocks, out);
+#endif
+    philox_blocks_portable(seed, stream, q0, nblocks, out);
 }
 
-}  // namespace lfm::merge::loops
+namespace {
+void philox_blocks_portable(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks,
+                            uint32_t* __restrict out) {
+    constexpr int L = 16;  // lanes processed together (vectorizes to vpmuludq on AVX2)
+    const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+    for (int64_t base = 0; base < nblocks; base += L) {
+        const int n = static_cast<int>(nblocks - base < L ? nblocks - base : L);
+        uint32_t c0[L], c1[L], c2[L], c3[L];
+        for (int l = 0; l < L; ++l) {
+            const uint64_t q = q0 + static_cast<uint64_t>(base + l);
+            c0[l] = static_cast<uint32_t>(q);
+            c1[l] = static_cast<uint32_t>(q >> 32);
+            c2[l] = stream;
+            c3[l] = 0;
+        }
+        uint32_t k0 = key0, k1 = key1;
+        for (int r = 0; r < 10; ++r) {
+            for (int l = 0; l < L; ++l) {
+                const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[l];
+                const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[l];
+                const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
+                const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
+                c1[l] = static_cast<uint32_t>(p1);
+                c3[l] = static_cast<uint32_t>(p0);
+                c0[l] = n0;
+                c2[l] = n2;
+            }
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        for (int l = 0; l < n; ++l) {
+            uint32_t* o = out + 4 * (base + l);
+            o[0] = c0[l];
+            o[1] = c1[l];
+            o[2] = c2[l];
+            o[3] = c3[l];
+        }
+    }
+}
+
+}  // namespace
+}  // namespace lfm::merge

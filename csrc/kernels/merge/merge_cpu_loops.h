@@ -1,21 +1,74 @@
 // Inner loops of the CPU merge kernel, over one block of `len` elements.
-// Each is compiled twice from merge_cpu_loops_body.inc, for baseline x86-64 (namespace
-// base, merge_cpu_loops_base.cpp) and for x86-64-v3 = AVX2/FMA (namespace v3,
-// merge_cpu_loops_v3.cpp), both without FP contraction, so they give the same bits; the
-// entry points in lfm::merge::loops (merge_cpu_loops.cpp) pick one per call from the
-// effective SIMD level (core/cpu_features.h, LFM_SIMD). Written branch-free so they vectorize.
+// They are compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2/FMA/F16C), from
+// one source (merge_cpu_loops_impl.inc), written branch-free so they vectorize, and
+// reached through a table picked at run time: the host's best level, or the one that
+// LFM_SIMD forces (core/cpu_features.h). Every build uses -ffp-contract=off, so both
+// tables round every operation alike and give the same bits (docs/spec/merge.md).
 #pragma once
 #include <cstdint>
 
 #include "lfm/lfm.h"
 
-namespace lfm::merge::loops {
-#include "kernels/merge/merge_cpu_loops_decl.inc"
-namespace base {
-#include "kernels/merge/merge_cpu_loops_decl.inc"
-}  // namespace base
-namespace v3 {
-#include "kernels/merge/merge_cpu_loops_decl.inc"
-}  // namespace v3
+namespace lfm::merge {
 
-}  // namespace lfm::merge::loops
+struct LoopTable {
+    const char* level;  // "baseline" or "avx2"
+    // x -= b; returns nonzero when any x or b is NaN/Inf (or the difference overflows).
+    uint32_t (*sub_check)(float* x, const float* b, int64_t len);
+    // nonzero when any x is NaN/Inf
+    uint32_t (*check_finite)(const float* x, int64_t len);
+    // Magnitude cut on v = |x[j]| bits at flat index e = start + j: keep iff lo_v <= v <= hi_v,
+    // where v == lo_v also needs e in [lo_emin, lo_emax] and v == hi_v needs e in [hi_emin, hi_emax].
+    void (*cut_keep)(const float* x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax, uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* keep, int64_t len);
+    // For v = |x[j]| bits: *below = #(v < lo); writes the j with lo <= v <= hi to pos (in
+    // order) and returns how many (branch-free compaction).
+    int64_t (*bracket)(const float* x, uint32_t lo, uint32_t hi, uint32_t* pos, int64_t* below, int64_t len);
+    // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 x (other dtypes return
+    // -1: the caller materialises their float32 deltas, which measured faster for float32);
+    // vals[c] gets the |delta| bits of candidate pos[c]. *bad is set when a delta is NaN/Inf.
+    int64_t (*delta_bracket)(const void* x, lfm_dtype dt, const float* b, uint32_t lo, uint32_t hi, uint32_t* pos, uint32_t* vals, int64_t* below, uint32_t* bad, int64_t len);
+    // number of j with |x[j]| bits == v
+    int64_t (*count_equal_abs)(const float* x, uint32_t v, int64_t len);
+    // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
+    void (*draws_below)(const uint32_t* draws, uint32_t thr, uint8_t* keep, int64_t len);
+    // t = keep ? c * x : 0 (keep == nullptr: keep all); t may alias x.
+    void (*weigh)(const float* x, const uint8_t* keep, float c, float* t, int64_t len);
+    // mixed += keep ? c * x : 0
+    void (*weigh_add)(const float* x, const uint8_t* keep, float c, float* mixed, int64_t len);
+    // S += keep ? w * (double(x) * f) : 0   (the election sum in float64, as the reference)
+    void (*elect_add64)(const float* x, const uint8_t* keep, double w, double f, double* S, int64_t len);
+    // sgn = S >= 0 ? +1 : -1
+    void (*sign_of)(const double* S, float* sgn, int64_t len);
+    // agree = e * sgn > 0: mixed += agree ? t : 0; bits += agree ? bit : 0. `bits` holds the
+    // agreement pattern as a float (sums of distinct powers of two <= 128 are exact), so the
+    // loop has one element width and vectorizes.
+    void (*agree_add_bits)(const float* e, const float* t, const float* sgn, float bit, float* mixed, float* bits, int64_t len);
+    // agree = e * sgn > 0: mixed += agree ? t : 0; div += agree ? wd : 0
+    void (*agree_add_div)(const float* e, const float* t, const float* sgn, double wd, float* mixed, double* div, int64_t len);
+    // mixed *= table[bits]
+    void (*scale_by_table)(float* mixed, const float* bits, const float* table, int64_t len);
+    // *tot = sum |x|, *kept = sum over keep of |x|, in float64 with 8 interleaved partial
+    // sums combined in a fixed order (vectorizes; the result depends only on the block).
+    void (*l1_sums)(const float* x, const uint8_t* keep, int64_t len, double* tot, double* kept);
+    // m[j * stride] |= keep[j] ? bit : 0
+    void (*or_bit)(const uint8_t* keep, uint8_t bit, uint8_t* m, int64_t stride, int64_t len);
+    // mixed /= (|div| < 1e-8 ? 1 : div)
+    void (*divide_guarded)(float* mixed, const double* div, int64_t len);
+    // o = b + lam * mixed   (b == nullptr: o = mixed)
+    void (*finish)(const float* b, float lam, const float* mixed, float* o, int64_t len);
+    // mixed *= s
+    void (*scale)(float* mixed, float s, int64_t len);
+    // The TIES-family merge pass of one block in one register-level sweep (K <= 8, weighted
+    // election): t_i = keep_i ? coef_i * x_i : 0 (float32); S = sum keep_i * w_i * (x_i * f_i)
+    // in float64, the same operations as the reference, so the elected sign is exact;
+    // mixed = sum of the t_i agreeing with sign(S) (S >= 0: +); out = b + lam * mixed * table[bits]
+    // with bits the agreement pattern.
+    void (*fused_ties)(int K, const float* const* x, const uint8_t* const* keep, const float* coef, const double* w, const double* f, const float* b, float lam, const float* table, float* out, int64_t len);
+    // Philox4x32-10 words for blocks q0 .. q0 + nblocks - 1 (4 words each) into out.
+    void (*philox_blocks)(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* out);
+};
+
+// The loops of the active SIMD level (lfm::simd_level()).
+const LoopTable& merge_loops();
+
+}  // namespace lfm::merge

@@ -15,10 +15,11 @@
 //   partials summed on the host in chunk order;
 //   the merge pass: one kernel reading base + K models per quad of elements, writing
 //   `out` in its dtype. Every floating-point step is an explicit rounding intrinsic
-//   (__fadd_rn, __fmul_rn, __dmul_rn, __dadd_rn, __ddiv_rn ...), so nvcc contracts nothing
-//   (the unit is also built with --fmad=false), and the steps are the CPU kernel's (built
-//   with -ffp-contract=off, nothing fused; docs/spec/merge.md "Election arithmetic"): outputs equal the CPU kernel's bit for bit, except that the L1 factor's
-//   float64 sums may differ in summation order (last bit of the factor).
+//   (__fadd_rn, __fmul_rn, __dmul_rn, __dadd_rn, __ddiv_rn ...; the file is also built
+//   with --fmad=false), so nothing is contracted into an FMA, and the steps are the CPU
+//   kernel's (built with -ffp-contract=off, docs/spec/merge.md "Arithmetic"): outputs
+//   equal the CPU kernel's bit for bit, except that the L1 factor's float64 sums may
+//   differ in summation order (last bit of the factor).
 // Scratch comes from cudaMallocAsync on the caller's stream; every CUDA error becomes
 // lfm::fail(LFM_STATUS_DEVICE_ERROR, ...); NaN/Inf inputs -> LFM_STATUS_NONFINITE with
 // the tensor and element named, like the CPU kernel.
@@ -370,12 +371,13 @@ __global__ void k_row_offsets(long long rows, long long cols, int* off) {
 }
 
 // ---- the merge pass -------------------------------------------------------------------------
-// The CPU kernel's arithmetic, step by step (no fused multiply-add anywhere): t_i = kept ? coef_i * delta_i : 0 (fp32). Consensus: e_i = t_i
+// The CPU kernel's arithmetic, step by step (no FMA anywhere, like the CPU's
+// -ffp-contract=off loops): t_i = kept ? coef_i * delta_i : 0 (fp32). Consensus: e_i = t_i
 // (unweighted: kept ? ecoef_i * delta_i : 0); the elected sign is that of the float64 sum
 // of kept (w_i) (delta_i * f_i), like the reference (the CPU reaches the same sign);
 // mixed = sum of agreeing t_i; normalised by the pattern table (K <= 8) or a float64
-// divisor. Without consensus mixed = sum t_i, then
-// *= fp32(1 / sum w). out = b + fp32(lam * mixed).
+// divisor. Without consensus mixed = sum t_i (fused when nothing is sparsified), then
+// *= fp32(1 / sum w). out = b + lam * mixed (two roundings).
 __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
     const long long nq = (a.n + 3) / 4;
     for (long long q = global_tid(); q < nq; q += grid_stride()) {
@@ -427,14 +429,13 @@ __global__ void __launch_bounds__(kThreads) k_merge(MergeKernelArgs a) {
                 model4(a, i, q, bp, d, kp);
                 const float c = a.models[i].coef;
                 for (int k = 0; k < 4; ++k)
-                    mixed[k] = a.sparsifier == kSpNone ? __fadd_rn(__fmul_rn(c, d[k]), mixed[k])
-                                                       : __fadd_rn(mixed[k], kp[k] ? __fmul_rn(c, d[k]) : 0.0f);
+                    mixed[k] = __fadd_rn(mixed[k], kp[k] || a.sparsifier == kSpNone ? __fmul_rn(c, d[k]) : 0.0f);
             }
             if (a.normalize)
                 for (int k = 0; k < 4; ++k) mixed[k] = __fmul_rn(mixed[k], a.inv_plain_div);
         }
         float o[4];
-        for (int k = 0; k < 4; ++k) o[k] = a.base ? __fadd_rn(__fmul_rn(a.lam, mixed[k]), b[k]) : mixed[k];
+        for (int k = 0; k < 4; ++k) o[k] = a.base ? __fadd_rn(b[k], __fmul_rn(a.lam, mixed[k])) : mixed[k];
         store4(a.out, a.odtype, q, a.n, a.vec, o);
     }
 }

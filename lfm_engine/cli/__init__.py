@@ -1,11 +1,17 @@
 """lfm-engine: command line front end.
 
-    lfm-engine demo                     run the built-in example (start here)
-    lfm-engine bench [--quick|--full]   run the benchmark suites (tables, JSON, --plot PNG)
-    lfm-engine merge CONFIG.yml OUT     merge models from a mergekit-style YAML
-    lfm-engine info                     what this build has (CUDA, SIMD, threads)
+    lfm-engine demo                          run the built-in example (start here)
+    lfm-engine merge CONFIG.yml OUT          merge models from a mergekit-style YAML
+    lfm-engine extract-lora BASE FT OUT      extract a LoRA adapter from a fine-tune (--rank R)
+    lfm-engine moe CONFIG.yml OUT            build a Mixtral MoE from dense fine-tunes (mergekit-moe)
+    lfm-engine serve --model B --adapter ..  serve a base model with many LoRA adapters (HTTP)
+    lfm-engine compress --base B --model FT  encode a fine-tune as compressed deltas (.lfmd)
+    lfm-engine decompress --base B X.lfmd O  rebuild a model folder from a base and an .lfmd
+    lfm-engine inspect X.lfmd                show what an .lfmd container holds
+    lfm-engine bench [--quick|--full]        run the benchmark suites (tables, JSON, --plot PNG)
+    lfm-engine info                          what this build has (CUDA, SIMD, threads)
 
-Each subcommand lives in its own module (lfm_engine/cli_<name>.py) exposing
+Each subcommand lives in its own module (lfm_engine/cli/<name>.py) exposing
 add_parser(subparsers) (or register(subparsers) for several commands) and run(args) ->
 exit code; a command's parser may set its own `func` default. This file only wires them.
 """
@@ -18,11 +24,13 @@ import sys
 
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMAND_MODULES = [
-    "lfm_engine.cli_demo",
-    "lfm_engine.cli_merge",
-    "lfm_engine.cli_serve",
-    "lfm_engine.cli_compress",
-    "lfm_engine.cli_bench",
+    "lfm_engine.cli.demo",
+    "lfm_engine.cli.merge",
+    "lfm_engine.cli.extract_lora",
+    "lfm_engine.cli.moe",
+    "lfm_engine.cli.serve",
+    "lfm_engine.cli.compress",
+    "lfm_engine.cli.bench",
 ]
 
 

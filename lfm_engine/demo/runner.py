@@ -6,7 +6,7 @@ the command exits 0 only when every check passes:
  1. tensors: merges generated tensors (a bf16 base and three fine-tunes of one layer)
     with every task-vector method: the fused C++ kernel against a plain-torch multi-pass
     merge (mergekit's way), and the largest error of each against the float64 reference.
- 2. model merge: in a temporary folder (lfm_engine.demo_data) a small Llama-shaped base,
+ 2. model merge: in a temporary folder (lfm_engine.demo.data) a small Llama-shaped base,
     3 fine-tunes and 4 PEFT LoRA adapters are generated; a mergekit-style YAML config
     merges the fine-tunes with TIES through ``lfm_engine.merge_models``; some output
     tensors are checked against ``merge_tensors(..., backend="reference")``.
@@ -35,27 +35,6 @@ import time
 import torch
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the built-in example: merge, compress and serve generated models, checked against references")
-    p.add_argument("--rows", type=int, default=512, help="rows of the generated weight (default 512)")
-    p.add_argument("--cols", type=int, default=1024, help="columns of the generated weight (default 1024)")
-    p.add_argument("--models", type=int, default=3, help="number of fine-tuned models (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size of the generated model (default 256)")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers of the generated model (default 2)")
-    p.add_argument("--intermediate", type=int, default=512, help="MLP width of the generated model (default 512)")
-    p.add_argument("--vocab", type=int, default=512, help="vocabulary of the generated model (default 512)")
-    p.add_argument("--batch", type=int, default=8, help="rows of the mixed-adapter batch (default 8)")
-    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per row (default 16)")
-    p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated per row (default 8)")
-    p.add_argument("--workdir", default=None,
-                   help="folder for the generated models (default: a temporary folder, removed at the end)")
-    p.add_argument("--peft", action="store_true",
-                   help="also compare the mixed-batch logits with PEFT's own mixed batch (needs peft)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["tensors", "merge", "compress", "serve"],
-                   help="parts to leave out")
-
-
 def _time(fn, reps: int = 3) -> float:
     fn()
     best = float("inf")
@@ -69,7 +48,7 @@ def _time(fn, reps: int = 3) -> float:
 def merge_demo(rows: int, cols: int, k: int, threads: int = 0) -> list[dict]:
     from lfm_engine import merge_tensors
     from lfm_engine.baselines.torch_merge import merge_tensors_torch_multipass
-    from lfm_engine.merge_params import resolve_merge_params
+    from lfm_engine.core.merge_methods import resolve_merge_params
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
@@ -119,7 +98,7 @@ def model_merge_demo(ds, workdir: str, threads: int = 0) -> dict:
     import os
 
     import lfm_engine
-    from lfm_engine.demo_data import load_folder
+    from lfm_engine.demo.data import load_folder
 
     cfg_path = os.path.join(workdir, "ties.yml")
     with open(cfg_path, "w") as f:
@@ -163,7 +142,7 @@ def compress_demo(ds, workdir: str, threads: int = 0) -> list:
     import os
 
     import lfm_engine
-    from lfm_engine.demo_data import load_folder
+    from lfm_engine.demo.data import load_folder
 
     ft = ds.finetune_weights[0]
     rows = []
@@ -363,7 +342,7 @@ def run(args) -> int:
     import tempfile
 
     import lfm_engine
-    from lfm_engine.demo_data import make_demo_set
+    from lfm_engine.demo.data import make_demo_set
 
     problems = [f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})"
                 for k in ("rows", "cols", "models", "hidden", "layers", "intermediate", "vocab", "batch",

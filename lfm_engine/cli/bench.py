@@ -106,7 +106,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def suite_dirs(explicit: Optional[str] = None) -> List[Path]:
     """Folders searched for bench_<name>.py, in order: --suites-dir, the installed copy
     (lfm_engine/bench_suites), the source checkout's bench/."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent  # lfm_engine/
     if explicit:
         return [Path(explicit)]
     return [pkg / "bench_suites", pkg.parent / "bench"]
@@ -131,6 +131,10 @@ def _load_module(name: str, path: Path):
     if spec is None or spec.loader is None:
         raise SuiteError(f"cannot import {path}")
     mod = importlib.util.module_from_spec(spec)
+    # suites import their shared helpers (benchlib.py) from their own folder
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     spec.loader.exec_module(mod)
     if not callable(getattr(mod, "main", None)):
         raise SuiteError(f"{path} has no main(argv)")

@@ -315,7 +315,7 @@ def randomized_svd(mat: torch.Tensor, rank: int, *, oversample: int = 8, n_iter:
 def _linear_lowrank(adapters: Sequence[LoraAdapter], module: str, method: str, rank: int,
                     merge_kwargs: dict) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact rank-r truncation of sum_i c_i s_i B_i A_i (task_arithmetic / linear)."""
-    from lfm_engine.merge_params import resolve_merge_params
+    from lfm_engine.core.merge_methods import resolve_merge_params
 
     K = len(adapters)
     p = resolve_merge_params(method, K, weights=merge_kwargs.get("weights"),

@@ -1,0 +1,36 @@
+"""`lfm-engine moe CONFIG.yml OUT_DIR` (mergekit-moe): a Mixtral model from dense fine-tunes.
+
+See lfm_engine.merge.moe for the config keys, gate modes and the output layout.
+Exit status: 0 success, 2 configuration/input problems (all listed), 1 a failure
+while writing (no output folder is left behind), 130 interrupted.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(subparsers):
+    from lfm_engine.cli.merge import add_config_and_output
+    p = subparsers.add_parser(
+        "moe", help="build a Mixtral mixture of experts from dense fine-tunes (mergekit-moe)",
+        description="Assemble a Mixtral MoE model: attention/embeddings from base_model, one "
+                    "expert MLP per listed model, router from prompts (gate_mode).")
+    add_config_and_output(p, "mergekit-moe style")
+    p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0,
+                   help="seed of the random gate modes (default 0)")
+    p.add_argument("--out-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from lfm_engine.cli.guard import guarded
+    from lfm_engine.cli.merge import shard_size
+    from lfm_engine.merge.moe import build_moe
+    rc, n = guarded(lambda: build_moe(args.config, args.out_dir, seed=args.seed,
+                                      out_shard_size=shard_size(args.out_shard_size),
+                                      allow_overwrite=args.allow_overwrite), "moe")
+    if rc == 0:
+        print(f"wrote {n} tensors into {args.out_dir}", file=sys.stderr)
+    return rc

@@ -1,0 +1,2 @@
+"""File formats: the safetensors header parser (and, as the I/O layer grows, the model
+folder, PEFT adapter folder and dtype-name readers and writers)."""

@@ -1,0 +1,121 @@
+"""`lfm-engine moe` (mergekit-moe): Mixtral output from dense Llama fine-tunes, loadable by
+transformers; gate vectors as mergekit defines them."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fixtures_models import finetune, llama_config, load_folder, random_weights, write_model  # noqa: E402
+from merge_cli_helpers import assert_same_logits  # noqa: E402
+
+from lfm_engine.cli import main as cli_main  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+VOCAB = 64
+WORDS = ["<s>", "</s>", "<unk>", "<pad>"] + [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def _real_tokenizer(folder):
+    """A word-level tokenizer over WORDS that transformers can load (the fixture's is a stub)."""
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "pad_token": "<pad>"}, f)
+    for fn in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+        if os.path.exists(os.path.join(folder, fn)):
+            os.remove(os.path.join(folder, fn))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    cfg = llama_config(hidden=32, layers=2, intermediate=48, vocab=VOCAB)
+    base = random_weights(cfg, 0)
+    paths = [write_model(str(root / "base"), cfg, base),
+             write_model(str(root / "ft1"), cfg, finetune(base, 1, 0.05)),
+             write_model(str(root / "ft2"), cfg, finetune(base, 2, 0.05))]
+    _real_tokenizer(paths[0])
+    return paths
+
+
+def run(cfg, tmp_path, *extra, name="moe"):
+    p = tmp_path / f"{name}.yml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = tmp_path / f"out_{name}"
+    return cli_main(["moe", str(p), str(out), *extra]), out
+
+
+def test_identical_experts_reproduce_the_base(models, tmp_path):
+    b = models[0]
+    rc, out = run({"base_model": b, "gate_mode": "random", "dtype": "float32",
+                   "experts": [{"source_model": b}, {"source_model": b}]}, tmp_path)
+    assert rc == 0
+    moe = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    assert_same_logits(moe, transformers.AutoModelForCausalLM.from_pretrained(b), [1, 7, 9, 4], 1e-4, 1e-5)
+
+
+def test_cheap_embed_gates_and_expert_weights(models, tmp_path):
+    b, f1, f2 = models
+    cfg = {"base_model": b, "gate_mode": "cheap_embed", "experts_per_token": 1,
+           "experts": [{"source_model": f1, "positive_prompts": ["w1 w2", "w3"]},
+                       {"source_model": f2, "positive_prompts": ["w5"], "negative_prompts": ["w1"]}]}
+    rc, out = run(cfg, tmp_path)
+    assert rc == 0
+    got, B, F1, F2 = load_folder(str(out)), load_folder(b), load_folder(f1), load_folder(f2)
+    emb = B["model.embed_tokens.weight"].double()
+    ids = {w: WORDS.index(w) for w in ("<s>", "w1", "w2", "w3", "w5")}
+    v0 = emb[[ids["<s>"], ids["w1"], ids["w2"], ids["<s>"], ids["w3"]]].sum(0)
+    v1 = emb[[ids["<s>"], ids["w5"]]].sum(0) - emb[[ids["<s>"], ids["w1"]]].sum(0)
+    exp = torch.stack([v0 / v0.norm(), v1 / v1.norm()])
+    for li in range(2):
+        torch.testing.assert_close(got[f"model.layers.{li}.block_sparse_moe.gate.weight"].double(), exp,
+                                   rtol=1e-5, atol=1e-6)
+        for ei, src in enumerate((F1, F2)):
+            for w, proj in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+                assert torch.equal(got[f"model.layers.{li}.block_sparse_moe.experts.{ei}.{w}.weight"],
+                                   src[f"model.layers.{li}.mlp.{proj}.weight"])
+        assert torch.equal(got[f"model.layers.{li}.self_attn.q_proj.weight"], B[f"model.layers.{li}.self_attn.q_proj.weight"])
+    assert not any(".mlp." in n for n in got)
+    c = json.loads((out / "config.json").read_text())
+    assert c["num_local_experts"] == 2 and c["num_experts_per_tok"] == 1 and c["model_type"] == "mixtral"
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_hidden_gates_are_unit_vectors_and_load(models, tmp_path, mode):
+    b, f1, f2 = models
+    rc, out = run({"base_model": b, "gate_mode": mode, "experts": [
+        {"source_model": f1, "positive_prompts": ["w1 w2 w3"]},
+        {"source_model": f2, "positive_prompts": ["w9", "w10 w11"]}]}, tmp_path, name=mode)
+    assert rc == 0
+    got = load_folder(str(out))
+    g = got["model.layers.1.block_sparse_moe.gate.weight"]
+    torch.testing.assert_close(g.norm(dim=-1), torch.ones(2), rtol=1e-5, atol=1e-5)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_moe_config_problems(models, tmp_path, capsys):
+    b, f1, _ = models
+    rc, _ = run({"base_model": b, "gate_mode": "hiden", "shared_experts": [{"source_model": f1}],
+                 "experts": [{"source_model": f1}], "experts_per_token": 3}, tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2
+    for needle in ("gate_mode: unknown mode 'hiden' (did you mean 'hidden'?)", "shared_experts: ",
+                   "experts_per_token: must be an integer in [1, 1]"):
+        assert needle in err, err
+    rc, _ = run({"base_model": b, "gate_mode": "cheap_embed", "experts": [{"source_model": f1}]}, tmp_path)
+    assert rc == 2 and "experts[0].positive_prompts: missing" in capsys.readouterr().err
+    rc, out = run({"base_model": b, "gate_mode": "random", "experts": [{"source_model": str(tmp_path / "x")}]},
+                  tmp_path)
+    assert rc == 2 and "does not exist" in capsys.readouterr().err and not out.exists()
