@@ -68,20 +68,27 @@ LFM_API lfm_status lfm_tensor_init(lfm_tensor* t, void* data, lfm_dtype dtype, l
         if (ndim < 0 || ndim > LFM_MAX_DIMS)
             lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "ndim ", ndim, " outside 0..", LFM_MAX_DIMS);
         if (ndim > 0 && !shape) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape is NULL");
+        // everything is checked before *t is touched: a refused call leaves it as it was
+        lfm::dtype_size(dtype);  // throws on an unknown dtype code
+        if (device != LFM_DEVICE_CPU && device != LFM_DEVICE_CUDA)
+            lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "unknown device type ", static_cast<int>(device));
+        int64_t strides[LFM_MAX_DIMS];
+        int64_t stride = 1;
+        for (int i = ndim - 1; i >= 0; --i) {
+            if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
+            strides[i] = stride;
+            if (shape[i] > 0 && __builtin_mul_overflow(stride, shape[i], &stride))
+                lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape too large to address (element count overflows)");
+        }
         std::memset(t, 0, sizeof(*t));
         t->data = data;
         t->dtype = dtype;
         t->device = device;
         t->ndim = ndim;
-        int64_t stride = 1;
-        for (int i = ndim - 1; i >= 0; --i) {
-            if (shape[i] < 0) lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "negative dimension ", shape[i]);
+        for (int i = 0; i < ndim; ++i) {
             t->shape[i] = shape[i];
-            t->strides[i] = stride;
-            if (shape[i] > 0 && __builtin_mul_overflow(stride, shape[i], &stride))
-                lfm::fail(LFM_STATUS_INVALID_ARGUMENT, "shape too large to address (element count overflows)");
+            t->strides[i] = strides[i];
         }
-        lfm::dtype_size(dtype);
     });
 }
 

@@ -88,7 +88,7 @@ LoraArgs resolve_lora_args(Op op, const lfm_tensor* in, const lfm_lora_slice* sl
         a.H_in = xu->shape[1];
     }
     const lfm_tensor* u = op == Op::Shrink ? out : (op == Op::Expand ? in : nullptr);
-    if (u) {
+    if (op != Op::Apply) {  // shrink and expand need u: a NULL u is refused by check_view, not skipped
         check_view(u, "u");
         check_dtype(*u, LFM_DTYPE_F32, "u");
         check_packed(*u, "u");
