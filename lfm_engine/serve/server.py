@@ -363,7 +363,9 @@ class ServeApp:
         if echo_texts is not None:
             for i, t in enumerate(echo_texts):
                 yield mk_delta(i, t, [], None, None)
-        async for _ in self._follow(handles, wake, http):
+
+        def pieces():
+            # One sweep over the choices: what each produced since the last sweep.
             for i, h in enumerate(handles):
                 if finished[i]:
                     continue
@@ -398,6 +400,14 @@ class ServeApp:
                         yield mk_delta(i, delta, ids, h.result(0).finish_reason if done else None, lp)
                 if done:
                     finished[i] = True
+
+        async for _ in self._follow(handles, wake, http):
+            for piece in pieces():
+                yield piece
+        # A handle can finish between the sweep's done() check and _follow's last look:
+        # one more sweep sends its final chunk (the finish_reason) and any last text.
+        for piece in pieces():
+            yield piece
         results = [h.result(0) for h in handles]
         self._observe(results, None)
         so = body.stream_options
