@@ -154,15 +154,18 @@ class ServeApp:
             raise ApiError(409, f"{name!r} is the base model's name", param="name")
         real = self._checked_path(path)
         try:
-            spec = await run_in_threadpool(self.checker.open, real)
-            fut = self.pool.load(name, spec, pin=pin)
+            if real.endswith(".lfmd"):  # a compressed full fine-tune (deltas.py), read and checked now
+                fut = await run_in_threadpool(self.pool.load_delta, name, real)
+            else:
+                spec = await run_in_threadpool(self.checker.open, real)
+                fut = self.pool.load(name, spec, pin=pin)
         except FileNotFoundError as e:
             raise ApiError(404, str(e), "not_found_error", "path")
         except PermissionError as e:
             raise ApiError(403, str(e), "permission_error", "path")
         except PoolFullError as e:
             raise ApiError(503, str(e), "server_error")
-        except ValueError as e:  # AdapterFormatError, rank above the limit, duplicate name
+        except ValueError as e:  # AdapterFormatError, rank above the limit, duplicate name, bad .lfmd
             raise ApiError(409 if "already registered" in str(e) else 400, str(e), param="path")
         if wait:
             try:
