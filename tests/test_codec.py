@@ -329,8 +329,9 @@ def test_native_errors():
 
 @pytest.mark.parametrize("codec", NATIVE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_delta_apply_matches_decode_then_matmul(codec, dtype):
-    S, T, n_in, n_out = 4, 13, 200, 70
+@pytest.mark.parametrize("n_in", [200, 256])  # 256: the AVX-512 row blocks (sizes multiple of 32)
+def test_delta_apply_matches_decode_then_matmul(codec, dtype, n_in):
+    S, T, n_out = 4, 13, 70
     opts = {} if codec == "sign1" else {"group_size": 64}
     deltas = [encode_delta(torch.randn(n_out, n_in) * 0.02, codec, **opts) for _ in range(S)]
     x = torch.randn(T, n_in).to(dtype)

@@ -48,6 +48,10 @@ class DeltaModule:
     data_view: tuple = ()
     scales_view: tuple = ()
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
 
 @dataclass
 class DeltaEntry:
@@ -115,17 +119,44 @@ def read_delta(path, module_shapes: Dict[str, Tuple[int, int]], device: torch.de
                 _check_fields(enc)
             except (LfmdError, CodecError, KeyError, OSError) as exc:
                 raise DeltaLoadError(f"cannot serve {path}: {exc}") from None
-            data, scales, code, g, per_tensor = _native_args(enc)
-            data = data.to(device).contiguous()
-            scales = scales.to(device).contiguous()
-            m = DeltaModule((code, g, per_tensor, scales.dtype), data, scales)
-            m.data_view, m.scales_view = _view(data), _view(scales)
-            modules[mod] = m
+            modules[mod] = _module(enc, device)
             counts[codec] = counts.get(codec, 0) + 1
-            nbytes += data.numel() * data.element_size() + scales.numel() * scales.element_size()
+            nbytes += modules[mod].nbytes
         if not modules:
             raise DeltaLoadError(f"cannot serve {path}: it changes none of the attached linears")
         return modules, nbytes, counts, skipped
+
+
+def encoded_modules(encoded: Dict[str, Encoded], module_shapes: Dict[str, Tuple[int, int]], device: torch.device):
+    """{module: DeltaModule} from in-memory Encoded deltas keyed by module name (see
+    AdapterPool.add_delta); same checks as read_delta except the fingerprint."""
+    modules: Dict[str, DeltaModule] = {}
+    counts: Dict[str, int] = {}
+    nbytes = 0
+    for mod, enc in encoded.items():
+        if mod not in module_shapes:
+            raise DeltaLoadError(f"delta for {mod!r}: not an attached linear of the model")
+        if enc.codec not in NATIVE_CODECS:
+            raise DeltaLoadError(f"delta for {mod!r} uses codec {enc.codec!r} (servable: {', '.join(NATIVE_CODECS)})")
+        want = (module_shapes[mod][1], module_shapes[mod][0])
+        if tuple(enc.shape) != want:
+            raise DeltaLoadError(f"delta for {mod!r} has shape {tuple(enc.shape)}, the model's is [out, in] = {want}")
+        _check_fields(enc)
+        modules[mod] = _module(enc, device)
+        counts[enc.codec] = counts.get(enc.codec, 0) + 1
+        nbytes += modules[mod].nbytes
+    if not modules:
+        raise DeltaLoadError("add_delta: no deltas given")
+    return modules, nbytes, counts, []
+
+
+def _module(enc: Encoded, device: torch.device) -> DeltaModule:
+    data, scales, code, g, per_tensor = _native_args(enc)
+    data = data.to(device).contiguous()
+    scales = scales.to(device).contiguous()
+    m = DeltaModule((code, g, per_tensor, scales.dtype), data, scales)
+    m.data_view, m.scales_view = _view(data), _view(scales)
+    return m
 
 
 class DeltaStore:

@@ -44,14 +44,17 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from lfm_engine.ops.lora import _default_backends, lora_prepare
-from .deltas import DeltaEntry, DeltaStore, read_delta
+from .deltas import DeltaEntry, DeltaStore, encoded_modules, read_delta
 from .peft_format import AdapterSpec, open_adapter, read_weights
 from .route import Route
+
+if TYPE_CHECKING:
+    from lfm_engine.ops.codec import Encoded
 
 # the name ``Assignment`` of earlier versions: what pool.assign() yields
 Assignment = Route
@@ -191,6 +194,21 @@ class AdapterPool:
         (DeltaLoadError / FingerprintMismatchError, both ValueError) and running batches
         never see it. Returns a finished Future, like `load`.
         """
+        shapes = self._delta_precheck(name)
+        t0 = time.perf_counter()
+        got = read_delta(path, shapes, self.device, base_fingerprint=self.base_fingerprint,
+                         skip_unsupported=skip_unsupported)
+        return self._publish_delta(name, str(path), got, t0)
+
+    def add_delta(self, name: str, encoded: Dict[str, Encoded]) -> Future:
+        """Register a compressed fine-tune already in memory: {module name: Encoded delta of
+        its weight} (ops.codec.encode_delta). No fingerprint exists here: the caller vouches
+        that the deltas belong to the served base; codecs and shapes are checked as in
+        load_delta."""
+        shapes = self._delta_precheck(name)
+        return self._publish_delta(name, "<memory>", encoded_modules(encoded, shapes, self.device), time.perf_counter())
+
+    def _delta_precheck(self, name: str) -> Dict[str, Tuple[int, int]]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         with self._lock:
@@ -198,10 +216,10 @@ class AdapterPool:
                 raise ValueError(f"adapter {name!r} is already registered; unload it first")
             if not self._module_shapes:
                 raise ValueError("load_delta: attach(model, pool) first (the pool must know the model's linears)")
-            shapes = dict(self._module_shapes)
-        t0 = time.perf_counter()
-        modules, nbytes, counts, skipped = read_delta(path, shapes, self.device, base_fingerprint=self.base_fingerprint,
-                                                      skip_unsupported=skip_unsupported)
+            return dict(self._module_shapes)
+
+    def _publish_delta(self, name: str, path: str, got, t0: float) -> Future:
+        modules, nbytes, counts, skipped = got
         with self._lock:
             if name in self._entries or name in self._deltas.entries:
                 raise ValueError(f"adapter {name!r} is already registered; unload it first")
@@ -209,7 +227,7 @@ class AdapterPool:
             if slot < 0:
                 raise PoolFullError(f"all {self._deltas.capacity} delta slots are in use (delta_capacity); "
                                     "unload a compressed fine-tune first")
-            self._deltas.publish(DeltaEntry(name, str(path), slot, modules, nbytes, counts, skipped))
+            self._deltas.publish(DeltaEntry(name, path, slot, modules, nbytes, counts, skipped))
             self.counters["loads"] += 1
             self._changed.notify_all()
         fut: Future = Future()
