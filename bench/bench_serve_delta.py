@@ -95,13 +95,13 @@ def main(argv=None) -> int:
 
         def run(ids, cache, m=m, pool=pool, names=names):
             with pool.assign(names):
-                return m(ids, past_key_values=cache, use_cache=True).logits
+                return m(ids, cache=cache, use_cache=True).logits
 
         providers[f"lfm-{c}"] = (run, base_bytes + dbytes)
         served[c] = run
 
     def base_run(ids, cache):
-        return base(ids, past_key_values=cache, use_cache=True).logits
+        return base(ids, cache=cache, use_cache=True).logits
 
     providers["base-batch"] = (base_run, base_bytes)
     # dense fine-tunes, materialised from the first codec's decoded deltas (what the
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         dense.append(m)
 
     def apart(ids, caches):
-        return torch.cat([dense[k](ids[k:k + 1], past_key_values=caches[k], use_cache=True).logits
+        return torch.cat([dense[k](ids[k:k + 1], cache=caches[k], use_cache=True).logits
                           for k in range(K)])
 
     times = {p: [] for p in list(providers) + ["dense-apart"]}

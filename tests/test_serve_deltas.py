@@ -38,7 +38,7 @@ def _ft_linears(base, seed, scale=0.02):
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("deltas")
     base_w = random_weights(CFG, 0)
-    base = write_model(str(root / "base"), CFG, base_w)
+    base = write_model(str(root / "base"), CFG, base_w, tokenizer=False)
     out = {"base": base}
     for name, codec, seed in (("s1", "sign1", 11), ("i4", "int4:group_size=32", 12)):
         ft = write_model(str(root / f"ft_{name}"), CFG, _ft_linears(base_w, seed))
@@ -169,3 +169,31 @@ def test_compile_one_graph_no_breaks_with_lora_and_delta_rows(family):
     with torch.no_grad(), pool.assign(["i4", None, "lora"]):  # new routing, same graph shape
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_serve_cli_delta_and_http_load_route(family):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from server_harness import Running
+
+    run = Running([family["base"], "--delta", f"s1={family['s1']}", "--adapter", f"lora={family['lora']}",
+                   "--max-num-seqs", "4"])
+    try:
+        with httpx.Client(base_url=run.url, timeout=60) as hc:
+            ids = {m["id"] for m in hc.get("/v1/models").json()["data"]}
+            assert {"s1", "lora"} <= ids
+            body = dict(prompt=[3, 5, 7, 9], max_tokens=4, temperature=0, ignore_eos=True)
+            got = hc.post("/v1/completions", json=dict(body, model="s1")).json()
+            dense = _dense(family["s1_dense"])
+            with torch.no_grad():
+                want = dense.generate(torch.tensor([[3, 5, 7, 9]]), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                      attention_mask=torch.ones(1, 4, dtype=torch.long))[0, 4:].tolist()
+            assert got["choices"][0]["token_ids"] == want
+            r = hc.post("/v1/load_lora_adapter", json=dict(lora_name="i4", lora_path=family["i4"]))
+            assert r.status_code == 200, r.text
+            assert hc.post("/v1/completions", json=dict(body, model="i4")).status_code == 200
+            r = hc.post("/v1/load_lora_adapter", json=dict(lora_name="o", lora_path=family["other"]))
+            assert r.status_code == 400 and "another model" in r.json()["error"]["message"]
+            assert hc.post("/v1/completions", json=dict(body, model="s1")).json()["choices"][0]["token_ids"] == want
+    finally:
+        run.close()
