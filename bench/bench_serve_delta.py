@@ -75,11 +75,13 @@ def main(argv=None) -> int:
                  device_name("cpu"), copy_bandwidth("cpu"))
 
     codecs = [c for c in a.codecs.split(",") if c]
-    deltas = []  # per fine-tune: {module: fp32 delta}
-    for k in range(K):
-        deltas.append({n: 0.002 * torch.randn(m.weight.shape, generator=g) for n, m in lin.items()})
-    encs = {c: [{n: encode_delta(d, c, **({"group_size": 128} if c.startswith("int") else {}))
-                 for n, d in dk.items()} for dk in deltas] for c in codecs}
+    encs = {c: [{} for _ in range(K)] for c in codecs}
+    for k in range(K):  # one fp32 delta at a time: only the encoded forms stay in memory
+        for n, m in lin.items():
+            d = 0.002 * torch.randn(m.weight.shape, generator=g)
+            for c in codecs:
+                encs[c][k][n] = encode_delta(d, c, **({"group_size": 128} if c.startswith("int") else {}))
+            del d
 
     providers = {}
     served = {}

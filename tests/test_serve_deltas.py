@@ -197,3 +197,25 @@ def test_serve_cli_delta_and_http_load_route(family):
             assert hc.post("/v1/completions", json=dict(body, model="s1")).json()["choices"][0]["token_ids"] == want
     finally:
         run.close()
+
+
+def test_long_same_adapter_runs_use_gemm_and_match_the_kernel(family, monkeypatch):
+    """Prefill-size runs (>= GEMM_MIN_TOKENS tokens of one adapter) take two GEMMs per run;
+    the result equals the grouped kernel's (forced by raising the threshold)."""
+    from lfm_engine.serve import route
+
+    model, pool = _served(family)
+    ids = torch.randint(0, CFG["vocab_size"], (3, route.GEMM_MIN_TOKENS), generator=torch.Generator().manual_seed(2))
+    names = ["lora", "lora", None]
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad(), pool.assign(names):
+        gemm = model(ids).logits
+    assert calls, "the GEMM path did not run"
+    monkeypatch.setattr(route, "GEMM_MIN_TOKENS", 10 ** 9)
+    with torch.no_grad(), pool.assign(names):
+        kernel = model(ids).logits
+    torch.testing.assert_close(gemm, kernel, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert (gemm[0] - LlamaForCausalLM.from_pretrained(family["base"]).eval()(ids[:1]).logits[0]).abs().max() > 1e-3

@@ -34,9 +34,10 @@ from lfm_engine._tensor import view as _view
 from lfm_engine.ops.lora import lora_apply, lora_apply_prepared
 from .deltas import delta_calls
 
-# a run of at least this many same-adapter tokens makes the platform GEMM faster than the
-# grouped kernel (bench_lora: prefill / shared-adapter cases)
-GEMM_MIN_TOKENS = 16
+# runs this long (prefill-size segments) go to the platform GEMM: the per-adapter matmul
+# loop there is at parity with the grouped kernel (bench_lora prefill-512x1, fp32), and its
+# cost follows the GEMM library's tuning for large T; shorter runs use the kernel
+GEMM_MIN_TOKENS = 64
 
 
 class Route:
@@ -125,7 +126,7 @@ class Route:
             x2 = x2.contiguous()
         if t is not None:
             runs = self._gemm_runs(n)
-            if runs is not None and t.A.dtype == x2.dtype:
+            if runs is not None and t.A.dtype == x2.dtype == y2.dtype:
                 for s, t0, t1 in runs:
                     sc = t.scales_host[s]
                     if sc != 0.0:
@@ -145,7 +146,8 @@ class Route:
             members = [(m, self._tables.get(m.key)) for m in g]
             members = [(m, t) for m, t in members if t is not None]
             width = sum(m.out_features for m, _ in members)
-            z = torch.zeros(n, width, dtype=y2.dtype, device=y2.device)
+            # fp32 scratch: y is rounded once, when the slice is added
+            z = torch.zeros(n, width, dtype=torch.float32, device=y2.device)
             offs, o = {}, 0
             preps = []
             for m, t in members:
