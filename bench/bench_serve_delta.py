@@ -47,8 +47,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--codecs", default="sign1,int4")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); set LFM_NUM_THREADS for our kernels")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         a.hidden, a.layers, a.intermediate, a.vocab, a.heads, a.ctx, a.reps = 128, 2, 352, 512, 4, 8, 3
 
