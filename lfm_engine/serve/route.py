@@ -59,7 +59,10 @@ class Route:
         self._runs: Dict[int, Optional[List[Tuple[int, int, int]]]] = {}
         self._group_out: Dict[int, tuple] = {}
         self._dcalls: Dict[Tuple[str, int], list] = {}
-        self._tables = pool._tables  # snapshot: a load during the step publishes new dicts
+        # LoRA tables: the pool's live dict (a load copies into a new table object, and a
+        # slot's rows are written before the slot becomes assignable); deltas: the dict of
+        # this moment (load/unload publish a new one)
+        self._tables = pool._tables
         self._dtables = pool._deltas.by_module
 
     # ------------------------------------------------------------------ token maps
