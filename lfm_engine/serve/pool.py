@@ -150,6 +150,7 @@ class AdapterPool:
         self._local = threading.local()  # .route: the Route of this thread's active assign()
         _default_backends()  # resolved now, in eager mode: torch.compile cannot trace the probe
         self._deltas = DeltaStore(int(delta_capacity))
+        self._delta_plans: Dict[tuple, tuple] = {}  # route.py: delta_apply call plans across steps
         self.base_fingerprint = base_fingerprint
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.counters = dict(loads=0, evictions=0, load_failures=0, table_shrinks=0)

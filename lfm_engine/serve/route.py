@@ -49,6 +49,7 @@ class Route:
         self.rows = len(self.names)
         self._slots = list(slots)
         self._deltas = list(deltas)
+        self._deltas_key = tuple(self._deltas)
         dev = pool.device
         self.row_slot = torch.tensor(self._slots, dtype=torch.int32).to(dev, non_blocking=True)
         self.row_delta = torch.tensor(self._deltas, dtype=torch.int32).to(dev, non_blocking=True)
@@ -167,7 +168,18 @@ class Route:
     def _apply_deltas(self, key, dslots, x2, y2, n) -> None:
         calls = self._dcalls.get((key, n))
         if calls is None:
-            calls = delta_calls(dslots, self._deltas, n // self.rows, y2.device)
+            # decode steps repeat one assignment for many steps: the call plans live in a
+            # pool-level cache keyed by the module's delta dict (replaced, never mutated, on
+            # load/unload) and the rows' delta slots
+            ck = (key, n, self._deltas_key)
+            hit = self.pool._delta_plans.get(ck)
+            if hit is not None and hit[0] is dslots:
+                calls = hit[1]
+            else:
+                calls = delta_calls(dslots, self._deltas, n // self.rows, y2.device)
+                if len(self.pool._delta_plans) > 4096:
+                    self.pool._delta_plans.clear()
+                self.pool._delta_plans[ck] = (dslots, calls)
             self._dcalls[(key, n)] = calls
         from lfm_engine._native import native
 
