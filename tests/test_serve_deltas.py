@@ -151,6 +151,19 @@ def test_bad_deltas_are_refused_and_others_keep_running(family, tmp_path):
     assert info["z"]["kind"] == "delta" and info["z"]["skipped"] == ["model.norm.weight"]
     pool.unload("z")
     assert "z" not in pool
+    with pytest.raises(FileNotFoundError, match="no .lfmd file"):
+        pool.load_delta("w", str(tmp_path / "missing.lfmd"))
+    # an unload while a batch holds the delta hides the name; the slot lives until release
+    assert pool.try_acquire("i4")
+    pool.unload("i4")
+    assert "i4" not in pool
+    with pytest.raises(KeyError):
+        eng.submit(Request(prompt=[1], adapter="i4"))
+    with torch.no_grad(), pool.assign_held(["i4", None]):
+        held = model(torch.tensor([[1, 2], [1, 2]])).logits
+    assert (held[0] - held[1]).abs().max() > 1e-4  # still the fine-tune's row
+    pool.release("i4")
+    assert pool._deltas.by_module and all(len(v) == 1 for v in pool._deltas.by_module.values())  # only s1 left
 
 
 def test_compile_one_graph_no_breaks_with_lora_and_delta_rows(family):

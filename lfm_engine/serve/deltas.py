@@ -83,6 +83,8 @@ def read_delta(path, module_shapes: Dict[str, Tuple[int, int]], device: torch.de
 
     try:
         c = open_container(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no .lfmd file at {path}") from None
     except (LfmdError, OSError) as exc:
         raise DeltaLoadError(f"cannot serve {path}: {exc}") from None
     with c:
