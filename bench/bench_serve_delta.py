@@ -1,8 +1,8 @@
 """Compressed fine-tunes served together: one batched decode step vs the dense fine-tunes apart.
 
 Model: the ~120M Llama fixture of bench_merge_models (hidden 1024, 8 layers, intermediate
-2816, vocab 8192, MHA 16 heads), random weights, fp32 on the CPU. `--finetunes` fine-tunes
-(default 8) differ from the base on all 7 projections of every layer (Δ ~ N(0, 0.002²));
+2816, vocab 8192, MHA 16 heads), random weights, fp32 (or --dtype bfloat16) on the CPU.
+`--finetunes` fine-tunes (default 8) differ from the base on all 7 projections of every layer (Δ ~ N(0, 0.002²));
 each is compressed (sign1, int4 g=128) with encode_delta and registered with
 AdapterPool.add_delta.
 
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--codecs", default="sign1,int4")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="model dtype (the bench_merge_models fixture is bf16; fp32 is the CPU default)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); set LFM_NUM_THREADS for our kernels")
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                       max_position_embeddings=max(256, a.ctx + 8))
-    base = LlamaForCausalLM(cfg).eval()
+    dtype = getattr(torch, a.dtype)
+    base = LlamaForCausalLM(cfg).to(dtype).eval()
     n_params = sum(p.numel() for p in base.parameters())
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     lin = {n: m for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in PROJ}
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(1)
     ctx = torch.randint(0, a.vocab, (K, a.ctx), generator=g)
     step = torch.randint(0, a.vocab, (K, 1), generator=g)
-    print(f"# model: llama hidden {a.hidden}, {a.layers} layers, inter {a.intermediate}, vocab {a.vocab}, fp32, "
+    print(f"# model: llama hidden {a.hidden}, {a.layers} layers, inter {a.intermediate}, vocab {a.vocab}, {a.dtype}, "
           f"{n_params / 1e6:.0f}M params; {K} fine-tunes, one row each, ctx {a.ctx}", flush=True)
     rep = Report("bench_serve_delta: compressed fine-tunes in one batch vs dense fine-tunes apart",
                  device_name("cpu"), copy_bandwidth("cpu"))
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
     encs = {c: [{} for _ in range(K)] for c in codecs}
     for k in range(K):  # one fp32 delta at a time: only the encoded forms stay in memory
         for n, m in lin.items():
-            d = 0.002 * torch.randn(m.weight.shape, generator=g)
+            d = 0.002 * torch.randn(m.weight.shape, generator=g)  # fp32 delta (codecs encode fp32)
             for c in codecs:
                 encs[c][k][n] = encode_delta(d, c, **({"group_size": 128} if c.startswith("int") else {}))
             del d
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
     served = {}
     for c in codecs:
         m = copy.deepcopy(base)
-        pool = AdapterPool(capacity=1, delta_capacity=K)
+        pool = AdapterPool(capacity=1, delta_capacity=K, dtype=dtype)
         attach(m, pool)
         for k in range(K):
             pool.add_delta(f"ft{k}", encs[c][k])
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             for n, mod in m.named_modules():
                 if n in encs[c0][k]:
-                    mod.weight += decode_delta(encs[c0][k][n])
+                    mod.weight.copy_((mod.weight.float() + decode_delta(encs[c0][k][n])).to(dtype))
         dense.append(m)
 
     def apart(ids, caches):
