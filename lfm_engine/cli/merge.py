@@ -90,7 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def shard_size(text: str):
     """mergekit's K/M/B units (thousand, million, billion bytes: 5B = 5e9) as an int;
-    any other spelling (5GB, 500MB, 2GiB, 123) is left to lfm_engine.merge.io.parse_size."""
+    any other spelling (5GB, 500MB, 2GiB, 123) is left to lfm_engine.io.safetensors.parse_size."""
     m = _KMB.fullmatch(text)
     if m:
         return int(m.group(1)) * {"k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
@@ -99,7 +99,7 @@ def shard_size(text: str):
 
 def run(args) -> int:
     from lfm_engine.merge import MergeConfigErrors, merge_models
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
 
     def show(msg, category, filename, lineno, file=None, line=None):
         print(f"warning: {msg}", file=sys.stderr)

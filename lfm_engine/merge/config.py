@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from lfm_engine.core.merge_methods import METHODS, MergeConfigError
+from lfm_engine.io import dtypes as _dt
 from lfm_engine.merge import chat_template, hub, lora_ref
 from lfm_engine.merge.elementwise import METHODS as ELEMENTWISE, ONE_MODEL, PARAMS as ELEMENTWISE_PARAMS
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
@@ -93,10 +94,9 @@ KNOWN_PARAMS = frozenset(p for d in (INPUT_PARAMS, SHARED_PARAMS) for ps in d.va
 WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if "weight" in INPUT_PARAMS[m])
 BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock") + ELEMENTWISE
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-          "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16",
-          "float64": "float64"}
+# YAML dtype:/out_dtype: spellings -> canonical name (the one table: lfm_engine/io/dtypes.py)
+DTYPES = {**{d.name: d.name for d in _dt.KERNEL_FLOATS + (_dt.FLOAT64,)},
+          **{a: n for a, n in _dt.ALIASES.items() if n in ("float32", "float16", "bfloat16", "float64")}}
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
              "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
@@ -617,7 +617,7 @@ def _check_structure(method: str, base_ref, base_path, models, slices, gparams, 
 
 def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
     """Check every referenced folder; True when all of them open and hold their layers."""
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
     refs = []
     if base_ref:
         refs.append((base_ref, base_path, "base_model"))
@@ -673,7 +673,7 @@ def folder_num_layers(path: str) -> int:
             n = cfg.get(k)
             if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 return n
-    from lfm_engine.merge.io import ModelFolder
+    from lfm_engine.io.model_folder import ModelFolder
     from lfm_engine.merge.plan import layer_index
     idx = [layer_index(n) for n in ModelFolder(path).tensors]
     idx = [i for i in idx if i is not None]
@@ -742,7 +742,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
 
 def _quick_folder_check(ref: str, path: str) -> None:
     """Existence / hub id / pickle- or GGUF-only checks without reading headers."""
-    from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError
+    from lfm_engine.io.model_folder import PICKLE_SUFFIXES, CheckpointError
     parts = lora_ref.split(ref)
     if parts is not None and not os.path.isdir(path):
         # name the part that is missing (the overlay exists once both parts resolve)

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from lfm_engine.merge.io import ModelFolder, read_tensor
+from lfm_engine.io.model_folder import ModelFolder
+from lfm_engine.io.safetensors import read_tensor
 from lfm_engine.merge.outdir import staged_output
 
 SKIP_RE = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|embed_in|embed_out|norm|ln_)")

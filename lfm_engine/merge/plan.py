@@ -36,11 +36,12 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
+from lfm_engine.io import dtypes
+from lfm_engine.io.dtypes import DType
+from lfm_engine.io.model_folder import CheckpointError, ModelFolder
+from lfm_engine.io.safetensors import TensorInfo
 from lfm_engine.merge import config as C
 from lfm_engine.merge import elementwise
-from lfm_engine.merge.io import CheckpointError, ModelFolder, TensorInfo
 from lfm_engine.core.merge_methods import MergeConfigError, resolve_merge_params
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -48,10 +49,6 @@ EMBED_RE = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|embe
 PRE_RE = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|embed_in)")
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
              "num_key_value_heads", "head_dim")
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16, "float64": torch.float64}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass
@@ -67,7 +64,7 @@ class Input:
 class TensorTask:
     name: str
     shape: Tuple[int, ...]
-    dtype: torch.dtype              # output dtype
+    dtype: DType                    # output dtype (lfm_engine.io.dtypes)
     kind: str                       # "merge" or "copy"
     base: Optional[TensorInfo]      # base tensor (merge with a base) / copied tensor
     inputs: List[Input]
@@ -84,7 +81,7 @@ class TensorTask:
 
     @property
     def out_nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for s in self.shape:
             n *= s
         return n
@@ -336,7 +333,7 @@ def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
                 groups.append((name, 0.0, base, srcs, shared))
 
     # ---------------------------------------------------------------- tensors
-    out_dtype_cfg = TORCH_DTYPES[cfg.output_dtype] if cfg.output_dtype else None
+    out_dtype_cfg = dtypes.from_name(cfg.output_dtype) if cfg.output_dtype else None
     seed_v = 0 if seed is None else int(seed)
     tasks: List[TensorTask] = []
     missing_by_model: Dict[str, List[str]] = {}

@@ -13,10 +13,21 @@ import json
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
-import torch
+# no torch import: devices are only asked for .type (a torch.device, or the plain
+# CPU_DEVICE below for numpy arrays), so the numpy merge path never loads torch
 
 CPU_BACKENDS = ("cpu", "reference")
 CUDA_BACKENDS = ("cuda", "triton", "reference")
+
+
+class _Device:
+    type = "cpu"
+
+    def __str__(self):
+        return "cpu"
+
+
+CPU_DEVICE = _Device()  # the device of numpy arrays
 
 
 def triton_interpret() -> bool:
@@ -24,7 +35,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def device_backends(device: torch.device) -> Sequence[str]:
+def device_backends(device: "torch.device") -> Sequence[str]:
     if device.type == "cuda":
         return CUDA_BACKENDS
     # The Triton interpreter runs Triton kernels on CPU tensors: that is how CPU-only
@@ -35,7 +46,7 @@ def device_backends(device: torch.device) -> Sequence[str]:
 def pick_backend(
     op: str,
     table: Mapping[str, Callable],
-    device: torch.device,
+    device: "torch.device",
     backend: Optional[str],
     default: Mapping[str, str],
 ) -> str:

@@ -15,31 +15,38 @@ Backends (a visible table, see ops/_dispatch.py):
 
 NaN policy: a NaN or Inf in the base or any model is an error (ValueError naming the
 model and element) in every backend; merging never produces NaN silently.
+
+:func:`merge_arrays` is the same op on raw numpy buffers (bf16 as uint16 arrays, the
+dtype named beside each array): it calls the C++ kernel without importing torch, which
+is how ``lfm-engine merge`` runs on the CPU (torch only for the reference/triton backends).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
-import torch
+import numpy as np
 
 from lfm_engine import _tensor
 from lfm_engine._native import native
 from lfm_engine.core.merge_methods import METHOD_CODES, RESCALE_CODES, MergeParams, resolve_merge_params
-from lfm_engine.ops._dispatch import default_backends, pick_backend
+from lfm_engine.io import dtypes as _dt
+from lfm_engine.ops._dispatch import CPU_DEVICE, default_backends, pick_backend
 
 
-def _run_native(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], out: torch.Tensor,
-                p: MergeParams, n_threads: int = 0) -> None:
+def _run_native(base, others, out, p: MergeParams, n_threads: int = 0) -> None:
+    _call_native(None if base is None else _tensor.view(base), [_tensor.view(x) for x in others],
+                 _tensor.view(out), p, n_threads, _tensor.current_stream(out))
+
+
+def _call_native(base_view, other_views, out_view, p: MergeParams, n_threads: int, stream: int) -> None:
     native().merge(
-        None if base is None else _tensor.view(base),
-        [_tensor.view(x) for x in others],
-        _tensor.view(out),
+        base_view, other_views, out_view,
         METHOD_CODES[p.method],
         list(p.weights), list(p.densities), list(p.gammas), list(p.epsilons),
         list(p.model_positions),
         int(p.normalize), RESCALE_CODES[p.rescale],
         int(p.consensus_weighting == "unweighted"), int(p.disjoint == "count"),
-        p.lam, p.seed, p.name, n_threads, _tensor.current_stream(out),
+        p.lam, p.seed, p.name, n_threads, stream,
     )
 
 
@@ -56,6 +63,34 @@ def _run_triton(base, others, out, p: MergeParams, n_threads: int = 0) -> None:
 
 
 BACKENDS = {"cpu": _run_native, "cuda": _run_native, "triton": _run_triton, "reference": _run_reference}
+
+
+_FLOAT_NAMES = tuple(d.name for d in _dt.KERNEL_FLOATS)
+
+
+def _is_float(dtype) -> bool:
+    return str(dtype).replace("torch.", "") in _FLOAT_NAMES
+
+
+def _check_inputs(base: Optional[tuple], others: Sequence[tuple]) -> None:
+    """Each of base/others is (shape, dtype, device); raise naming the first problem."""
+    ref = base if base is not None else others[0]
+    for i, (shape, dtype, device) in enumerate(others):
+        if not _is_float(dtype):
+            raise TypeError(f"merge_tensors: model {i} has dtype {dtype}; supported: float32, float16, bfloat16")
+        if shape != ref[0]:
+            raise ValueError(
+                f"merge_tensors: model {i} has shape {shape} but "
+                f"{'base' if base is not None else 'model 0'} has shape {ref[0]}")
+        if device != ref[2]:
+            raise ValueError(f"merge_tensors: model {i} is on {device} but the base is on {ref[2]}")
+    if base is not None and not _is_float(base[1]):
+        raise TypeError(f"merge_tensors: base has dtype {base[1]}; supported: float32, float16, bfloat16")
+
+
+def _check_out_dtype(dt) -> None:
+    if not _is_float(dt):
+        raise TypeError(f"merge_tensors: out_dtype {dt} is not supported (float32, float16, bfloat16)")
 
 
 def merge_tensors(
@@ -122,21 +157,13 @@ def merge_tensors(
         raise ValueError(f"merge_tensors: method '{method}' needs a base tensor")
     else:
         b = None
+    import torch
+
     ref = b if b is not None else xs[0]
-    for i, x in enumerate(xs):
-        if x.dtype not in _tensor.FLOAT_DTYPES:
-            raise TypeError(f"merge_tensors: model {i} has dtype {x.dtype}; supported: float32, float16, bfloat16")
-        if x.shape != ref.shape:
-            raise ValueError(
-                f"merge_tensors: model {i} has shape {tuple(x.shape)} but "
-                f"{'base' if b is not None else 'model 0'} has shape {tuple(ref.shape)}")
-        if x.device != ref.device:
-            raise ValueError(f"merge_tensors: model {i} is on {x.device} but the base is on {ref.device}")
-    if b is not None and b.dtype not in _tensor.FLOAT_DTYPES:
-        raise TypeError(f"merge_tensors: base has dtype {b.dtype}; supported: float32, float16, bfloat16")
+    _check_inputs(None if b is None else (tuple(b.shape), b.dtype, b.device),
+                  [(tuple(x.shape), x.dtype, x.device) for x in xs])
     dt = _tensor.parse_dtype(out_dtype) or ref.dtype
-    if dt not in _tensor.FLOAT_DTYPES:
-        raise TypeError(f"merge_tensors: out_dtype {dt} is not supported (float32, float16, bfloat16)")
+    _check_out_dtype(dt)
     # default: the C++ kernel on the CPU; on a GPU the CUDA kernel when built, else Triton
     name_ = pick_backend("merge_tensors", BACKENDS, ref.device, backend, default_backends(BACKENDS))
     # The kernels take contiguous inputs; a strided view is copied here (documented cost).
@@ -150,3 +177,44 @@ def merge_tensors(
             raise ValueError("merge_tensors: `out` must be contiguous with the inputs' shape and out_dtype")
     BACKENDS[name_](b, xs, result, params, n_threads)
     return result.numpy() if was_numpy and result.device.type == "cpu" and dt != torch.bfloat16 else result
+
+
+Array = Tuple[np.ndarray, "_dt.DType"]
+
+
+def merge_arrays(base: Optional[Array], others: Sequence[Array], method: str = "ties", *,
+                 out_dtype, n_threads: int = 0, backend: Optional[str] = None, **params) -> np.ndarray:
+    """:func:`merge_tensors` on CPU numpy buffers, without torch on the native path.
+
+    ``base`` and each of ``others`` are ``(array, dtype)``: the array holds the raw bits of
+    ``dtype`` (a :class:`lfm_engine.io.dtypes.DType` or name; bfloat16 as a uint16 array).
+    ``params``: merge_tensors' keyword arguments (weights, density, seed, name, ...).
+    Returns a new C-contiguous array of ``out_dtype``'s storage type (uint16 for bf16),
+    the same bits merge_tensors computes. The reference/triton backends (by ``backend``
+    or LFM_BACKEND) run through torch.
+    """
+    if others is None or len(others) == 0:
+        raise ValueError("merge_tensors: no models to merge: `others` is empty")
+    p = resolve_merge_params(method, len(others), **params)
+    if base is None and p.spec.uses_base:
+        raise ValueError(f"merge_tensors: method '{method}' needs a base tensor")
+    b = (base[0], _dt.of(base[1])) if base is not None and p.spec.uses_base else None
+    xs = [(x, _dt.of(d)) for x, d in others]
+    _check_inputs(None if b is None else (tuple(b[0].shape), b[1], "cpu"),
+                  [(tuple(x.shape), d, "cpu") for x, d in xs])
+    out_dt = _dt.of(out_dtype)
+    _check_out_dtype(out_dt)
+    shape = tuple((b or xs[0])[0].shape)
+    name_ = pick_backend("merge_tensors", BACKENDS, CPU_DEVICE, backend, default_backends(BACKENDS))
+    if name_ != "cpu":
+        from lfm_engine.io.safetensors import as_numpy, as_torch
+
+        res = merge_tensors(None if b is None else as_torch(*b), [as_torch(x, d) for x, d in xs], method,
+                            out_dtype=out_dt.torch, n_threads=n_threads, backend=name_, **params)
+        return as_numpy(res)
+    b = None if b is None else (np.ascontiguousarray(b[0]), b[1])
+    xs = [(np.ascontiguousarray(x), d) for x, d in xs]
+    out = np.empty(shape, dtype=out_dt.np)
+    _call_native(None if b is None else _tensor.array_view(*b), [_tensor.array_view(x, d) for x, d in xs],
+                 _tensor.array_view(out, out_dt), p, n_threads, 0)
+    return out
