@@ -50,7 +50,7 @@ SAMPLES_PER_TENSOR = 64
 
 __all__ = ["TensorInfo", "SafetensorsFile", "SafetensorsFormatError", "read_array", "read_tensor",
            "as_torch", "as_numpy",
-           "array_bytes", "SafetensorsWriter", "ShardLayout", "plan_shards", "ShardedWriter",
+           "array_bytes", "SafetensorsWriter", "save_tensors", "ShardLayout", "plan_shards", "ShardedWriter",
            "parse_size", "SAFE_INDEX", "SAFE_SINGLE"]
 
 
@@ -208,6 +208,19 @@ class SafetensorsFile:
 
 
 # ------------------------------------------------------------------------- writing
+
+def save_tensors(path, tensors: dict, metadata: Optional[dict] = None) -> Path:
+    """Write a {name: numpy array or torch tensor} dict as one safetensors file, in dict
+    order (temporary name, fsync, rename)."""
+    w = SafetensorsWriter(path, plan=[(k, dtype_of(t), t.shape) for k, t in tensors.items()], metadata=metadata)
+    try:
+        for k, t in tensors.items():
+            w.add(k, t)
+        return w.finish()
+    except BaseException:
+        w.abort()
+        raise
+
 
 def _header_bytes(entries: Dict[str, dict], metadata: Optional[dict]) -> bytes:
     header = {"__metadata__": dict(metadata)} if metadata else {}

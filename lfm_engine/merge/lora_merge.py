@@ -109,7 +109,7 @@ def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: 
     scale is stored as lora_alpha = s * r (alpha_pattern for modules whose scale
     differs); ``adapter.saved`` tensors are written as modules_to_save. Files are written
     to temporary names and renamed."""
-    from lfm_engine.io.safetensors import SafetensorsWriter
+    from lfm_engine.io.safetensors import save_tensors
 
     if not adapter.modules:
         raise ValueError("save_peft_adapter: the adapter has no modules")
@@ -135,15 +135,7 @@ def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: 
     for n, t in adapter.saved.items():
         tensors[f"{prefix}{n}"] = t.detach().contiguous().cpu()
     os.makedirs(path, exist_ok=True)
-    w = SafetensorsWriter(os.path.join(path, "adapter_model.safetensors"),
-                          plan=[(k, t.dtype, t.shape) for k, t in tensors.items()], metadata={"format": "pt"})
-    try:
-        for k, t in tensors.items():
-            w.add(k, t)
-        w.finish()
-    except BaseException:
-        w.abort()
-        raise
+    save_tensors(os.path.join(path, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     fd, tmp = tempfile.mkstemp(prefix=".adapter_config.json.", dir=path)
     os.close(fd)
     try:
