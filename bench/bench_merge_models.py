@@ -309,6 +309,7 @@ def main(argv=None) -> int:
         report = Report(f"lfm-engine merge vs mergekit-yaml ({args.size} fixture, "
                         f"{n_params / 1e6:.0f}M params x 4, bf16)", "cpu", copy_bandwidth())
         rss_rows = []
+        startup_rows = []
         notes = []
         for method in args.methods.split(","):
             cfg = {"merge_method": method, "base_model": paths[0],
@@ -322,6 +323,11 @@ def main(argv=None) -> int:
                 yaml.safe_dump(cfg, f, sort_keys=False)
             out = os.path.join(work, f"out_{method}")
             shutil.rmtree(out, ignore_errors=True)
+            # startup to first tensor: process start, imports, config, every header and the
+            # plan -- all a merge does before it reads its first tensor (a dry run stops there)
+            start = min(timed([sys.executable, "-m", cli_mod, "merge", cfg_path, out, "--quiet", "--dry-run"],
+                              env)["seconds"] for _ in range(3))
+            startup_rows.append((method, start))
             ours = timed([sys.executable, "-m", cli_mod, "merge", cfg_path, out, "--quiet", "--seed", "0"],
                          env)
             files = folder_files(out)
@@ -361,6 +367,9 @@ def main(argv=None) -> int:
         print(f"{'method':<18} {'provider':<11} {'wall s':>8} {'peak RSS MB':>12} {'x I/O floor':>12}")
         for m, prov, s, rss, xf in rss_rows:
             print(f"{m:<18} {prov:<11} {s:8.2f} {rss / 1e6:12.0f} {xf:12.2f}")
+        print(f"\n{'method':<18} startup to first tensor (dry run, best of 3), s")
+        for m, st in startup_rows:
+            print(f"{m:<18} {st:8.3f}")
         if notes:
             print("\n# agreement with mergekit")
             for n in notes:
@@ -372,6 +381,7 @@ def main(argv=None) -> int:
             js["rss"] = [dict(method=m, provider=p, seconds=s, peak_rss=r, x_io_floor=x)
                          for m, p, s, r, x in rss_rows]
             js["agreement"] = notes
+            js["startup"] = [dict(method=m, seconds=st) for m, st in startup_rows]
             with open(args.json, "w") as f:
                 json.dump(js, f, indent=2)
     finally:

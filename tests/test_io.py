@@ -263,3 +263,22 @@ def test_cpu_merge_never_imports_torch_and_matches_the_torch_path(bf16_family, t
         want = merge_tensors(b, [f[n] for f in fts], method, weights=[p["weight"] for p in params],
                              seed=7, name=n, out_dtype=torch.float16, **kw)
         assert torch.equal(got[n], want), n
+
+
+def test_merge_arrays_takes_raw_bf16_and_every_backend():
+    """merge_arrays (numpy buffers, bf16 as uint16) gives merge_tensors' bits; a non-native
+    backend runs through torch."""
+    from lfm_engine.ops.merge import merge_arrays, merge_tensors
+
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(64, 33, generator=g).to(torch.bfloat16)
+    xs = [(b.float() + 0.01 * torch.randn(64, 33, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    kw = dict(weights=[0.5, 0.3, 0.2], density=0.4, seed=5, name="w")
+    for backend in ("cpu", "reference"):
+        want = merge_tensors(b, xs, "dare_ties", backend=backend, **kw)
+        got = merge_arrays((as_numpy(b), "bfloat16"), [(as_numpy(x), D.BFLOAT16) for x in xs], "dare_ties",
+                           out_dtype="bfloat16", backend=backend, **kw)
+        assert got.dtype == np.uint16 and torch.equal(as_torch(got, D.BFLOAT16), want), backend
+    with pytest.raises(ValueError, match="model 1 has shape"):
+        merge_arrays((as_numpy(b), "bfloat16"), [(as_numpy(xs[0]), "bfloat16"), (np.zeros(3, np.float32), "float32")],
+                     "ties", out_dtype="float32")

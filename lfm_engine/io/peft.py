@@ -2,7 +2,7 @@
 
 Used by merge (``model+lora`` references, :mod:`lfm_engine.merge.lora_merge`) and by serve
 (:mod:`lfm_engine.serve.peft_format` adds what the server refuses). The rules are written
-in docs/spec/lora.md "Adapter folders"; in short:
+in docs/spec/io.md "PEFT LoRA adapter folders"; in short:
 
 What a folder becomes (:class:`AdapterSpec`): for every adapted module (named as in the
 base model, e.g. ``model.layers.0.self_attn.q_proj``) its rank r_m, scale s_m, input and

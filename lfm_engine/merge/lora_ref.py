@@ -13,8 +13,8 @@ adapter's delta to the weights it targets:
 Tensors the adapter does not target are passed through unchanged. The adapter's
 ``modules_to_save`` tensors (modules trained in full, e.g. a new ``lm_head``) replace the
 model's tensors of the same name, cast to the model's dtype, as PEFT's
-``merge_and_unload`` does (docs/spec/lora.md "Adapter folders"): never dropped. Every
-adapter module must name a 2-D weight of the model with the adapter's shape, and every
+``merge_and_unload`` does (docs/spec/io.md "PEFT LoRA adapter folders"): never
+dropped. Every adapter module must name a 2-D weight of the model with the adapter's shape, and every
 saved tensor a tensor of the model with its shape (checked by :func:`check`, before
 anything is merged). The overlay folders are removed at exit.
 

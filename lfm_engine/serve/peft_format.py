@@ -6,7 +6,7 @@ The server adds the adapter's LoRA output to the base model's Linear layers,
     y += s_m · (x · A_mᵀ) · B_mᵀ,   A_m: [r_m, H_in],  B_m: [H_out, r_m]
 
 so on top of what the reader refuses it refuses what that form cannot serve
-(docs/spec/lora.md "Adapter folders"), with :class:`AdapterFormatError` naming it:
+(docs/spec/io.md "PEFT LoRA adapter folders"), with :class:`AdapterFormatError` naming it:
 
 - ``modules_to_save`` (fully trained extra modules, e.g. a new lm_head): serving them
   would need a per-request copy of the module; never served partially either;
