@@ -42,7 +42,7 @@ import numpy as np
 
 from lfm_engine.io import dtypes
 from lfm_engine.io.dtypes import DType
-from lfm_engine.io.safetensors_format import SafetensorsFormatError, read_header
+from lfm_engine.io.safetensors_format import SafetensorsFormatError, TensorInfo, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -54,31 +54,11 @@ __all__ = ["TensorInfo", "SafetensorsFile", "SafetensorsFormatError", "read_arra
            "parse_size", "SAFE_INDEX", "SAFE_SINGLE"]
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, dtype, shape, absolute byte range [start, end)."""
-    name: str
-    file: str
-    dtype: DType
-    shape: Tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return self.nbytes // self.dtype.itemsize
-
-
 def read_tensor_infos(path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     """(tensors by name, __metadata__) of one file; raises SafetensorsFormatError,
     FileNotFoundError or OSError."""
-    path = os.fspath(path)
-    entries, meta, _ = read_header(path)
-    return {n: TensorInfo(n, path, x.dtype, x.shape, x.start, x.end) for n, x in entries.items()}, meta
+    entries, meta, _ = read_header(os.fspath(path))
+    return entries, meta
 
 
 def read_array(info: TensorInfo, fd: Optional[int] = None, out=None) -> np.ndarray:

@@ -24,22 +24,25 @@ class SafetensorsFormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One tensor of a file: dtype tag, dtype, shape, absolute byte range [start, end)."""
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape, absolute byte range [start, end)."""
     name: str
-    tag: str
+    file: str
     dtype: DType
     shape: Tuple[int, ...]
     start: int
     end: int
 
     @property
-    def offsets(self) -> Tuple[int, int]:
-        """The header's data_offsets (relative to the data section)."""
-        return self.start, self.end
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.dtype.itemsize
 
 
-def read_header(path) -> Tuple[Dict[str, Entry], Dict[str, str], int]:
+def read_header(path) -> Tuple[Dict[str, TensorInfo], Dict[str, str], int]:
     """(entries by name, __metadata__, data_start) of a safetensors file, validated:
     header length within the file, JSON object, known dtypes, non-negative shapes, byte
     ranges that match shape x itemsize, lie inside the file and do not overlap."""
@@ -69,7 +72,7 @@ def read_header(path) -> Tuple[Dict[str, Entry], Dict[str, str], int]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise SafetensorsFormatError(f"{path}: corrupt __metadata__ (must map strings to strings)")
     data_start = 8 + n
-    entries: Dict[str, Entry] = {}
+    entries: Dict[str, TensorInfo] = {}
     for name, info in header.items():
         try:
             tag = info["dtype"]
@@ -92,7 +95,7 @@ def read_header(path) -> Tuple[Dict[str, Entry], Dict[str, str], int]:
         if data_start + e > size:
             raise SafetensorsFormatError(
                 f"{path}: truncated: tensor '{name}' ends at byte {data_start + e} but the file has {size} bytes")
-        entries[name] = Entry(name, tag, dt, shape, data_start + b, data_start + e)
+        entries[name] = TensorInfo(name, path, dt, shape, data_start + b, data_start + e)
     spans = sorted((x.start, x.end, x.name) for x in entries.values())
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:

@@ -26,15 +26,13 @@ Decisions where no spec speaks: a module missing from some adapters counts as a 
 delta for them (a zero task vector: it never wins a TIES election and adds nothing);
 the DARE/DELLA random streams are keyed by the module name (``<module>.weight``) and the
 adapter's position, so a merge is reproducible; ``weights`` default to 1 per adapter as
-in merge_tensors. Adapters are read from PEFT's on-disk format (adapter_config.json +
-adapter_model.safetensors, keys ``<prefix>.<module>.lora_A.weight`` /
-``.lora_B.weight``); ``rank_pattern``/``alpha_pattern`` are honoured by matching a
-pattern as a regular expression against the end of the module name, as PEFT does.
+in merge_tensors. Adapters are read from PEFT's on-disk format by the one adapter-folder
+reader, lfm_engine/io/peft.py (rank_pattern/alpha_pattern, defaults and modules_to_save:
+docs/spec/io.md "PEFT LoRA adapter folders").
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
