@@ -16,12 +16,15 @@ DEVICE_CPU, DEVICE_CUDA = 0, 1
 
 
 def __getattr__(name):
-    # torch-keyed tables, built on first use (importing torch)
+    # torch-keyed tables, built on first use (importing torch) and then kept as globals
     if name == "DTYPE_CODES":
-        return {d.torch: c for c, d in _dt.BY_CODE.items()}
-    if name == "FLOAT_DTYPES":
-        return tuple(d.torch for d in _dt.KERNEL_FLOATS)
-    raise AttributeError(f"module 'lfm_engine._tensor' has no attribute '{name}'")
+        value = {d.torch: c for c, d in _dt.BY_CODE.items()}
+    elif name == "FLOAT_DTYPES":
+        value = tuple(d.torch for d in _dt.KERNEL_FLOATS)
+    else:
+        raise AttributeError(f"module 'lfm_engine._tensor' has no attribute '{name}'")
+    globals()[name] = value
+    return value
 
 
 def parse_dtype(dtype):
@@ -33,14 +36,10 @@ def parse_dtype(dtype):
     return dtype if type(dtype).__module__ == "torch" else _dt.of(dtype).torch
 
 
-_TORCH_CODES: dict = {}
-
-
 def view(t) -> tuple:
     """The 6-tuple (data_ptr, dtype, device, device_id, shape, strides) of a torch tensor."""
-    if not _TORCH_CODES:
-        _TORCH_CODES.update(__getattr__("DTYPE_CODES"))
-    code = _TORCH_CODES.get(t.dtype)
+    codes = globals().get("DTYPE_CODES") or __getattr__("DTYPE_CODES")
+    code = codes.get(t.dtype)
     if code is None:
         raise TypeError(f"tensor dtype {t.dtype} is not supported")
     if t.device.type == "cpu":
