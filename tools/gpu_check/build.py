@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from .runner import run
@@ -39,8 +40,15 @@ def detect_gpu() -> dict:
     if out.returncode != 0 or not lines:
         return {}
     parts = [p.strip() for p in lines[0].split(",")]
-    keys = ["name", "compute_cap", "driver", "memory"]
-    return dict(zip(keys, parts))
+    gpu = dict(zip(["name", "compute_cap", "driver", "memory"], parts))
+    if not re.fullmatch(r"\d+\.\d+", gpu.get("compute_cap", "")):  # an nvidia-smi without that field
+        try:
+            q = subprocess.run([sys.executable, "-c", "import torch; print('%d.%d' % torch.cuda.get_device_capability())"],
+                               capture_output=True, text=True, timeout=60)
+            gpu["compute_cap"] = q.stdout.strip() if q.returncode == 0 else ""
+        except (OSError, subprocess.TimeoutExpired):
+            gpu["compute_cap"] = ""
+    return gpu
 
 
 def cuda_arch(compute_cap: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 JSON_NAME = "gpu_check.json"
@@ -49,7 +50,7 @@ def markdown(r: dict) -> str:
         L.append(f"| {t['text']} | {MARK[t['status']]} | {t['evidence'].replace('|', '/')} |")
     tests = r["steps"].get("tests", {}).get("data", {})
     if tests.get("counts"):
-        L += ["", "## Tests", "", f"`{' '.join(tests['command'])}`", "",
+        L += ["", "## Tests", "", f"`{shlex.join(tests['command'])}`", "",
               ", ".join(f"{k}: {v}" for k, v in tests["counts"].items())]
         for f in tests.get("failures", []):
             L.append(f"- {f['outcome']}: `{f['id']}`: {f['message']}")
@@ -66,7 +67,7 @@ def markdown(r: dict) -> str:
                      f"{x.get('driver')} | {x['seconds']} |")
     suites = r["steps"].get("bench", {}).get("data", {}).get("suites", {})
     for name, e in suites.items():
-        L += ["", f"## Benchmark {name} ({e['status']}, {e['seconds']} s)", "", f"`{' '.join(e['command'])}`", ""]
+        L += ["", f"## Benchmark {name} ({e['status']}, {e['seconds']} s)", "", f"`{shlex.join(e['command'])}`", ""]
         rep = e.get("report")
         if not rep:
             L += ["```", e.get("tail", ""), "```"]
@@ -91,6 +92,10 @@ def summary_lines(r: dict, out: Path) -> list:
     for name, s in r["steps"].items():
         L.append(f"{name:<9} {s['status']:<9} {s.get('seconds', 0):5.0f}  {s['summary'][:160]}")
     tests = r["steps"].get("tests", {}).get("data", {})
+    dot = tests.get("named", {}).get("test_triton_delta_apply_bf16_gpu")
+    if dot:
+        L.append(f"bf16 tl.dot on the device (test_triton_delta_apply_bf16_gpu): {dot['passed']} passed, "
+                 f"{dot['failed']} failed, {dot['skipped']} skipped {'; '.join(dot['messages'])[:80]}")
     for f in tests.get("failures", [])[:6]:
         L.append(f"  FAIL {f['id'][:90]}: {f['message'][:100]}")
     if len(tests.get("failures", [])) > 6:

@@ -45,9 +45,13 @@ class Proc:
 
 
 def run(cmd: Sequence[str], *, log: Path, timeout: float, cwd: Path, env: Optional[dict] = None,
-        echo: bool = True) -> Proc:
+        echo: bool = True, interrupt_grace: float = 0.0) -> Proc:
     """Run cmd with stdout+stderr appended to `log`; at `timeout` seconds its whole process
-    group gets SIGTERM, then SIGKILL 5 s later. A timeout <= 0 does not start it."""
+    group gets SIGTERM, then SIGKILL 5 s later. A timeout <= 0 does not start it.
+
+    interrupt_grace > 0: at the timeout send SIGINT first and give the command that long to
+    finish (pytest then stops like on Ctrl-C and still writes its JUnit report of the tests
+    run so far); the caller keeps that grace out of `timeout`."""
     cmd = [str(c) for c in cmd]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
@@ -71,8 +75,17 @@ def run(cmd: Sequence[str], *, log: Path, timeout: float, cwd: Path, env: Option
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(p)
             rc = None
+            if interrupt_grace > 0:
+                f.write(f"# time limit reached: SIGINT, {interrupt_grace:.0f} s to wrap up\n".encode())
+                f.flush()
+                try:
+                    os.killpg(p.pid, signal.SIGINT)
+                    p.wait(timeout=interrupt_grace)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+            if p.poll() is None:
+                _kill_group(p)
         seconds = time.monotonic() - t0
         f.write(f"# exit {rc if rc is not None else 'killed at the timeout'} after {seconds:.1f} s\n".encode())
     with open(log, "rb") as f:

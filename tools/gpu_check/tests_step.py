@@ -15,6 +15,7 @@ skip accounting) is exercised in CI in a few seconds.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -29,6 +30,7 @@ DRY_KEYWORDS = ("test_triton_philox_matches_reference or test_triton_linear_with
                 "test_masks_via_merge or test_gpu_masks_bit_identical or test_triton_delta_apply_bf16_gpu")
 # Test names whose results the targets read (tools/gpu_check/targets.py).
 MASKS_TEST = "test_gpu_masks_bit_identical_every_method"
+GRACE_S = 20.0
 BF16_DOT_TEST = "test_triton_delta_apply_bf16_gpu"
 
 
@@ -40,7 +42,7 @@ def pytest_command(ctx, junit: Path) -> list:
     if ctx.args.test_workers > 0 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(ctx.args.test_workers)]
     if importlib.util.find_spec("pytest_timeout") is not None:
-        cmd += ["--timeout", "180"]
+        cmd += ["--timeout", "100"]  # one hung test must not take the whole step
     return cmd + ["-k", GPU_KEYWORDS, "tests"]
 
 
@@ -85,12 +87,19 @@ def _named(cases: list, name: str) -> dict:
 def step(ctx, time_s: float):
     junit = ctx.work / "junit.xml"
     cmd = pytest_command(ctx, junit)
-    env = ctx.env(TRITON_INTERPRET="1") if ctx.dry_run else ctx.env(drop=("TRITON_INTERPRET",))
-    p = run(cmd, log=ctx.log("tests"), timeout=ctx.budget.grant(time_s), cwd=ctx.root, env=env)
+    if ctx.dry_run:  # the CPU path even on a GPU machine: interpreter on CPU tensors, cuda tests skip
+        env = ctx.env(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    else:
+        env = ctx.env(drop=("TRITON_INTERPRET",))
+    # at the time limit pytest gets SIGINT and GRACE_S to write the JUnit report of what ran
+    p = run(cmd, log=ctx.log("tests"), timeout=ctx.budget.grant(time_s - GRACE_S), cwd=ctx.root, env=env,
+            interrupt_grace=GRACE_S)
     data = {"command": cmd, "exit": p.rc, "seconds": round(p.seconds, 1)}
     if not junit.exists():
         why = "timed out" if p.timed_out else f"pytest exited {p.rc}"
-        return ("timeout" if p.timed_out else "failed"), f"{why} before writing its JUnit report", data
+        last = re.findall(r"^=+ (.*(?:passed|failed|error).*) =+$", p.output, re.M)
+        return ("timeout" if p.timed_out else "failed"), (f"{why} before writing its JUnit report"
+                                                          + (f" ({last[-1]})" if last else "")), data
     data.update(parse_junit(junit))
     n = data["counts"]
     summary = f"{n['passed']} passed, {n['failed']} failed, {n['error']} errors, {n['skipped']} skipped"
