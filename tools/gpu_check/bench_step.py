@@ -52,9 +52,12 @@ def step(ctx, time_s: float):
         else:
             entry["status"] = "timeout" if p.timed_out else "failed"
             entry["tail"] = tail(p.output, 15)
+            lines = [ln for ln in p.output.splitlines() if ln.strip() and not ln.startswith(("$ ", "# exit"))]
+            entry["why"] = ("no JSON report; " if p.ok else "") + (lines[-1].strip()[:120] if lines else "no output")
             failed.append(name)
         data["suites"][name] = entry
-    summary = ", ".join(f"{n} {e['status']} ({e['seconds']:.0f} s)" for n, e in data["suites"].items())
+    summary = ", ".join(f"{n} {e['status']} ({e['seconds']:.0f} s)" + (f" [{e['why']}]" if "why" in e else "")
+                        for n, e in data["suites"].items())
     if not failed:
         return "ok", summary, data
     timeouts = [n for n in failed if data["suites"][n]["status"] == "timeout"]
