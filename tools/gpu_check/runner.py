@@ -84,8 +84,7 @@ def run(cmd: Sequence[str], *, log: Path, timeout: float, cwd: Path, env: Option
                     p.wait(timeout=interrupt_grace)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
-            if p.poll() is None:
-                _kill_group(p)
+            _kill_group(p)  # the whole group, also what outlived its leader (xdist workers)
         seconds = time.monotonic() - t0
         f.write(f"# exit {rc if rc is not None else 'killed at the timeout'} after {seconds:.1f} s\n".encode())
     with open(log, "rb") as f:

@@ -70,12 +70,15 @@ def _merge_kwargs(method):
 
 
 def merge_cases(select_only: bool):
-    methods = ["ties", "breadcrumbs", "breadcrumbs_ties"] if select_only else MERGE_METHODS
-    shapes = [(4097,), (129, 257)] if select_only else [(7,), (33, 129), (2, 5000)]
-    for method in methods:
-        for shape in shapes:
-            for dtype in ([torch.bfloat16] if select_only else DTYPES):
-                yield f"merge {method} {shape} {str(dtype)[6:]}", (method, shape, dtype)
+    if select_only:
+        plan = [(m, shape, [torch.bfloat16]) for m in ("ties", "breadcrumbs", "breadcrumbs_ties")
+                for shape in [(4097,), (129, 257)]]
+    else:  # every dtype on one odd 2-D shape; bf16 on long DELLA-sized rows
+        plan = [(m, shape, dts) for m in MERGE_METHODS
+                for shape, dts in [((33, 129), DTYPES), ((2, 5000), [torch.bfloat16])]]
+    for method, shape, dtypes in plan:
+        for dtype in dtypes:
+            yield f"merge {method} {shape} {str(dtype)[6:]}", (method, shape, dtype)
 
 
 def run_merge(case, backend, device):

@@ -15,6 +15,7 @@ skip accounting) is exercised in CI in a few seconds.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -91,6 +92,10 @@ def step(ctx, time_s: float):
         env = ctx.env(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     else:
         env = ctx.env(drop=("TRITON_INTERPRET",))
+        workers = ctx.args.test_workers if "-n" in cmd else 1
+        if workers > 1:  # share the cores between the xdist workers' torch and lfm_engine CPU pools
+            per = str(max(1, (os.cpu_count() or 4) // workers))
+            env.update(OMP_NUM_THREADS=per, LFM_NUM_THREADS=per)
     # at the time limit pytest gets SIGINT and GRACE_S to write the JUnit report of what ran
     p = run(cmd, log=ctx.log("tests"), timeout=ctx.budget.grant(time_s - GRACE_S), cwd=ctx.root, env=env,
             interrupt_grace=GRACE_S)
