@@ -58,24 +58,37 @@ def masks(steps: dict) -> dict:
     return _target("masks", text, status, ev, named)
 
 
+def _suite(steps: dict, tid: str, text: str, suite: str):
+    """(the suite's JSON report, None), or (None, a "not measured" target saying why)."""
+    rep = _report(steps, suite)
+    if rep is None:
+        return None, _target(tid, text, "not measured", _why_missing(steps, "bench", suite))
+    return rep, None
+
+
+def _bandwidth(tid: str, text: str, vals: dict, what: str) -> dict:
+    """vals {item: {provider: fraction of copy bandwidth}}: judged on ours-cuda (the default
+    GPU backend) for every item; Triton's fraction is listed beside."""
+    cuda = {k: v["ours-cuda"] for k, v in vals.items() if "ours-cuda" in v}
+    if not cuda:
+        return _target(tid, text, "not measured", "no ours-cuda rows (built without CUDA?)", vals)
+    ev = ", ".join(f"{k} {f:.0%}" + (f" (triton {vals[k]['ours-triton']:.0%})" if "ours-triton" in vals[k] else "")
+                   for k, f in cuda.items())
+    low = [k for k, f in cuda.items() if f < FRACTION]
+    return _target(tid, text, "not met" if low else "met", f"ours-cuda{what}: {ev}", vals)
+
+
 def merge(steps: dict) -> dict:
     text = f"merge >= {FRACTION:.0%} of copy bandwidth per pass (11008x4096, K=3, bf16, every method)"
-    rep = _report(steps, "merge_gpu")
-    if rep is None:
-        return _target("merge", text, "not measured", _why_missing(steps, "bench", "merge_gpu"))
-    bw = rep["copy_bw_gbps"]
-    vals = {}
+    rep, missing = _suite(steps, "merge", text, "merge_gpu")
+    if missing:
+        return missing
+    vals: dict = {}
     for r in rep["rows"]:
         pp = r.get("extra", {}).get("per_pass_gbps")
         if pp is not None:
-            vals.setdefault(r["case"].split()[0], {})[r["provider"]] = pp / bw
-    cuda = {m: v["ours-cuda"] for m, v in vals.items() if "ours-cuda" in v}
-    if not cuda:
-        return _target("merge", text, "not measured", "no ours-cuda rows (built without CUDA?)", vals)
-    low = {m: f for m, f in cuda.items() if f < FRACTION}
-    ev = ", ".join(f"{m} {f:.0%}" + (f" (triton {vals[m]['ours-triton']:.0%})" if "ours-triton" in vals[m] else "")
-                   for m, f in cuda.items())
-    return _target("merge", text, "not met" if low else "met", f"ours-cuda per pass: {ev}", vals)
+            vals.setdefault(r["case"].split()[0], {})[r["provider"]] = pp / rep["copy_bw_gbps"]
+    return _bandwidth("merge", text, vals, " per pass")
 
 
 def _lora_rows(rep: dict, op: str = "apply") -> list:
@@ -84,22 +97,19 @@ def _lora_rows(rep: dict, op: str = "apply") -> list:
 
 def lora_bandwidth(steps: dict) -> dict:
     text = f"LoRA apply at T=256 distinct adapters >= {FRACTION:.0%} of copy bandwidth"
-    rep = _report(steps, "lora")
-    if rep is None:
-        return _target("lora_bw", text, "not measured", _why_missing(steps, "bench", "lora"))
+    rep, missing = _suite(steps, "lora_bw", text, "lora")
+    if missing:
+        return missing
     rows = {r["provider"]: r["frac_copy"] for r in _lora_rows(rep)
             if r["extra"].get("T") == 256 and r["extra"].get("mix") == "distinct"}
-    if "ours-cuda" not in rows:
-        return _target("lora_bw", text, "not measured", "no ours-cuda row for T=256 distinct", rows)
-    ev = ", ".join(f"{p} {f:.0%}" for p, f in rows.items() if p.startswith("ours"))
-    return _target("lora_bw", text, "met" if rows["ours-cuda"] >= FRACTION else "not met", ev, rows)
+    return _bandwidth("lora_bw", text, {"decode-256-distinct": rows}, "")
 
 
 def lora_mm(steps: dict) -> dict:
     text = f"LoRA apply <= {MM_RATIO}x a dense torch.mm of the same shape at T >= 64 (uniform, shared mixes)"
-    rep = _report(steps, "lora")
-    if rep is None:
-        return _target("lora_mm", text, "not measured", _why_missing(steps, "bench", "lora"))
+    rep, missing = _suite(steps, "lora_mm", text, "lora")
+    if missing:
+        return missing
     by_case: dict = {}
     for r in _lora_rows(rep):
         if r["extra"].get("T", 0) >= 64:
@@ -119,20 +129,14 @@ def lora_mm(steps: dict) -> dict:
 
 def codec(steps: dict) -> dict:
     text = f"codec decode-and-add >= {FRACTION:.0%} of copy bandwidth (8192x8192 bf16, every codec)"
-    rep = _report(steps, "codec")
-    if rep is None:
-        return _target("codec", text, "not measured", _why_missing(steps, "bench", "codec"))
+    rep, missing = _suite(steps, "codec", text, "codec")
+    if missing:
+        return missing
     vals: dict = {}
     for r in rep["rows"]:
         if r["case"].startswith("decode+add"):
             vals.setdefault(r["case"].split()[1], {})[r["provider"]] = r["frac_copy"]
-    cuda = {c: v["ours-cuda"] for c, v in vals.items() if "ours-cuda" in v}
-    if not cuda:
-        return _target("codec", text, "not measured", "no ours-cuda rows (built without CUDA?)", vals)
-    ev = ", ".join(f"{c} {f:.0%}" + (f" (triton {vals[c]['ours-triton']:.0%})" if "ours-triton" in vals[c] else "")
-                   for c, f in cuda.items())
-    low = [c for c, f in cuda.items() if f < FRACTION]
-    return _target("codec", text, "not met" if low else "met", f"ours-cuda: {ev}", vals)
+    return _bandwidth("codec", text, vals, "")
 
 
 def evaluate(steps: dict) -> list:
