@@ -66,9 +66,18 @@ def _suite(steps: dict, tid: str, text: str, suite: str):
     return rep, None
 
 
-def _bandwidth(tid: str, text: str, vals: dict, what: str) -> dict:
-    """vals {item: {provider: fraction of copy bandwidth}}: judged on ours-cuda (the default
-    GPU backend) for every item; Triton's fraction is listed beside."""
+def _bandwidth(steps: dict, tid: str, text: str, suite: str, item, value, what: str = "") -> dict:
+    """Fractions of copy bandwidth {item(row): {provider: value(row)}} over the suite's rows
+    where value(row) is not None, judged on ours-cuda (the default GPU backend) for every
+    item; Triton's fraction is listed beside."""
+    rep, missing = _suite(steps, tid, text, suite)
+    if missing:
+        return missing
+    vals: dict = {}
+    for r in rep["rows"]:
+        v = value(r, rep["copy_bw_gbps"])
+        if v is not None:
+            vals.setdefault(item(r), {})[r["provider"]] = v
     cuda = {k: v["ours-cuda"] for k, v in vals.items() if "ours-cuda" in v}
     if not cuda:
         return _target(tid, text, "not measured", "no ours-cuda rows (built without CUDA?)", vals)
@@ -80,15 +89,12 @@ def _bandwidth(tid: str, text: str, vals: dict, what: str) -> dict:
 
 def merge(steps: dict) -> dict:
     text = f"merge >= {FRACTION:.0%} of copy bandwidth per pass (11008x4096, K=3, bf16, every method)"
-    rep, missing = _suite(steps, "merge", text, "merge_gpu")
-    if missing:
-        return missing
-    vals: dict = {}
-    for r in rep["rows"]:
+
+    def per_pass(r, bw):
         pp = r.get("extra", {}).get("per_pass_gbps")
-        if pp is not None:
-            vals.setdefault(r["case"].split()[0], {})[r["provider"]] = pp / rep["copy_bw_gbps"]
-    return _bandwidth("merge", text, vals, " per pass")
+        return None if pp is None else pp / bw
+
+    return _bandwidth(steps, "merge", text, "merge_gpu", lambda r: r["case"].split()[0], per_pass, " per pass")
 
 
 def _lora_rows(rep: dict, op: str = "apply") -> list:
@@ -97,12 +103,12 @@ def _lora_rows(rep: dict, op: str = "apply") -> list:
 
 def lora_bandwidth(steps: dict) -> dict:
     text = f"LoRA apply at T=256 distinct adapters >= {FRACTION:.0%} of copy bandwidth"
-    rep, missing = _suite(steps, "lora_bw", text, "lora")
-    if missing:
-        return missing
-    rows = {r["provider"]: r["frac_copy"] for r in _lora_rows(rep)
-            if r["extra"].get("T") == 256 and r["extra"].get("mix") == "distinct"}
-    return _bandwidth("lora_bw", text, {"decode-256-distinct": rows}, "")
+
+    def frac(r, bw):
+        x = r.get("extra", {})
+        return r["frac_copy"] if (x.get("op"), x.get("T"), x.get("mix")) == ("apply", 256, "distinct") else None
+
+    return _bandwidth(steps, "lora_bw", text, "lora", lambda r: r["case"], frac)
 
 
 def lora_mm(steps: dict) -> dict:
@@ -129,14 +135,8 @@ def lora_mm(steps: dict) -> dict:
 
 def codec(steps: dict) -> dict:
     text = f"codec decode-and-add >= {FRACTION:.0%} of copy bandwidth (8192x8192 bf16, every codec)"
-    rep, missing = _suite(steps, "codec", text, "codec")
-    if missing:
-        return missing
-    vals: dict = {}
-    for r in rep["rows"]:
-        if r["case"].startswith("decode+add"):
-            vals.setdefault(r["case"].split()[1], {})[r["provider"]] = r["frac_copy"]
-    return _bandwidth("codec", text, vals, "")
+    return _bandwidth(steps, "codec", text, "codec", lambda r: r["case"].split()[1],
+                      lambda r, bw: r["frac_copy"] if r["case"].startswith("decode+add") else None)
 
 
 def evaluate(steps: dict) -> list:
