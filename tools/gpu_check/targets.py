@@ -48,8 +48,12 @@ def masks(steps: dict) -> dict:
     text = "masks bit-identical across CPU, CUDA and Triton for every method"
     named = steps.get("tests", {}).get("data", {}).get("named", {}).get("test_gpu_masks_bit_identical_every_method")
     if not named or named["passed"] + named["failed"] == 0:
-        why = _why_missing(steps, "tests") if not named else "the masks test was skipped: " + "; ".join(
-            named.get("messages", []))
+        if not named:
+            why = _why_missing(steps, "tests")
+        elif named["skipped"]:
+            why = "the masks test was skipped: " + "; ".join(named.get("messages", []))
+        else:
+            why = "the masks test did not run (not collected, or the run stopped before it)"
         return _target("masks", text, "not measured", why)
     ev = f"{named['passed']} methods passed, {named['failed']} failed, {named['skipped']} skipped"
     if named["messages"]:
