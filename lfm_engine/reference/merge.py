@@ -263,7 +263,7 @@ def _check_inputs(base: Optional[torch.Tensor], others: Sequence[torch.Tensor],
     if base is None and uses_base:
         raise ValueError(f"method '{params.method}' needs a base tensor, got None")
     named = ([("base", base)] if base is not None else []) + \
-        [(f"model {i}", x) for i, x in enumerate(others)]
+        [(params.model_label(i), x) for i, x in enumerate(others)]
     ref_name, ref = named[0]
     for label, t in named:
         if not isinstance(t, torch.Tensor):
