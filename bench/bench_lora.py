@@ -10,7 +10,7 @@ Providers:
   torch-per-adapter   PEFT's mixed-batch way: a Python loop over the adapters in the batch, one
                       pair of matmuls on each adapter's sub-batch (index_select / index_add_)
   base-layer          x @ W^T of the bare base layer, to read the LoRA overhead against
-Bytes (spec/lora.md): sum over distinct active adapters of r (H_in + H_out) itemsize
+Bytes (docs/spec/lora.md): sum over distinct active adapters of r (H_in + H_out) itemsize
 + T (H_in + H_out) itemsize; "% copy" is against the copy bandwidth measured in this run.
 
     python bench/bench_lora.py [--hidden 4096] [--rank 16] [--tokens 1,16,64,256] [--json out.json]

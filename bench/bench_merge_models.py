@@ -9,7 +9,7 @@ is reading every input file once plus writing the output's bytes with fsync,
 measured now on the same disk and page-cache state. Outputs are compared with
 mergekit's (deterministic methods: share of elements within one bf16 ulp; random
 methods: the task-vector norm ratio and correlation, since the masks come from
-different generators by design, spec/merge.md).
+different generators by design, docs/spec/merge.md).
 
     python bench/bench_merge_models.py [--size full|small] [--methods ties,...] [--json F]
 """

@@ -1,4 +1,4 @@
-"""The C++ CPU merge kernel against the plain-torch reference (spec/merge.md)."""
+"""The C++ CPU merge kernel against the plain-torch reference (docs/spec/merge.md)."""
 from __future__ import annotations
 
 import numpy as np

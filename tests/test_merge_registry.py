@@ -196,3 +196,22 @@ def test_cli_help_lists_every_method():
     text = methods_help()
     for name in R.ALL_METHODS:
         assert f"  {name} " in text
+
+
+def test_spec_citations_point_at_files_that_exist():
+    # every docs/spec file a source file cites is in the repository, and no file cites
+    # the old shared-docs path (spec/ without docs/ before it)
+    import re
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    cited, bare = set(), []
+    for f in files:
+        if not f.endswith((".py", ".cpp", ".h", ".cu", ".inc", ".c", ".toml")):
+            continue
+        text = (ROOT / f).read_text(encoding="utf-8", errors="replace")
+        cited |= set(re.findall(r"docs/spec/\w+\.md", text))
+        bare += [f for _ in re.finditer(r"(?<![\w/.-])spec/\w+\.md", text)]
+    assert not bare, f"cite docs/spec/...: {sorted(set(bare))}"
+    missing = [c for c in cited if not (ROOT / c).is_file()]
+    assert not missing, missing

@@ -1,5 +1,5 @@
 /*
- * Fused sparsify-and-merge of task vectors (spec/merge.md).
+ * Fused sparsify-and-merge of task vectors (docs/spec/merge.md).
  * Included by lfm/lfm.h; do not include directly.
  */
 #ifndef LFM_MERGE_H

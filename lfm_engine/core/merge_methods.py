@@ -55,7 +55,7 @@ class MergeParams:
 
     weights, densities, gammas, epsilons: length-K tuples of floats.
     model_positions: length-K tuple, the model's 0-based index among the
-    non-base inputs in config order (selects its Philox stream, spec "Randomness").
+    non-base inputs in config order (selects its Philox stream, docs/spec/merge.md "Randomness").
     consensus_weighting: "weighted" (spec: elect the sign of sum_i w_i*delta'_i) or
     "unweighted" (PEFT: elect on sum_i delta'_i).
     disjoint: "weight" (spec: divide by sum of agreeing weights) or "count"

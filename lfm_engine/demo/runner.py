@@ -21,7 +21,7 @@ the command exits 0 only when every check passes:
     greedy decoding of those merged models; with ``--peft`` also with PEFT's own mixed
     batch (``PeftModel(..., adapter_names=[...])``) on the same folders.
 
-Tolerances (decided here; spec/merge.md and spec/lora.md define the math): merged fp32
+Tolerances (decided here; docs/spec/merge.md and docs/spec/lora.md define the math): merged fp32
 tensors within atol 1e-5 + rtol 1e-5 of the float64 reference (the test-suite fp32
 tolerance); LoRA logits within 1e-4 · max|logit| (fp32 accumulation order differs from
 the dense W + s·B·A product); a greedy token may differ from the reference only where the
@@ -332,7 +332,7 @@ def _tensor_part(args) -> int:
     if bad:
         print(f"\n{bad} method(s) differ from the float64 reference by more than one bf16 rounding.")
     else:
-        print("\nEvery result is within one bf16 rounding of the float64 reference (spec/merge.md).")
+        print("\nEvery result is within one bf16 rounding of the float64 reference (docs/spec/merge.md).")
     return bad
 
 

@@ -1,6 +1,6 @@
 """mergekit-style YAML merge configurations: parsing, validation, parameter lookup.
 
-Accepted vocabulary (mergekit's, spec/merge.md)::
+Accepted vocabulary (mergekit's, docs/spec/merge.md)::
 
     merge_method: ties                 # one of ALL_METHODS
     base_model: path/to/base           # local folder, hub id org/name[@rev], or MODEL+LORA
@@ -687,7 +687,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
         if method == "karcher" and base_ref and models is not None \
                 and all(m.path != base_path for m in models):
             # mergekit adds a base that is not listed to the inputs (last), so the Karcher
-            # mean runs over the models and the base (spec/merge.md "karcher")
+            # mean runs over the models and the base (docs/spec/merge.md "karcher")
             models.append(Source(base_ref, base_path, {}, "base_model"))
 
     files_ok = _check_files(base_ref, base_path, models, slices, tok, st) if check_files else False

@@ -5,7 +5,7 @@ and shapes, and produces one :class:`TensorTask` per output tensor with its
 per-tensor parameters fully resolved (gradients and filters evaluated), so a
 dry run reports every problem before anything is read or written.
 
-Decisions (where spec/merge.md is silent; mergekit 0.1.5 behaviour where it has one):
+Decisions (where docs/spec/merge.md is silent; mergekit 0.1.5 behaviour where it has one):
 
 * The output layout (tensor names, shapes, config.json) is the base model's; with
   no base (linear, nuslerp without base) it is the first model's. Tensors that only

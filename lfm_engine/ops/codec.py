@@ -1,4 +1,4 @@
-"""Task-vector codecs: encode_delta, decode_delta, decode_add and delta_apply (spec/codec.md).
+"""Task-vector codecs: encode_delta, decode_delta, decode_add and delta_apply (docs/spec/codec.md).
 
     enc   = encode_delta(delta, "int4", group_size=128)     # delta = x - b, any float dtype
     d_hat = decode_delta(enc)                               # float32, delta's shape

@@ -1,4 +1,4 @@
-"""merge_tensors: fused sparsify-and-merge of task vectors (spec/merge.md).
+"""merge_tensors: fused sparsify-and-merge of task vectors (docs/spec/merge.md).
 
     out = base + lam * combine_i(w_i * sparsify(x_i - base))
 
@@ -96,7 +96,7 @@ def merge_tensors(
         normalize, rescale: None = the method's default; rescale True/"l1" (L1 norm
             matching), "inverse_density" (PEFT's 1/density), False.
         lam: lambda, out = b + lam * mixed.
-        seed, name, model_positions: key the DARE/DELLA random streams (spec "Randomness");
+        seed, name, model_positions: key the DARE/DELLA random streams (docs/spec/merge.md "Randomness");
             name is the output tensor name.
         consensus_weighting, disjoint: "unweighted"/"count" reproduce PEFT's variants.
         out_dtype: output dtype (torch dtype or name); default the base's dtype.

@@ -1,4 +1,4 @@
-"""Triton backend of the fused sparsify-and-merge (spec/merge.md), bit-compatible with the CPU kernel.
+"""Triton backend of the fused sparsify-and-merge (docs/spec/merge.md), bit-compatible with the CPU kernel.
 
 Entry point: ``merge_triton(base, others, out, params)``; ``lfm_engine.ops.merge`` calls it
 for ``backend="triton"``. Shapes: ``base`` (None only for ``linear``), every ``others[i]``

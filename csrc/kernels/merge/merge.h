@@ -1,4 +1,4 @@
-// Fused sparsify-and-merge (spec/merge.md): torch-free launchers shared by the C ABI.
+// Fused sparsify-and-merge (docs/spec/merge.md): torch-free launchers shared by the C ABI.
 //
 // MergeArgs is the validated, fully resolved form of lfm_merge_options; the C ABI
 // (csrc/capi/merge.cpp) builds it once, so every backend sees the same checks and

@@ -1,4 +1,4 @@
-// Fused sparsify-and-merge on the CPU (spec/merge.md).
+// Fused sparsify-and-merge on the CPU (docs/spec/merge.md).
 //
 // Deltas are formed on the fly, block by block (kBlock elements, converted to fp32 in
 // per-worker scratch), so no K x n float copy ever exists. Passes over the data:

@@ -1,4 +1,4 @@
-// CUDA fused sparsify-and-merge (spec/merge.md), bit-compatible with merge_cpu.cpp.
+// CUDA fused sparsify-and-merge (docs/spec/merge.md), bit-compatible with merge_cpu.cpp.
 //
 // Same definition as the CPU kernel, so masks are bit-identical:
 //   delta_i = fp32(x_i) - fp32(b) (one IEEE rounding), v = bits(|delta_i|) as uint32;
