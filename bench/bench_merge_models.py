@@ -178,13 +178,14 @@ def tie_elements(method: str, b: torch.Tensor, xs: list, params: list) -> torch.
         mag = (x.double() - b.double()).abs().flatten()
         n = mag.numel()
         srt = mag.sort().values
-        d = prm.get("density", 1.0)
+        from lfm_engine.core.merge_registry import DEFAULT_DENSITY, DEFAULT_GAMMA
+        d = prm.get("density", DEFAULT_DENSITY)
         if method == "ties":
             k = max(1, int(d * n))
             bounds = [n - k] if k < n else []
         else:
             target = int(d * n)
-            n_top = int(prm.get("gamma", 0.01) * n)
+            n_top = int(prm.get("gamma", DEFAULT_GAMMA) * n)
             n_bot = max(0, n - target - n_top)
             bounds = [i for i in (n_bot, n_bot + target) if 0 < i < n]
         for i in bounds:
