@@ -1,4 +1,4 @@
-"""Benchmark of the task-vector codecs (spec/codec.md, issue "Task-vector compression").
+"""Benchmark of the task-vector codecs (docs/spec/codec.md, issue "Task-vector compression").
 
 Three tables, one run:
  1. throughput: encode and fused decode-and-add of sign1/int8/int4/int2 (C++ kernels)

@@ -19,7 +19,7 @@ Providers:
   torch-per-adapter   PEFT's mixed-batch way: a Python loop over the adapters in the batch, one
                       pair of matmuls on each adapter's sub-batch (index_select / index_add_); apply only
   base-layer          x @ W^T of the bare base layer, to read the LoRA overhead against (apply only)
-Bytes (spec/lora.md), y counted once: apply = sum over distinct active adapters of r (H_in + H_out)
+Bytes (docs/spec/lora.md), y counted once: apply = sum over distinct active adapters of r (H_in + H_out)
 itemsize + T (H_in + H_out) itemsize; shrink = adapters' r H_in itemsize + T H_in itemsize + T r 4;
 expand = adapters' H_out r itemsize + T r 4 + T H_out itemsize. "% copy" is against the copy
 bandwidth measured in this run on the same device. CUDA times: CUDA events, L2 flushed before

@@ -9,7 +9,7 @@ is reading every input file once plus writing the output's bytes with fsync,
 measured now on the same disk and page-cache state. Outputs are compared with
 mergekit's (deterministic methods: share of elements within one bf16 ulp; random
 methods: the task-vector norm ratio and correlation, since the masks come from
-different generators by design, spec/merge.md).
+different generators by design, docs/spec/merge.md).
 
 --devices cpu,cuda also times `lfm-engine merge --device cuda` (provider "lfm-engine cuda": the
 tensors are read into pinned memory, copied to the GPU on a side stream and merged there by
@@ -182,13 +182,14 @@ def tie_elements(method: str, b: torch.Tensor, xs: list, params: list) -> torch.
         mag = (x.double() - b.double()).abs().flatten()
         n = mag.numel()
         srt = mag.sort().values
-        d = prm.get("density", 1.0)
+        from lfm_engine.core.merge_registry import DEFAULT_DENSITY, DEFAULT_GAMMA
+        d = prm.get("density", DEFAULT_DENSITY)
         if method == "ties":
             k = max(1, int(d * n))
             bounds = [n - k] if k < n else []
         else:
             target = int(d * n)
-            n_top = int(prm.get("gamma", 0.01) * n)
+            n_top = int(prm.get("gamma", DEFAULT_GAMMA) * n)
             n_bot = max(0, n - target - n_top)
             bounds = [i for i in (n_bot, n_bot + target) if 0 < i < n]
         for i in bounds:

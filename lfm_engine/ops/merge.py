@@ -1,4 +1,4 @@
-"""merge_tensors: fused sparsify-and-merge of task vectors (spec/merge.md).
+"""merge_tensors: fused sparsify-and-merge of task vectors (docs/spec/merge.md).
 
     out = base + lam * combine_i(w_i * sparsify(x_i - base))
 
@@ -30,16 +30,19 @@ from lfm_engine.ops._dispatch import default_backends, pick_backend
 
 def _run_native(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], out: torch.Tensor,
                 p: MergeParams, n_threads: int = 0) -> None:
+    # keywords name lfm_merge_options' fields (include/lfm/merge.h)
     native().merge(
         None if base is None else _tensor.view(base),
         [_tensor.view(x) for x in others],
         _tensor.view(out),
-        METHOD_CODES[p.method],
-        list(p.weights), list(p.densities), list(p.gammas), list(p.epsilons),
-        list(p.model_positions),
-        int(p.normalize), RESCALE_CODES[p.rescale],
-        int(p.consensus_weighting == "unweighted"), int(p.disjoint == "count"),
-        p.lam, p.seed, p.name, n_threads, _tensor.current_stream(out),
+        method=METHOD_CODES[p.method],
+        weights=list(p.weights), densities=list(p.densities), gammas=list(p.gammas),
+        epsilons=list(p.epsilons), positions=list(p.model_positions),
+        normalize=int(p.normalize), rescale=RESCALE_CODES[p.rescale],
+        consensus_unweighted=int(p.consensus_weighting == "unweighted"),
+        disjoint_count=int(p.disjoint == "count"),
+        lam=p.lam, seed=p.seed, name=p.name, n_threads=n_threads, stream=_tensor.current_stream(out),
+        model_names=list(p.model_names),
     )
 
 
@@ -79,6 +82,7 @@ def merge_tensors(
     disjoint: str = "weight",
     n_threads: int = 0,
     out=None,
+    model_names: Optional[Sequence[str]] = None,
 ):
     """Merge one tensor of K fine-tuned models into their base.
 
@@ -88,17 +92,19 @@ def merge_tensors(
         method: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
             breadcrumbs_ties, della, della_linear or linear.
         weights, density, gamma, epsilon: per model, a scalar or a list of K values;
-            None = spec default (weight 1, density 1, gamma 0.01, epsilon 0.15).
+            None = the registry's default (docs/merge.md's method table).
         normalize, rescale: None = the method's default; rescale True/"l1" (L1 norm
             matching), "inverse_density" (PEFT's 1/density), False.
         lam: lambda, out = b + lam * mixed.
-        seed, name, model_positions: key the DARE/DELLA random streams (spec "Randomness");
+        seed, name, model_positions: key the DARE/DELLA random streams (docs/spec/merge.md "Randomness");
             name is the output tensor name.
         consensus_weighting, disjoint: "unweighted"/"count" reproduce PEFT's variants.
         out_dtype: output dtype (torch dtype or name); default the base's dtype.
         backend: "cpu", "cuda", "triton" or "reference"; default by device.
         n_threads: CPU worker threads for this call (0 = library default).
         out: optional preallocated output tensor (contiguous, same shape).
+        model_names: one name per model, used by every error message instead of
+            "model <index>" (a model-level merge passes the config's references).
     Returns:
         the merged tensor, torch or numpy like `base` (or like others[0] without a base).
     """
@@ -108,11 +114,12 @@ def merge_tensors(
         method, len(others), weights=weights, density=density, gamma=gamma, epsilon=epsilon,
         normalize=normalize, rescale=rescale, lam=lam, seed=seed, name=name,
         model_positions=model_positions, consensus_weighting=consensus_weighting, disjoint=disjoint,
+        model_names=model_names,
     )
     xs = []
     was_numpy = False
     for i, x in enumerate(others):
-        t, is_np = _tensor.to_torch(x, f"model {i}")
+        t, is_np = _tensor.to_torch(x, params.model_label(i))
         xs.append(t)
         was_numpy = was_numpy or is_np
     if base is not None and params.spec.uses_base:
@@ -125,13 +132,13 @@ def merge_tensors(
     ref = b if b is not None else xs[0]
     for i, x in enumerate(xs):
         if x.dtype not in _tensor.FLOAT_DTYPES:
-            raise TypeError(f"merge_tensors: model {i} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+            raise TypeError(f"merge_tensors: {params.model_label(i)} has dtype {x.dtype}; supported: float32, float16, bfloat16")
         if x.shape != ref.shape:
             raise ValueError(
-                f"merge_tensors: model {i} has shape {tuple(x.shape)} but "
-                f"{'base' if b is not None else 'model 0'} has shape {tuple(ref.shape)}")
+                f"merge_tensors: {params.model_label(i)} has shape {tuple(x.shape)} but "
+                f"{'base' if b is not None else params.model_label(0)} has shape {tuple(ref.shape)}")
         if x.device != ref.device:
-            raise ValueError(f"merge_tensors: model {i} is on {x.device} but the base is on {ref.device}")
+            raise ValueError(f"merge_tensors: {params.model_label(i)} is on {x.device} but the base is on {ref.device}")
     if b is not None and b.dtype not in _tensor.FLOAT_DTYPES:
         raise TypeError(f"merge_tensors: base has dtype {b.dtype}; supported: float32, float16, bfloat16")
     dt = _tensor.parse_dtype(out_dtype) or ref.dtype
