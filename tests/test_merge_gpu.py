@@ -311,7 +311,7 @@ def _masks_via_merge(backend, xs, method, kw, device):
     """Each model's keep mask as a backend's fused kernel decides it, read off its output.
 
     The CPU and CUDA kernels do not return their masks. Sparsification is per model
-    (spec/merge.md), so model i's mask in the K-model merge is the mask of a one-model merge
+    (docs/spec/merge.md), so model i's mask in the K-model merge is the mask of a one-model merge
     with model i's density/gamma/epsilon and position (its random stream), with a zero base
     and weight 1: then out = scale * mask * x_i (scale > 0: DARE/DELLA rescale, L1 factor)
     and mask = (out != 0) wherever x_i != 0. Output float32, so nothing underflows."""
