@@ -3,8 +3,8 @@
 Top-level API:
     merge_tensors(base, others, method="ties", ...)   fused sparsify-and-merge of one tensor
     merge_models(config, out_dir, ...)                mergekit-style model merge, streaming
-    lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (spec/lora.md)
-    encode_delta / decode_delta / delta_apply(...)    task-vector codecs (spec/codec.md)
+    lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (docs/spec/lora.md)
+    encode_delta / decode_delta / delta_apply(...)    task-vector codecs (docs/spec/codec.md)
     compress_model / decompress_model(...)            .lfmd containers of whole fine-tunes
     AdapterPool, attach, Engine                       multi-adapter serving (lfm_engine.serve)
     get_include(), get_library()                      C ABI header folder and liblfm path

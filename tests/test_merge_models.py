@@ -2,7 +2,7 @@
 
 Every output tensor is compared with the tensor-level plain-torch reference
 (`merge_tensors(..., backend="reference")`) for the task-vector family and linear,
-and with float64 formulas written here from spec/merge.md for slerp, nuslerp and
+and with float64 formulas written here from docs/spec/merge.md for slerp, nuslerp and
 model_stock (which run in torch, not in the C++ kernel).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The .lfmd container and whole-model compress / decompress (spec/codec.md "Container").
+"""The .lfmd container and whole-model compress / decompress (docs/spec/codec.md "Container").
 
 An .lfmd file is a safetensors file (any safetensors reader opens it):
   tensors   `<param name>::<field>`, e.g. `model.layers.0.mlp.up_proj.weight::packed`;

@@ -7,8 +7,8 @@ element is known (a top-k over the cross-model variance and per-model mean squar
 for sce, three order statistics of a KL-weighted importance for arcee_fusion,
 per-model overlap counts for ramplus_tl), and none has the sparsify/elect/sum shape
 the fused kernel implements. Each is a handful of vectorised passes over K+1 tensors.
-torch is imported inside the functions: the parameter tables above them are read by the
-config parser, which must not load torch (docs/merge.md "Startup").
+torch is imported inside the functions: the planner imports this module, and planning
+must not load torch (docs/merge.md "Startup").
 
 Shapes: ``base`` and every ``xs[i]`` have one shape; the result is a float32 tensor
 (float64 for float64 inputs) of that shape, rounded by the caller. Task vectors
@@ -19,18 +19,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from lfm_engine.core.merge_methods import MergeConfigError
+from lfm_engine.core.merge_registry import METHODS as _REGISTRY
 
-# shared parameters: (default, check) per method; None default = required
-PARAMS = {
-    "sce": {"select_topk": 1.0, "int8_mask": False},
-    "nearswap": {"t": None},
-    "arcee_fusion": {},
-    "ram": {"epsilon": 1e-5},
-    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
-}
-METHODS = tuple(PARAMS)
-ONE_MODEL = ("nearswap", "arcee_fusion")   # exactly one non-base model (mergekit's contract)
+METHODS = ("sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")   # implemented here
 
 
 def _wd(x: torch.Tensor) -> torch.dtype:
@@ -40,27 +31,9 @@ def _wd(x: torch.Tensor) -> torch.dtype:
 
 
 def shared_values(method: str, shared: dict) -> dict:
-    """The method's shared parameters with defaults applied and checked (MergeConfigError)."""
-    out = {}
-    for name, default in PARAMS[method].items():
-        v = shared.get(name)
-        if v is None:
-            if default is None:
-                raise MergeConfigError(f"parameter '{name}' is required for {method}")
-            v = default
-        if name == "int8_mask":
-            if not isinstance(v, (bool, int)) or v not in (0, 1):
-                raise MergeConfigError(f"parameter 'int8_mask' must be true or false, got {v!r}")
-            out[name] = bool(v)
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise MergeConfigError(f"parameter '{name}' must be a finite number, got {v!r}")
-        if name == "select_topk" and not 0.0 <= v <= 1.0:
-            raise MergeConfigError(f"parameter 'select_topk' must lie in [0, 1], got {v!r}")
-        if name in ("t", "epsilon", "r", "alpha") and v < 0:
-            raise MergeConfigError(f"parameter '{name}' must be >= 0, got {v!r}")
-        out[name] = float(v)
-    return out
+    """The method's shared parameters with the registry's defaults applied and checked
+    (MergeConfigError)."""
+    return _REGISTRY[method].shared_values(shared)
 
 
 def sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:

@@ -5,7 +5,7 @@ A [r, in], B [out, r] and the scale s = lora_alpha / r (rsLoRA: lora_alpha / sqr
 Given K adapters for the same base model, per module:
 
     delta_i = s_i * B_i @ A_i                       (fp32, on the device of the tensors)
-    merged  = merge_tensors(0, [delta_1 .. delta_K], method, ...)   (spec/merge.md)
+    merged  = merge_tensors(0, [delta_1 .. delta_K], method, ...)   (docs/spec/merge.md)
 
 i.e. the adapters' full deltas are the task vectors of the merge (base 0, so the kernel's
 task vector is delta_i exactly); every method of the task-vector family works (TIES,

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import queue
-import re
 import resource
 import shutil
 import sys
@@ -62,6 +61,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
+from lfm_engine.core.merge_registry import METHODS
 from lfm_engine.io import dtypes
 from lfm_engine.io.safetensors import ShardedWriter, as_numpy, as_torch, parse_size, plan_shards, read_array
 from lfm_engine.merge import config as C
@@ -124,7 +124,7 @@ def _merge_arrays_fn():
 
 def native_method(method: str) -> bool:
     """Whether ``method`` runs in the fused C++ kernel (else in torch)."""
-    return method in C.TASK_METHODS or method == "linear"
+    return METHODS[method].fused
 
 
 class _Device:
@@ -149,32 +149,30 @@ class _Device:
 # ------------------------------------------------------------------- one tensor
 
 def _torch_method(method: str, task: TensorTask, base, xs, sh):
-    """The methods implemented in torch (see the module docstring for why)."""
+    """The methods implemented in torch (see the module docstring for why); their shared
+    parameters with the registry's defaults (lfm_engine/core/merge_registry.py)."""
     from lfm_engine.merge import geometric
 
+    p = METHODS[method].shared_values(sh)
     if method == "slerp":
-        return geometric.slerp(float(sh["t"]), base, xs[0])
+        return geometric.slerp(p["t"], base, xs[0])
     elif method == "nuslerp":
         return geometric.nuslerp(float(task.inputs[0].params["weight"]),
                                 float(task.inputs[1].params["weight"]), xs[0], xs[1], base,
-                                flatten=True if sh.get("nuslerp_flatten") is None else bool(sh["nuslerp_flatten"]),
-                                row_wise=bool(sh.get("nuslerp_row_wise") or False))
+                                flatten=p["nuslerp_flatten"], row_wise=p["nuslerp_row_wise"])
     elif method == "model_stock":
-        return geometric.model_stock(base, xs, filter_wise=bool(sh.get("filter_wise") or False))
+        return geometric.model_stock(base, xs, filter_wise=p["filter_wise"])
     elif method == "multislerp":
-        nw = sh.get("normalize_weights")
         return geometric.multislerp([float(i.params["weight"]) for i in task.inputs], xs, base,
-                                   normalize_weights=True if nw is None else bool(nw),
-                                   eps=1e-8 if sh.get("eps") is None else float(sh["eps"]))
+                                   normalize_weights=p["normalize_weights"], eps=p["eps"])
     elif method in elementwise.METHODS:
-        return elementwise.merge(method, base, xs, sh)
+        return elementwise.merge(method, base, xs, sh, _checked=p)
     elif method == "passthrough":
         # mergekit's passthrough: the one input, times `scale` when given
         scale = task.inputs[0].params.get("scale")
         return xs[0] if scale is None else xs[0].to(geometric._work_dtype(xs[0])) * float(scale)
     elif method == "karcher":
-        return geometric.karcher(xs, max_iter=10 if sh.get("max_iter") is None else int(sh["max_iter"]),
-                                tol=1e-5 if sh.get("tol") is None else float(sh["tol"]))
+        return geometric.karcher(xs, max_iter=p["max_iter"], tol=p["tol"])
     else:  # pragma: no cover - the config parser rejects unknown methods
         raise ValueError(f"unknown merge method {method!r}")
 
@@ -203,11 +201,9 @@ def _info_dtype(task: TensorTask, key) -> "dtypes.DType":
 
 
 def _named_error(task: TensorTask, e: ValueError) -> ValueError:
-    # e.g. NaN/Inf: name the tensor and the model's folder
-    msg = re.sub(r"\bmodel (\d+)\b", lambda mm: (
-        f"model {os.path.dirname(task.inputs[int(mm.group(1))].info.file)}"
-        if int(mm.group(1)) < len(task.inputs) else mm.group(0)), str(e))
-    return ValueError(f"tensor '{task.name}': {msg}")
+    # e.g. NaN/Inf: name the tensor (the kernel named the model: task_merge_kwargs passes
+    # the config's references as model_names)
+    return ValueError(f"tensor '{task.name}': {e}")
 
 
 def _merge_task_numpy(method: str, task: TensorTask, arrays: Dict, seed: int, n_threads: int) -> np.ndarray:
@@ -258,7 +254,7 @@ def _merge_task_torch(method: str, task: TensorTask, tensors: Dict, seed: int, d
     xs = [cut(get(i.info)) for i in task.inputs]
     sh = task.shared
     if native_method(method):
-        kw = task_merge_kwargs(method, task, seed)
+        kw = task_merge_kwargs(method, task, seed)   # names the models by their config reference
         m = kw.pop("method")
         try:
             out = _merge_tensors_fn()(base, xs, method=m, out_dtype=dt,

@@ -1,4 +1,4 @@
-"""merge_tensors: fused sparsify-and-merge of task vectors (spec/merge.md).
+"""merge_tensors: fused sparsify-and-merge of task vectors (docs/spec/merge.md).
 
     out = base + lam * combine_i(w_i * sparsify(x_i - base))
 
@@ -39,14 +39,18 @@ def _run_native(base, others, out, p: MergeParams, n_threads: int = 0) -> None:
 
 
 def _call_native(base_view, other_views, out_view, p: MergeParams, n_threads: int, stream: int) -> None:
+    """_C.merge on lfm_tensor views (torch tensors' or numpy arrays', see _tensor.py)."""
+    # keywords name lfm_merge_options' fields (include/lfm/merge.h)
     native().merge(
         base_view, other_views, out_view,
-        METHOD_CODES[p.method],
-        list(p.weights), list(p.densities), list(p.gammas), list(p.epsilons),
-        list(p.model_positions),
-        int(p.normalize), RESCALE_CODES[p.rescale],
-        int(p.consensus_weighting == "unweighted"), int(p.disjoint == "count"),
-        p.lam, p.seed, p.name, n_threads, stream,
+        method=METHOD_CODES[p.method],
+        weights=list(p.weights), densities=list(p.densities), gammas=list(p.gammas),
+        epsilons=list(p.epsilons), positions=list(p.model_positions),
+        normalize=int(p.normalize), rescale=RESCALE_CODES[p.rescale],
+        consensus_unweighted=int(p.consensus_weighting == "unweighted"),
+        disjoint_count=int(p.disjoint == "count"),
+        lam=p.lam, seed=p.seed, name=p.name, n_threads=n_threads, stream=stream,
+        model_names=list(p.model_names),
     )
 
 
@@ -72,18 +76,19 @@ def _is_float(dtype) -> bool:
     return str(dtype).replace("torch.", "") in _FLOAT_NAMES
 
 
-def _check_inputs(base: Optional[tuple], others: Sequence[tuple]) -> None:
-    """Each of base/others is (shape, dtype, device); raise naming the first problem."""
+def _check_inputs(base: Optional[tuple], others: Sequence[tuple], label) -> None:
+    """Each of base/others is (shape, dtype, device); raise naming the first problem
+    (``label(i)`` names model i, see MergeParams.model_label)."""
     ref = base if base is not None else others[0]
     for i, (shape, dtype, device) in enumerate(others):
         if not _is_float(dtype):
-            raise TypeError(f"merge_tensors: model {i} has dtype {dtype}; supported: float32, float16, bfloat16")
+            raise TypeError(f"merge_tensors: {label(i)} has dtype {dtype}; supported: float32, float16, bfloat16")
         if shape != ref[0]:
             raise ValueError(
-                f"merge_tensors: model {i} has shape {shape} but "
-                f"{'base' if base is not None else 'model 0'} has shape {ref[0]}")
+                f"merge_tensors: {label(i)} has shape {shape} but "
+                f"{'base' if base is not None else label(0)} has shape {ref[0]}")
         if device != ref[2]:
-            raise ValueError(f"merge_tensors: model {i} is on {device} but the base is on {ref[2]}")
+            raise ValueError(f"merge_tensors: {label(i)} is on {device} but the base is on {ref[2]}")
     if base is not None and not _is_float(base[1]):
         raise TypeError(f"merge_tensors: base has dtype {base[1]}; supported: float32, float16, bfloat16")
 
@@ -114,6 +119,7 @@ def merge_tensors(
     disjoint: str = "weight",
     n_threads: int = 0,
     out=None,
+    model_names: Optional[Sequence[str]] = None,
 ):
     """Merge one tensor of K fine-tuned models into their base.
 
@@ -123,17 +129,19 @@ def merge_tensors(
         method: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
             breadcrumbs_ties, della, della_linear or linear.
         weights, density, gamma, epsilon: per model, a scalar or a list of K values;
-            None = spec default (weight 1, density 1, gamma 0.01, epsilon 0.15).
+            None = the registry's default (docs/merge.md's method table).
         normalize, rescale: None = the method's default; rescale True/"l1" (L1 norm
             matching), "inverse_density" (PEFT's 1/density), False.
         lam: lambda, out = b + lam * mixed.
-        seed, name, model_positions: key the DARE/DELLA random streams (spec "Randomness");
+        seed, name, model_positions: key the DARE/DELLA random streams (docs/spec/merge.md "Randomness");
             name is the output tensor name.
         consensus_weighting, disjoint: "unweighted"/"count" reproduce PEFT's variants.
         out_dtype: output dtype (torch dtype or name); default the base's dtype.
         backend: "cpu", "cuda", "triton" or "reference"; default by device.
         n_threads: CPU worker threads for this call (0 = library default).
         out: optional preallocated output tensor (contiguous, same shape).
+        model_names: one name per model, used by every error message instead of
+            "model <index>" (a model-level merge passes the config's references).
     Returns:
         the merged tensor, torch or numpy like `base` (or like others[0] without a base).
     """
@@ -143,11 +151,12 @@ def merge_tensors(
         method, len(others), weights=weights, density=density, gamma=gamma, epsilon=epsilon,
         normalize=normalize, rescale=rescale, lam=lam, seed=seed, name=name,
         model_positions=model_positions, consensus_weighting=consensus_weighting, disjoint=disjoint,
+        model_names=model_names,
     )
     xs = []
     was_numpy = False
     for i, x in enumerate(others):
-        t, is_np = _tensor.to_torch(x, f"model {i}")
+        t, is_np = _tensor.to_torch(x, params.model_label(i))
         xs.append(t)
         was_numpy = was_numpy or is_np
     if base is not None and params.spec.uses_base:
@@ -161,7 +170,7 @@ def merge_tensors(
 
     ref = b if b is not None else xs[0]
     _check_inputs(None if b is None else (tuple(b.shape), b.dtype, b.device),
-                  [(tuple(x.shape), x.dtype, x.device) for x in xs])
+                  [(tuple(x.shape), x.dtype, x.device) for x in xs], params.model_label)
     dt = _tensor.parse_dtype(out_dtype) or ref.dtype
     _check_out_dtype(dt)
     # default: the C++ kernel on the CPU; on a GPU the CUDA kernel when built, else Triton
@@ -201,7 +210,7 @@ def merge_arrays(base: Optional[Array], others: Sequence[Array], method: str = "
     b = (base[0], _dt.of(base[1])) if base is not None and p.spec.uses_base else None
     xs = [(x, _dt.of(d)) for x, d in others]
     _check_inputs(None if b is None else (tuple(b[0].shape), b[1], "cpu"),
-                  [(tuple(x.shape), d, "cpu") for x, d in xs])
+                  [(tuple(x.shape), d, "cpu") for x, d in xs], p.model_label)
     out_dt = _dt.of(out_dtype)
     _check_out_dtype(out_dt)
     shape = tuple((b or xs[0])[0].shape)

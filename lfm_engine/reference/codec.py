@@ -1,7 +1,7 @@
 """Task-vector codecs in plain torch: the definition every backend is compared with.
 
 A codec stores delta = x - b (fine-tuned minus base) of one tensor in fewer bits
-(spec/codec.md). Every encoder here takes a float tensor ``delta`` and returns a dict
+(docs/spec/codec.md). Every encoder here takes a float tensor ``delta`` and returns a dict
 of *fields* (tensors) plus a dict of JSON-able *meta* options; every decoder rebuilds
 the float32 delta from them. All arithmetic is float32 unless stated.
 
