@@ -13,7 +13,7 @@ import sys
 
 def guarded(call, what: str, user_errors=()):
     from lfm_engine.core.merge_methods import MergeConfigError
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
     try:
         return 0, call()
     except (MergeConfigError, CheckpointError) + tuple(user_errors) as e:

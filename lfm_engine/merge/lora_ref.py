@@ -10,9 +10,16 @@ adapter's delta to the weights it targets:
     W' = round(W + s · B @ A)      (fp32 sum, s = lora_alpha / r or / sqrt(r) for rsLoRA,
                                     rounded once to W's dtype; lora_merge.adapter_delta)
 
-Tensors the adapter does not target are passed through unchanged. Every adapter module
-must name a 2-D weight of the model with the adapter's shape (checked by
-:func:`check`, before anything is merged). The overlay folders are removed at exit.
+Tensors the adapter does not target are passed through unchanged. The adapter's
+``modules_to_save`` tensors (modules trained in full, e.g. a new ``lm_head``) replace the
+model's tensors of the same name, cast to the model's dtype, as PEFT's
+``merge_and_unload`` does (docs/spec/io.md "PEFT LoRA adapter folders"): never
+dropped. Every adapter module must name a 2-D weight of the model with the adapter's shape, and every
+saved tensor a tensor of the model with its shape (checked by :func:`check`, before
+anything is merged). The overlay folders are removed at exit.
+
+Tensors travel as numpy arrays (raw bits for bf16, lfm_engine.io); torch is imported only
+when a tensor is actually adapted.
 """
 from __future__ import annotations
 
@@ -22,8 +29,6 @@ import shutil
 import tempfile
 import threading
 from typing import Dict, List, Optional, Tuple
-
-import torch
 
 _lock = threading.Lock()
 _overlays: Dict[Tuple[str, str], str] = {}    # (model folder, adapter folder) -> overlay
@@ -66,7 +71,7 @@ def _adapter(lora_path: str):
 
 def check(overlay_path: str, ref: str) -> List[str]:
     """Problems of applying the overlay's adapter to its model (empty when it fits)."""
-    from lfm_engine.merge.io import CheckpointError, ModelFolder
+    from lfm_engine.io.model_folder import CheckpointError, ModelFolder
     lora = _adapter_of.get(overlay_path)
     if lora is None:
         return []
@@ -88,21 +93,33 @@ def check(overlay_path: str, ref: str) -> List[str]:
                         f"the weight is {list(info.shape)}")
         if len(errs) >= 5:
             errs.append(f"'{ref}': (further adapter modules not checked)")
-            break
+            return errs
+    for name, t in sorted(ad.saved.items()):
+        info = tensors.get(name)
+        if info is None:
+            errs.append(f"'{ref}': the adapter's modules_to_save tensor '{name}' has no counterpart in the model")
+        elif tuple(info.shape) != tuple(t.shape):
+            errs.append(f"'{ref}': the adapter's modules_to_save tensor '{name}' is {list(t.shape)} but the "
+                        f"model's is {list(info.shape)}")
     return errs
 
 
-def apply(info, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (read for TensorInfo ``info``) with its overlay's adapter delta added."""
+def apply(info, arr):
+    """``arr`` (the numpy array read for TensorInfo ``info``) with its overlay's adapter
+    applied: delta added, or the saved tensor in its place; unchanged when not adapted."""
     lora = _adapter_of.get(os.path.dirname(info.file))
-    if lora is None or not info.name.endswith(".weight"):
-        return tensor
+    if lora is None:
+        return arr
     ad = _adapter(lora)
-    module = info.name[:-len(".weight")]
+    from lfm_engine.io.safetensors import as_numpy, as_torch
+    if info.name in ad.saved:
+        return as_numpy(ad.saved[info.name].to(info.dtype.torch))
+    module = info.name[:-len(".weight")] if info.name.endswith(".weight") else None
     if module not in ad.modules:
-        return tensor
+        return arr
     from lfm_engine.merge.lora_merge import adapter_delta
-    return (tensor.float() + adapter_delta(ad, module)).to(tensor.dtype)
+    tensor = as_torch(arr, info.dtype)
+    return as_numpy((tensor.float() + adapter_delta(ad, module)).to(tensor.dtype))
 
 
 @atexit.register
