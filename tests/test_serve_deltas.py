@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from fixtures_models import llama_config, random_weights, write_model  # noqa: E402
 from lfm_engine.compress.lfmd import FingerprintMismatchError, compress_model, decompress_model  # noqa: E402
-from lfm_engine.compress.safetensors_io import ModelFolder  # noqa: E402
+from lfm_engine.io.model_folder import ModelFolder  # noqa: E402
 from lfm_engine.serve import AdapterPool, Engine, Request, attach  # noqa: E402
 from lfm_engine.serve.deltas import DeltaLoadError  # noqa: E402
 

@@ -87,10 +87,10 @@ def resolve_local(name: str, what: str) -> str:
 def _fingerprint(mdir: str):
     """lfm.base fingerprint of the served model folder (what .lfmd deltas must match);
     None when its weights are not safetensors (deltas are then checked by shape only)."""
-    from lfm_engine.compress.safetensors_io import ModelFolder
+    from lfm_engine.io.model_folder import ModelFolder
 
     try:
-        with ModelFolder(mdir, "base") as mf:
+        with ModelFolder(mdir) as mf:
             return mf.fingerprint()
     except Exception:  # noqa: BLE001 - the folder reader's own errors (pickle-only folders ...)
         return None
