@@ -1,7 +1,7 @@
 """Compressed full fine-tunes (.lfmd deltas) as a second kind of adapter of an AdapterPool.
 
 A served delta adapter d holds, for every attached linear m it changes, the codec fields of
-Δ_m = W_m(fine-tune) − W_m(base) (spec/codec.md). A batch row r that uses d gets
+Δ_m = W_m(fine-tune) − W_m(base) (docs/spec/codec.md). A batch row r that uses d gets
 
     y[t] = x[t] · W_mᵀ  +  x[t] · decode(Δ_m,d)ᵀ          (t a token of row r)
 
