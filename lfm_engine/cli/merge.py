@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import sys
-import threading
 import warnings
 
 # mergekit-yaml options accepted for compatibility that change nothing here, and why
@@ -98,6 +96,7 @@ def shard_size(text: str):
 
 
 def run(args) -> int:
+    from lfm_engine.cli.guard import sigterm_unwinds
     from lfm_engine.merge import MergeConfigErrors, merge_models
     from lfm_engine.merge.io import CheckpointError
 
@@ -121,19 +120,15 @@ def run(args) -> int:
 
     old = warnings.showwarning
     warnings.showwarning = show
-    # SIGTERM (e.g. a job scheduler) unwinds like Ctrl-C so the temporary folder is removed
-    old_term = None
-    if threading.current_thread() is threading.main_thread():
-        def on_term(signum, frame):
-            raise KeyboardInterrupt
-        old_term = signal.signal(signal.SIGTERM, on_term)
     try:
-        res = merge_models(args.config, args.out_dir, device=device, threads=args.threads,
-                           out_shard_size=shard_size(args.out_shard_size), seed=args.seed,
-                           allow_overwrite=args.allow_overwrite, dry_run=args.dry_run,
-                           quiet=args.quiet, copy_tokenizer=args.copy_tokenizer,
-                           write_model_card=args.write_model_card,
-                           intermediate_dir=args.intermediate_dir)
+        # SIGTERM (e.g. a job scheduler) unwinds like Ctrl-C so the temporary folder is removed
+        with sigterm_unwinds():
+            res = merge_models(args.config, args.out_dir, device=device, threads=args.threads,
+                               out_shard_size=shard_size(args.out_shard_size), seed=args.seed,
+                               allow_overwrite=args.allow_overwrite, dry_run=args.dry_run,
+                               quiet=args.quiet, copy_tokenizer=args.copy_tokenizer,
+                               write_model_card=args.write_model_card,
+                               intermediate_dir=args.intermediate_dir)
     except MergeConfigErrors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -148,8 +143,6 @@ def run(args) -> int:
         return 1
     finally:
         warnings.showwarning = old
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
     if args.dry_run:
         print(res.summary())
     return 0

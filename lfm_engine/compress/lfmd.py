@@ -57,6 +57,7 @@ from lfm_engine.compress.safetensors_io import (
     ModelFolder, SafetensorsFile, SafetensorsFormatError, StreamWriter, dtype_name, parse_dtype_name, tensor_bytes,
 )
 from lfm_engine.io.names import UnsafeNameError, check_file_name, path_inside
+from lfm_engine.merge.outdir import sweep_stale
 from lfm_engine.ops.codec import Encoded, decode_add, decode_delta, encode_delta
 from lfm_engine.reference.codec import CODECS, CodecError
 
@@ -117,6 +118,12 @@ def _match(filt: str, name: str) -> bool:
 # report
 
 
+def _dtype_bits(name: str) -> int:
+    """Bits per element of a dtype by name; integer and bool buffers (an int64
+    ``position_ids``, stored raw) count too, not only floating point."""
+    return 8 * torch.empty((), dtype=parse_dtype_name(name)).element_size()
+
+
 @dataclass
 class TensorStat:
     name: str
@@ -135,7 +142,7 @@ class TensorStat:
 
     @property
     def ratio(self) -> float:
-        orig = self.numel * torch.finfo(parse_dtype_name(self.dtype)).bits if self.numel else 0
+        orig = self.numel * _dtype_bits(self.dtype)
         return orig / (8.0 * self.stored_bytes) if self.stored_bytes else float("inf")
 
 
@@ -149,7 +156,7 @@ class CompressReport:
         ts = [t for t in self.tensors if not encoded_only or t.codec not in ("raw", "zero")]
         numel = sum(t.numel for t in ts)
         stored = sum(t.stored_bytes for t in ts)
-        orig_bits = sum(t.numel * torch.finfo(parse_dtype_name(t.dtype)).bits for t in ts)
+        orig_bits = sum(t.numel * _dtype_bits(t.dtype) for t in ts)
         dsq = sum(t.delta_sq for t in ts)
         esq = sum(t.err_sq for t in ts)
         return {"tensors": len(ts), "params": numel, "stored_bytes": stored,
@@ -254,6 +261,7 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
     with ModelFolder(base_dir, "base") as base, ModelFolder(model_dir, "fine-tuned model") as model:
         fp = base.fingerprint()
         layout = model.layout()
+        sweep_stale(out_path)  # .NAME.tmp-PID files of compress runs killed mid-write
         writer = StreamWriter(out_path)
         try:
             names = model.names()
@@ -505,6 +513,7 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
+        sweep_stale(out_dir)  # temporaries of decompress runs killed mid-write (merge/outdir.py)
         tmp.mkdir(parents=True)
         try:
             weight_map = {}

@@ -44,7 +44,6 @@ import re
 import resource
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -56,6 +55,7 @@ import torch
 from lfm_engine.merge import config as C
 from lfm_engine.merge import chat_template, elementwise, geometric, lora_ref, stages
 from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
+from lfm_engine.merge.outdir import make_temp_dir
 from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
 PREFETCH_DEPTH = 2
@@ -511,9 +511,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     if threads is not None:
         n_threads = int(threads)
         torch.set_num_threads(n_threads)  # for the torch-implemented methods
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = make_temp_dir(out_dir)  # also sweeps temporaries of runs killed mid-merge
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary folder
@@ -548,7 +546,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                           copy_tokenizer, write_model_card)
         bar.close()
         if os.path.lexists(out_dir):  # allow_overwrite: swap only now that the new one is complete
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            old = make_temp_dir(out_dir, "old")
             os.rename(out_dir, os.path.join(old, "x"))
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
