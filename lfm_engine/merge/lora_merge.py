@@ -63,18 +63,22 @@ class LoraAdapter:
 
     ``scales`` maps module name -> s (delta = s * B @ A); ``default_scale`` is used for
     modules missing from ``scales``. ``name`` is informational (e.g. the directory).
+    ``fan_in_fan_out``: the base stores these weights transposed, [in, out] (GPT-2's
+    Conv1D, PEFT's ``fan_in_fan_out``), so the delta to add to the stored tensor is
+    (s * B @ A)^T.
     """
     modules: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
     scales: Dict[str, float] = field(default_factory=dict)
     default_scale: float = 1.0
     name: str = ""
+    fan_in_fan_out: bool = False
 
     def scale(self, module: str) -> float:
         return float(self.scales.get(module, self.default_scale))
 
     def to(self, device) -> "LoraAdapter":
         return LoraAdapter({m: (a.to(device), b.to(device)) for m, (a, b) in self.modules.items()},
-                           dict(self.scales), self.default_scale, self.name)
+                           dict(self.scales), self.default_scale, self.name, self.fan_in_fan_out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,8 +100,12 @@ def load_peft_adapter(path: str, device="cpu", strip_prefix: str = "base_model.m
 
     Module names are the safetensors key stems with ``strip_prefix`` removed, e.g.
     ``model.layers.0.self_attn.q_proj``. Scales: lora_alpha / r (use_rslora:
-    lora_alpha / sqrt(r)), r and lora_alpha per module from rank_pattern/alpha_pattern.
-    Raises FileNotFoundError / ValueError naming the file and the problem.
+    lora_alpha / sqrt(r)), r and lora_alpha per module from rank_pattern/alpha_pattern;
+    each r a positive integer, each lora_alpha a finite number.
+    Raises FileNotFoundError / ValueError naming the file and the problem. Anything that
+    is not a pair of plain LoRA factors is refused, never skipped, so a fine-tune is never
+    applied in part: ``modules_to_save`` (fully trained embeddings, lm_head, norms),
+    embedding LoRA, DoRA magnitudes, LoRA biases, other adapter types.
     """
     from safetensors.torch import load_file
 
@@ -111,26 +119,39 @@ def load_peft_adapter(path: str, device="cpu", strip_prefix: str = "base_model.m
             cfg = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"load_peft_adapter: {cfg_path} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"load_peft_adapter: {cfg_path} is not a JSON object")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ValueError(f"load_peft_adapter: {path} holds a {peft_type} adapter, not LORA")
+    for key, what in (("modules_to_save", "fully trained modules (modules_to_save)"),
+                      ("use_dora", "DoRA magnitudes (use_dora)"), ("lora_bias", "LoRA biases (lora_bias)")):
+        if cfg.get(key):
+            raise ValueError(f"load_peft_adapter: {cfg_path} has {key}={cfg[key]!r}: {what} are not supported; "
+                             "applying only the LoRA factors would leave part of the fine-tune out")
+    if cfg.get("bias", "none") not in ("none", None):
+        raise ValueError(f"load_peft_adapter: {cfg_path} has bias={cfg['bias']!r}: trained biases are not "
+                         "supported (only bias: none)")
     try:
         tensors = load_file(st_path, device=str(device))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"load_peft_adapter: cannot read {st_path}: {exc}") from None
     parts: Dict[str, Dict[str, torch.Tensor]] = {}
+    extra = sorted(k for k in tensors if not _KEY.match(k))
+    if extra:  # modules_to_save weights, lora_embedding_A/B, DoRA magnitudes, biases ...
+        raise ValueError(f"load_peft_adapter: {st_path} holds {len(extra)} tensors that are not LoRA factors "
+                         f"(first: '{extra[0]}'; modules_to_save, embedding LoRA or DoRA?): not supported, and "
+                         "skipping them would apply only part of the fine-tune")
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if not m:
-            continue  # e.g. modules_to_save or embedding extras: not LoRA factors
         module = m.group("module")
         if strip_prefix and module.startswith(strip_prefix):
             module = module[len(strip_prefix):]
         parts.setdefault(module, {})[m.group("which")] = t
     if not parts:
         raise ValueError(f"load_peft_adapter: {st_path} contains no lora_A/lora_B weights")
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
+    r_default = _number(cfg.get("r", 8), "r", cfg_path, integer=True)
+    alpha_default = _number(cfg.get("lora_alpha", r_default), "lora_alpha", cfg_path)
     rslora = bool(cfg.get("use_rslora", False))
     modules, scales = {}, {}
     for module, ab in parts.items():
@@ -140,13 +161,30 @@ def load_peft_adapter(path: str, device="cpu", strip_prefix: str = "base_model.m
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"load_peft_adapter: module {module}: lora_A {tuple(a.shape)} and lora_B "
                              f"{tuple(b.shape)} do not form B @ A")
-        r = int(_pattern_value(cfg.get("rank_pattern"), module, r_default))
+        r = _number(_pattern_value(cfg.get("rank_pattern"), module, r_default), f"rank_pattern ({module})",
+                    cfg_path, integer=True)
         if r != a.shape[0]:
             raise ValueError(f"load_peft_adapter: module {module}: config rank {r} but lora_A has {a.shape[0]} rows")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
+        alpha = _number(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default),
+                        f"alpha_pattern ({module})", cfg_path)
         scales[module] = alpha / (math.sqrt(r) if rslora else r)
+        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+            raise ValueError(f"load_peft_adapter: {st_path}: the factors of {module} hold NaN or Inf")
         modules[module] = (a, b)
-    return LoraAdapter(modules, scales, default_scale=1.0, name=os.path.basename(os.path.normpath(path)))
+    return LoraAdapter(modules, scales, default_scale=1.0, name=os.path.basename(os.path.normpath(path)),
+                       fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
+
+
+def _number(value, key: str, where: str, integer: bool = False):
+    """A finite number from an adapter config (a positive integer for ranks); a NaN or
+    infinite lora_alpha would make every output of the module non-finite."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer() and value > 0
+    if not ok:
+        want = "a positive integer" if integer else "a finite number"
+        raise ValueError(f"load_peft_adapter: {where}: {key} must be {want}, got {value!r}")
+    return int(value) if integer else float(value)
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: Optional[str] = None,
@@ -200,9 +238,11 @@ def _write_json(obj, p):
 
 
 def adapter_delta(adapter: LoraAdapter, module: str, dtype=torch.float32) -> torch.Tensor:
-    """s * B @ A for one module, computed in fp32 (or ``dtype``): [out, in]."""
+    """s * B @ A for one module, computed in fp32 (or ``dtype``): [out, in]; transposed,
+    [in, out] like the stored weight, for a ``fan_in_fan_out`` adapter."""
     a, b = adapter.modules[module]
-    return (b.to(dtype) @ a.to(dtype)) * adapter.scale(module)
+    d = (b.to(dtype) @ a.to(dtype)) * adapter.scale(module)
+    return d.T if adapter.fan_in_fan_out else d
 
 
 def _module_shape(adapters: Sequence[LoraAdapter], module: str) -> Tuple[int, int]:

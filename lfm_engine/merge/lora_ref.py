@@ -8,11 +8,13 @@ and every tensor read from an overlay passes through :func:`apply`, which adds t
 adapter's delta to the weights it targets:
 
     W' = round(W + s · B @ A)      (fp32 sum, s = lora_alpha / r or / sqrt(r) for rsLoRA,
-                                    rounded once to W's dtype; lora_merge.adapter_delta)
+                                    rounded once to W's dtype; lora_merge.adapter_delta;
+                                    transposed for fan_in_fan_out adapters, GPT-2's Conv1D)
 
 Tensors the adapter does not target are passed through unchanged. Every adapter module
 must name a 2-D weight of the model with the adapter's shape (checked by
-:func:`check`, before anything is merged). The overlay folders are removed at exit.
+:func:`check`, before anything is merged); a finite weight that the adapter makes NaN or
+Inf is an error naming the adapter. The overlay folders are removed at exit.
 """
 from __future__ import annotations
 
@@ -83,9 +85,10 @@ def check(overlay_path: str, ref: str) -> List[str]:
         info = tensors.get(module + ".weight")
         if info is None:
             errs.append(f"'{ref}': adapter module '{module}' has no weight '{module}.weight' in the model")
-        elif tuple(info.shape) != (b.shape[0], a.shape[1]):
-            errs.append(f"'{ref}': adapter module '{module}' makes a [{b.shape[0]}, {a.shape[1]}] delta but "
-                        f"the weight is {list(info.shape)}")
+        elif tuple(info.shape) != ((a.shape[1], b.shape[0]) if ad.fan_in_fan_out else (b.shape[0], a.shape[1])):
+            made = [a.shape[1], b.shape[0]] if ad.fan_in_fan_out else [b.shape[0], a.shape[1]]
+            errs.append(f"'{ref}': adapter module '{module}' makes a {made} delta"
+                        f"{' (fan_in_fan_out)' if ad.fan_in_fan_out else ''} but the weight is {list(info.shape)}")
         if len(errs) >= 5:
             errs.append(f"'{ref}': (further adapter modules not checked)")
             break
@@ -101,8 +104,14 @@ def apply(info, tensor: torch.Tensor) -> torch.Tensor:
     module = info.name[:-len(".weight")]
     if module not in ad.modules:
         return tensor
+    from lfm_engine.merge.io import CheckpointError
     from lfm_engine.merge.lora_merge import adapter_delta
-    return (tensor.float() + adapter_delta(ad, module)).to(tensor.dtype)
+    out = tensor.float() + adapter_delta(ad, module)
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(tensor).all()):
+        # a finite weight made non-finite by the adapter: name the adapter, not the weight
+        raise CheckpointError(f"{lora}: applying the adapter to '{info.name}' gives NaN or Inf (scale "
+                              f"lora_alpha/r = {ad.scale(module):g}; lora_alpha or the factors are too large)")
+    return out.to(tensor.dtype)
 
 
 @atexit.register
