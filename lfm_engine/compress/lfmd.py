@@ -406,6 +406,16 @@ def open_container(path) -> Container:
         for name, e in codecs.items():
             if not isinstance(e, dict) or not {"codec", "shape", "dtype", "fields"} <= set(e):
                 raise LfmdError(f"{path}: corrupt lfm.codecs entry for '{name}'")
+            if (not isinstance(e["codec"], str) or not isinstance(e["dtype"], str)
+                    or not isinstance(e["shape"], list)
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"])
+                    or not isinstance(e["fields"], list) or not all(isinstance(f, str) for f in e["fields"])):
+                raise LfmdError(f"{path}: corrupt lfm.codecs entry for '{name}' (codec and dtype must be names, "
+                                "shape a list of sizes, fields a list of names)")
+            try:
+                parse_dtype_name(e["dtype"])
+            except SafetensorsFormatError:
+                raise LfmdError(f"{path}: lfm.codecs entry for '{name}' has unknown dtype '{e['dtype']}'") from None
             if e["codec"] not in known:
                 raise LfmdError(f"{path}: '{name}' uses codec '{e['codec']}' which this lfm_engine does not know")
             if not isinstance(e.get("sha256"), str):

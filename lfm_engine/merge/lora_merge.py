@@ -85,9 +85,19 @@ class LoraAdapter:
 # PEFT files
 
 
-def _pattern_value(patterns: Mapping[str, object], module: str, default):
-    for pat, val in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{pat}$", module):
+def _pattern_value(patterns: Mapping[str, object], module: str, default, key: str = "pattern"):
+    """The value of the first pattern (PEFT's rule: the key matches a suffix of the module
+    name at a dot) that matches ``module``, else ``default``."""
+    if patterns is None:
+        return default
+    if not isinstance(patterns, Mapping):
+        raise ValueError(f"{key} must be a JSON object of pattern -> value, got {type(patterns).__name__}")
+    for pat, val in patterns.items():
+        try:
+            hit = re.match(rf"(.*\.)?{pat}$", module)
+        except re.error as exc:
+            raise ValueError(f"{key}: {pat!r} is not a valid regular expression ({exc})") from None
+        if hit:
             return val
     return default
 
@@ -161,12 +171,12 @@ def load_peft_adapter(path: str, device="cpu", strip_prefix: str = "base_model.m
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"load_peft_adapter: module {module}: lora_A {tuple(a.shape)} and lora_B "
                              f"{tuple(b.shape)} do not form B @ A")
-        r = _number(_pattern_value(cfg.get("rank_pattern"), module, r_default), f"rank_pattern ({module})",
-                    cfg_path, integer=True)
+        r = _number(_pattern_value(cfg.get("rank_pattern"), module, r_default, f"{cfg_path}: rank_pattern"),
+                    f"rank_pattern ({module})", cfg_path, integer=True)
         if r != a.shape[0]:
             raise ValueError(f"load_peft_adapter: module {module}: config rank {r} but lora_A has {a.shape[0]} rows")
-        alpha = _number(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default),
-                        f"alpha_pattern ({module})", cfg_path)
+        alpha = _number(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default,
+                                       f"{cfg_path}: alpha_pattern"), f"alpha_pattern ({module})", cfg_path)
         scales[module] = alpha / (math.sqrt(r) if rslora else r)
         if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
             raise ValueError(f"load_peft_adapter: {st_path}: the factors of {module} hold NaN or Inf")

@@ -30,7 +30,7 @@ import torch
 _lock = threading.Lock()
 _overlays: Dict[Tuple[str, str], str] = {}    # (model folder, adapter folder) -> overlay
 _adapter_of: Dict[str, str] = {}              # overlay -> adapter folder
-_loaded: Dict[str, object] = {}               # adapter folder -> LoraAdapter
+_loaded: Dict[str, Tuple[tuple, object]] = {}  # adapter folder -> (files' stat signature, LoraAdapter)
 
 
 def split(ref: str) -> Optional[Tuple[str, str]]:
@@ -58,12 +58,27 @@ def overlay(model_path: str, lora_path: str) -> str:
         return d
 
 
+def _signature(lora_path: str) -> tuple:
+    """Identity of the adapter's files: a folder rewritten in place (same path, a later run
+    in the same process) is read again, never served from the cache."""
+    sig = []
+    for fn in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            st = os.stat(os.path.join(lora_path, fn))
+            sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            sig.append(None)
+    return tuple(sig)
+
+
 def _adapter(lora_path: str):
     from lfm_engine.merge.lora_merge import load_peft_adapter
+    sig = _signature(lora_path)
     with _lock:
-        if lora_path not in _loaded:
-            _loaded[lora_path] = load_peft_adapter(lora_path)
-        return _loaded[lora_path]
+        hit = _loaded.get(lora_path)
+        if hit is None or hit[0] != sig:
+            _loaded[lora_path] = (sig, load_peft_adapter(lora_path))
+        return _loaded[lora_path][1]
 
 
 def check(overlay_path: str, ref: str) -> List[str]:
