@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from lfm_engine.cli.guard import guarded
+from lfm_engine.cli.guard import guarded, thread_count
 
 
 def _override(text: str) -> tuple[str, str]:
@@ -39,7 +39,7 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", type=_override, default=[], metavar="FILTER=CODEC",
                    help="per-tensor codec by name filter (glob, or re:REGEX); CODEC 'raw' stores the tensor as is; "
                         "repeatable, first match wins")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--threads", type=thread_count, default=0, help="CPU threads (0 = all)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
     p.add_argument("out", help="output .lfmd file")
@@ -52,7 +52,7 @@ def add_decompress_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder the container was made against")
     p.add_argument("--force", action="store_true", help="decode even if the base fingerprint differs")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--threads", type=thread_count, default=0, help="CPU threads (0 = all)")
     p.add_argument("input", help="input .lfmd file")
     p.add_argument("out_dir", help="output model folder")
     p.set_defaults(func=run_decompress)

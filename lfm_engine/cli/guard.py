@@ -7,6 +7,9 @@ input problems (MergeConfigError, CheckpointError, and the command's own
 naming the exception (the commands write through a temporary name, so nothing is left
 behind). Returns (exit status, the call's result or None).
 
+``thread_count`` is the argparse type of every --threads/-j option: 0 (all cores) to
+MAX_THREADS, checked when the arguments are parsed rather than mid-run.
+
 ``sigterm_unwinds()`` makes SIGTERM (a job scheduler, ``kill``) raise KeyboardInterrupt
 in the main thread while the block runs, so the same ``except BaseException`` clean-up
 that removes temporaries on Ctrl-C runs too (Python's default for SIGTERM is to die
@@ -15,10 +18,23 @@ without unwinding). SIGKILL cannot be caught: the next run sweeps what it leaves
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import signal
 import sys
 import threading
+
+MAX_THREADS = 1024  # the core's bound (kMaxThreads in csrc/core/thread_pool.cpp)
+
+
+def thread_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if not 0 <= n <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be 0 (all cores) to {MAX_THREADS}, got {n}")
+    return n
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ import re
 import sys
 import warnings
 
+from lfm_engine.cli.guard import thread_count
+
 # mergekit-yaml options accepted for compatibility that change nothing here, and why
 NOOP_FLAGS = {
     "--lazy-unpickle": "pickle checkpoints are never loaded (safetensors only)",
@@ -51,8 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="check the config and the inputs, print the plan, write nothing")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's spelling)")
-    p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=int, default=None,
-                   help="CPU threads (default: all)")
+    p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=thread_count, default=None,
+                   help="CPU threads (0 or absent: all)")
     p.add_argument("--out-shard-size", default="5GB",
                    help="largest output shard in bytes: 5GB, 500MB, 2GiB, or mergekit's units "
                         "5B (= 5e9), 500M, 10K; a plain integer is bytes (default: 5GB)")
@@ -123,7 +125,7 @@ def run(args) -> int:
     try:
         # SIGTERM (e.g. a job scheduler) unwinds like Ctrl-C so the temporary folder is removed
         with sigterm_unwinds():
-            res = merge_models(args.config, args.out_dir, device=device, threads=args.threads,
+            res = merge_models(args.config, args.out_dir, device=device, threads=args.threads or None,
                                out_shard_size=shard_size(args.out_shard_size), seed=args.seed,
                                allow_overwrite=args.allow_overwrite, dry_run=args.dry_run,
                                quiet=args.quiet, copy_tokenizer=args.copy_tokenizer,

@@ -468,8 +468,8 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
             pre_errors.append(f"--device {device}: only cpu and cuda are supported")
     except RuntimeError as e:
         pre_errors.append(f"--device: {e}")
-    if threads is not None and int(threads) < 1:
-        pre_errors.append(f"--threads: must be >= 1, got {threads}")
+    if threads is not None and not 1 <= int(threads) <= 1024:  # the core's bound (csrc/core/thread_pool.cpp)
+        pre_errors.append(f"--threads: must be in 1..1024, got {threads}")
     if os.path.lexists(out_dir) and not allow_overwrite:
         pre_errors.append(f"output folder '{out_dir}' already exists (use --allow-overwrite to replace it)")
     try:
