@@ -39,6 +39,17 @@ def gpt2(tmp_path_factory):
     return root, {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
+def _changed_copy(src, dst, change: dict):
+    """A copy of the adapter folder `src` at `dst` with adapter_config.json updated."""
+    dst.mkdir()
+    for f in os.listdir(src):
+        (dst / f).write_bytes((src / f).read_bytes())
+    c = json.loads((dst / "adapter_config.json").read_text())
+    c.update(change)
+    (dst / "adapter_config.json").write_text(json.dumps(c))
+    return dst
+
+
 def test_conv1d_adapter_matches_peft_merge_and_unload(gpt2, tmp_path):
     root, want = gpt2
     cfg = {"merge_method": "linear", "dtype": "float32",
@@ -60,13 +71,7 @@ def test_conv1d_adapter_matches_peft_merge_and_unload(gpt2, tmp_path):
 ])
 def test_adapters_that_cannot_be_applied_whole_are_refused(gpt2, tmp_path, capsys, change, match):
     root, _ = gpt2
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in os.listdir(root / "lora"):
-        (bad / f).write_bytes((root / "lora" / f).read_bytes())
-    c = json.loads((bad / "adapter_config.json").read_text())
-    c.update(change)
-    (bad / "adapter_config.json").write_text(json.dumps(c))
+    bad = _changed_copy(root / "lora", tmp_path / "bad", change)
     cfg = {"merge_method": "linear", "models": [{"model": f"{root / 'base'}+{bad}", "parameters": {"weight": 1}}]}
     for extra in ((), ("--dry-run",)):
         rc, out = run(cfg, tmp_path, *extra)
@@ -77,13 +82,8 @@ def test_adapters_that_cannot_be_applied_whole_are_refused(gpt2, tmp_path, capsy
 
 def test_adapter_that_overflows_a_weight_names_the_adapter(gpt2, tmp_path, capsys):
     root, _ = gpt2
-    big = tmp_path / "big"
-    big.mkdir()
-    for f in os.listdir(root / "lora"):
-        (big / f).write_bytes((root / "lora" / f).read_bytes())
-    c = json.loads((big / "adapter_config.json").read_text())
-    c["lora_alpha"] = 1e40  # finite (float64), but s * B @ A overflows float32
-    (big / "adapter_config.json").write_text(json.dumps(c))
+    # lora_alpha finite (float64), but s * B @ A overflows float32
+    big = _changed_copy(root / "lora", tmp_path / "big", dict(lora_alpha=1e40))
     cfg = {"merge_method": "linear", "models": [{"model": f"{root / 'base'}+{big}", "parameters": {"weight": 1}}]}
     rc, out = run(cfg, tmp_path)
     err = capsys.readouterr().err
