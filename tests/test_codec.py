@@ -423,6 +423,31 @@ def test_triton_delta_apply(triton_env, codec, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2"])
+def test_triton_delta_apply_bf16_gpu(codec):
+    """bf16 activations on a GPU: the Triton kernel's tl.dot multiplies bf16 tiles on the tensor
+    cores, which the CPU interpreter gets wrong, so only a GPU can check it. Ragged sizes: 37
+    tokens (several 16-token tiles per slot, no-delta tokens), 1000 inputs (a partial 64-wide
+    K block), 300 outputs (a partial 32-wide N block); compared with decode-then-matmul."""
+    S, T, n_in, n_out = 3, 37, 1000, 300
+    g = torch.Generator().manual_seed(21)
+    opts = {} if codec == "sign1" else {"group_size": 128}
+    deltas = [encode_delta(torch.randn(n_out, n_in, generator=g) * 0.05, codec, **opts) for _ in range(S)]
+    x = torch.randn(T, n_in, generator=g).to(torch.bfloat16)
+    slot = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
+    slot[:20] = 1  # one slot with more than one 16-token tile
+    y0 = torch.randn(T, n_out, generator=g).to(torch.bfloat16)
+    want = y0.clone()
+    delta_apply(x, deltas, slot, want, backend="reference")
+    dd = [Encoded(e.codec, e.shape, e.dtype, {k: v.cuda() for k, v in e.fields.items()}, e.options) for e in deltas]
+    y = y0.cuda()
+    delta_apply(x.cuda(), dd, slot.cuda(), y, backend="triton")
+    assert_close(y, want, torch.bfloat16)
+    none = slot < 0
+    assert torch.equal(y.cpu()[none], y0[none])  # tokens without a delta are untouched
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("codec", NATIVE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_decode_add(codec, dtype):

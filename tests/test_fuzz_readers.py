@@ -59,9 +59,7 @@ def _mutate(raw: bytes, rnd: random.Random) -> bytes:
     name = rnd.choice(names)
     if kind == 3:                                   # a field of the wrong type or a lying value
         field = rnd.choice(["dtype", "shape", "data_offsets"])
-        # a list or object as dtype: see test_header_values_json_allows_but_safetensors_does_not
-        values = WRONG_VALUES if field != "dtype" else [v for v in WRONG_VALUES if not isinstance(v, (list, dict))]
-        header[name][field] = rnd.choice(values)
+        header[name][field] = rnd.choice(WRONG_VALUES)
     elif kind == 4:                                 # a missing field, or an entry that is not an object
         if rnd.random() < 0.5:
             header[name].pop(rnd.choice(["dtype", "shape", "data_offsets"]))
@@ -198,15 +196,17 @@ def test_fuzzed_peft_folders_through_model_plus_lora(models, tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp-*"))
 
 
-@pytest.mark.xfail(reason="io/safetensors_format.read_header: an unhashable dtype, Infinity or 1e400 in a shape "
-                          "and deeply nested JSON still escape as TypeError/OverflowError/RecursionError (exit 1); "
-                          "the fix belongs to the io/ rework (branch houseio)", strict=False)
+KNOWN = pytest.mark.xfail(reason="io/safetensors_format.read_header: Infinity or 1e400 in a shape and deeply nested "
+                                 "JSON still escape as OverflowError/RecursionError (exit 1); the fix belongs to the "
+                                 "io/ layer (houseio)", strict=False)
+
+
 @pytest.mark.parametrize("header", [
     '{"w":{"dtype":{},"shape":[4],"data_offsets":[0,16]}}',
     '{"w":{"dtype":["F32"],"shape":[4],"data_offsets":[0,16]}}',
-    '{"w":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,16]}}',
-    '{"w":{"dtype":"F32","shape":[1e400],"data_offsets":[0,16]}}',
-    '{"w":' * 20000 + '1' + '}' * 20000,
+    pytest.param('{"w":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,16]}}', marks=KNOWN),
+    pytest.param('{"w":{"dtype":"F32","shape":[1e400],"data_offsets":[0,16]}}', marks=KNOWN),
+    pytest.param('{"w":' * 20000 + '1' + '}' * 20000, marks=KNOWN, id="nested-20000"),
 ])
 def test_header_values_json_allows_but_safetensors_does_not(models, tmp_path, capsys, header):
     bad = tmp_path / "bad"

@@ -70,9 +70,9 @@ def test_compress_and_decompress_after_kill_9(pair):
     lfmd = pair / "m.lfmd"
     pid = _killed_owner(f"""
         import os
-        from lfm_engine.compress.safetensors_io import StreamWriter
+        from lfm_engine.io.safetensors import SafetensorsWriter
         import torch
-        w = StreamWriter({str(lfmd)!r})
+        w = SafetensorsWriter({str(lfmd)!r})
         w.add("x", torch.zeros(4))
         w.f.flush()
         d = {str(pair / "rec")!r}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -130,10 +129,10 @@ def test_load_peft_adapter_errors(tmp_path):
         load_peft_adapter(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text("{not json")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="cannot parse JSON"):
         load_peft_adapter(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_peft_adapter(str(tmp_path))
 
 
@@ -148,49 +147,3 @@ def test_lora_merge_on_gpu_matches_cpu():
             torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
     new = merge_adapters_to_lora(gpu, rank=6, method="ties", density=0.4)
     assert next(iter(new.modules.values()))[0].device.type == "cuda"
-
-
-def _peft_folder(path, cfg_changes=None, extra_tensors=None, alpha=8):
-    ad = LoraAdapter({"model.layers.0.mlp.up_proj": (torch.randn(4, 16), torch.randn(24, 4))}, {})
-    save_peft_adapter(ad, str(path))
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    cfg.update(cfg_changes or {})
-    (path / "adapter_config.json").write_text(json.dumps(cfg, allow_nan=True))
-    if extra_tensors:
-        from safetensors.torch import load_file, save_file
-        t = load_file(str(path / "adapter_model.safetensors"))
-        t.update(extra_tensors)
-        save_file(t, str(path / "adapter_model.safetensors"))
-    return path
-
-
-@pytest.mark.parametrize("changes, extra, match", [
-    (dict(modules_to_save=["lm_head"]), None, "modules_to_save"),
-    (None, {"base_model.model.lm_head.weight": torch.zeros(8, 16)}, "not LoRA factors (first: 'base_model.model.lm_head"),
-    (None, {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 8)}, "lora_embedding_A"),
-    (dict(use_dora=True), None, "use_dora"),
-    (dict(bias="all"), None, "bias='all'"),
-    (dict(lora_alpha=float("nan")), None, "lora_alpha must be a finite number, got nan"),
-    (dict(lora_alpha=float("inf")), None, "lora_alpha must be a finite number"),
-    (dict(lora_alpha="8"), None, "lora_alpha must be a finite number, got '8'"),
-    (dict(alpha_pattern={"up_proj": float("nan")}), None, "alpha_pattern (model.layers.0.mlp.up_proj)"),
-    (dict(r=0), None, "r must be a positive integer, got 0"),
-    (dict(rank_pattern={"up_proj": 2.5}), None, "must be a positive integer, got 2.5"),
-])
-def test_load_peft_adapter_refuses_what_it_would_drop_or_make_non_finite(tmp_path, changes, extra, match):
-    """Never apply part of a fine-tune (modules_to_save used to be skipped silently) and
-    never build a NaN scale (a NaN lora_alpha loaded and gave NaN weights)."""
-    _peft_folder(tmp_path, changes, extra)
-    with pytest.raises(ValueError, match=re.escape(match)):
-        load_peft_adapter(str(tmp_path))
-
-
-def test_load_peft_adapter_refuses_non_finite_factors(tmp_path):
-    from safetensors.torch import load_file, save_file
-    _peft_folder(tmp_path)
-    t = load_file(str(tmp_path / "adapter_model.safetensors"))
-    k = next(k for k in t if "lora_B" in k)
-    t[k][0, 0] = float("nan")
-    save_file(t, str(tmp_path / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match="hold NaN or Inf"):
-        load_peft_adapter(str(tmp_path))

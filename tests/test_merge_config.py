@@ -236,7 +236,7 @@ def test_fuzzed_configs_give_config_errors_only(family):
             "tokenizer_source", "tokenizer", "chat_template", "name", "gate_mode"]
     methods = ["ties", "slerp", "karcher", "passthrough", "sce", "nearswap", "linear", "bogus"]
     from lfm_engine.merge import merge_models
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
     for i in range(200):
         cfg = {}
         for k in rnd.sample(keys, rnd.randint(1, len(keys))):

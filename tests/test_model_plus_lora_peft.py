@@ -1,7 +1,7 @@
 """`model+lora` references with adapters saved by the real PEFT library: the merged output
 equals PEFT's own merge_and_unload (including GPT-2's Conv1D weights, stored [in, out],
-whose adapters set fan_in_fan_out), and what cannot be applied whole is refused by name
-(modules_to_save used to be dropped silently, a NaN lora_alpha loaded)."""
+whose adapters set fan_in_fan_out: the square c_proj was silently added untransposed), and
+an adapter that makes the weights non-finite (a NaN lora_alpha loaded) is refused by name."""
 from __future__ import annotations
 
 import copy
@@ -65,25 +65,10 @@ def test_conv1d_adapter_matches_peft_merge_and_unload(gpt2, tmp_path):
     assert checked >= 4  # the adapted Conv1D weights were compared, not only untouched ones
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-    (dict(lora_alpha=float("nan")), "lora_alpha must be a finite number, got nan"),
-])
-def test_adapters_that_cannot_be_applied_whole_are_refused(gpt2, tmp_path, capsys, change, match):
+@pytest.mark.parametrize("alpha", [float("nan"), 1e40])  # 1e40: finite (float64), s * B @ A overflows float32
+def test_adapter_that_makes_a_weight_non_finite_is_named(gpt2, tmp_path, capsys, alpha):
     root, _ = gpt2
-    bad = _changed_copy(root / "lora", tmp_path / "bad", change)
-    cfg = {"merge_method": "linear", "models": [{"model": f"{root / 'base'}+{bad}", "parameters": {"weight": 1}}]}
-    for extra in ((), ("--dry-run",)):
-        rc, out = run(cfg, tmp_path, *extra)
-        err = capsys.readouterr().err
-        assert rc == 2 and match in err and "Traceback" not in err, err
-        assert not out.exists()
-
-
-def test_adapter_that_overflows_a_weight_names_the_adapter(gpt2, tmp_path, capsys):
-    root, _ = gpt2
-    # lora_alpha finite (float64), but s * B @ A overflows float32
-    big = _changed_copy(root / "lora", tmp_path / "big", dict(lora_alpha=1e40))
+    big = _changed_copy(root / "lora", tmp_path / "big", dict(lora_alpha=alpha))
     cfg = {"merge_method": "linear", "models": [{"model": f"{root / 'base'}+{big}", "parameters": {"weight": 1}}]}
     rc, out = run(cfg, tmp_path)
     err = capsys.readouterr().err

@@ -55,7 +55,7 @@ def sigterm_unwinds():
 
 def guarded(call, what: str, user_errors=()):
     from lfm_engine.core.merge_methods import MergeConfigError
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
     try:
         with sigterm_unwinds():
             return 0, call()

@@ -43,11 +43,28 @@ def add_config_and_output(p, what: str) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="output model folder (must not exist)")
 
 
+def methods_help() -> str:
+    """The merge_method values and their parameters, from the method registry."""
+    from lfm_engine.core.merge_registry import METHODS, REQUIRED
+    lines = ["merge methods (merge_method:) and their parameters (* = per model; docs/merge.md):"]
+    for name, m in METHODS.items():
+        ps = []
+        for p in m.params:
+            d = "required" if p.default is REQUIRED or p.config_required else (
+                "unset" if p.default is None else str(p.default).lower() if isinstance(p.default, bool) else p.default)
+            ps.append(f"{p.name}{'*' if p.per_model else ''}={d}")
+        lines.append(f"  {name:<17} {m.summary}")
+        if ps:
+            lines.append(f"  {'':<17}   {', '.join(ps)}")
+    return "\n".join(lines)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "merge", help="merge models described by a mergekit-style YAML config",
         description="Merge HF safetensors model folders as described by a mergekit YAML "
-                    "config (ties, dare_ties, della, slerp, ...), streaming tensor by tensor.")
+                    "config, streaming tensor by tensor.",
+        epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_and_output(p, "mergekit-style merge")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the inputs, print the plan, write nothing")
@@ -90,7 +107,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def shard_size(text: str):
     """mergekit's K/M/B units (thousand, million, billion bytes: 5B = 5e9) as an int;
-    any other spelling (5GB, 500MB, 2GiB, 123) is left to lfm_engine.merge.io.parse_size."""
+    any other spelling (5GB, 500MB, 2GiB, 123) is left to lfm_engine.io.safetensors.parse_size."""
     m = _KMB.fullmatch(text)
     if m:
         return int(m.group(1)) * {"k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
@@ -100,7 +117,7 @@ def shard_size(text: str):
 def run(args) -> int:
     from lfm_engine.cli.guard import sigterm_unwinds
     from lfm_engine.merge import MergeConfigErrors, merge_models
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
 
     def show(msg, category, filename, lineno, file=None, line=None):
         print(f"warning: {msg}", file=sys.stderr)

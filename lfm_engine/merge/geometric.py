@@ -25,7 +25,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 
 def slerp(t: float, a: torch.Tensor, c: torch.Tensor, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two tensors treated as flat vectors (spec/merge.md).
+    """Spherical interpolation of two tensors treated as flat vectors (docs/spec/merge.md).
 
     u = a/‖a‖, v = c/‖c‖ (a norm below eps counts as 1), dot = ⟨u, v⟩ clamped to
     [−1, 1]. If |dot| > 0.9995: out = (1−t)·a + t·c; else θ = acos(dot) and

@@ -5,7 +5,7 @@ A [r, in], B [out, r] and the scale s = lora_alpha / r (rsLoRA: lora_alpha / sqr
 Given K adapters for the same base model, per module:
 
     delta_i = s_i * B_i @ A_i                       (fp32, on the device of the tensors)
-    merged  = merge_tensors(0, [delta_1 .. delta_K], method, ...)   (spec/merge.md)
+    merged  = merge_tensors(0, [delta_1 .. delta_K], method, ...)   (docs/spec/merge.md)
 
 i.e. the adapters' full deltas are the task vectors of the merge (base 0, so the kernel's
 task vector is delta_i exactly); every method of the task-vector family works (TIES,
@@ -26,15 +26,13 @@ Decisions where no spec speaks: a module missing from some adapters counts as a 
 delta for them (a zero task vector: it never wins a TIES election and adds nothing);
 the DARE/DELLA random streams are keyed by the module name (``<module>.weight``) and the
 adapter's position, so a merge is reproducible; ``weights`` default to 1 per adapter as
-in merge_tensors. Adapters are read from PEFT's on-disk format (adapter_config.json +
-adapter_model.safetensors, keys ``<prefix>.<module>.lora_A.weight`` /
-``.lora_B.weight``); ``rank_pattern``/``alpha_pattern`` are honoured by matching a
-pattern as a regular expression against the end of the module name, as PEFT does.
+in merge_tensors. Adapters are read from PEFT's on-disk format by the one adapter-folder
+reader, lfm_engine/io/peft.py (rank_pattern/alpha_pattern, defaults and modules_to_save:
+docs/spec/io.md "PEFT LoRA adapter folders").
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -63,146 +61,53 @@ class LoraAdapter:
 
     ``scales`` maps module name -> s (delta = s * B @ A); ``default_scale`` is used for
     modules missing from ``scales``. ``name`` is informational (e.g. the directory).
-    ``fan_in_fan_out``: the base stores these weights transposed, [in, out] (GPT-2's
-    Conv1D, PEFT's ``fan_in_fan_out``), so the delta to add to the stored tensor is
-    (s * B @ A)^T.
     """
     modules: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
     scales: Dict[str, float] = field(default_factory=dict)
     default_scale: float = 1.0
     name: str = ""
-    fan_in_fan_out: bool = False
+    saved: Dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: name -> tensor
 
     def scale(self, module: str) -> float:
         return float(self.scales.get(module, self.default_scale))
 
     def to(self, device) -> "LoraAdapter":
         return LoraAdapter({m: (a.to(device), b.to(device)) for m, (a, b) in self.modules.items()},
-                           dict(self.scales), self.default_scale, self.name, self.fan_in_fan_out)
+                           dict(self.scales), self.default_scale, self.name,
+                           {n: t.to(device) for n, t in self.saved.items()})
 
 
 # ---------------------------------------------------------------------------------------
-# PEFT files
+# PEFT files (read by lfm_engine.io.peft, the one adapter-folder reader)
 
 
-def _pattern_value(patterns: Mapping[str, object], module: str, default, key: str = "pattern"):
-    """The value of the first pattern (PEFT's rule: the key matches a suffix of the module
-    name at a dot) that matches ``module``, else ``default``."""
-    if patterns is None:
-        return default
-    if not isinstance(patterns, Mapping):
-        raise ValueError(f"{key} must be a JSON object of pattern -> value, got {type(patterns).__name__}")
-    for pat, val in patterns.items():
-        try:
-            hit = re.match(rf"(.*\.)?{pat}$", module)
-        except re.error as exc:
-            raise ValueError(f"{key}: {pat!r} is not a valid regular expression ({exc})") from None
-        if hit:
-            return val
-    return default
-
-
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def load_peft_adapter(path: str, device="cpu", strip_prefix: str = "base_model.model.") -> LoraAdapter:
+def load_peft_adapter(path: str, device="cpu") -> LoraAdapter:
     """Read a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
 
-    Module names are the safetensors key stems with ``strip_prefix`` removed, e.g.
+    Module names are the safetensors key stems without ``base_model.model.``, e.g.
     ``model.layers.0.self_attn.q_proj``. Scales: lora_alpha / r (use_rslora:
-    lora_alpha / sqrt(r)), r and lora_alpha per module from rank_pattern/alpha_pattern;
-    each r a positive integer, each lora_alpha a finite number.
-    Raises FileNotFoundError / ValueError naming the file and the problem. Anything that
-    is not a pair of plain LoRA factors is refused, never skipped, so a fine-tune is never
-    applied in part: ``modules_to_save`` (fully trained embeddings, lm_head, norms),
-    embedding LoRA, DoRA magnitudes, LoRA biases, other adapter types.
+    lora_alpha / sqrt(r)), r and lora_alpha per module from rank_pattern/alpha_pattern
+    (rules: lfm_engine/io/peft.py). modules_to_save tensors land in ``saved`` (never
+    dropped). Raises FileNotFoundError / ValueError naming the file and the problem.
     """
-    from safetensors.torch import load_file
+    from lfm_engine.io.peft import open_adapter, read_saved, read_weights
 
-    cfg_path = os.path.join(path, "adapter_config.json")
-    st_path = os.path.join(path, "adapter_model.safetensors")
-    for p in (cfg_path, st_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"load_peft_adapter: {p} does not exist")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"load_peft_adapter: {cfg_path} is not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"load_peft_adapter: {cfg_path} is not a JSON object")
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise ValueError(f"load_peft_adapter: {path} holds a {peft_type} adapter, not LORA")
-    for key, what in (("modules_to_save", "fully trained modules (modules_to_save)"),
-                      ("use_dora", "DoRA magnitudes (use_dora)"), ("lora_bias", "LoRA biases (lora_bias)")):
-        if cfg.get(key):
-            raise ValueError(f"load_peft_adapter: {cfg_path} has {key}={cfg[key]!r}: {what} are not supported; "
-                             "applying only the LoRA factors would leave part of the fine-tune out")
-    if cfg.get("bias", "none") not in ("none", None):
-        raise ValueError(f"load_peft_adapter: {cfg_path} has bias={cfg['bias']!r}: trained biases are not "
-                         "supported (only bias: none)")
-    try:
-        tensors = load_file(st_path, device=str(device))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"load_peft_adapter: cannot read {st_path}: {exc}") from None
-    parts: Dict[str, Dict[str, torch.Tensor]] = {}
-    extra = sorted(k for k in tensors if not _KEY.match(k))
-    if extra:  # modules_to_save weights, lora_embedding_A/B, DoRA magnitudes, biases ...
-        raise ValueError(f"load_peft_adapter: {st_path} holds {len(extra)} tensors that are not LoRA factors "
-                         f"(first: '{extra[0]}'; modules_to_save, embedding LoRA or DoRA?): not supported, and "
-                         "skipping them would apply only part of the fine-tune")
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        module = m.group("module")
-        if strip_prefix and module.startswith(strip_prefix):
-            module = module[len(strip_prefix):]
-        parts.setdefault(module, {})[m.group("which")] = t
-    if not parts:
-        raise ValueError(f"load_peft_adapter: {st_path} contains no lora_A/lora_B weights")
-    r_default = _number(cfg.get("r", 8), "r", cfg_path, integer=True)
-    alpha_default = _number(cfg.get("lora_alpha", r_default), "lora_alpha", cfg_path)
-    rslora = bool(cfg.get("use_rslora", False))
-    modules, scales = {}, {}
-    for module, ab in parts.items():
-        if "A" not in ab or "B" not in ab:
-            raise ValueError(f"load_peft_adapter: module {module} lacks lora_{'A' if 'A' not in ab else 'B'}")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"load_peft_adapter: module {module}: lora_A {tuple(a.shape)} and lora_B "
-                             f"{tuple(b.shape)} do not form B @ A")
-        r = _number(_pattern_value(cfg.get("rank_pattern"), module, r_default, f"{cfg_path}: rank_pattern"),
-                    f"rank_pattern ({module})", cfg_path, integer=True)
-        if r != a.shape[0]:
-            raise ValueError(f"load_peft_adapter: module {module}: config rank {r} but lora_A has {a.shape[0]} rows")
-        alpha = _number(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default,
-                                       f"{cfg_path}: alpha_pattern"), f"alpha_pattern ({module})", cfg_path)
-        scales[module] = alpha / (math.sqrt(r) if rslora else r)
-        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
-            raise ValueError(f"load_peft_adapter: {st_path}: the factors of {module} hold NaN or Inf")
-        modules[module] = (a, b)
+    spec = open_adapter(path)
+    weights = read_weights(spec)
+    modules = {m: (a.to(device), b.to(device)) for m, (a, b) in weights.items()}
+    scales = {m: spec.modules[m].scale for m in modules}
+    saved = {n: t.to(device) for n, t in read_saved(spec).items()}
     return LoraAdapter(modules, scales, default_scale=1.0, name=os.path.basename(os.path.normpath(path)),
-                       fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
-
-
-def _number(value, key: str, where: str, integer: bool = False):
-    """A finite number from an adapter config (a positive integer for ranks); a NaN or
-    infinite lora_alpha would make every output of the module non-finite."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer() and value > 0
-    if not ok:
-        want = "a positive integer" if integer else "a finite number"
-        raise ValueError(f"load_peft_adapter: {where}: {key} must be {want}, got {value!r}")
-    return int(value) if integer else float(value)
+                       saved=saved)
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: Optional[str] = None,
                       prefix: str = "base_model.model.") -> None:
     """Write ``adapter`` as a PEFT LoRA directory. All modules must share one rank r; the
     scale is stored as lora_alpha = s * r (alpha_pattern for modules whose scale
-    differs). Files are written to temporary names and renamed."""
-    from safetensors.torch import save_file
+    differs); ``adapter.saved`` tensors are written as modules_to_save. Files are written
+    to temporary names and renamed."""
+    from lfm_engine.io.safetensors import save_tensors
 
     if not adapter.modules:
         raise ValueError("save_peft_adapter: the adapter has no modules")
@@ -218,24 +123,26 @@ def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: 
         "peft_type": "LORA", "r": r, "lora_alpha": common * r, "target_modules": targets,
         "alpha_pattern": alpha_pattern, "rank_pattern": {}, "use_rslora": False, "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "task_type": None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.saved}) or None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
     tensors = {}
     for m, (a, b) in adapter.modules.items():
         tensors[f"{prefix}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{prefix}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
+    for n, t in adapter.saved.items():
+        tensors[f"{prefix}{n}"] = t.detach().contiguous().cpu()
     os.makedirs(path, exist_ok=True)
-    for fname, writer in (("adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                          ("adapter_config.json", lambda p: _write_json(cfg, p))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=path)
-        os.close(fd)
-        try:
-            writer(tmp)
-            os.replace(tmp, os.path.join(path, fname))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    save_tensors(os.path.join(path, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
+    fd, tmp = tempfile.mkstemp(prefix=".adapter_config.json.", dir=path)
+    os.close(fd)
+    try:
+        _write_json(cfg, tmp)
+        os.replace(tmp, os.path.join(path, "adapter_config.json"))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _write_json(obj, p):
@@ -248,11 +155,9 @@ def _write_json(obj, p):
 
 
 def adapter_delta(adapter: LoraAdapter, module: str, dtype=torch.float32) -> torch.Tensor:
-    """s * B @ A for one module, computed in fp32 (or ``dtype``): [out, in]; transposed,
-    [in, out] like the stored weight, for a ``fan_in_fan_out`` adapter."""
+    """s * B @ A for one module, computed in fp32 (or ``dtype``): [out, in]."""
     a, b = adapter.modules[module]
-    d = (b.to(dtype) @ a.to(dtype)) * adapter.scale(module)
-    return d.T if adapter.fan_in_fan_out else d
+    return (b.to(dtype) @ a.to(dtype)) * adapter.scale(module)
 
 
 def _module_shape(adapters: Sequence[LoraAdapter], module: str) -> Tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Multi-LoRA batched ops: lora_shrink, lora_expand, lora_apply (spec/lora.md).
+"""Multi-LoRA batched ops: lora_shrink, lora_expand, lora_apply (docs/spec/lora.md).
 
 A batch of T tokens runs through one linear layer; token t uses slot s = token_slot[t]
 of the layer's slot table (or no adapter when s = -1):

@@ -1,6 +1,6 @@
 """AdapterPool: device-resident slot tables of many LoRA adapters for one base model.
 
-Layout (spec/lora.md): for every adapted module m of the base model one slot table
+Layout (docs/spec/lora.md): for every adapted module m of the base model one slot table
 
     A_m [capacity, R_m, H_in]   B_m [capacity, H_out, R_m]   ranks_m [capacity] int32   scales_m [capacity] fp32
 
