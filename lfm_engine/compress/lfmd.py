@@ -57,6 +57,7 @@ from lfm_engine.io import dtypes
 from lfm_engine.io.model_folder import ModelFolder
 from lfm_engine.io.safetensors import SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, array_bytes
 from lfm_engine.io.names import UnsafeNameError, check_file_name, path_inside
+from lfm_engine.merge.outdir import sweep_stale
 from lfm_engine.ops.codec import Encoded, decode_add, decode_delta, encode_delta
 from lfm_engine.reference.codec import CODECS, CodecError
 
@@ -254,6 +255,7 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
     with ModelFolder(base_dir, accept_file=True) as base, ModelFolder(model_dir, accept_file=True) as model:
         fp = base.fingerprint()
         layout = model.layout()
+        sweep_stale(out_path)  # .NAME.tmp-PID files of compress runs killed mid-write
         writer = SafetensorsWriter(out_path)
         try:
             names = model.names()
@@ -399,6 +401,16 @@ def open_container(path) -> Container:
         for name, e in codecs.items():
             if not isinstance(e, dict) or not {"codec", "shape", "dtype", "fields"} <= set(e):
                 raise LfmdError(f"{path}: corrupt lfm.codecs entry for '{name}'")
+            if (not isinstance(e["codec"], str) or not isinstance(e["dtype"], str)
+                    or not isinstance(e["shape"], list)
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"])
+                    or not isinstance(e["fields"], list) or not all(isinstance(f, str) for f in e["fields"])):
+                raise LfmdError(f"{path}: corrupt lfm.codecs entry for '{name}' (codec and dtype must be names, "
+                                "shape a list of sizes, fields a list of names)")
+            try:
+                dtypes.from_name(e["dtype"])
+            except dtypes.UnknownDTypeError:
+                raise LfmdError(f"{path}: lfm.codecs entry for '{name}' has unknown dtype '{e['dtype']}'") from None
             if e["codec"] not in known:
                 raise LfmdError(f"{path}: '{name}' uses codec '{e['codec']}' which this lfm_engine does not know")
             if not isinstance(e.get("sha256"), str):
@@ -505,6 +517,7 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
+        sweep_stale(out_dir)  # temporaries of decompress runs killed mid-write (merge/outdir.py)
         tmp.mkdir(parents=True)
         try:
             weight_map = {}

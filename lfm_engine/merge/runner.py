@@ -52,7 +52,6 @@ import queue
 import resource
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -66,6 +65,7 @@ from lfm_engine.io import dtypes
 from lfm_engine.io.safetensors import ShardedWriter, as_numpy, as_torch, parse_size, plan_shards, read_array
 from lfm_engine.merge import config as C
 from lfm_engine.merge import chat_template, elementwise, lora_ref, stages
+from lfm_engine.merge.outdir import make_temp_dir
 from lfm_engine.merge.plan import fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
 PREFETCH_DEPTH = 2
@@ -579,8 +579,8 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         dev = _Device(device)
     except ValueError as e:
         pre_errors.append(str(e))
-    if threads is not None and int(threads) < 1:
-        pre_errors.append(f"--threads: must be >= 1, got {threads}")
+    if threads is not None and not 1 <= int(threads) <= 1024:  # the core's bound (csrc/core/thread_pool.cpp)
+        pre_errors.append(f"--threads: must be in 1..1024, got {threads}")
     if os.path.lexists(out_dir) and not allow_overwrite:
         pre_errors.append(f"output folder '{out_dir}' already exists (use --allow-overwrite to replace it)")
     try:
@@ -625,9 +625,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
             import torch
 
             torch.set_num_threads(n_threads)  # for the torch-implemented methods
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = make_temp_dir(out_dir)  # also sweeps temporaries of runs killed mid-merge
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary folder
@@ -662,7 +660,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                           copy_tokenizer, write_model_card)
         bar.close()
         if os.path.lexists(out_dir):  # allow_overwrite: swap only now that the new one is complete
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            old = make_temp_dir(out_dir, "old")
             os.rename(out_dir, os.path.join(old, "x"))
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
