@@ -170,6 +170,20 @@ def test_rank_pattern_alternation_and_alpha_default(tmp_path):
     assert load_peft_adapter(d).scale("model.layers.0.self_attn.o_proj") == 8 / 4
 
 
+@pytest.mark.parametrize("cfg, words", [
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, "lora_alpha of module"),
+    ({"target_modules": [0]}, "target_modules must be a list of module names"),
+])
+def test_bad_adapter_config_values_are_named(tmp_path, cfg, words):
+    """A NaN lora_alpha used to load and serve NaN logits; target_modules [0] escaped as a
+    TypeError. Both are format errors naming the key."""
+    d = _adapter(tmp_path / "a", cfg, _ab("model.layers.0.self_attn.q_proj", 4))
+    with pytest.raises(AdapterFormatError, match=words):
+        open_adapter(d)
+
+
 def test_modules_to_save_never_dropped(tmp_path):
     """One reader, two policies: merge applies modules_to_save, serve refuses them; a tensor
     that is neither a LoRA factor nor a listed module is an error for both."""

@@ -147,6 +147,31 @@ def _from_float32(f: np.ndarray, dst: DType, nan_bits: int) -> np.ndarray:
     return f.astype(dst.np)
 
 
+# exponent field of each raw float storage: all ones means Inf or NaN
+_EXP_BITS = {"bfloat16": 0x7F80, "float8_e5m2": 0x7C}
+
+
+def all_finite(a: np.ndarray, dt: DType, chunk: int = 1 << 22) -> bool:
+    """Whether every element of `a` (raw storage of `dt`, see DType.raw) is finite; integer
+    types are always finite. float8_e4m3fn has no Inf: only its NaN (0x7F/0xFF) counts.
+    Checked in chunks so the temporaries stay small."""
+    if not dt.is_floating_point:
+        return True
+    flat = a.reshape(-1)
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk]
+        if not dt.raw:
+            ok = np.isfinite(part).all()
+        elif dt.name == "float8_e4m3fn":
+            ok = not ((part & 0x7F) == 0x7F).any()
+        else:
+            e = _EXP_BITS[dt.name]
+            ok = not ((part & e) == e).any()
+        if not ok:
+            return False
+    return True
+
+
 def convert(a: np.ndarray, src: DType, dst: DType, copy: bool = False) -> np.ndarray:
     """Raw array of ``src`` -> raw array of ``dst``, the bits torch's ``Tensor.to(dst)``
     writes: float types through float32 (float64 rounds to float32 first, as torch's

@@ -214,16 +214,20 @@ def open_adapter(folder) -> AdapterSpec:
     try:
         r_default = int(cfg.get("r", DEFAULT_R))
         alpha_default = float(cfg.get("lora_alpha", DEFAULT_ALPHA))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise AdapterFormatError(f"{where}: r and lora_alpha must be numbers") from None
+    if not math.isfinite(alpha_default):
+        raise AdapterFormatError(f"{where}: lora_alpha must be a finite number, got {alpha_default}")
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
         raise AdapterFormatError(f"{where}: rank_pattern and alpha_pattern must be JSON objects")
     rslora = bool(cfg.get("use_rslora", False))
     target_modules = cfg.get("target_modules")
-    if target_modules is not None and not isinstance(target_modules, (str, list)):
-        raise AdapterFormatError(f"{where}: target_modules must be a list or a regex string")
+    if target_modules is not None and not (isinstance(target_modules, str) or (
+            isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules))):
+        raise AdapterFormatError(f"{where}: target_modules must be a list of module names or a regex string, "
+                                 f"got {target_modules!r}")
     to_save = cfg.get("modules_to_save") or []
 
     st_path = os.path.join(folder, SAFETENSORS_NAME)
@@ -288,8 +292,10 @@ def open_adapter(folder) -> AdapterSpec:
         try:
             r_cfg = int(pattern_value(rank_pattern, module, r_default))
             alpha = float(pattern_value(alpha_pattern, module, alpha_default))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise AdapterFormatError(f"{where}: rank_pattern/alpha_pattern values must be numbers") from None
+        if not math.isfinite(alpha):
+            raise AdapterFormatError(f"{where}: the lora_alpha of module {module!r} must be finite, got {alpha}")
         if r_cfg != r:
             raise AdapterFormatError(
                 f"{weights_path}: module {module!r} has rank {r} in its tensors but the config says r={r_cfg}")

@@ -42,6 +42,17 @@ class TensorInfo:
         return self.nbytes // self.dtype.itemsize
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not allowed in a safetensors header")
+
+
+def _json_int(v) -> int:
+    """A shape or offset: a JSON integer (not a float such as 1e400, not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"expected an integer, got {v!r}")
+    return v
+
+
 def read_header(path) -> Tuple[Dict[str, TensorInfo], Dict[str, str], int]:
     """(entries by name, __metadata__, data_start) of a safetensors file, validated:
     header length within the file, JSON object, known dtypes, non-negative shapes, byte
@@ -63,9 +74,13 @@ def read_header(path) -> Tuple[Dict[str, TensorInfo], Dict[str, str], int]:
     except IsADirectoryError:
         raise SafetensorsFormatError(f"{path}: is a directory, not a safetensors file") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # NaN/Infinity are not JSON (Python accepts them); nesting deep enough to exhaust the
+        # parser's recursion is not a header either.
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise SafetensorsFormatError(f"{path}: corrupt safetensors header ({exc})") from None
+    except RecursionError:
+        raise SafetensorsFormatError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
@@ -76,8 +91,8 @@ def read_header(path) -> Tuple[Dict[str, TensorInfo], Dict[str, str], int]:
     for name, info in header.items():
         try:
             tag = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(v) for v in info["data_offsets"])
+            shape = tuple(_json_int(s) for s in info["shape"])
+            b, e = (_json_int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SafetensorsFormatError(f"{path}: corrupt header entry for tensor '{name}': {info!r}") from None
         if not isinstance(tag, str) or tag not in BY_TAG:

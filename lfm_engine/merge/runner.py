@@ -227,6 +227,8 @@ def _merge_task_numpy(method: str, task: TensorTask, arrays: Dict, seed: int, n_
                                  n_threads=n_threads, **kw)
     except ValueError as e:
         raise _named_error(task, e) from None
+    if not dtypes.all_finite(out, task.dtype):
+        raise _overflow_error(task)
     if reg is None:
         return out
     full_src = task.base if task.base is not None else task.fill
@@ -261,6 +263,8 @@ def _merge_task_torch(method: str, task: TensorTask, tensors: Dict, seed: int, d
                                       n_threads=n_threads, **kw)
         except ValueError as e:
             raise _named_error(task, e) from None
+        if not _all_finite(out):
+            raise _overflow_error(task)
     else:
         out = _torch_method(method, task, base, xs, sh)
         _check_finite(task, out, base, xs)
@@ -306,8 +310,15 @@ def _check_finite(task: TensorTask, out, base, xs) -> None:
         if x.is_floating_point() and not _all_finite(x):
             raise ValueError(f"tensor '{task.name}' of {os.path.dirname(info.file)} "
                              f"contains NaN or Inf")
-    raise ValueError(f"tensor '{task.name}': the merged values overflow (finite inputs, "
-                     f"non-finite result); check the merge parameters and the inputs' magnitudes")
+    raise _overflow_error(task)
+
+
+def _overflow_error(task: TensorTask) -> ValueError:
+    """Finite inputs (the kernels refuse NaN/Inf inputs by name) and a non-finite result:
+    the parameters (weights, lambda, t, ...) scale the values past the output dtype's range."""
+    return ValueError(f"tensor '{task.name}': the merged values overflow {task.dtype} (finite inputs, "
+                      f"non-finite result); check the merge parameters (weight, lambda, ...) and the "
+                      f"inputs' magnitudes")
 
 
 # ------------------------------------------------------------------- prefetch
