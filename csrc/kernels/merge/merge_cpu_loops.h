@@ -1,8 +1,9 @@
 // Inner loops of the CPU merge kernel, over one block of `len` elements.
-// They are compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2/FMA/F16C), from
-// one source (merge_cpu_loops_impl.inc), written branch-free so they vectorize, and
+// They are compiled once per SIMD level from one source (merge_cpu_loops_impl.inc):
+// baseline x86-64 and x86-64-v3 (AVX2/FMA/F16C) on x86; on aarch64 a scalar baseline and
+// the NEON-vectorised default build. Written branch-free so they vectorize, and
 // reached through a table picked at run time: the host's best level, or the one that
-// LFM_SIMD forces (core/cpu_features.h). Every build uses -ffp-contract=off, so both
+// LFM_SIMD forces (core/cpu_features.h). Every build uses -ffp-contract=off, so all
 // tables round every operation alike and give the same bits (docs/spec/merge.md).
 #pragma once
 #include <cstdint>
@@ -12,7 +13,7 @@
 namespace lfm::merge {
 
 struct LoopTable {
-    const char* level;  // "baseline" or "avx2"
+    const char* level;  // "baseline", "avx2", "avx512" or "neon"
     // x -= b; returns nonzero when any x or b is NaN/Inf (or the difference overflows).
     uint32_t (*sub_check)(float* x, const float* b, int64_t len);
     // nonzero when any x is NaN/Inf
