@@ -85,8 +85,10 @@ def test_issue_repro_fma_would_flip_the_sign():
                 assert torch.all(out == 0.0048828125)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(7,), (4097,), (33, 129)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+# (600, 512): over 2^18 elements, so the selection runs sample-and-bracket (not the radix
+# passes) and bf16/f32 take the one-sweep merge_direct path
+@pytest.mark.parametrize("shape", [(7,), (4097,), (33, 129), (600, 512)])
 @pytest.mark.parametrize("method", list(METHOD_KW))
 def test_every_level_same_bits_and_matches_reference(method, shape, dtype):
     base, models = _grid_models(shape, dtype)

@@ -1,8 +1,9 @@
-// The CPU merge kernel's inner loops, compiled for baseline x86-64 and x86-64-v3 from one
-// source (merge_cpu_loops_impl.inc) and reached through LoopTable (merge_cpu_loops.h).
-// Two copies in one translation unit, the second under a target pragma, rather than two
+// The CPU merge kernel's inner loops, compiled once per SIMD level (baseline x86-64,
+// x86-64-v3, x86-64-v4; scalar and NEON on aarch64) from one source
+// (merge_cpu_loops_impl.inc) and reached through LoopTable (merge_cpu_loops.h).
+// The copies live in one translation unit, each under a target pragma, rather than in
 // files built with different -march flags: inline functions from headers then exist once,
-// compiled for the baseline, so no AVX2 code can leak into the baseline path.
+// compiled for the baseline, so no AVX2/AVX-512 code can leak into the baseline path.
 #include "kernels/merge/merge_cpu_loops.h"
 
 #include <algorithm>
@@ -46,6 +47,17 @@ namespace loops_avx2 {
 }  // namespace loops_avx2
 #pragma GCC pop_options
 #define LFM_HAVE_LOOPS_AVX2 1
+// x86-64-v4: AVX-512 F/BW/CD/DQ/VL, 512-bit vectors preferred (GCC's generic tuning
+// would keep 256). No AVX512-BF16 instructions: VCVTNEPS2BF16 flushes denormal inputs
+// to zero, which the spec's rounding (core/dtype.h) does not, so bf16 is converted with
+// the same integer arithmetic at every level.
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4", "prefer-vector-width=512")
+namespace loops_avx512 {
+#include "kernels/merge/merge_cpu_loops_impl.inc"
+}  // namespace loops_avx512
+#pragma GCC pop_options
+#define LFM_HAVE_LOOPS_AVX512 1
 #endif
 
 namespace {
@@ -56,11 +68,14 @@ namespace {
         name, &ns::sub_check, &ns::check_finite, &ns::cut_keep, &ns::bracket, &ns::delta_bracket,     \
             &ns::count_equal_abs, &ns::draws_below, &ns::weigh, &ns::weigh_add, &ns::elect_add64,         \
             &ns::sign_of, &ns::agree_add_bits, &ns::agree_add_div, &ns::scale_by_table, &ns::l1_sums,     \
-            &ns::or_bit, &ns::divide_guarded, &ns::finish, &ns::scale, &ns::fused_ties, &philox_blocks   \
+            &ns::or_bit, &ns::divide_guarded, &ns::finish, &ns::scale, &ns::fused_ties, &ns::merge_direct, &philox_blocks   \
     }
 const LoopTable kBaseline = LFM_LOOP_TABLE("baseline", loops_baseline);
 #ifdef LFM_HAVE_LOOPS_AVX2
 const LoopTable kAvx2 = LFM_LOOP_TABLE("avx2", loops_avx2);
+#endif
+#ifdef LFM_HAVE_LOOPS_AVX512
+const LoopTable kAvx512 = LFM_LOOP_TABLE("avx512", loops_avx512);
 #endif
 #ifdef LFM_HAVE_LOOPS_NEON
 const LoopTable kNeon = LFM_LOOP_TABLE("neon", loops_neon);
@@ -72,8 +87,11 @@ const LoopTable& merge_loops() {
     switch (simd_level()) {
 #ifdef LFM_HAVE_LOOPS_AVX2
         case SimdLevel::Avx2:
-        case SimdLevel::Avx512:  // avx512 hosts run the AVX2 loops (no AVX-512 merge loops yet; docs/spec/merge.md)
             return kAvx2;
+#endif
+#ifdef LFM_HAVE_LOOPS_AVX512
+        case SimdLevel::Avx512:
+            return kAvx512;
 #endif
 #ifdef LFM_HAVE_LOOPS_NEON
         case SimdLevel::Neon:
