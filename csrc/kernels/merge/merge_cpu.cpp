@@ -326,10 +326,6 @@ private:
         std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0);
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
-        // queries per model: a model with one query (magnitude) is bracketed straight from
-        // its own dtype, without materialising its float32 deltas
-        std::vector<int> per_model(static_cast<size_t>(K_), 0);
-        for (const Query& q : queries) ++per_model[static_cast<size_t>(q.model)];
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
@@ -342,12 +338,13 @@ private:
                 const int m = queries[qi].model;
                 auto& out = cands[static_cast<size_t>(blk) * nq + qi];
                 uint32_t* cj = s.draws.data();  // block-sized scratch for candidate positions
-                int64_t nb = 0, nc = -1;
                 float* x = s.x.data() + static_cast<int64_t>(m) * kBlock;
                 uint32_t* cv = s.cand_v.data();
-                if (per_model[static_cast<size_t>(m)] == 1)
-                    nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi], cj,
-                                              cv, &nb, &bad, len);
+                // bf16/f32 bracketed straight from their bytes (once per query: re-reading a
+                // block that is in cache is cheaper than materialising float32 deltas)
+                int64_t nb = 0;
+                int64_t nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi],
+                                                  cj, cv, &nb, &bad, len);
                 if (nc >= 0) {
                     out.resize(static_cast<size_t>(nc));
                     for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{cv[c], start + cj[c]};
@@ -368,8 +365,9 @@ private:
             if (bad) nonfinite(start, len);
         });
         tt.mark("    scan");
-        for (int qi = 0; qi < nq; ++qi) {
-            if (total[qi].load() > cap) continue;
+        // the queries are independent: one task each
+        parallel_for(nq, a_.n_threads, [&](int64_t qi, int) {
+            if (total[qi].load() > cap) return;
             Query& q = queries[qi];
             const int64_t pos = q.pos < 0 ? -q.pos - 1 : q.pos;
             int64_t nbelow = 0;
@@ -381,7 +379,7 @@ private:
                 all.insert(all.end(), c.begin(), c.end());
             }
             const int64_t nc = static_cast<int64_t>(all.size());
-            if (pos < nbelow || pos >= nbelow + nc) continue;  // the bracket missed
+            if (pos < nbelow || pos >= nbelow + nc) return;  // the bracket missed
             // The pos-th value by a linear-time selection on a copy of the values; the
             // candidates are in flat order, so the ties come out in the order the spec needs.
             std::vector<uint32_t> vals(static_cast<size_t>(nc));
@@ -398,8 +396,10 @@ private:
             q.c_lt = nbelow + lt;
             q.c_eq = static_cast<int64_t>(q.tie_idx.size());
             q.sampled = true;
-            if (tt.on) std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", qi, static_cast<long long>(nc));
-        }
+            if (tt.on)
+                std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", static_cast<int>(qi),
+                             static_cast<long long>(nc));
+        });
         tt.mark("    finalize");
     }
 

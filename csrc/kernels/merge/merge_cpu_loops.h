@@ -49,9 +49,9 @@ struct LoopTable {
     // For v = |x[j]| bits: *below = #(v < lo); writes the j with lo <= v <= hi to pos (in
     // order) and returns how many (branch-free compaction).
     int64_t (*bracket)(const float* x, uint32_t lo, uint32_t hi, uint32_t* pos, int64_t* below, int64_t len);
-    // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 x (other dtypes return
-    // -1: the caller materialises their float32 deltas, which measured faster for float32);
-    // vals[c] gets the |delta| bits of candidate pos[c]. *bad is set when a delta is NaN/Inf.
+    // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 or float32 x (float16
+    // returns -1: the caller materialises its float32 deltas); vals (len elements, scratch)
+    // ends with the |delta| bits of candidate pos[c] at c. *bad is set when a delta is NaN/Inf.
     int64_t (*delta_bracket)(const void* x, lfm_dtype dt, const float* b, uint32_t lo, uint32_t hi, uint32_t* pos, uint32_t* vals, int64_t* below, uint32_t* bad, int64_t len);
     // number of j with |x[j]| bits == v
     int64_t (*count_equal_abs)(const float* x, uint32_t v, int64_t len);
