@@ -620,6 +620,10 @@ private:
     void mask_bits(int i, int64_t start, int64_t len, uint8_t* k) const {
         const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
         const int sh = i & 7;
+        if (mbytes_ == 1) {  // K <= 8: contiguous bytes, so the loop vectorizes
+            for (int64_t j = 0; j < len; ++j) k[j] = (m[j] >> sh) & 1u;
+            return;
+        }
         for (int64_t j = 0; j < len; ++j) k[j] = (m[j * mbytes_] >> sh) & 1u;
     }
 

@@ -153,63 +153,12 @@ __attribute__((target("avx2"))) void philox_blocks_avx2(uint64_t seed, uint32_t 
     if (b < nblocks) philox_blocks_portable(seed, stream, q0 + static_cast<uint64_t>(b), nblocks - b, out + 4 * b);
 }
 
-// GCC 12 warns that _mm512_mul_epu32's internal _mm512_undefined_epi32() "may be used
-// uninitialized" (a false positive inside the intrinsic header).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// As philox_blocks_avx2 with 16 blocks per step in 512-bit registers (integer only, so
-// the same words by construction; tests compare the levels' masks bit for bit).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void philox_blocks_avx512(uint64_t seed, uint32_t stream,
-                                                                              uint64_t q0, int64_t nblocks,
-                                                                              uint32_t* __restrict out) {
-    const __m512i M0 = _mm512_set1_epi64(0xD2511F53u), M1 = _mm512_set1_epi64(0xCD9E8D57u);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    int64_t b = 0;
-    alignas(64) uint32_t w[4][16];
-    for (; b + 16 <= nblocks; b += 16) {
-        const uint64_t q = q0 + static_cast<uint64_t>(b);
-        const __m512i qlo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q)));
-        __m512i c0 = _mm512_add_epi32(qlo, lane);
-        const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, qlo);  // the low word wrapped
-        __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32)));
-        c1 = _mm512_mask_add_epi32(c1, carry, c1, _mm512_set1_epi32(1));
-        __m512i c2 = _mm512_set1_epi32(static_cast<int>(stream));
-        __m512i c3 = _mm512_setzero_si512();
-        uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-        for (int r = 0; r < 10; ++r) {
-            const __m512i pe0 = _mm512_mul_epu32(c0, M0), po0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), M0);
-            const __m512i pe1 = _mm512_mul_epu32(c2, M1), po1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), M1);
-            const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, pe0, _mm512_slli_epi64(po0, 32));
-            const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe0, 32), po0);
-            const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, pe1, _mm512_slli_epi64(po1, 32));
-            const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe1, 32), po1);
-            const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-            const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-            c0 = n0;
-            c1 = lo1;
-            c2 = n2;
-            c3 = lo0;
-            k0 += 0x9E3779B9u;
-            k1 += 0xBB67AE85u;
-        }
-        _mm512_store_si512(w[0], c0);
-        _mm512_store_si512(w[1], c1);
-        _mm512_store_si512(w[2], c2);
-        _mm512_store_si512(w[3], c3);
-        uint32_t* o = out + 4 * b;
-        for (int l = 0; l < 16; ++l)
-            for (int k = 0; k < 4; ++k) o[4 * l + k] = w[k][l];
-    }
-    if (b < nblocks) philox_blocks_avx2(seed, stream, q0 + static_cast<uint64_t>(b), nblocks - b, out + 4 * b);
-}
-#pragma GCC diagnostic pop
 #endif
 
 }  // namespace
 
 void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out) {
 #if defined(__x86_64__)
-    if (cpu_has_avx512f()) return philox_blocks_avx512(seed, stream, q0, nblocks, out);
     if (cpu_has_avx2()) return philox_blocks_avx2(seed, stream, q0, nblocks, out);
 #endif
     philox_blocks_portable(seed, stream, q0, nblocks, out);
