@@ -38,7 +38,8 @@ namespace {
 constexpr int64_t kBlock = 4096;          // elements per task; a multiple of 4 (Philox blocks)
 constexpr int kMaxHistWorkers = 16;       // caps per-worker histogram memory
 constexpr int64_t kSampleMinN = 1 << 18;  // below this the radix passes are cheap enough
-constexpr int64_t kSampleSize = 1 << 16;  // sample of |delta| that brackets a quantile
+constexpr int64_t kSampleSize = 1 << 18;  // sample of |delta| that brackets a quantile
+constexpr int64_t kSampleRun = 16;        // the sample is made of runs of contiguous elements
 // A radix-select query (merge_plan.h's CutQuery) and its answer.
 struct Query {
     int model;
@@ -222,7 +223,7 @@ private:
             ties.push_back(TieRequest{q.model, q.value, ordinal, target});
     }
 
-    // Sample-select. From a strided sample of each model's |delta| (deterministic), take a
+    // Sample-select. From evenly spread runs of each model's |delta| (deterministic), take a
     // bracket [lo, hi] of values around the sampled quantile; one pass counts the elements
     // below lo and collects those inside the bracket (value, flat index). When the answer
     // falls inside, sorting the few candidates gives the exact value and every tie's
@@ -231,8 +232,11 @@ private:
     void sample_select(std::vector<Query>& queries) {
         const int nq = static_cast<int>(queries.size());
         PhaseTimer tt;
-        const int64_t S = std::min<int64_t>(n_, kSampleSize);
-        const int64_t stride = n_ / S;
+        // kSampleSize / kSampleRun runs of kSampleRun contiguous elements, evenly spread
+        // (n_ >= kSampleMinN >= kSampleSize, so runs never overlap): whole cache lines
+        // instead of one scattered load per sampled element
+        const int64_t S = kSampleSize, runs = S / kSampleRun;
+        const int64_t stride = n_ / runs;
         const int64_t cap = std::max<int64_t>(n_ / 16, 4096);
         std::vector<std::vector<uint32_t>> sample(static_cast<size_t>(K_));
         std::vector<uint32_t> lo(nq), hi(nq);
@@ -241,22 +245,26 @@ private:
             auto& smp = sample[static_cast<size_t>(m)];
             if (smp.empty()) {
                 smp.resize(static_cast<size_t>(S));
-                for (int64_t k = 0; k < S; ++k) {
-                    const int64_t e = k * stride;
-                    float xv, bv;
-                    load_f32(ptr(a_.models[m], e), a_.models[m]->dtype, &xv, 1);
-                    load_f32(ptr(a_.base, e), a_.base->dtype, &bv, 1);
-                    smp[k] = f32_bits(xv - bv) & 0x7fffffffu;
+                float xv[kSampleRun], bv[kSampleRun];
+                for (int64_t r = 0; r < runs; ++r) {
+                    const int64_t e = r * stride;
+                    load_f32(ptr(a_.models[m], e), a_.models[m]->dtype, xv, kSampleRun);
+                    load_f32(ptr(a_.base, e), a_.base->dtype, bv, kSampleRun);
+                    for (int64_t k = 0; k < kSampleRun; ++k)
+                        smp[static_cast<size_t>(r * kSampleRun + k)] = f32_bits(xv[k] - bv[k]) & 0x7fffffffu;
                 }
-                std::sort(smp.begin(), smp.end());
             }
             const int64_t pos = queries[qi].pos;
             const double qf = static_cast<double>(pos) / static_cast<double>(n_);
             const int64_t at = static_cast<int64_t>(qf * S);
             // the sampled quantile's position has standard deviation sqrt(S q (1-q)): 5 of them
             const int64_t margin = static_cast<int64_t>(5.0 * std::sqrt(S * qf * (1.0 - qf))) + 16;
-            lo[qi] = at - margin <= 0 ? 0u : smp[static_cast<size_t>(at - margin)];
-            hi[qi] = at + margin >= S - 1 ? 0xffffffffu : smp[static_cast<size_t>(at + margin)];
+            // the two order statistics by linear-time selection (no sort of the sample)
+            const int64_t ilo = at - margin, ihi = at + margin;
+            if (ilo > 0) std::nth_element(smp.begin(), smp.begin() + ilo, smp.end());
+            lo[qi] = ilo <= 0 ? 0u : smp[static_cast<size_t>(ilo)];
+            if (ihi < S - 1) std::nth_element(smp.begin() + std::max<int64_t>(ilo + 1, 0), smp.begin() + ihi, smp.end());
+            hi[qi] = ihi >= S - 1 ? 0xffffffffu : smp[static_cast<size_t>(ihi)];
         }
         tt.mark("    sampling");
         struct Cand {
@@ -267,10 +275,6 @@ private:
         std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0);
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
-        // queries per model: a model with one query (magnitude) is bracketed straight from
-        // its own dtype, without materialising its float32 deltas
-        std::vector<int> per_model(static_cast<size_t>(K_), 0);
-        for (const Query& q : queries) ++per_model[static_cast<size_t>(q.model)];
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
@@ -283,12 +287,13 @@ private:
                 const int m = queries[qi].model;
                 auto& out = cands[static_cast<size_t>(blk) * nq + qi];
                 uint32_t* cj = s.draws.data();  // block-sized scratch for candidate positions
-                int64_t nb = 0, nc = -1;
                 float* x = s.x.data() + static_cast<int64_t>(m) * kBlock;
                 uint32_t* cv = s.cand_v.data();
-                if (per_model[static_cast<size_t>(m)] == 1)
-                    nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi], cj,
-                                              cv, &nb, &bad, len);
+                // bf16/f32 bracketed straight from their bytes (once per query: re-reading a
+                // block that is in cache is cheaper than materialising float32 deltas)
+                int64_t nb = 0;
+                int64_t nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi],
+                                                  cj, cv, &nb, &bad, len);
                 if (nc >= 0) {
                     out.resize(static_cast<size_t>(nc));
                     for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{cv[c], start + cj[c]};
@@ -309,8 +314,9 @@ private:
             if (bad) nonfinite(start, len);
         });
         tt.mark("    scan");
-        for (int qi = 0; qi < nq; ++qi) {
-            if (total[qi].load() > cap) continue;
+        // the queries are independent: one task each
+        parallel_for(nq, a_.n_threads, [&](int64_t qi, int) {
+            if (total[qi].load() > cap) return;
             Query& q = queries[qi];
             const int64_t pos = q.pos;
             int64_t nbelow = 0;
@@ -322,7 +328,7 @@ private:
                 all.insert(all.end(), c.begin(), c.end());
             }
             const int64_t nc = static_cast<int64_t>(all.size());
-            if (pos < nbelow || pos >= nbelow + nc) continue;  // the bracket missed
+            if (pos < nbelow || pos >= nbelow + nc) return;  // the bracket missed
             // The pos-th value by a linear-time selection on a copy of the values; the
             // candidates are in flat order, so the ties come out in the order the spec needs.
             std::vector<uint32_t> vals(static_cast<size_t>(nc));
@@ -339,8 +345,10 @@ private:
             q.c_lt = nbelow + lt;
             q.c_eq = static_cast<int64_t>(q.tie_idx.size());
             q.sampled = true;
-            if (tt.on) std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", qi, static_cast<long long>(nc));
-        }
+            if (tt.on)
+                std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", static_cast<int>(qi),
+                             static_cast<long long>(nc));
+        });
         tt.mark("    finalize");
     }
 
@@ -555,6 +563,10 @@ private:
     void mask_bits(int i, int64_t start, int64_t len, uint8_t* k) const {
         const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
         const int sh = i & 7;
+        if (mbytes_ == 1) {  // K <= 8: contiguous bytes, so the loop vectorizes
+            for (int64_t j = 0; j < len; ++j) k[j] = (m[j] >> sh) & 1u;
+            return;
+        }
         for (int64_t j = 0; j < len; ++j) k[j] = (m[j * mbytes_] >> sh) & 1u;
     }
 
@@ -613,9 +625,25 @@ private:
         const std::vector<float>& inv_div = cf.inv_div;
         const bool fused = table && !unw;
         if (fused && !sparse) ones_.assign(kBlock, 1);
+        // One sweep straight from the input bytes when the dtypes allow (merge_direct).
+        const bool direct = direct_ok(fused);
+        DirectBlock proto;
+        if (direct) {
+            proto.K = K_;
+            proto.dtype = a_.out->dtype;
+            proto.consensus = a_.consensus;
+            proto.coef = coef.data();
+            proto.w = a_.w.data();
+            proto.f = factor_.data();
+            proto.table = inv_div.data();
+            proto.inv_plain_div = inv_plain_div;
+            proto.normalize = a_.normalize;
+            proto.lam = lam;
+        }
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
+            if (direct) return direct_block(proto, s, start, len);
             load(s, start, len);
             float* mixed = s.mixed.data();
             std::fill(mixed, mixed + len, 0.0f);
@@ -693,6 +721,46 @@ private:
             char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
             store_f32(o, a_.out->dtype, dst, len);
         });
+    }
+
+    // merge_direct applies: one dtype (bf16 or f32) for the base, every model and the
+    // output, K <= 8, and the weighted table election when there is an election.
+    bool direct_ok(bool fused) const {
+        const lfm_dtype dt = a_.out->dtype;
+        if (K_ > 8 || (a_.consensus && !fused) || (dt != LFM_DTYPE_BF16 && dt != LFM_DTYPE_F32)) return false;
+        if (a_.base && a_.base->dtype != dt) return false;
+        for (const lfm_tensor* m : a_.models)
+            if (m->dtype != dt) return false;
+        return true;
+    }
+
+    void direct_block(const DirectBlock& proto, Scratch& s, int64_t start, int64_t len) const {
+        DirectBlock d = proto;
+        const int64_t esz = static_cast<int64_t>(dtype_size(d.dtype));
+        d.base = a_.base ? ptr(a_.base, start) : nullptr;
+        d.out = static_cast<char*>(a_.out->data) + start * esz;
+        const bool cut = a_.sparsifier == Sparsifier::None || a_.sparsifier == Sparsifier::Magnitude ||
+                         a_.sparsifier == Sparsifier::MagnitudeOutliers;
+        // flat index bounds made block-local and clamped to [-1, len] (as cut_keep does)
+        auto local = [&](int64_t e) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(e - start, -1), len)); };
+        for (int i = 0; i < K_; ++i) {
+            d.x[i] = ptr(a_.models[i], start);
+            if (!cut) {
+                uint8_t* k = s.keepk.data() + static_cast<int64_t>(i) * kBlock;
+                keep_flags(i, start, len, nullptr, s, k);
+                d.keep[i] = k;
+                continue;
+            }
+            const Cut& c = cuts_[i];
+            const bool all = a_.sparsifier == Sparsifier::None || c.all;
+            d.lo_v[i] = all ? 0u : c.none ? 1u : c.lo_v;
+            d.hi_v[i] = all ? 0xffffffffu : c.none ? 0u : c.hi_v;
+            d.lo_j0[i] = all ? -1 : local(c.lo_emin);
+            d.lo_j1[i] = all ? static_cast<int32_t>(len) : local(c.lo_emax);
+            d.hi_j0[i] = all ? -1 : local(c.hi_emin);
+            d.hi_j1[i] = all ? static_cast<int32_t>(len) : local(c.hi_emax);
+        }
+        if (loops_.merge_direct(d, len)) nonfinite(start, len);
     }
 
     const MergeArgs& a_;
