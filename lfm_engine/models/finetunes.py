@@ -184,7 +184,7 @@ def _train(model, params, batch: Batch, split: int, steps: int, lr: float, seed:
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train_lora(base, batch: Batch, split: int, spec: dict, seed: int):
