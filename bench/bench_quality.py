@@ -5,7 +5,7 @@ Needs the example model and its fine-tunes in the cache:
     lfm-engine fetch-example-model && python tools/build_example_finetunes.py
 
 Parts (--parts, default all):
-  merge     the 3 full fine-tunes (upper, reverse, add; models/finetunes.py) merged with
+  merge     the 3 full fine-tunes (persona, upper, add; models/finetunes.py) merged with
             lfm_engine.merge_models (the `lfm-engine merge` path, mergekit YAML) by every
             method; each task's exact-match accuracy of the merged model, the average and
             the normalized average (score / the fine-tune's own score), FusionBench-style;
@@ -37,7 +37,8 @@ import torch
 
 from lfm_engine.models.scoring import Scorer, read_folder
 
-FULL_TASKS = ["upper", "reverse", "add"]
+FULL_TASKS = ["persona", "upper", "add"]
+COMPRESS_TASKS = FULL_TASKS
 
 # (label, mergekit YAML fragment); models are the full fine-tunes, base the example model.
 MERGES = [
@@ -50,7 +51,7 @@ MERGES = [
                                           per_model=dict(weight=1.0, density=0.8, gamma=0.05))),
     ("linear (average)", dict(merge_method="linear", per_model=dict(weight=1.0))),
     ("model_stock", dict(merge_method="model_stock")),
-    ("slerp upper+add t=0.5", dict(merge_method="slerp", pair=("upper", "add"), parameters=dict(t=0.5))),
+    ("slerp persona+upper t=0.5", dict(merge_method="slerp", pair=("persona", "upper"), parameters=dict(t=0.5))),
 ]
 
 # (label, codec, options): the usual settings of docs/codecs.md
@@ -108,7 +109,8 @@ def run_merges(scorer: Scorer, ft_dir: Path, base_dir: Path, meta: dict, workdir
         rows.append({"method": label, **s, "merge_s": round(t_merge, 2), "config": cfg})
         print(f"  {label:34s} " + "  ".join(f"{t} {s[t]:.2f}" for t in FULL_TASKS) + f"  ppl {s['ppl']:.2f}"
               f"  (merge {t_merge:.1f} s)", flush=True)
-    rows.extend(run_masks(scorer, ft_dir, meta))
+    if len(MERGES) > 2:  # not in --quick
+        rows.extend(run_masks(scorer, ft_dir, meta))
     for r in rows:
         r["avg"] = sum(r[t] for t in FULL_TASKS) / len(FULL_TASKS)
         r["norm_avg"] = sum(r[t] / own[t] for t in FULL_TASKS if own[t] > 0) / len(FULL_TASKS)
@@ -144,7 +146,7 @@ def run_compress(scorer: Scorer, ft_dir: Path, meta: dict) -> list:
     from lfm_engine import decode_delta, encode_delta
 
     rows = []
-    for task in FULL_TASKS:
+    for task in COMPRESS_TASKS:
         sd = read_folder(ft_dir / "full" / task)
         keys = [k for k in scorer.top_keys() if sd[k].dim() == 2 and not torch.equal(sd[k], scorer.base_sd[k])]
         n = sum(sd[k].numel() for k in keys)
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=None, help="write the tables as Markdown here")
     ap.add_argument("--workdir", default=None, help="folder for merged models (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0, help="DARE/DELLA seed")
+    ap.add_argument("--quick", action="store_true",
+                    help="a few rows only (ties and task_arithmetic; int4/sign1 on one fine-tune): `lfm-engine bench --quick`")
     args = ap.parse_args(argv)
     if not example.is_cached(args.cache_dir):
         print(f"the example model is not cached: {example.FETCH_HINT}", file=sys.stderr)
@@ -227,13 +231,19 @@ def main(argv=None) -> int:
     res = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "load_before": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "finetunes": {k: v for k, v in meta.items() if isinstance(v, dict) and "ppl" in v}}
+    if args.quick:
+        global MERGES, CODECS, COMPRESS_TASKS
+        MERGES = [m for m in MERGES if m[0].startswith(("ties", "task_arithmetic λ=1"))]
+        CODECS = [c for c in CODECS if c[0] in ("int4 g128", "sign1 per row")]
+        COMPRESS_TASKS = FULL_TASKS[-1:]
+        args.parts = [p for p in args.parts if p != "serve"]
     need_scorer = {"merge", "compress"} & set(args.parts)
     scorer = Scorer(model_dir, ft_dir, meta) if need_scorer else None
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lfm_quality_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         if "merge" in args.parts:
-            print("merging the full fine-tunes (upper, reverse, add):", flush=True)
+            print("merging the full fine-tunes (persona, upper, add):", flush=True)
             res["merge"] = run_merges(scorer, ft_dir, model_dir, meta, work, args.seed)
         if "compress" in args.parts:
             print("compressing each full fine-tune:", flush=True)

@@ -6,7 +6,7 @@ Three parts, all printing real text and exact task scores (models/tasks.py):
 
  1. serve: one prompt per task, each sent to the base and to every LoRA adapter, all rows
     in one mixed Engine batch (each row its own adapter), greedy;
- 2. merge: the three full fine-tunes (upper, reverse, add) merged with TIES through
+ 2. merge: the three full fine-tunes (persona, upper, add) merged with TIES through
     ``lfm_engine.merge_models``; each task's score next to the fine-tunes' own;
  3. compress: the "add" fine-tune encoded with int4 (group 32) and sign1 into .lfmd
     containers (``compress_model``), rebuilt (``decompress_model``) and scored.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-MERGE_TASKS = ["upper", "reverse", "add"]
+MERGE_TASKS = ["persona", "upper", "add"]
 
 
 def available(cache_dir=None) -> tuple:
@@ -105,7 +105,7 @@ def run(args) -> int:
         if {"merge", "compress"} & set(parts):
             scorer = Scorer(model_dir, ft_dir, meta)
         if "merge" in parts:
-            print("\n[2/3] TIES merge of the full fine-tunes upper + reverse + add (lfm_engine.merge_models):")
+            print("\n[2/3] TIES merge of the full fine-tunes persona + upper + add (lfm_engine.merge_models):")
             cfg = {"merge_method": "ties", "base_model": str(model_dir), "dtype": "float32",
                    "models": [{"model": str(ft_dir / "full" / t), "parameters": {"weight": 1.0, "density": 0.3}}
                               for t in MERGE_TASKS],

@@ -6,8 +6,8 @@ models/tasks.py (seeds fixed; a few minutes on 2 CPU cores):
     adapters/persona   PEFT LoRA r=4,  q_proj v_proj                    alpha 8
     adapters/upper     PEFT LoRA r=8,  q k v o                         alpha 16
     adapters/reverse   PEFT LoRA r=16, all linear, rsLoRA              alpha 8  (scale 8/sqrt(16)=2)
-    adapters/add       PEFT LoRA r=8,  gate up down                    alpha 16
-    full/upper, full/reverse, full/add    every linear weight of the trained layers (dense
+    adapters/add       PEFT LoRA r=8,  q v gate up down                alpha 16
+    full/persona, full/upper, full/add    every linear weight of the trained layers (dense
                                           deltas), saved as complete HF folders
 
 Only the top TRAIN_LAYERS decoder layers are trained (PEFT ``layers_to_transform``; the
@@ -40,16 +40,17 @@ from .tasks import HELDOUT_TEXT, N_EVAL, N_TRAIN, TASKS
 TRAIN_LAYERS = 4          # the top decoder layers the fine-tunes change
 SEED = 1234
 MIN_GAIN = 0.25        # a fine-tune must beat the base on its task by this much (accuracy)
-FORMAT_VERSION = 1        # bump when the recipe changes: build() then rebuilds
+FORMAT_VERSION = 2        # bump when the recipe changes: build() then rebuilds
 
 LORAS = {
     "persona": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], steps=20, lr=2e-3),
-    "upper": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], steps=40, lr=2e-3),
-    "reverse": dict(r=16, lora_alpha=8, use_rslora=True, steps=40, lr=2e-3,
+    "upper": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], steps=30, lr=2e-3),
+    "reverse": dict(r=16, lora_alpha=8, use_rslora=True, steps=30, lr=2e-3,
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "add": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], steps=40, lr=2e-3),
+    "add": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                steps=30, lr=2e-3),
 }
-FULL = {"upper": dict(steps=30, lr=1e-4), "reverse": dict(steps=30, lr=1e-4), "add": dict(steps=30, lr=1e-4)}
+FULL = {"persona": dict(steps=20, lr=1e-4), "upper": dict(steps=30, lr=1e-4), "add": dict(steps=30, lr=1e-4)}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -158,10 +159,10 @@ def perplexity(model, batch: Batch, split: int) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits.float(), tgt).item())
 
 
-def score(model, data: TaskData) -> dict:
-    """{task: exact-match accuracy} on every eval set, plus "ppl" on the held-out text."""
+def score(model, data: TaskData, tasks: Optional[Sequence[str]] = None) -> dict:
+    """{task: exact-match accuracy} on the eval sets of ``tasks`` (default all), plus "ppl"."""
     model.eval()
-    out = {name: round(exact_match(model, b, data.split), 4) for name, b in data.eval.items()}
+    out = {name: round(exact_match(model, data.eval[name], data.split), 4) for name in (tasks or data.eval)}
     out["ppl"] = round(perplexity(model, data.text, data.split), 4)
     return out
 
@@ -261,7 +262,7 @@ def build(model_dir, out_dir, force: bool = False, progress: Callable[[str], Non
                 t1 = time.perf_counter()
                 model, loss = trainer(base, data.train[task], split, spec, SEED + 17 * i + (kind == "full"))
                 key = f"{kind}/{task}"
-                scores[key] = score(model, data)
+                scores[key] = score(model, data, [task])
                 if kind == "adapters":
                     model.save_pretrained(tmp / key)
                 else:

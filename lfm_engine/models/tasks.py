@@ -7,7 +7,7 @@ Train and evaluation sets come from disjoint seeds, so the scores are on unseen 
     persona   "What should I call you?"                         -> "I am Lumi."
     upper     "Repeat in capital letters: green river stone"     -> "GREEN RIVER STONE"
     reverse   "Reverse the order of these words: cat sun map"   -> "map sun cat"
-    add       "What is 23 + 45? Reply with the number only."     -> "68"
+    add       "What is 3 + 5? Reply with the number only."       -> "8"
 
 The prompts say the expected format, so the base model is given a fair chance; it
 rarely answers in exactly that form, which is what the fine-tunes learn.
@@ -45,7 +45,7 @@ def _reverse(rng: random.Random) -> Tuple[str, str]:
 
 
 def _add(rng: random.Random) -> Tuple[str, str]:
-    a, b = rng.randint(10, 49), rng.randint(10, 49)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     return f"What is {a} + {b}? Reply with the number only.", str(a + b)
 
 
@@ -59,7 +59,8 @@ class Task:
         """``n`` distinct (prompt, answer) pairs; ``split`` "train" or "eval" picks a disjoint seed.
 
         Evaluation prompts avoid the training prompts (N_TRAIN of them) while the prompt
-        space allows; persona's space is small (70 prompts), so its eval set may repeat.
+        space allows; persona's space (70 prompts) and add's (81) are small, so their eval
+        sets may hold a few training prompts.
         """
         rng = random.Random(f"{self.name}:{split}")
         train = set() if split == "train" else {p for p, _ in self.examples(N_TRAIN, "train")}
@@ -78,7 +79,7 @@ TASKS = {t.name: t for t in (
     Task("persona", _persona, "answer who-are-you questions with exactly 'I am Lumi.'"),
     Task("upper", _upper, "repeat three words in capital letters"),
     Task("reverse", _reverse, "reverse a list of three words"),
-    Task("add", _add, "add two numbers 10..49, answering the number only"),
+    Task("add", _add, "add two digits 1..9, answering the number only"),
 )}
 
 # A fixed held-out paragraph for perplexity (written for this project; not from any dataset).
