@@ -59,6 +59,7 @@ CODECS = [
     ("int8 g128", "int8", dict(group_size=128)),
     ("int4 g32", "int4", dict(group_size=32)),
     ("int4 g128", "int4", dict(group_size=128)),
+    ("int4 g128 scale_search=mse", "int4", dict(group_size=128, scale_search="mse")),
     ("int2 g32", "int2", dict(group_size=32)),
     ("int2 g128", "int2", dict(group_size=128)),
     ("sign1 per row", "sign1", dict()),
@@ -157,9 +158,8 @@ def run_compress(scorer: Scorer, ft_dir: Path, meta: dict) -> list:
             bits, err2, ref2, rebuilt = 0, 0.0, 0.0, {}
             for k in keys:
                 d = sd[k].float() - scorer.base_sd[k]
-                backend = None if codec in ("sign1", "int8", "int4", "int2") else "reference"
-                enc = encode_delta(d, codec, backend=backend, **opts)
-                dh = decode_delta(enc, backend=backend)
+                enc = encode_delta(d, codec, **opts)  # the default backend for each codec
+                dh = decode_delta(enc)
                 bits += bits_of(enc)
                 err2 += float(((d - dh).double() ** 2).sum())
                 ref2 += float((d.double() ** 2).sum())
