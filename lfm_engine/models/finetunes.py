@@ -39,7 +39,7 @@ from .tasks import HELDOUT_TEXT, N_EVAL, N_TRAIN, TASKS
 
 TRAIN_LAYERS = 4          # the top decoder layers the fine-tunes change
 SEED = 1234
-MIN_GAIN = 0.25        # a fine-tune must beat the base on its task by this much (accuracy)
+MIN_GAIN = 0.25        # "clearly beats the base": this much more accuracy on its task (else listed as weak)
 FORMAT_VERSION = 2        # bump when the recipe changes: build() then rebuilds
 
 LORAS = {

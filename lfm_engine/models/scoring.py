@@ -57,9 +57,7 @@ class Scorer:
 
 
 def read_folder(folder) -> dict:
-    from safetensors.torch import load_file
+    """All tensors of a safetensors model folder (the demo's reader: one file or sharded)."""
+    from lfm_engine.demo.data import load_folder
 
-    sd = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        sd.update(load_file(f))
-    return sd
+    return load_folder(str(folder))
