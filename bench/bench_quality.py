@@ -123,8 +123,8 @@ def run_masks(scorer: Scorer, ft_dir: Path, meta: dict) -> list:
     from lfm_engine import decode_delta, encode_delta
 
     sds = {t: read_folder(ft_dir / "full" / t) for t in FULL_TASKS}
-    keys = [k for k in scorer.top_keys() if sds[FULL_TASKS[0]][k].dim() == 2
-            and not torch.equal(sds[FULL_TASKS[0]][k], scorer.base_sd[k])]
+    keys = [k for k in scorer.top_keys() if k in sds[FULL_TASKS[0]] and sds[FULL_TASKS[0]][k].dim() == 2
+            and any(not torch.equal(sds[t][k], scorer.base_sd[k]) for t in FULL_TASKS)]
     rows = []
     for mode in ("tall", "emr"):
         rebuilt = {t: {} for t in FULL_TASKS}
@@ -149,7 +149,7 @@ def run_compress(scorer: Scorer, ft_dir: Path, meta: dict) -> list:
     rows = []
     for task in COMPRESS_TASKS:
         sd = read_folder(ft_dir / "full" / task)
-        keys = [k for k in scorer.top_keys() if sd[k].dim() == 2 and not torch.equal(sd[k], scorer.base_sd[k])]
+        keys = [k for k in scorer.top_keys() if k in sd and sd[k].dim() == 2 and not torch.equal(sd[k], scorer.base_sd[k])]
         n = sum(sd[k].numel() for k in keys)
         own = meta[f"full/{task}"]
         rows.append({"task": task, "codec": "uncompressed (fp32 delta)", "bits": 32.0, "rel_err": 0.0,

@@ -164,4 +164,4 @@ def test_real_demo_prints_real_text(capsys):
     rc = main(["demo", "--model", "example", "--skip", "compress", "--new-tokens", "12"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "I am Lumi." in out and "TIES merge" in out and "<- exact" in out
+    assert "I am Lumi." in out and "DELLA merge" in out and "<- exact" in out
