@@ -1,4 +1,4 @@
-"""Benchmark of the task-vector codecs (spec/codec.md, issue "Task-vector compression").
+"""Benchmark of the task-vector codecs (docs/spec/codec.md, issue "Task-vector compression").
 
 Three tables, one run:
  1. throughput: encode and fused decode-and-add of sign1/int8/int4/int2 (C++ kernels)
@@ -15,7 +15,13 @@ Three tables, one run:
 Times are the minimum of interleaved rounds (see interleaved()): the 2-core machine this
 was written on is shared, and medians there measure the neighbours.
 
-    python bench/bench_codec.py [--size 4096] [--slots 8] [--tokens 16] [--json out.json]
+--device cuda replaces table 1 by its GPU form: decode-and-add of each codec by the CUDA C++
+kernel (ours-cuda), the Triton kernel (ours-triton) and the same arithmetic in plain torch ops
+on the GPU (torch), timed with CUDA events with L2 flushed before each call
+(benchlib.gpu_time), next to the GPU's copy bandwidth measured in the same run. Encoding
+stays on the CPU (there is no GPU encoder). Table 3 (serving) is CPU-only and is skipped there.
+
+    python bench/bench_codec.py [--device cuda] [--size 4096] [--slots 8] [--tokens 16] [--json out.json]
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import sys
 
 import torch
 
-from benchlib import Report, copy_bandwidth, device_name
+from benchlib import Report, copy_bandwidth, device_name, time_fn
 from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
 
 
@@ -82,6 +88,59 @@ def throughput(n: int, threads: int, rep: Report) -> None:
         rep.add(case, "torch reference", t_ref["ref"], fb + 2 * nbytes(base))
         t_copy = min(t_copy, t["copy"])
     rep.add(f"copy bf16 {n}x{n} (out.copy_(b))", "torch copy", t_copy, 2 * nbytes(base))
+
+
+def torch_decode_add(enc, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = base + decode(enc) in plain torch ops on base's device (the GPU baseline): the
+    same float32 arithmetic as our kernels, one rounding to out's dtype. sign1/int8/int4/int2."""
+    rows, cols = base.shape
+    dev = base.device
+    f = enc.fields
+    if enc.codec == "sign1":
+        words = f["signs"].view(torch.int32)
+        bits = (words.unsqueeze(-1) >> torch.arange(32, device=dev, dtype=torch.int32)) & 1
+        neg = bits.reshape(rows, -1)[:, :cols].bool()
+        s = f["scales"].float().reshape(-1, 1)
+        d = torch.where(neg, -s, s)
+    else:
+        g = int(enc.options.get("group_size", 128))
+        if enc.codec == "int8":
+            q = f["q"].float()
+        else:
+            nbits = {"int4": 4, "int2": 2}[enc.codec]
+            shifts = torch.arange(8 // nbits, device=dev, dtype=torch.int32) * nbits
+            u = (f["packed"].to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << nbits) - 1)
+            u = u.reshape(rows, -1)[:, :cols]
+            q = torch.where(u >= (1 << (nbits - 1)), u - (1 << nbits), u).float()
+        d = q * f["scales"].float().repeat_interleave(g, dim=1)[:, :cols]
+    return out.copy_(base.float() + d)
+
+
+def throughput_gpu(n: int, rep: Report, reps: int = 20) -> None:
+    """Table 1 on the GPU: decode-and-add of an n x n bf16 matrix, every codec, ours vs torch."""
+    from lfm_engine.ops._dispatch import native_has_cuda, triton_importable
+    from lfm_engine.ops.codec import Encoded
+
+    delta = structured_delta(n, n, dtype=torch.bfloat16)
+    base = torch.randn(n, n).to(torch.bfloat16).cuda()
+    out = torch.empty_like(base)
+    backends = (["cuda"] if native_has_cuda() else []) + (["triton"] if triton_importable() else [])
+    for codec in ("sign1", "int8", "int4", "int2"):
+        opts = {} if codec == "sign1" else {"group_size": 128}
+        e = encode_delta(delta, codec, **opts)
+        enc = Encoded(e.codec, e.shape, e.dtype, {k: v.cuda() for k, v in e.fields.items()}, e.options)
+        moved = enc.nbytes + 2 * nbytes(base)
+        case = f"decode+add {codec} {n}x{n} bf16"
+        want = torch_decode_add(enc, base, torch.empty_like(base))
+        for be in backends:
+            got = decode_add(enc, base, out=out, backend=be)
+            agrees = bool(torch.equal(got, want))
+            t = time_fn(lambda be=be: decode_add(enc, base, out=out, backend=be), device="cuda", warmup=3, reps=reps)
+            rep.add(case, f"ours-{be}", t, moved, agrees_with_torch=agrees)
+        t = time_fn(lambda: torch_decode_add(enc, base, out), device="cuda", warmup=2, reps=max(3, reps // 2))
+        rep.add(case, "torch", t, moved)
+    t = time_fn(lambda: out.copy_(base), device="cuda", warmup=3, reps=reps)
+    rep.add(f"copy bf16 {n}x{n} (out.copy_(b))", "torch copy", t, 2 * nbytes(base))
 
 
 def quality(rows: int, cols: int) -> list:
@@ -166,21 +225,36 @@ def main(argv=None) -> int:
                     help="threads for torch and for our kernels alike (0 = defaults). On a shared, loaded machine "
                          "use 1: torch's OpenMP GEMV slows down 30x when its threads are preempted")
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "quality", "serving"])
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU form of table 1")
+    ap.add_argument("--reps", type=int, default=20, help="timed calls per GPU case (--device cuda)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    bw = copy_bandwidth("cpu", reps=9)
-    rep = Report("task-vector codecs (CPU)", device_name("cpu"), bw)
+    gpu = args.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        print("bench_codec: no CUDA GPU here; nothing measured.", file=sys.stderr)
+        return 0
+    if gpu:
+        bw = copy_bandwidth("cuda", nbytes=1 << 30)
+        rep = Report("task-vector codecs (GPU)", device_name("cuda"), bw)
+    else:
+        bw = copy_bandwidth("cpu", reps=9)
+        rep = Report("task-vector codecs (CPU)", device_name("cpu"), bw)
     if "throughput" not in args.skip:
-        throughput(args.size, args.threads, rep)
+        if gpu:
+            throughput_gpu(args.size, rep, args.reps)
+        else:
+            throughput(args.size, args.threads, rep)
     q = []
     if "quality" not in args.skip:
         q = quality(*args.quality_shape)
-    if "serving" not in args.skip:
+    if gpu and "serving" not in args.skip:
+        print("bench_codec: the serving table is CPU-only; skipped with --device cuda", file=sys.stderr)
+    elif "serving" not in args.skip:
         for t in args.tokens:
             serving(args.size, args.slots, t, args.threads, rep)
-    print(rep.table(baseline="torch reference"))
+    print(rep.table(baseline="torch" if gpu else "torch reference"))
     srv = {}
     for r in rep.rows:
         if r.case.startswith("serve"):

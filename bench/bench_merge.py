@@ -9,11 +9,18 @@ Bytes: one pass reads base + K models and writes the output,
 bytes the kernel streams, which is what the floor is made of.
 
     python bench/bench_merge.py [--shapes 4096x4096,11008x4096] [--k 3] [--json out.json]
+
+--cpu-time adds a table for busy machines: one merge thread and one copy thread, each
+timed in CPU time (time.thread_time), so other jobs' share of the cores drops out of the
+ratio; "% copy" there compares the bytes the kernel streams per CPU second with the bytes
+a one-thread copy moves per CPU second, measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 
@@ -43,7 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="skip the slow plain-torch baseline")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="also time one thread in CPU time against a one-thread copy (busy machines)")
     args = ap.parse_args(argv)
+    cpu_rows = []
 
     bw = copy_bandwidth("cpu")
     rep = Report("fused merge, CPU (bf16, K=%d)" % args.k, device_name("cpu"), bw)
@@ -69,6 +79,10 @@ def main(argv=None) -> int:
                 tt = time_fn(lambda: merge_tensors_torch_multipass(b, others, p), reps=max(1, args.reps - 1),
                              warmup=0)
                 rep.add(case, "torch-multipass", tt, one_pass)
+            if args.cpu_time:
+                ct = _cpu_time(lambda: merge_tensors(b, others, method, name="w", out=out, n_threads=1, **kw),
+                               args.reps)
+                cpu_rows.append((case, passes, ct, (args.k + 1) * n * 2 * passes + n * 2))
             print(f"  done {case}", file=sys.stderr, flush=True)
     print(rep.table(baseline="torch-multipass"))
     print("\nper-pass bandwidth of ours (all bytes streamed / time, vs copy):")
@@ -76,8 +90,38 @@ def main(argv=None) -> int:
         if r.provider == "ours-cpu":
             pp = r.extra["per_pass_gbps"]
             print(f"  {r.case:<34} passes={r.extra['passes']}  {pp:6.2f} GB/s  {100 * pp * 1e9 / bw:5.1f}% of copy")
+    if cpu_rows:
+        cbw = _copy_cpu_bandwidth()
+        print(f"\nCPU time, one thread (copy, one thread, CPU time: {cbw / 1e9:.2f} GB/s):")
+        for case, passes, ct, nbytes in cpu_rows:
+            g = nbytes / ct
+            print(f"  {case:<34} passes={passes}  {1e3 * ct:8.1f} ms cpu  {g / 1e9:6.2f} GB/s  "
+                  f"{100 * g / cbw:5.1f}% of copy")
     rep.write_json(args.json)
     return 0
+
+
+def _cpu_time(fn, reps: int) -> float:
+    """Median CPU time of fn() on this thread (after one warm-up call)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return statistics.median(ts)
+
+
+def _copy_cpu_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes (read + write) per CPU second of a one-thread float32 copy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.empty(nbytes // 4).uniform_()
+        dst = torch.empty_like(src)
+        return 2 * nbytes / _cpu_time(lambda: dst.copy_(src), reps)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ is reading every input file once plus writing the output's bytes with fsync,
 measured now on the same disk and page-cache state. Outputs are compared with
 mergekit's (deterministic methods: share of elements within one bf16 ulp; random
 methods: the task-vector norm ratio and correlation, since the masks come from
-different generators by design, spec/merge.md).
+different generators by design, docs/spec/merge.md).
 
-    python bench/bench_merge_models.py [--size full|small] [--methods ties,...] [--json F]
+--devices cpu,cuda also times `lfm-engine merge --device cuda` (provider "lfm-engine cuda": the
+tensors are read into pinned memory, copied to the GPU on a side stream and merged there by
+the default GPU backend) on the same YAML; "lfm-engine" is the CPU run.
+
+    python bench/bench_merge_models.py [--size full|small] [--methods ties,...] [--devices cpu,cuda] [--json F]
 """
 from __future__ import annotations
 
@@ -178,13 +182,14 @@ def tie_elements(method: str, b: torch.Tensor, xs: list, params: list) -> torch.
         mag = (x.double() - b.double()).abs().flatten()
         n = mag.numel()
         srt = mag.sort().values
-        d = prm.get("density", 1.0)
+        from lfm_engine.core.merge_registry import DEFAULT_DENSITY, DEFAULT_GAMMA
+        d = prm.get("density", DEFAULT_DENSITY)
         if method == "ties":
             k = max(1, int(d * n))
             bounds = [n - k] if k < n else []
         else:
             target = int(d * n)
-            n_top = int(prm.get("gamma", 0.01) * n)
+            n_top = int(prm.get("gamma", DEFAULT_GAMMA) * n)
             n_bot = max(0, n - target - n_top)
             bounds = [i for i in (n_bot, n_bot + target) if 0 < i < n]
         for i in bounds:
@@ -270,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--methods", default=",".join(METHOD_PARAMS))
     ap.add_argument("--workdir", default=None, help="fixture folder (default: a temp folder)")
+    ap.add_argument("--devices", default="cpu",
+                    help="comma list of cpu, cuda: `lfm-engine merge --device D` for each (default cpu)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--no-fp32-check", action="store_true",
                     help="skip the extra (untimed) mergekit run in fp32 used to check agreement")
@@ -291,6 +298,16 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         return 0
 
+    devices = [d for d in args.devices.split(",") if d]
+    bad = [d for d in devices if d not in ("cpu", "cuda")]
+    if bad or not devices:
+        print(f"bench_merge_models: --devices takes cpu and/or cuda, got {args.devices!r}", file=sys.stderr)
+        return 2
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("bench_merge_models: no CUDA GPU here; --devices cuda skipped", file=sys.stderr)
+        devices.remove("cuda")
+        if not devices:
+            return 0
     work = args.workdir or tempfile.mkdtemp(prefix="lfm_bench_merge_")
     os.makedirs(work, exist_ok=True)
     try:
@@ -309,6 +326,7 @@ def main(argv=None) -> int:
         report = Report(f"lfm-engine merge vs mergekit-yaml ({args.size} fixture, "
                         f"{n_params / 1e6:.0f}M params x 4, bf16)", "cpu", copy_bandwidth())
         rss_rows = []
+        startup_rows = []
         notes = []
         for method in args.methods.split(","):
             cfg = {"merge_method": method, "base_model": paths[0],
@@ -322,16 +340,27 @@ def main(argv=None) -> int:
                 yaml.safe_dump(cfg, f, sort_keys=False)
             out = os.path.join(work, f"out_{method}")
             shutil.rmtree(out, ignore_errors=True)
-            ours = timed([sys.executable, "-m", cli_mod, "merge", cfg_path, out, "--quiet", "--seed", "0"],
-                         env)
+            # startup to first tensor: process start, imports, config, every header and the
+            # plan -- all a merge does before it reads its first tensor (a dry run stops there)
+            start = min(timed([sys.executable, "-m", cli_mod, "merge", cfg_path, out, "--quiet", "--dry-run"],
+                              env)["seconds"] for _ in range(3))
+            startup_rows.append((method, start))
+            runs = {}
+            for dev in devices:
+                if dev != devices[0]:
+                    shutil.rmtree(out, ignore_errors=True)
+                runs[dev] = timed([sys.executable, "-m", cli_mod, "merge", cfg_path, out, "--quiet", "--seed", "0"]
+                                  + (["--device", "cuda"] if dev == "cuda" else []), env)
             files = folder_files(out)
             out_bytes = sum(os.path.getsize(f) for f in files)
             in_bytes = sum(os.path.getsize(f) for p in paths for f in folder_files(p))
             moved = in_bytes + out_bytes
             floor = io_floor(paths, out_bytes, work)
             report.add(method, "io-floor", floor, moved)
-            report.add(method, "lfm-engine", ours["seconds"], moved, rss=ours["rss"])
-            rss_rows.append((method, "lfm-engine", ours["seconds"], ours["rss"], ours["seconds"] / floor))
+            for dev, run in runs.items():
+                prov = "lfm-engine" if dev == "cpu" else "lfm-engine cuda"
+                report.add(method, prov, run["seconds"], moved, rss=run["rss"])
+                rss_rows.append((method, prov, run["seconds"], run["rss"], run["seconds"] / floor))
             if mk_exe:
                 out_mk = os.path.join(work, f"mk_{method}")
                 shutil.rmtree(out_mk, ignore_errors=True)
@@ -358,9 +387,12 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
         print(report.table(baseline="mergekit" if mk_exe else "io-floor"))
         print()
-        print(f"{'method':<18} {'provider':<11} {'wall s':>8} {'peak RSS MB':>12} {'x I/O floor':>12}")
+        print(f"{'method':<18} {'provider':<16} {'wall s':>8} {'peak RSS MB':>12} {'x I/O floor':>12}")
         for m, prov, s, rss, xf in rss_rows:
-            print(f"{m:<18} {prov:<11} {s:8.2f} {rss / 1e6:12.0f} {xf:12.2f}")
+            print(f"{m:<18} {prov:<16} {s:8.2f} {rss / 1e6:12.0f} {xf:12.2f}")
+        print(f"\n{'method':<18} startup to first tensor (dry run, best of 3), s")
+        for m, st in startup_rows:
+            print(f"{m:<18} {st:8.3f}")
         if notes:
             print("\n# agreement with mergekit")
             for n in notes:
@@ -372,6 +404,7 @@ def main(argv=None) -> int:
             js["rss"] = [dict(method=m, provider=p, seconds=s, peak_rss=r, x_io_floor=x)
                          for m, p, s, r, x in rss_rows]
             js["agreement"] = notes
+            js["startup"] = [dict(method=m, seconds=st) for m, st in startup_rows]
             with open(args.json, "w") as f:
                 json.dump(js, f, indent=2)
     finally:

@@ -55,8 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT provider (decode cases)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads for every provider (0: torch's default); set LFM_NUM_THREADS "
+                         "to the same value for our kernels")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         a.hidden, a.layers, a.intermediate, a.heads, a.vocab = 128, 2, 352, 4, 1000
         a.adapters, a.rank, a.seqs, a.ctx, a.prompt, a.new, a.reps = 4, 8, 8, 16, 8, 4, 3

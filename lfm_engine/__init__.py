@@ -3,8 +3,8 @@
 Top-level API:
     merge_tensors(base, others, method="ties", ...)   fused sparsify-and-merge of one tensor
     merge_models(config, out_dir, ...)                mergekit-style model merge, streaming
-    lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (spec/lora.md)
-    encode_delta / decode_delta / delta_apply(...)    task-vector codecs (spec/codec.md)
+    lora_shrink / lora_expand / lora_apply(...)       batched multi-LoRA kernels (docs/spec/lora.md)
+    encode_delta / decode_delta / delta_apply(...)    task-vector codecs (docs/spec/codec.md)
     compress_model / decompress_model(...)            .lfmd containers of whole fine-tunes
     AdapterPool, attach, Engine                       multi-adapter serving (lfm_engine.serve)
     get_include(), get_library()                      C ABI header folder and liblfm path
@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from lfm_engine.core.merge_methods import METHODS, MergeConfigError
-from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
-from lfm_engine.ops.lora import lora_apply, lora_apply_slices, lora_expand, lora_shrink
-from lfm_engine.ops.merge import merge_tensors
+
+# The ops (and torch with them) load on first use: `lfm-engine merge` on the CPU never
+# imports torch (docs/merge.md "Startup"), and `import lfm_engine` stays cheap.
 
 
 def merge_models(config_or_path, out_dir, **kwargs):
@@ -93,8 +93,13 @@ def set_simd_level(level: str | None) -> None:
     native().set_simd(level or "")
 
 
-# Names loaded on first use (their modules are larger and not needed to merge tensors).
+# Names loaded on first use (their modules import torch or are larger).
 _LAZY = {
+    "merge_tensors": "lfm_engine.ops.merge", "merge_arrays": "lfm_engine.ops.merge",
+    "lora_shrink": "lfm_engine.ops.lora", "lora_expand": "lfm_engine.ops.lora",
+    "lora_apply": "lfm_engine.ops.lora", "lora_apply_slices": "lfm_engine.ops.lora",
+    "encode_delta": "lfm_engine.ops.codec", "decode_delta": "lfm_engine.ops.codec",
+    "decode_add": "lfm_engine.ops.codec", "delta_apply": "lfm_engine.ops.codec",
     "AdapterPool": "lfm_engine.serve", "attach": "lfm_engine.serve", "detach": "lfm_engine.serve",
     "Engine": "lfm_engine.serve", "Request": "lfm_engine.serve", "open_adapter": "lfm_engine.serve",
     "AdapterFormatError": "lfm_engine.serve",
@@ -112,9 +117,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "METHODS", "MergeConfigError", "merge_tensors", "merge_models",
-    "lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices",
-    "encode_delta", "decode_delta", "decode_add", "delta_apply", "compress_model", "decompress_model", "get_include", "get_library", "build_info",
+    "METHODS", "MergeConfigError", "merge_models", "compress_model", "decompress_model", "get_include", "get_library", "build_info",
     "set_num_threads", "set_simd_level", "__version__", *_LAZY,
 ]
 del os

@@ -12,9 +12,9 @@ import os
 from typing import Dict, List
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file  # the library's writer: our reader is tested against it
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from lfm_engine.io import dtypes
 
 
 def llama_config(hidden=32, layers=2, intermediate=64, vocab=128, heads=4, kv_heads=2) -> dict:
@@ -80,7 +80,7 @@ def write_model(path: str, cfg: dict, tensors: Dict[str, torch.Tensor], *, shard
     cfg = dict(cfg)
     dts = {t.dtype for t in tensors.values()}
     if len(dts) == 1:
-        cfg["torch_dtype"] = DTYPE_NAMES.get(dts.pop(), "float32")
+        cfg["torch_dtype"] = dtypes.of(dts.pop()).name
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     names = list(tensors)

@@ -329,8 +329,9 @@ def test_native_errors():
 
 @pytest.mark.parametrize("codec", NATIVE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_delta_apply_matches_decode_then_matmul(codec, dtype):
-    S, T, n_in, n_out = 4, 13, 200, 70
+@pytest.mark.parametrize("n_in", [200, 256])  # 256: the AVX-512 row blocks (sizes multiple of 32)
+def test_delta_apply_matches_decode_then_matmul(codec, dtype, n_in):
+    S, T, n_out = 4, 13, 70
     opts = {} if codec == "sign1" else {"group_size": 64}
     deltas = [encode_delta(torch.randn(n_out, n_in) * 0.02, codec, **opts) for _ in range(S)]
     x = torch.randn(T, n_in).to(dtype)
@@ -420,6 +421,31 @@ def test_triton_delta_apply(triton_env, codec, dtype):
     y = y0.to(dev)
     delta_apply(x.to(dev), dd, slot.to(dev), y, backend="triton")
     assert_close(y, want, dtype, atol=1e-4 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2"])
+def test_triton_delta_apply_bf16_gpu(codec):
+    """bf16 activations on a GPU: the Triton kernel's tl.dot multiplies bf16 tiles on the tensor
+    cores, which the CPU interpreter gets wrong, so only a GPU can check it. Ragged sizes: 37
+    tokens (several 16-token tiles per slot, no-delta tokens), 1000 inputs (a partial 64-wide
+    K block), 300 outputs (a partial 32-wide N block); compared with decode-then-matmul."""
+    S, T, n_in, n_out = 3, 37, 1000, 300
+    g = torch.Generator().manual_seed(21)
+    opts = {} if codec == "sign1" else {"group_size": 128}
+    deltas = [encode_delta(torch.randn(n_out, n_in, generator=g) * 0.05, codec, **opts) for _ in range(S)]
+    x = torch.randn(T, n_in, generator=g).to(torch.bfloat16)
+    slot = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
+    slot[:20] = 1  # one slot with more than one 16-token tile
+    y0 = torch.randn(T, n_out, generator=g).to(torch.bfloat16)
+    want = y0.clone()
+    delta_apply(x, deltas, slot, want, backend="reference")
+    dd = [Encoded(e.codec, e.shape, e.dtype, {k: v.cuda() for k, v in e.fields.items()}, e.options) for e in deltas]
+    y = y0.cuda()
+    delta_apply(x.cuda(), dd, slot.cuda(), y, backend="triton")
+    assert_close(y, want, torch.bfloat16)
+    none = slot < 0
+    assert torch.equal(y.cpu()[none], y0[none])  # tokens without a delta are untouched
 
 
 @pytest.mark.cuda

@@ -85,8 +85,10 @@ def test_issue_repro_fma_would_flip_the_sign():
                 assert torch.all(out == 0.0048828125)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(7,), (4097,), (33, 129)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+# (600, 512): over 2^18 elements, so the selection runs sample-and-bracket (not the radix
+# passes) and bf16/f32 take the one-sweep merge_direct path
+@pytest.mark.parametrize("shape", [(7,), (4097,), (33, 129), (600, 512)])
 @pytest.mark.parametrize("method", list(METHOD_KW))
 def test_every_level_same_bits_and_matches_reference(method, shape, dtype):
     base, models = _grid_models(shape, dtype)
@@ -132,3 +134,31 @@ def test_unrunnable_level_is_an_error():
         lfm_engine.set_simd_level(other)
     with pytest.raises(ValueError, match="unknown SIMD level"):
         lfm_engine.set_simd_level("sse9")
+
+
+def test_bracket_miss_falls_back_exactly():
+    """The magnitude cut is bracketed from a sample of evenly spread runs of 16 elements
+    (2^14 runs); here the sampled runs hold the large deltas and the rest small ones, so
+    the bracket (among the large values) misses the true cut (among the small ones, which
+    take 5 magnitudes, so thousands tie there and the lower index wins): the radix
+    fallback must give the exact, level-independent answer."""
+    n = 1 << 19
+    stride = n // (1 << 14)
+    g = torch.Generator().manual_seed(5)
+    in_run = (torch.arange(n) % stride) < 16
+    base = torch.zeros(n)
+    models = []
+    for _ in range(3):
+        small = (torch.randint(1, 6, (n,), generator=g).float() / 1024) * torch.where(
+            torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        large = torch.randn(n, generator=g) + 4.0
+        models.append(torch.where(in_run, large, small))
+    kw = dict(density=0.6, weights=WEIGHTS, name="w")
+    outs = {}
+    for level in LEVELS:
+        lfm_engine.set_simd_level(level)
+        outs[level] = merge_tensors(base, models, "ties", **kw)
+    for level, o in outs.items():
+        assert torch.equal(_bits(o), _bits(outs[LEVELS[0]])), level
+    ref = merge_tensors(base, models, "ties", backend="reference", **kw)
+    assert_close(outs[LEVELS[0]], ref.float(), torch.float32)

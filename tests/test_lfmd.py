@@ -280,3 +280,25 @@ def test_cli(models, capsys):
     a = p.parse_args(["inspect", "--json", str(out)])
     assert a.func(a) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "lfmd/1"
+
+
+def test_integer_buffers_are_copied_and_reported(tmp_path, capsys):
+    """An int64 `position_ids` buffer is stored raw and the report counts its bits (the CLI
+    printed a traceback after writing the file: torch.finfo of an integer dtype)."""
+    g = torch.Generator().manual_seed(3)
+    pos = torch.arange(16, dtype=torch.int64)[None]
+    base = {"w": torch.randn(32, 16, generator=g), "position_ids": pos, "mask": torch.ones(4, dtype=torch.bool)}
+    ft = dict(base, w=base["w"] + 0.01 * torch.randn(32, 16, generator=g), position_ids=pos + 1)
+    _write(tmp_path / "base", base)
+    _write(tmp_path / "ft", ft)
+    out = tmp_path / "m.lfmd"
+    assert cli_main(["compress", "--base", str(tmp_path / "base"), "--model", str(tmp_path / "ft"), "--codec",
+                     "int8", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "position_ids" in text and "total (all tensors)" in text
+    rep = {t["name"]: t for t in inspect_container(out)["tensors"]}
+    assert rep["position_ids"]["codec"] == "raw" and rep["mask"]["codec"] == "raw"
+    assert cli_main(["decompress", "--base", str(tmp_path / "base"), str(out), str(tmp_path / "rec")]) == 0
+    rec = load_file(str(tmp_path / "rec" / "model.safetensors"))
+    assert torch.equal(rec["position_ids"], pos + 1) and rec["position_ids"].dtype == torch.int64
+    assert torch.equal(rec["mask"], base["mask"])

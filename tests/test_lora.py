@@ -1,4 +1,4 @@
-"""Multi-LoRA batched ops (spec/lora.md): every backend vs reference/lora.py.
+"""Multi-LoRA batched ops (docs/spec/lora.md): every backend vs reference/lora.py.
 
 Cases: dtypes, mixed heterogeneous ranks, odd and real hidden sizes, T in {1, 7, 64, 513},
 uniform / zipf / single-adapter slot mixes with no-adapter tokens, multi-slice offsets,

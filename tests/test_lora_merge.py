@@ -129,10 +129,10 @@ def test_load_peft_adapter_errors(tmp_path):
         load_peft_adapter(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text("{not json")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="cannot parse JSON"):
         load_peft_adapter(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_peft_adapter(str(tmp_path))
 
 

@@ -1,4 +1,4 @@
-"""The C++ CPU merge kernel against the plain-torch reference (spec/merge.md)."""
+"""The C++ CPU merge kernel against the plain-torch reference (docs/spec/merge.md)."""
 from __future__ import annotations
 
 import numpy as np
@@ -256,8 +256,7 @@ def test_c_abi_refuses_non_contiguous_views():
     bt = base.t()
     out = torch.empty(6, 8)
     with pytest.raises(ValueError, match="not contiguous"):
-        native().merge(view(bt), [view(others[0].t())], view(out), 1, [], [], [], [], [], -1, -1, 0, 0,
-                       1.0, 0, "", 0, 0)
+        native().merge(view(bt), [view(others[0].t())], view(out), method=1)
 
 
 def test_build_info_and_headers():

@@ -236,7 +236,7 @@ def test_fuzzed_configs_give_config_errors_only(family):
             "tokenizer_source", "tokenizer", "chat_template", "name", "gate_mode"]
     methods = ["ties", "slerp", "karcher", "passthrough", "sce", "nearswap", "linear", "bogus"]
     from lfm_engine.merge import merge_models
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
     for i in range(200):
         cfg = {}
         for k in rnd.sample(keys, rnd.randint(1, len(keys))):
@@ -258,3 +258,24 @@ def test_fuzzed_configs_give_config_errors_only(family):
                 merge_models(cfg, os.path.join(paths[0], "..", "never"), dry_run=True, quiet=True)
             except (MergeConfigErrors, CheckpointError):
                 pass
+
+
+@pytest.mark.parametrize("method, params, glob", [
+    ("task_arithmetic", {"weight": 1.0}, {"lambda": 1e39}),
+    ("linear", {"weight": 1e38}, {"normalize": False}),
+    ("ties", {"weight": 1.0, "density": 0.5}, {"lambda": 1e39}),
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_parameters_that_overflow_the_result_are_an_error(family, tmp_path, capsys, method, params, glob, dtype):
+    """Finite inputs, parameters that push the fused kernels' result past the output dtype's
+    range: an error naming the tensor and the parameters, no output folder (it exited 0 with
+    Inf weights before)."""
+    paths, _ = family
+    cfg = {"merge_method": method, "dtype": dtype, "parameters": glob,
+           "models": [{"model": p, "parameters": params} for p in paths[1:]]}
+    if method != "linear":
+        cfg["base_model"] = paths[0]
+    rc, out = run(cfg, tmp_path)
+    err = capsys.readouterr().err
+    assert rc != 0 and "overflow" in err and "merge parameters" in err, err
+    assert not out.exists()

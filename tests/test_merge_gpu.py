@@ -304,6 +304,71 @@ def test_gpu_7b_layer_masks_bit_identical(method):
     assert torch.equal(masks[0].cpu(), want_m)
 
 
+MASK_METHODS = [m for m in METHODS if m not in ("task_arithmetic", "linear")]
+
+
+def _masks_via_merge(backend, xs, method, kw, device):
+    """Each model's keep mask as a backend's fused kernel decides it, read off its output.
+
+    The CPU and CUDA kernels do not return their masks. Sparsification is per model
+    (docs/spec/merge.md), so model i's mask in the K-model merge is the mask of a one-model merge
+    with model i's density/gamma/epsilon and position (its random stream), with a zero base
+    and weight 1: then out = scale * mask * x_i (scale > 0: DARE/DELLA rescale, L1 factor)
+    and mask = (out != 0) wherever x_i != 0. Output float32, so nothing underflows."""
+    out = []
+    zero = torch.zeros_like(xs[0], device=device)
+    for i, x in enumerate(xs):
+        one = dict(weights=[1.0], seed=kw["seed"], name=kw["name"], model_positions=[i], out_dtype=torch.float32)
+        for key in ("density", "gamma", "epsilon"):
+            if key in kw:
+                one[key] = [kw[key][i]]
+        out.append(merge_tensors(zero, [x.to(device)], method, backend=backend, **one).cpu() != 0)
+    return torch.stack(out)
+
+
+def _zero_base_inputs(shape, dtype, method, seed):
+    _, xs = _inputs(shape, 3, dtype, ties=method in ("ties", "breadcrumbs", "breadcrumbs_ties"), seed=seed)
+    return torch.zeros_like(xs[0]), xs
+
+
+@pytest.mark.parametrize("method", MASK_METHODS)
+def test_masks_via_merge_equal_reference_masks(method):
+    """The single-model readout above gives the reference's mask of every model of a K-model merge."""
+    b, xs = _zero_base_inputs((33, 129), torch.float32, method, seed=3)
+    kw = _kwargs(method, 3)
+    got = _masks_via_merge("cpu", xs, method, kw, "cpu")
+    params = resolve_merge_params(method, 3, **kw)
+    for i, x in enumerate(xs):
+        want = sparsify_mask(task_vector(x, b), params, i) & (x != 0)
+        assert torch.equal(got[i], want), f"{method}: model {i}: {int((got[i] != want).sum())} elements differ"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", MASK_METHODS)
+def test_gpu_masks_bit_identical_every_method(method):
+    """bf16, 512 x 4099, K = 3 (quantised deltas for the exact-k methods: ties at every cut):
+    every model's mask is the same on the CPU kernel, the CUDA kernel and Triton, and Triton's
+    own masks of the K-model merge equal the reference's."""
+    if not _native_has_cuda():
+        pytest.skip("lfm_engine was built without CUDA")
+    b, xs = _zero_base_inputs((512, 4099), torch.bfloat16, method, seed=5)
+    kw = _kwargs(method, 3)
+    masks = {be: _masks_via_merge(be, xs, method, kw, dev)
+             for be, dev in (("cpu", "cpu"), ("cuda", "cuda"), ("triton", "cuda"))}
+    for be in ("cuda", "triton"):
+        diff = masks[be] != masks["cpu"]
+        assert not diff.any(), f"{method}: {be} masks differ from the CPU kernel's in {int(diff.sum())} elements " \
+                               f"(per model: {diff.flatten(1).sum(1).tolist()})"
+    from lfm_engine.triton.merge import merge_triton
+
+    params = resolve_merge_params(method, 3, **kw)
+    _, tri = merge_triton(b.cuda(), [x.cuda() for x in xs], torch.empty_like(b, device="cuda"), params,
+                          return_masks=True)
+    want = sparsify_mask(task_vector(xs[0], b), params, 0)
+    assert torch.equal(tri[0].cpu(), want), f"{method}: Triton's K-model mask of model 0 differs from the reference"
+    assert torch.equal(tri.cpu() & torch.stack([x != 0 for x in xs]), masks["cpu"])
+
+
 @pytest.mark.cuda
 def test_cuda_nonfinite_and_long_della_rows():
     if not _native_has_cuda():

@@ -2,7 +2,7 @@
 
 Every output tensor is compared with the tensor-level plain-torch reference
 (`merge_tensors(..., backend="reference")`) for the task-vector family and linear,
-and with float64 formulas written here from spec/merge.md for slerp, nuslerp and
+and with float64 formulas written here from docs/spec/merge.md for slerp, nuslerp and
 model_stock (which run in torch, not in the C++ kernel).
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from lfm_engine import merge_tensors  # noqa: E402
 from lfm_engine.cli.merge import main as cli_main  # noqa: E402
 from lfm_engine.merge import MergeConfigErrors, MergeWarning, merge_models  # noqa: E402
 from lfm_engine.merge import runner as merge_runner  # noqa: E402
-from lfm_engine.merge.io import CheckpointError, parse_size, read_safetensors_header  # noqa: E402
+from lfm_engine.io.model_folder import CheckpointError, read_safetensors_header  # noqa: E402
+from lfm_engine.io.safetensors import parse_size  # noqa: E402
 
 # The reference the spec defines; LFM_MERGE_TEST_BACKEND=cpu only for debugging the plumbing.
 REF_BACKEND = os.environ.get("LFM_MERGE_TEST_BACKEND", "reference")
@@ -406,7 +407,7 @@ def test_bin_checkpoint_refused_never_unpickled(family, tmp_path, capsys):
     assert rc == 2 and "pickle" in err and "binmodel" in err
     assert not marker.exists() and not out.exists()
     with pytest.raises(CheckpointError, match="pickle"):
-        from lfm_engine.merge.io import ModelFolder
+        from lfm_engine.io.model_folder import ModelFolder
         ModelFolder(str(tmp_path / "binmodel"))
 
 
@@ -498,7 +499,7 @@ def test_read_ahead_is_bounded(family, tmp_path, monkeypatch):
     cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
            "models": [{"model": q, "parameters": {"weight": 0.3}} for q in paths[1:]]}
     reads, ahead = [], []
-    real_read, real_merge = merge_runner.read_tensor, merge_runner.merge_task
+    real_read, real_merge = merge_runner.read_array, merge_runner.merge_task
 
     def counting_read(info, fd=None, **kw):
         reads.append(info.name)
@@ -513,7 +514,7 @@ def test_read_ahead_is_bounded(family, tmp_path, monkeypatch):
         merged.append(task.name)
         return real_merge(method, task, *a, **k)
     merged = []
-    monkeypatch.setattr(merge_runner, "read_tensor", counting_read)
+    monkeypatch.setattr(merge_runner, "read_array", counting_read)
     monkeypatch.setattr(merge_runner, "merge_task", slow_merge)
     merge_models(cfg, tmp_path / "out", quiet=True)
     assert len(merged) == 30 and max(ahead) >= 1
@@ -524,8 +525,8 @@ def test_write_failure_leaves_no_output(family, tmp_path, monkeypatch):
     paths, _ = family
     cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
            "models": [{"model": paths[1], "parameters": {"weight": 1.0}}]}
-    from lfm_engine.merge import io as merge_io
-    real = merge_io.ShardedWriter.write
+    from lfm_engine.io import safetensors as st_io
+    real = st_io.ShardedWriter.write
     n = []
 
     def full_disk(self, name, t):
@@ -533,7 +534,7 @@ def test_write_failure_leaves_no_output(family, tmp_path, monkeypatch):
         if len(n) == 9:
             raise OSError(28, "No space left on device")
         return real(self, name, t)
-    monkeypatch.setattr(merge_io.ShardedWriter, "write", full_disk)
+    monkeypatch.setattr(st_io.ShardedWriter, "write", full_disk)
     with pytest.raises(OSError, match="No space"):
         merge_models(cfg, tmp_path / "out", quiet=True, out_shard_size="30KB")
     assert os.listdir(tmp_path) == []

@@ -1,7 +1,7 @@
 """Tests of the plain-torch merge reference (lfm_engine/reference/merge.py) and of the
 engine's Philox/stream rule (lfm_engine/reference/philox.py).
 
-Expected values are worked out by hand in each test from spec/merge.md, so these
+Expected values are worked out by hand in each test from docs/spec/merge.md, so these
 tests pin the definition the compiled backends are compared against.
 """
 import math

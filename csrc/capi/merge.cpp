@@ -3,6 +3,7 @@
 
 #include "core/status.h"
 #include "kernels/merge/merge.h"
+#include "kernels/merge/merge_methods_table.h"
 
 extern "C" {
 
@@ -13,7 +14,7 @@ LFM_API void lfm_merge_options_init(lfm_merge_options* opts) {
     opts->method = LFM_MERGE_TIES;
     opts->normalize = -1;
     opts->rescale = -1;
-    opts->lambda = 1.0;
+    opts->lambda = lfm::merge::kDefaultLambda;
 }
 
 LFM_API lfm_status lfm_merge(const lfm_tensor* base, const lfm_tensor* models, const lfm_tensor* out,

@@ -32,7 +32,8 @@ bool host_f16c() {
 bool host_avx512() {
 #if defined(__x86_64__) || defined(_M_X64)
     static const bool v = host_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512cd");  // the x86-64-v4 set the merge loops use
     return v;
 #else
     return false;

@@ -1,4 +1,4 @@
-// Philox4x32-10 counter-based generator and the stream-id rule of spec/merge.md
+// Philox4x32-10 counter-based generator and the stream-id rule of docs/spec/merge.md
 // ("Randomness"). Header-only, usable from host and device code, so CPU, CUDA and
 // the Python reference draw the same bits for (seed, stream, element).
 #pragma once

@@ -5,7 +5,7 @@
  *   2. fill an lfm_merge_options struct (always through lfm_merge_options_init first),
  *   3. call lfm_merge and check the returned lfm_status; lfm_last_error() says what went wrong.
  *
- * The program also recomputes the merge in plain C from the definition (spec/merge.md:
+ * The program also recomputes the merge in plain C from the definition (docs/spec/merge.md:
  * keep the k = floor(d*n) largest |delta| of each model, ties to the lower index; weight;
  * elect the sign of the weighted sum; average the agreeing entries; add to the base) and
  * checks that every element agrees within one bf16 rounding. It prints "OK" and exits 0

@@ -1,5 +1,5 @@
 /*
- * Task-vector codecs (spec/codec.md): encode, decode, fused decode-and-add, and the
+ * Task-vector codecs (docs/spec/codec.md): encode, decode, fused decode-and-add, and the
  * batched compressed-delta matmul used to serve many fine-tunes of one base.
  * Included by lfm/lfm.h; do not include directly.
  *

@@ -1,5 +1,5 @@
 /*
- * Multi-LoRA batched ops (spec/lora.md): shrink, expand and fused apply.
+ * Multi-LoRA batched ops (docs/spec/lora.md): shrink, expand and fused apply.
  * Included by lfm/lfm.h; do not include directly.
  *
  * For token t using slot s of a layer's slot table (s = -1: no adapter, y[t] untouched):

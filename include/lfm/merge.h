@@ -1,5 +1,5 @@
 /*
- * Fused sparsify-and-merge of task vectors (spec/merge.md).
+ * Fused sparsify-and-merge of task vectors (docs/spec/merge.md).
  * Included by lfm/lfm.h; do not include directly.
  */
 #ifndef LFM_MERGE_H
@@ -33,10 +33,11 @@ typedef struct lfm_merge_options {
     size_t struct_size;          /* = sizeof(lfm_merge_options), set by init */
     lfm_merge_method method;
     int32_t n_models;            /* K, 1..LFM_MERGE_MAX_MODELS */
-    const double* weights;       /* [K] w_i; NULL = all 1 */
-    const double* densities;     /* [K] d_i in [0, 1]; NULL = all 1 */
-    const double* gammas;        /* [K] breadcrumbs gamma in [0, 1]; NULL = all 0.01 */
-    const double* epsilons;      /* [K] DELLA epsilon; NULL = all 0.15 */
+    /* NULL below = every model takes the registry default (docs/merge.md's method table) */
+    const double* weights;       /* [K] w_i; NULL = the default weight */
+    const double* densities;     /* [K] d_i in [0, 1]; NULL = the default density */
+    const double* gammas;        /* [K] breadcrumbs gamma in [0, 1]; NULL = the default gamma */
+    const double* epsilons;      /* [K] DELLA epsilon; NULL = the default epsilon */
     const int32_t* model_positions; /* [K] Philox stream positions 0..255; NULL = 0..K-1 */
     int32_t normalize;           /* -1 = the method's default, 0 = off, 1 = on */
     int32_t rescale;             /* -1 = the method's default, else an lfm_rescale */
@@ -46,6 +47,9 @@ typedef struct lfm_merge_options {
     uint64_t seed;               /* Philox key for DARE / DELLA */
     const char* tensor_name;     /* UTF-8 output tensor name (Philox stream id); NULL = "" */
     int32_t n_threads;           /* CPU workers for this call; 0 = library default */
+    /* added after ABI 1 (a caller passing the shorter struct_size gets NULL): */
+    const char* const* model_names; /* [K] UTF-8 names used in error messages ("model NAME");
+                                       NULL = "model <index>" */
 } lfm_merge_options;
 
 LFM_API void lfm_merge_options_init(lfm_merge_options* opts);

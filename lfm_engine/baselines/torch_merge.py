@@ -1,6 +1,6 @@
 """Plain-torch, mergekit-style multi-pass merge: the baseline the fused kernels are timed against.
 
-This computes the spec/merge.md task-vector family the way mergekit 0.1.5 does it, as
+This computes the docs/spec/merge.md task-vector family the way mergekit 0.1.5 does it, as
 a careful torch user would write it (no deliberate slowness), so that a speed-up of
 the fused kernel over it is an honest one:
 

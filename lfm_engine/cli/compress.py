@@ -6,13 +6,17 @@
     lfm-engine inspect [--json] IN.lfmd
 
 `register(subparsers)` adds all three; each also has add_parser(subparsers) and
-run(args) -> int for the lead's cli.py. Errors print one line to stderr and exit 2.
+run(args) -> int for the lead's cli.py. Errors print one line to stderr: exit 2 for bad
+inputs, 1 for any other failure, 130 on Ctrl-C or SIGTERM (cli/guard.py); never a
+traceback, and the output appears only when complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from lfm_engine.cli.guard import guarded, thread_count
 
 
 def _override(text: str) -> tuple[str, str]:
@@ -35,7 +39,7 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", type=_override, default=[], metavar="FILTER=CODEC",
                    help="per-tensor codec by name filter (glob, or re:REGEX); CODEC 'raw' stores the tensor as is; "
                         "repeatable, first match wins")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--threads", type=thread_count, default=0, help="CPU threads (0 = all)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
     p.add_argument("out", help="output .lfmd file")
@@ -48,7 +52,7 @@ def add_decompress_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder the container was made against")
     p.add_argument("--force", action="store_true", help="decode even if the base fingerprint differs")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--threads", type=thread_count, default=0, help="CPU threads (0 = all)")
     p.add_argument("input", help="input .lfmd file")
     p.add_argument("out_dir", help="output model folder")
     p.set_defaults(func=run_decompress)
@@ -74,19 +78,19 @@ def register(subparsers) -> None:
 add_parser = add_compress_parser
 
 
-def _fail(exc: BaseException) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
+# problems with the inputs or arguments (exit 2); anything else is a failure (exit 1), and
+# Ctrl-C / SIGTERM exit 130, all without a traceback and without a half-written output
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError)
 
 
 def run_compress(args) -> int:
     from lfm_engine.compress import compress_model
 
-    try:
-        rep = compress_model(args.base, args.model, args.out, codec=args.codec, group_size=args.group_size,
-                             overrides=dict(args.override), n_threads=args.threads)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as exc:
-        return _fail(exc)
+    rc, rep = guarded(lambda: compress_model(args.base, args.model, args.out, codec=args.codec,
+                                             group_size=args.group_size, overrides=dict(args.override),
+                                             n_threads=args.threads), "compress", USER_ERRORS)
+    if rc:
+        return rc
     print(rep.table(max_rows=0 if args.quiet else None))
     if args.json:
         with open(args.json, "w") as f:
@@ -97,11 +101,11 @@ def run_compress(args) -> int:
 def run_decompress(args) -> int:
     from lfm_engine.compress import decompress_model
 
-    try:
-        out = decompress_model(args.base, args.input, args.out_dir, force=args.force, overwrite=args.overwrite,
-                               n_threads=args.threads)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as exc:
-        return _fail(exc)
+    rc, out = guarded(lambda: decompress_model(args.base, args.input, args.out_dir, force=args.force,
+                                               overwrite=args.overwrite, n_threads=args.threads),
+                      "decompress", USER_ERRORS)
+    if rc:
+        return rc
     print(f"wrote {out}")
     return 0
 
@@ -109,10 +113,9 @@ def run_decompress(args) -> int:
 def run_inspect(args) -> int:
     from lfm_engine.compress import inspect_container
 
-    try:
-        info = inspect_container(args.input)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return _fail(exc)
+    rc, info = guarded(lambda: inspect_container(args.input), "inspect", USER_ERRORS)
+    if rc:
+        return rc
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import sys
-import threading
 import warnings
+
+from lfm_engine.cli.guard import thread_count
 
 # mergekit-yaml options accepted for compatibility that change nothing here, and why
 NOOP_FLAGS = {
@@ -43,18 +43,35 @@ def add_config_and_output(p, what: str) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="output model folder (must not exist)")
 
 
+def methods_help() -> str:
+    """The merge_method values and their parameters, from the method registry."""
+    from lfm_engine.core.merge_registry import METHODS, REQUIRED
+    lines = ["merge methods (merge_method:) and their parameters (* = per model; docs/merge.md):"]
+    for name, m in METHODS.items():
+        ps = []
+        for p in m.params:
+            d = "required" if p.default is REQUIRED or p.config_required else (
+                "unset" if p.default is None else str(p.default).lower() if isinstance(p.default, bool) else p.default)
+            ps.append(f"{p.name}{'*' if p.per_model else ''}={d}")
+        lines.append(f"  {name:<17} {m.summary}")
+        if ps:
+            lines.append(f"  {'':<17}   {', '.join(ps)}")
+    return "\n".join(lines)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "merge", help="merge models described by a mergekit-style YAML config",
         description="Merge HF safetensors model folders as described by a mergekit YAML "
-                    "config (ties, dare_ties, della, slerp, ...), streaming tensor by tensor.")
+                    "config, streaming tensor by tensor.",
+        epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_and_output(p, "mergekit-style merge")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the inputs, print the plan, write nothing")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's spelling)")
-    p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=int, default=None,
-                   help="CPU threads (default: all)")
+    p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=thread_count, default=None,
+                   help="CPU threads (0 or absent: all)")
     p.add_argument("--out-shard-size", default="5GB",
                    help="largest output shard in bytes: 5GB, 500MB, 2GiB, or mergekit's units "
                         "5B (= 5e9), 500M, 10K; a plain integer is bytes (default: 5GB)")
@@ -90,7 +107,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def shard_size(text: str):
     """mergekit's K/M/B units (thousand, million, billion bytes: 5B = 5e9) as an int;
-    any other spelling (5GB, 500MB, 2GiB, 123) is left to lfm_engine.merge.io.parse_size."""
+    any other spelling (5GB, 500MB, 2GiB, 123) is left to lfm_engine.io.safetensors.parse_size."""
     m = _KMB.fullmatch(text)
     if m:
         return int(m.group(1)) * {"k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
@@ -98,8 +115,9 @@ def shard_size(text: str):
 
 
 def run(args) -> int:
+    from lfm_engine.cli.guard import sigterm_unwinds
     from lfm_engine.merge import MergeConfigErrors, merge_models
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
 
     def show(msg, category, filename, lineno, file=None, line=None):
         print(f"warning: {msg}", file=sys.stderr)
@@ -121,19 +139,15 @@ def run(args) -> int:
 
     old = warnings.showwarning
     warnings.showwarning = show
-    # SIGTERM (e.g. a job scheduler) unwinds like Ctrl-C so the temporary folder is removed
-    old_term = None
-    if threading.current_thread() is threading.main_thread():
-        def on_term(signum, frame):
-            raise KeyboardInterrupt
-        old_term = signal.signal(signal.SIGTERM, on_term)
     try:
-        res = merge_models(args.config, args.out_dir, device=device, threads=args.threads,
-                           out_shard_size=shard_size(args.out_shard_size), seed=args.seed,
-                           allow_overwrite=args.allow_overwrite, dry_run=args.dry_run,
-                           quiet=args.quiet, copy_tokenizer=args.copy_tokenizer,
-                           write_model_card=args.write_model_card,
-                           intermediate_dir=args.intermediate_dir)
+        # SIGTERM (e.g. a job scheduler) unwinds like Ctrl-C so the temporary folder is removed
+        with sigterm_unwinds():
+            res = merge_models(args.config, args.out_dir, device=device, threads=args.threads or None,
+                               out_shard_size=shard_size(args.out_shard_size), seed=args.seed,
+                               allow_overwrite=args.allow_overwrite, dry_run=args.dry_run,
+                               quiet=args.quiet, copy_tokenizer=args.copy_tokenizer,
+                               write_model_card=args.write_model_card,
+                               intermediate_dir=args.intermediate_dir)
     except MergeConfigErrors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -148,8 +162,6 @@ def run(args) -> int:
         return 1
     finally:
         warnings.showwarning = old
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
     if args.dry_run:
         print(res.summary())
     return 0

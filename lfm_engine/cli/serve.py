@@ -26,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", help="adapters served as model NAME")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="one adapter (repeatable)")
     p.add_argument("--pin", action="append", default=[], metavar="NAME", help="never evict this adapter")
+    p.add_argument("--delta", action="append", default=[], metavar="NAME=PATH.lfmd",
+                   help="a compressed full fine-tune of MODEL (lfm-engine compress) served as model NAME (repeatable)")
+    p.add_argument("--max-deltas", type=int, default=16, help="compressed fine-tunes resident at once")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set LFM_API_KEY)")
@@ -81,6 +84,18 @@ def resolve_local(name: str, what: str) -> str:
     raise FileNotFoundError(f"{what} {name!r}: no such folder")
 
 
+def _fingerprint(mdir: str):
+    """lfm.base fingerprint of the served model folder (what .lfmd deltas must match);
+    None when its weights are not safetensors (deltas are then checked by shape only)."""
+    from lfm_engine.io.model_folder import ModelFolder
+
+    try:
+        with ModelFolder(mdir) as mf:
+            return mf.fingerprint()
+    except Exception:  # noqa: BLE001 - the folder reader's own errors (pickle-only folders ...)
+        return None
+
+
 def build(args):
     """(server, sock, app) for parsed args: ``server.run(sockets=[sock])`` then ``app.close()``."""
     try:
@@ -100,7 +115,8 @@ def build(args):
     if not model_arg:
         raise ValueError("give the model folder (positional MODEL or --model)")
     adapters = _pairs(args.lora_modules, "--lora-modules") + _pairs(args.adapter, "--adapter")
-    names = [n for n, _ in adapters]
+    deltas = _pairs(args.delta, "--delta")
+    names = [n for n, _ in adapters] + [n for n, _ in deltas]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"adapter names repeated: {dup}")
@@ -124,8 +140,13 @@ def build(args):
 
         tokenizer = AutoTokenizer.from_pretrained(mdir)
     pool = AdapterPool(capacity=args.capacity, device=device, dtype=dtype, max_bytes=args.max_adapter_bytes,
-                       max_rank=args.max_lora_rank)
+                       max_rank=args.max_lora_rank, delta_capacity=args.max_deltas,
+                       base_fingerprint=_fingerprint(mdir))
     attach(model, pool)
+    for n, p in deltas:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"--delta {n}={p}: no such file")
+        pool.load_delta(n, p)
     futs = [pool.load(n, resolve_local(p, f"adapter {n!r}"), pin=n in args.pin) for n, p in adapters]
     for f in futs:
         f.result()

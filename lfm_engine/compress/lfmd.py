@@ -1,4 +1,4 @@
-"""The .lfmd container and whole-model compress / decompress (spec/codec.md "Container").
+"""The .lfmd container and whole-model compress / decompress (docs/spec/codec.md "Container").
 
 An .lfmd file is a safetensors file (any safetensors reader opens it):
   tensors   `<param name>::<field>`, e.g. `model.layers.0.mlp.up_proj.weight::packed`;
@@ -10,7 +10,7 @@ An .lfmd file is a safetensors file (any safetensors reader opens it):
                 tensor itself, stored as is) or "zero" (no fields: x == b bit for bit);
                 stats = {rel_error, bits_per_param}; sha256 = SHA-256 over the param's
                 field bytes in `fields` order (detects corrupted data).
-    lfm.base    fingerprint of the base folder (safetensors_io.ModelFolder.fingerprint).
+    lfm.base    fingerprint of the base folder (lfm_engine.io.model_folder.ModelFolder.fingerprint).
     lfm.source  free-form JSON: tool version, model and base paths, creation time.
     lfm.layout  JSON map output file -> [param names]: the fine-tuned model's shard layout,
                 so decompress writes the same files (and index) back.
@@ -53,10 +53,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from lfm_engine.compress.safetensors_io import (
-    ModelFolder, SafetensorsFile, SafetensorsFormatError, StreamWriter, dtype_name, parse_dtype_name, tensor_bytes,
-)
+from lfm_engine.io import dtypes
+from lfm_engine.io.model_folder import ModelFolder
+from lfm_engine.io.safetensors import SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, array_bytes
 from lfm_engine.io.names import UnsafeNameError, check_file_name, path_inside
+from lfm_engine.merge.outdir import sweep_stale
 from lfm_engine.ops.codec import Encoded, decode_add, decode_delta, encode_delta
 from lfm_engine.reference.codec import CODECS, CodecError
 
@@ -135,7 +136,7 @@ class TensorStat:
 
     @property
     def ratio(self) -> float:
-        orig = self.numel * torch.finfo(parse_dtype_name(self.dtype)).bits if self.numel else 0
+        orig = self.numel * 8 * dtypes.from_name(self.dtype).itemsize if self.numel else 0
         return orig / (8.0 * self.stored_bytes) if self.stored_bytes else float("inf")
 
 
@@ -149,7 +150,7 @@ class CompressReport:
         ts = [t for t in self.tensors if not encoded_only or t.codec not in ("raw", "zero")]
         numel = sum(t.numel for t in ts)
         stored = sum(t.stored_bytes for t in ts)
-        orig_bits = sum(t.numel * torch.finfo(parse_dtype_name(t.dtype)).bits for t in ts)
+        orig_bits = sum(t.numel * 8 * dtypes.from_name(t.dtype).itemsize for t in ts)
         dsq = sum(t.delta_sq for t in ts)
         esq = sum(t.err_sq for t in ts)
         return {"tensors": len(ts), "params": numel, "stored_bytes": stored,
@@ -188,7 +189,7 @@ class CompressReport:
 def _field_digest(tensors: Sequence[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        h.update(tensor_bytes(t))
+        h.update(array_bytes(t))
     return h.hexdigest()
 
 
@@ -251,10 +252,11 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
     out_path.parent.mkdir(parents=True, exist_ok=True)
     codecs_meta = {}
     report = CompressReport(str(out_path))
-    with ModelFolder(base_dir, "base") as base, ModelFolder(model_dir, "fine-tuned model") as model:
+    with ModelFolder(base_dir, accept_file=True) as base, ModelFolder(model_dir, accept_file=True) as model:
         fp = base.fingerprint()
         layout = model.layout()
-        writer = StreamWriter(out_path)
+        sweep_stale(out_path)  # .NAME.tmp-PID files of compress runs killed mid-write
+        writer = SafetensorsWriter(out_path)
         try:
             names = model.names()
             for i, name in enumerate(names):
@@ -273,7 +275,7 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
                     b = base.get(name)
                 if b is None or x.ndim < 2 or not b.dtype.is_floating_point:
                     cname = "raw"
-                entry = {"shape": list(x.shape), "dtype": dtype_name(x.dtype)}
+                entry = {"shape": list(x.shape), "dtype": dtypes.of(x.dtype).name}
                 delta_sq = err_sq = 0.0
                 if (b is not None and b.dtype == x.dtype and x.numel() > 0
                         and torch.equal(x.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))):
@@ -300,7 +302,7 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
                 entry["sha256"] = _field_digest(list(fields.values()))
                 entry["stats"] = {"rel_error": rel, "bits_per_param": 8.0 * stored / max(1, x.numel())}
                 codecs_meta[name] = entry
-                report.tensors.append(TensorStat(name, entry["codec"], tuple(x.shape), dtype_name(x.dtype), x.numel(),
+                report.tensors.append(TensorStat(name, entry["codec"], tuple(x.shape), entry["dtype"], x.numel(),
                                                  stored, rel, delta_sq, err_sq))
                 del x, b, fields
             from lfm_engine import __version__
@@ -356,7 +358,7 @@ class Container:
         out = {}
         for f in entry["fields"]:
             key = f"{name}{SEP}{f}"
-            if key not in self.file.header:
+            if key not in self.file:
                 raise LfmdError(f"{self.path}: tensor '{key}' listed in lfm.codecs is missing")
             out[f] = self.file.get(key)
         if verify and _field_digest(list(out.values())) != entry.get("sha256"):
@@ -366,7 +368,8 @@ class Container:
     def encoded(self, name: str, verify: bool = True) -> Encoded:
         e = self.codecs[name]
         opts = {k: v for k, v in e.items() if k not in ("codec", "shape", "dtype", "fields", "sha256", "stats")}
-        return Encoded(e["codec"], tuple(e["shape"]), parse_dtype_name(e["dtype"]), self.fields(name, verify), opts)
+        return Encoded(e["codec"], tuple(e["shape"]), dtypes.from_name(e["dtype"]).torch, self.fields(name, verify),
+                       opts)
 
 
 def open_container(path) -> Container:
@@ -398,6 +401,16 @@ def open_container(path) -> Container:
         for name, e in codecs.items():
             if not isinstance(e, dict) or not {"codec", "shape", "dtype", "fields"} <= set(e):
                 raise LfmdError(f"{path}: corrupt lfm.codecs entry for '{name}'")
+            if (not isinstance(e["codec"], str) or not isinstance(e["dtype"], str)
+                    or not isinstance(e["shape"], list)
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"])
+                    or not isinstance(e["fields"], list) or not all(isinstance(f, str) for f in e["fields"])):
+                raise LfmdError(f"{path}: corrupt lfm.codecs entry for '{name}' (codec and dtype must be names, "
+                                "shape a list of sizes, fields a list of names)")
+            try:
+                dtypes.from_name(e["dtype"])
+            except dtypes.UnknownDTypeError:
+                raise LfmdError(f"{path}: lfm.codecs entry for '{name}' has unknown dtype '{e['dtype']}'") from None
             if e["codec"] not in known:
                 raise LfmdError(f"{path}: '{name}' uses codec '{e['codec']}' which this lfm_engine does not know")
             if not isinstance(e.get("sha256"), str):
@@ -464,9 +477,8 @@ def inspect_container(path) -> dict:
         for name, e in c.codecs.items():
             nb = 0
             for f in e["fields"]:
-                b0, b1 = c.file.header[f"{name}{SEP}{f}"]["data_offsets"] if f"{name}{SEP}{f}" in c.file.header \
-                    else (0, 0)
-                nb += b1 - b0
+                key = f"{name}{SEP}{f}"
+                nb += c.file.tensors[key].nbytes if key in c.file else 0
             stored += nb
             rows.append({"name": name, "codec": e["codec"], "shape": e["shape"], "dtype": e["dtype"],
                          "stored_bytes": nb, **e.get("stats", {})})
@@ -496,7 +508,7 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output folder {out_dir} exists (pass overwrite=True to replace it)")
-    with open_container(path) as c, ModelFolder(base_dir, "base") as base:
+    with open_container(path) as c, ModelFolder(base_dir, accept_file=True) as base:
         fp = base.fingerprint()
         if fp != c.base_fingerprint and not force:
             raise FingerprintMismatchError(
@@ -505,6 +517,7 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
+        sweep_stale(out_dir)  # temporaries of decompress runs killed mid-write (merge/outdir.py)
         tmp.mkdir(parents=True)
         try:
             weight_map = {}
@@ -514,9 +527,9 @@ def decompress_model(base_dir, path, out_dir, *, force: bool = False, overwrite:
                 plan = []
                 for n in names:
                     e = c.codecs[n]
-                    plan.append((n, parse_dtype_name(e["dtype"]), tuple(e["shape"])))
+                    plan.append((n, dtypes.from_name(e["dtype"]).torch, tuple(e["shape"])))
                     weight_map[n] = fname
-                writer = StreamWriter(path_inside(tmp, fname, f"{path}: lfm.layout"), plan=plan,
+                writer = SafetensorsWriter(path_inside(tmp, fname, f"{path}: lfm.layout"), plan=plan,
                                       metadata={"format": "pt"})
                 try:
                     for n, dt, shape in plan:

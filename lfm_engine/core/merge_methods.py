@@ -1,8 +1,9 @@
 """Merge methods, their defaults, and resolution of user parameters.
 
-This is the one place that knows spec/merge.md's method table. Every backend
-(C++ CPU, CUDA, Triton, the plain-torch reference) receives a fully resolved,
-validated :class:`MergeParams`, so defaults and checks are never duplicated.
+The method table itself is lfm_engine/core/merge_registry.py; this module turns a
+call's parameters into one fully resolved, validated :class:`MergeParams`, which every
+backend of the fused family (C++ CPU, CUDA, Triton, the plain-torch reference)
+receives, so defaults and checks are never duplicated.
 
 Parameter vocabulary follows mergekit: per-model ``weight``, ``density``,
 ``gamma`` (breadcrumbs), ``epsilon`` (DELLA); global ``normalize``, ``rescale``,
@@ -14,61 +15,38 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-# sparsifier names (spec/merge.md "Sparsifiers")
-SPARSIFY_NONE = "none"
-SPARSIFY_MAGNITUDE = "magnitude"
-SPARSIFY_RANDOM = "random"
-SPARSIFY_MAGNITUDE_OUTLIERS = "magnitude_outliers"
-SPARSIFY_DELLA = "della_magprune"
+from lfm_engine.core.merge_registry import (  # noqa: F401  (re-exported: the names callers use)
+    DEFAULT_DENSITY,
+    DEFAULT_EPSILON,
+    DEFAULT_GAMMA,
+    DEFAULT_LAMBDA,
+    DEFAULT_WEIGHT,
+    FUSED_METHODS,
+    METHOD_CODES,
+    RESCALE_CODES,
+    RESCALE_INVERSE_DENSITY,
+    RESCALE_L1,
+    RESCALE_NONE,
+    SPARSIFY_DELLA,
+    SPARSIFY_MAGNITUDE,
+    SPARSIFY_MAGNITUDE_OUTLIERS,
+    SPARSIFY_NONE,
+    SPARSIFY_RANDOM,
+    CONSENSUS_WEIGHTING,
+    DENSITY,
+    DISJOINT,
+    EPSILON,
+    GAMMA,
+    Method,
+    MergeConfigError,
+)
+from lfm_engine.core.merge_registry import METHODS as _ALL
 
-RESCALE_NONE = "none"
-RESCALE_L1 = "l1"                      # spec: L1 norm matching
-RESCALE_INVERSE_DENSITY = "inverse_density"  # PEFT / original DARE: kept / density
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One row of spec/merge.md's method table."""
-    name: str
-    sparsifier: str
-    consensus: bool
-    normalize_default: bool
-    rescale_default: bool
-    uses_base: bool = True
-
-
-METHODS = {
-    m.name: m
-    for m in (
-        MethodSpec("task_arithmetic", SPARSIFY_NONE, False, False, False),
-        MethodSpec("ties", SPARSIFY_MAGNITUDE, True, True, False),
-        MethodSpec("dare_linear", SPARSIFY_RANDOM, False, False, True),
-        MethodSpec("dare_ties", SPARSIFY_RANDOM, True, False, True),
-        MethodSpec("breadcrumbs", SPARSIFY_MAGNITUDE_OUTLIERS, False, False, False),
-        MethodSpec("breadcrumbs_ties", SPARSIFY_MAGNITUDE_OUTLIERS, True, False, False),
-        MethodSpec("della_linear", SPARSIFY_DELLA, False, False, True),
-        MethodSpec("della", SPARSIFY_DELLA, True, True, True),
-        # linear: out = sum w_i x_i (/ sum w_i); the base is not an input.
-        MethodSpec("linear", SPARSIFY_NONE, False, True, False, uses_base=False),
-    )
-}
-
-# Integer codes shared with the C ABI (include/lfm/merge.h: lfm_merge_method).
-METHOD_CODES = {
-    "task_arithmetic": 0, "ties": 1, "dare_linear": 2, "dare_ties": 3,
-    "breadcrumbs": 4, "breadcrumbs_ties": 5, "della_linear": 6, "della": 7,
-    "linear": 8,
-}
-RESCALE_CODES = {RESCALE_NONE: 0, RESCALE_L1: 1, RESCALE_INVERSE_DENSITY: 2}
-
-DEFAULT_GAMMA = 0.01
-DEFAULT_EPSILON = 0.15
+MethodSpec = Method   # the registry entry (older name)
+# the methods merge_tensors runs: the fused sparsify-and-merge family (registry order)
+METHODS = {m: _ALL[m] for m in FUSED_METHODS}
 
 PerModel = Union[None, float, int, Sequence[float]]
-
-
-class MergeConfigError(ValueError):
-    """A merge parameter is invalid; the message names the parameter."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +55,7 @@ class MergeParams:
 
     weights, densities, gammas, epsilons: length-K tuples of floats.
     model_positions: length-K tuple, the model's 0-based index among the
-    non-base inputs in config order (selects its Philox stream, spec "Randomness").
+    non-base inputs in config order (selects its Philox stream, docs/spec/merge.md "Randomness").
     consensus_weighting: "weighted" (spec: elect the sign of sum_i w_i*delta'_i) or
     "unweighted" (PEFT: elect on sum_i delta'_i).
     disjoint: "weight" (spec: divide by sum of agreeing weights) or "count"
@@ -96,6 +74,10 @@ class MergeParams:
     model_positions: tuple
     consensus_weighting: str = "weighted"
     disjoint: str = "weight"
+    model_names: tuple = ()   # how messages name the models (default "model <index>")
+
+    def model_label(self, i: int) -> str:
+        return model_label(i, self.model_names)
 
     @property
     def spec(self) -> MethodSpec:
@@ -106,11 +88,18 @@ class MergeParams:
         return len(self.weights)
 
 
-def _per_model(value: PerModel, n: int, default: Optional[float], pname: str) -> tuple:
+def model_label(i: int, names: Sequence[str] = ()) -> str:
+    """How an error names model i: ``model <name>`` when names were passed down (a
+    model-level merge passes the config's references), else ``model <i>``."""
+    return f"model {names[i]}" if i < len(names) else f"model {i}"
+
+
+def _per_model(value: PerModel, n: int, p, names: Sequence[str] = ()) -> tuple:
+    """K values of per-model parameter ``p`` (a registry Param): default applied, each
+    finite and inside p's declared range."""
+    pname = p.name
     if value is None:
-        if default is None:
-            raise MergeConfigError(f"parameter '{pname}' is required")
-        value = default
+        value = p.default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         vals = [float(value)] * n
     else:
@@ -126,8 +115,13 @@ def _per_model(value: PerModel, n: int, default: Optional[float], pname: str) ->
             )
     for i, v in enumerate(vals):
         if not math.isfinite(v):
-            raise MergeConfigError(f"parameter '{pname}' of model {i} is not finite ({v})")
+            raise MergeConfigError(f"parameter '{pname}' of {model_label(i, names)} is not finite ({v})")
     return tuple(vals)
+
+
+def _check_range(p, vals: tuple, names: Sequence[str]) -> None:
+    for i, v in enumerate(vals):
+        p.check(v, "", f" of {model_label(i, names)}")
 
 
 def _resolve_rescale(rescale, default: bool) -> str:
@@ -154,18 +148,21 @@ def resolve_merge_params(
     epsilon: PerModel = None,
     normalize: Optional[bool] = None,
     rescale=None,
-    lam: float = 1.0,
+    lam: float = DEFAULT_LAMBDA,
     seed: int = 0,
     name: str = "",
     model_positions: Optional[Sequence[int]] = None,
-    consensus_weighting: str = "weighted",
-    disjoint: str = "weight",
+    consensus_weighting: str = CONSENSUS_WEIGHTING.default,
+    disjoint: str = DISJOINT.default,
+    model_names: Optional[Sequence[str]] = None,
 ) -> MergeParams:
-    """Apply spec defaults and check every parameter; raise MergeConfigError naming it.
+    """Apply the registry's defaults and check every parameter; raise MergeConfigError naming it.
 
     ``weights`` defaults to 1.0 per model at tensor level (a model config must give
-    them explicitly, as in mergekit). ``density`` defaults to 1.0, ``gamma`` to 0.01,
-    ``epsilon`` to 0.15; ``normalize``/``rescale`` None mean the method's default.
+    them explicitly, as in mergekit); ``density``, ``gamma``, ``epsilon`` default to
+    their registry values (lfm_engine/core/merge_registry.py); ``normalize``/``rescale``
+    None mean the method's default. ``model_names`` (one per model) name the models in
+    messages instead of their index.
     """
     if method not in METHODS:
         known = ", ".join(sorted(METHODS))
@@ -173,24 +170,22 @@ def resolve_merge_params(
     spec = METHODS[method]
     if n_models < 1:
         raise MergeConfigError("no models to merge: the model list is empty")
-    w = _per_model(weights, n_models, 1.0, "weight")
-    d = _per_model(density, n_models, 1.0, "density")
-    g = _per_model(gamma, n_models, DEFAULT_GAMMA, "gamma")
-    e = _per_model(epsilon, n_models, DEFAULT_EPSILON, "epsilon")
-    for i, di in enumerate(d):
-        if not 0.0 <= di <= 1.0:
-            raise MergeConfigError(f"parameter 'density' of model {i} must lie in [0, 1], got {di}")
-    if spec.sparsifier == SPARSIFY_MAGNITUDE_OUTLIERS:
-        for i, gi in enumerate(g):
-            if not 0.0 <= gi <= 1.0:
-                raise MergeConfigError(f"parameter 'gamma' of model {i} must lie in [0, 1], got {gi}")
+    names = tuple(str(x) for x in model_names) if model_names is not None else ()
+    if names and len(names) != n_models:
+        raise MergeConfigError(f"model_names has {len(names)} names but there are {n_models} models")
+    w = _per_model(weights, n_models, spec.param("weight"), names)
+    d = _per_model(density, n_models, DENSITY, names)
+    g = _per_model(gamma, n_models, GAMMA, names)
+    e = _per_model(epsilon, n_models, EPSILON, names)
+    _check_range(DENSITY, d, names)
+    if spec.has("gamma"):
+        _check_range(GAMMA, g, names)
     if spec.sparsifier == SPARSIFY_DELLA:
+        _check_range(EPSILON, e, names)
         for i, (di, ei) in enumerate(zip(d, e)):
-            if ei < 0.0:
-                raise MergeConfigError(f"parameter 'epsilon' of model {i} must be >= 0, got {ei}")
             if not (0.0 < di - ei < 1.0 and 0.0 < di + ei < 1.0):
                 raise MergeConfigError(
-                    f"invalid della epsilon for model {i}: density - epsilon = {di - ei:g} and "
+                    f"invalid della epsilon for {model_label(i, names)}: density - epsilon = {di - ei:g} and "
                     f"density + epsilon = {di + ei:g} must both lie in (0, 1)")
     if normalize is None:
         normalize = spec.normalize_default
@@ -210,13 +205,14 @@ def resolve_merge_params(
         if len(positions) != n_models or any(p < 0 or p > 255 for p in positions):
             raise MergeConfigError(
                 f"model_positions must hold {n_models} integers in [0, 255], got {model_positions!r}")
-    if consensus_weighting not in ("weighted", "unweighted"):
+    if consensus_weighting not in CONSENSUS_WEIGHTING.choices:
         raise MergeConfigError(
             f"consensus_weighting must be 'weighted' or 'unweighted', got {consensus_weighting!r}")
-    if disjoint not in ("weight", "count"):
+    if disjoint not in DISJOINT.choices:
         raise MergeConfigError(f"disjoint must be 'weight' or 'count', got {disjoint!r}")
     return MergeParams(
         method=method, weights=w, densities=d, gammas=g, epsilons=e,
         normalize=bool(normalize), rescale=rs, lam=lam, seed=seed, name=str(name),
         model_positions=positions, consensus_weighting=consensus_weighting, disjoint=disjoint,
+        model_names=names,
     )

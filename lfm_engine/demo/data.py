@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from lfm_engine.io import dtypes
 
 # the seven projections of a Llama block: module suffix -> (H_out, H_in) as a function of cfg
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -136,14 +136,14 @@ def write_model(path: str, cfg: dict, tensors: Dict[str, torch.Tensor], *, shard
     """Write a Hugging Face model folder: config.json, generation_config.json and
     model.safetensors, or with shards > 1 model-0000i-of-0000n.safetensors files plus
     model.safetensors.index.json (tensors split in order, about equally by count)."""
-    from safetensors.torch import save_file
+    from lfm_engine.io.safetensors import save_tensors as save_file
 
     tmp = _tmp_folder(path)
     try:
         cfg = dict(cfg)
         dts = {t.dtype for t in tensors.values()}
         if len(dts) == 1:
-            cfg["torch_dtype"] = DTYPE_NAMES.get(next(iter(dts)), "float32")
+            cfg["torch_dtype"] = dtypes.of(next(iter(dts))).name
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
@@ -151,7 +151,7 @@ def write_model(path: str, cfg: dict, tensors: Dict[str, torch.Tensor], *, shard
                        "do_sample": False}, f, indent=1)
         names = list(tensors)
         if shards <= 1:
-            save_file({n: tensors[n].contiguous() for n in names}, os.path.join(tmp, "model.safetensors"),
+            save_file(os.path.join(tmp, "model.safetensors"), {n: tensors[n] for n in names},
                       metadata={"format": "pt"})
         else:
             per = -(-len(names) // shards)
@@ -159,7 +159,7 @@ def write_model(path: str, cfg: dict, tensors: Dict[str, torch.Tensor], *, shard
             for s in range(shards):
                 part = names[s * per:(s + 1) * per]
                 fn = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-                save_file({n: tensors[n].contiguous() for n in part}, os.path.join(tmp, fn), metadata={"format": "pt"})
+                save_file(os.path.join(tmp, fn), {n: tensors[n] for n in part}, metadata={"format": "pt"})
                 wmap.update({n: fn for n in part})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -212,7 +212,7 @@ def random_adapter(cfg: dict, seed: int, rank: int = 8, alpha: float = 16, targe
 def write_adapter(path: str, adapter: AdapterWeights, base_model_path: Optional[str] = None,
                   dtype: torch.dtype = torch.float32) -> str:
     """Write a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors), PEFT key format."""
-    from safetensors.torch import save_file
+    from lfm_engine.io.safetensors import save_tensors
 
     targets = sorted({m.rsplit(".", 1)[-1] for m in adapter.modules})
     config = {
@@ -230,7 +230,7 @@ def write_adapter(path: str, adapter: AdapterWeights, base_model_path: Optional[
     try:
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=1)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_tensors(os.path.join(tmp, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -280,18 +280,9 @@ def make_demo_set(root: str, *, hidden: int = 256, layers: int = 2, intermediate
 
 
 def load_folder(path: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a safetensors model folder (one file or sharded with an index)."""
-    from safetensors import safe_open
+    """All tensors of a safetensors model folder (one file or sharded with an index), as
+    torch tensors (lfm_engine.io.model_folder.ModelFolder reads them)."""
+    from lfm_engine.io.model_folder import ModelFolder
 
-    idx = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(idx):
-        with open(idx) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    out = {}
-    for fn in files:
-        with safe_open(os.path.join(path, fn), framework="pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    return out
+    with ModelFolder(path) as folder:
+        return {k: folder.get(k) for k in folder.names()}

@@ -21,7 +21,7 @@ the command exits 0 only when every check passes:
     greedy decoding of those merged models; with ``--peft`` also with PEFT's own mixed
     batch (``PeftModel(..., adapter_names=[...])``) on the same folders.
 
-Tolerances (decided here; spec/merge.md and spec/lora.md define the math): merged fp32
+Tolerances (decided here; docs/spec/merge.md and docs/spec/lora.md define the math): merged fp32
 tensors within atol 1e-5 + rtol 1e-5 of the float64 reference (the test-suite fp32
 tolerance); LoRA logits within 1e-4 · max|logit| (fp32 accumulation order differs from
 the dense W + s·B·A product); a greedy token may differ from the reference only where the
@@ -332,18 +332,12 @@ def _tensor_part(args) -> int:
     if bad:
         print(f"\n{bad} method(s) differ from the float64 reference by more than one bf16 rounding.")
     else:
-        print("\nEvery result is within one bf16 rounding of the float64 reference (spec/merge.md).")
+        print("\nEvery result is within one bf16 rounding of the float64 reference (docs/spec/merge.md).")
     return bad
 
 
-def run(args) -> int:
-    import os
-    import shutil
-    import tempfile
-
-    import lfm_engine
-    from lfm_engine.demo.data import make_demo_set
-
+def _check_args(args) -> list:
+    """The command-line values the demo cannot run with, as messages."""
     problems = [f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})"
                 for k in ("rows", "cols", "models", "hidden", "layers", "intermediate", "vocab", "batch",
                           "prompt_len", "new_tokens") if getattr(args, k) < 1]
@@ -355,10 +349,98 @@ def run(args) -> int:
         problems.append(f"--vocab must be >= 4 (token ids 0-2 are special; got {args.vocab})")
     if args.prompt_len + args.new_tokens > 256:
         problems.append("--prompt-len + --new-tokens must be <= 256, the generated model's context length")
+    return problems
+
+
+def _generate(args, work: str):
+    """Phase 1b: the demo's model folders and adapters under WORK/models."""
+    import os
+
+    from lfm_engine.demo.data import make_demo_set
+
+    t0 = time.perf_counter()
+    ds = make_demo_set(os.path.join(work, "models"), hidden=args.hidden, layers=args.layers,
+                       intermediate=args.intermediate, vocab=args.vocab)
+    print(f"\nGenerated in {work}/models ({time.perf_counter() - t0:.2f} s):\n"
+          f"      a Llama-shaped base (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+          f"{ds.n_params / 1e6:.2f}M params, fp32), fine-tunes "
+          f"{', '.join(os.path.basename(p) for p in ds.finetunes)},\n      PEFT LoRA adapters "
+          + ", ".join(f"{n} (r={a.rank}, {len({m.rsplit('.', 1)[-1] for m in a.modules})} projections"
+                      f"{', rsLoRA' if a.use_rslora else ''})" for n, a in ds.adapter_weights.items()))
+    return ds
+
+
+def _merge_part(ds, work: str, args) -> bool:
+    """Phase 2: a mergekit-style TIES merge checked against the reference; True when it passed."""
+    print("\n[2/4] TIES merge of the 3 fine-tunes from a mergekit-style YAML (lfm_engine.merge_models):")
+    m = model_merge_demo(ds, work, args.threads)
+    print("      " + open(m["config"]).read().replace(work, "$DEMO").strip().replace("\n", "\n      "))
+    print(f"      merged {m['tensors']} tensors in {m['seconds'] * 1e3:.0f} ms "
+          f"({m['bytes'] / max(m['seconds'], 1e-9) / 1e9:.2f} GB/s read+written) -> {m['out']}")
+    for c in m["checks"]:
+        print(f"      {c['name']:<44} max |err| vs merge_tensors(backend='reference') "
+              f"{c['max_err']:.2e}  {'ok' if c['ok'] else 'TOO LARGE'}")
+    return all(c["ok"] for c in m["checks"])
+
+
+def _compress_part(ds, work: str, args) -> bool:
+    """Phase 3: compress / decompress one fine-tune with every demo codec; True when it passed."""
+    print("\n[3/4] Compressing the task vector of ft1 (compress_model -> .lfmd, decompress_model back):")
+    rows = compress_demo(ds, work, args.threads)
+    print(f"      {'codec':<7}{'bits/param':>11}{'ratio':>9}{'rel.err':>9}{'rebuilt':>9}{'file MB':>9}"
+          f"{'encode ms':>11}{'decode ms':>11}")
+    for r in rows:
+        print(f"      {r['codec']:<7}{r['bits']:>11.3f}{r['ratio']:>8.1f}x{r['rel_error']:>9.4f}"
+              f"{r['rel_error_rebuilt']:>9.4f}{r['file_mb']:>9.2f}{r['encode_s'] * 1e3:>11.0f}"
+              f"{r['decode_s'] * 1e3:>11.0f}  {'ok' if r['ok'] else 'FAILED'}")
+    print(f"      (bits/param and ratio over the encoded matrices vs their fp32 delta; rel.err = "
+          f"||x_hat - x|| / ||x - b||; 'rebuilt' recomputes it from the decompressed folder; "
+          f"the fp32 model is {rows[0]['model_mb']:.2f} MB)")
+    return all(r["ok"] for r in rows)
+
+
+def _serve_part(ds, args) -> bool:
+    """Phase 4: a mixed-adapter batch through AdapterPool + attach; True when it passed."""
+    print("\n[4/4] Serving a mixed-adapter batch (transformers LlamaForCausalLM + AdapterPool + attach):")
+    s = serve_demo(ds, args.batch, args.prompt_len, args.new_tokens, args.threads, peft=args.peft)
+    print(f"      rows -> adapters: {[a or 'base' for a in s['row_adapters']]}")
+    print(f"      model load {s['t_model'] * 1e3:.0f} ms, {len(ds.adapters)} adapters into the pool "
+          f"{s['t_load'] * 1e3:.0f} ms")
+    print(f"      one forward of {s['batch']}x{s['prompt_len']} tokens: {s['t_fwd'] * 1e3:.1f} ms "
+          f"({s['prefill_tok_s']:.0f} tokens/s; the bare base model {s['t_base'] * 1e3:.1f} ms)")
+    print(f"      max |logit err| vs dense per-adapter torch (W + s*B*A): {s['logit_err']:.2e} "
+          f"(tolerance {s['logit_tol']:.1e}; the adapters move logits by >= {s['adapter_effect']:.2e})"
+          f"  {'ok' if s['logit_err'] <= s['logit_tol'] else 'TOO LARGE'}")
+    if s["peft_err"] is not None:
+        print(f"      max |logit err| vs PEFT's mixed batch (adapter_names=...): {s['peft_err']:.2e}  "
+              f"{'ok' if s['peft_err'] <= s['logit_tol'] else 'TOO LARGE'}")
+    print(f"      Engine.generate: {s['gen_tokens']} greedy tokens in {s['t_gen'] * 1e3:.0f} ms "
+          f"({s['gen_tok_s']:.0f} tokens/s); {s['agree']}/{s['batch']} rows token-identical to the "
+          f"dense reference" + (f", {s['ties']} differ only at an exact tie" if s["ties"] else "")
+          + (f", rows {s['bad']} DIFFER" if s["bad"] else ""))
+    return bool(s["ok"])
+
+
+def run(args) -> int:
+    """The demo. Phases: check the arguments; (1) tensor merges; generate the model
+    folders; (2) model merge, (3) compression, (4) serving, each checked; the summary."""
+    import os
+    import shutil
+    import tempfile
+
+    import lfm_engine
+
+    problems = _check_args(args)
     if problems:
         for p in problems:
             print(f"lfm-engine demo: {p}", file=sys.stderr)
         return 2
+    if "serve" not in args.skip and args.peft:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("lfm-engine demo: --peft needs the peft package (pip install peft)", file=sys.stderr)
+            return 2
     if args.threads:
         lfm_engine.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -379,75 +461,16 @@ def run(args) -> int:
     os.makedirs(work, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        ds = make_demo_set(os.path.join(work, "models"), hidden=args.hidden, layers=args.layers,
-                           intermediate=args.intermediate, vocab=args.vocab)
-        print(f"\nGenerated in {work}/models ({time.perf_counter() - t0:.2f} s):\n"
-              f"      a Llama-shaped base (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
-              f"{ds.n_params / 1e6:.2f}M params, fp32), fine-tunes "
-              f"{', '.join(os.path.basename(p) for p in ds.finetunes)},\n      PEFT LoRA adapters "
-              + ", ".join(f"{n} (r={a.rank}, {len({m.rsplit('.', 1)[-1] for m in a.modules})} projections"
-                          f"{', rsLoRA' if a.use_rslora else ''})" for n, a in ds.adapter_weights.items()))
-
+        ds = _generate(args, work)
         part_s["generate"] = time.perf_counter() - t0
-        if "merge" in parts:
-            t0 = time.perf_counter()
-            print("\n[2/4] TIES merge of the 3 fine-tunes from a mergekit-style YAML (lfm_engine.merge_models):")
-            m = model_merge_demo(ds, work, args.threads)
-            print("      " + open(m["config"]).read().replace(work, "$DEMO").strip().replace("\n", "\n      "))
-            print(f"      merged {m['tensors']} tensors in {m['seconds'] * 1e3:.0f} ms "
-                  f"({m['bytes'] / max(m['seconds'], 1e-9) / 1e9:.2f} GB/s read+written) -> {m['out']}")
-            for c in m["checks"]:
-                print(f"      {c['name']:<44} max |err| vs merge_tensors(backend='reference') "
-                      f"{c['max_err']:.2e}  {'ok' if c['ok'] else 'TOO LARGE'}")
-            if not all(c["ok"] for c in m["checks"]):
-                failures.append("model merge")
-            part_s["merge"] = time.perf_counter() - t0
-
-        if "compress" in parts:
-            t0 = time.perf_counter()
-            print("\n[3/4] Compressing the task vector of ft1 (compress_model -> .lfmd, decompress_model back):")
-            rows = compress_demo(ds, work, args.threads)
-            print(f"      {'codec':<7}{'bits/param':>11}{'ratio':>9}{'rel.err':>9}{'rebuilt':>9}{'file MB':>9}"
-                  f"{'encode ms':>11}{'decode ms':>11}")
-            for r in rows:
-                print(f"      {r['codec']:<7}{r['bits']:>11.3f}{r['ratio']:>8.1f}x{r['rel_error']:>9.4f}"
-                      f"{r['rel_error_rebuilt']:>9.4f}{r['file_mb']:>9.2f}{r['encode_s'] * 1e3:>11.0f}"
-                      f"{r['decode_s'] * 1e3:>11.0f}  {'ok' if r['ok'] else 'FAILED'}")
-            print(f"      (bits/param and ratio over the encoded matrices vs their fp32 delta; rel.err = "
-                  f"||x_hat - x|| / ||x - b||; 'rebuilt' recomputes it from the decompressed folder; "
-                  f"the fp32 model is {rows[0]['model_mb']:.2f} MB)")
-            if not all(r["ok"] for r in rows):
-                failures.append("compression")
-            part_s["compress"] = time.perf_counter() - t0
-
-        if "serve" in parts:
-            t0 = time.perf_counter()
-            print("\n[4/4] Serving a mixed-adapter batch (transformers LlamaForCausalLM + AdapterPool + attach):")
-            if args.peft:
-                try:
-                    import peft  # noqa: F401
-                except ImportError:
-                    print("lfm-engine demo: --peft needs the peft package (pip install peft)", file=sys.stderr)
-                    return 2
-            s = serve_demo(ds, args.batch, args.prompt_len, args.new_tokens, args.threads, peft=args.peft)
-            print(f"      rows -> adapters: {[a or 'base' for a in s['row_adapters']]}")
-            print(f"      model load {s['t_model'] * 1e3:.0f} ms, {len(ds.adapters)} adapters into the pool "
-                  f"{s['t_load'] * 1e3:.0f} ms")
-            print(f"      one forward of {s['batch']}x{s['prompt_len']} tokens: {s['t_fwd'] * 1e3:.1f} ms "
-                  f"({s['prefill_tok_s']:.0f} tokens/s; the bare base model {s['t_base'] * 1e3:.1f} ms)")
-            print(f"      max |logit err| vs dense per-adapter torch (W + s*B*A): {s['logit_err']:.2e} "
-                  f"(tolerance {s['logit_tol']:.1e}; the adapters move logits by >= {s['adapter_effect']:.2e})"
-                  f"  {'ok' if s['logit_err'] <= s['logit_tol'] else 'TOO LARGE'}")
-            if s["peft_err"] is not None:
-                print(f"      max |logit err| vs PEFT's mixed batch (adapter_names=...): {s['peft_err']:.2e}  "
-                      f"{'ok' if s['peft_err'] <= s['logit_tol'] else 'TOO LARGE'}")
-            print(f"      Engine.generate: {s['gen_tokens']} greedy tokens in {s['t_gen'] * 1e3:.0f} ms "
-                  f"({s['gen_tok_s']:.0f} tokens/s); {s['agree']}/{s['batch']} rows token-identical to the "
-                  f"dense reference" + (f", {s['ties']} differ only at an exact tie" if s["ties"] else "")
-                  + (f", rows {s['bad']} DIFFER" if s["bad"] else ""))
-            if not s["ok"]:
-                failures.append("serving")
-            part_s["serve"] = time.perf_counter() - t0
+        for part, label, fn in (("merge", "model merge", lambda: _merge_part(ds, work, args)),
+                                ("compress", "compression", lambda: _compress_part(ds, work, args)),
+                                ("serve", "serving", lambda: _serve_part(ds, args))):
+            if part in parts:
+                t0 = time.perf_counter()
+                if not fn():
+                    failures.append(label)
+                part_s[part] = time.perf_counter() - t0
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,9 +2,9 @@
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 ({name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {str: str}}), then
-the data section; offsets are relative to the data section. Both the model-merge
-reader (lfm_engine/merge/io.py) and the .lfmd container (lfm_engine/compress) parse
-headers here, so a truncated or corrupt file gets the same clear error everywhere.
+the data section; offsets are relative to the data section. Every reader (model
+folders, .lfmd containers, PEFT adapters: lfm_engine/io/safetensors.py) parses headers
+here, so a truncated or corrupt file gets the same clear error everywhere. No torch.
 """
 from __future__ import annotations
 
@@ -14,20 +14,8 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-import torch
+from lfm_engine.io.dtypes import BY_TAG, DType
 
-# safetensors dtype tag -> (torch dtype, bytes per element)
-ST_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
-    "U16": (torch.uint16, 2), "U32": (torch.uint32, 4), "U64": (torch.uint64, 8),
-    "BOOL": (torch.bool, 1),
-}
-if hasattr(torch, "float8_e4m3fn"):
-    ST_DTYPES["F8_E4M3"] = (torch.float8_e4m3fn, 1)
-    ST_DTYPES["F8_E5M2"] = (torch.float8_e5m2, 1)
-TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 << 20  # the format's own limit
 
 
@@ -36,22 +24,36 @@ class SafetensorsFormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One tensor of a file: dtype tag, torch dtype, shape, absolute byte range [start, end)."""
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape, absolute byte range [start, end)."""
     name: str
-    tag: str
-    dtype: torch.dtype
+    file: str
+    dtype: DType
     shape: Tuple[int, ...]
     start: int
     end: int
 
     @property
-    def offsets(self) -> Tuple[int, int]:
-        """The header's data_offsets (relative to the data section)."""
-        return self.start, self.end
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.dtype.itemsize
 
 
-def read_header(path) -> Tuple[Dict[str, Entry], Dict[str, str], int]:
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not allowed in a safetensors header")
+
+
+def _json_int(v) -> int:
+    """A shape or offset: a JSON integer (not a float such as 1e400, not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"expected an integer, got {v!r}")
+    return v
+
+
+def read_header(path) -> Tuple[Dict[str, TensorInfo], Dict[str, str], int]:
     """(entries by name, __metadata__, data_start) of a safetensors file, validated:
     header length within the file, JSON object, known dtypes, non-negative shapes, byte
     ranges that match shape x itemsize, lie inside the file and do not overlap."""
@@ -72,26 +74,31 @@ def read_header(path) -> Tuple[Dict[str, Entry], Dict[str, str], int]:
     except IsADirectoryError:
         raise SafetensorsFormatError(f"{path}: is a directory, not a safetensors file") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # NaN/Infinity are not JSON (Python accepts them); nesting deep enough to exhaust the
+        # parser's recursion is not a header either.
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise SafetensorsFormatError(f"{path}: corrupt safetensors header ({exc})") from None
+    except RecursionError:
+        raise SafetensorsFormatError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise SafetensorsFormatError(f"{path}: corrupt __metadata__ (must map strings to strings)")
     data_start = 8 + n
-    entries: Dict[str, Entry] = {}
+    entries: Dict[str, TensorInfo] = {}
     for name, info in header.items():
         try:
             tag = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(v) for v in info["data_offsets"])
+            shape = tuple(_json_int(s) for s in info["shape"])
+            b, e = (_json_int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SafetensorsFormatError(f"{path}: corrupt header entry for tensor '{name}': {info!r}") from None
-        if tag not in ST_DTYPES:
+        if not isinstance(tag, str) or tag not in BY_TAG:
             raise SafetensorsFormatError(f"{path}: tensor '{name}' has unsupported dtype {tag}")
-        dt, isz = ST_DTYPES[tag]
+        dt = BY_TAG[tag]
+        isz = dt.itemsize
         count = 1
         for s in shape:
             if s < 0:
@@ -103,7 +110,7 @@ def read_header(path) -> Tuple[Dict[str, Entry], Dict[str, str], int]:
         if data_start + e > size:
             raise SafetensorsFormatError(
                 f"{path}: truncated: tensor '{name}' ends at byte {data_start + e} but the file has {size} bytes")
-        entries[name] = Entry(name, tag, dt, shape, data_start + b, data_start + e)
+        entries[name] = TensorInfo(name, path, dt, shape, data_start + b, data_start + e)
     spans = sorted((x.start, x.end, x.name) for x in entries.values())
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:

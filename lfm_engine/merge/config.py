@@ -1,6 +1,6 @@
 """mergekit-style YAML merge configurations: parsing, validation, parameter lookup.
 
-Accepted vocabulary (mergekit's, spec/merge.md)::
+Accepted vocabulary (mergekit's, docs/spec/merge.md)::
 
     merge_method: ties                 # one of ALL_METHODS
     base_model: path/to/base           # local folder, hub id org/name[@rev], or MODEL+LORA
@@ -51,52 +51,30 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from lfm_engine.core.merge_methods import METHODS, MergeConfigError
+from lfm_engine.core import merge_registry as R
+from lfm_engine.core.merge_registry import ALL_METHODS, FUSED_METHODS, METHODS, MergeConfigError, TORCH_METHODS
+from lfm_engine.io import dtypes as _dt
 from lfm_engine.merge import chat_template, hub, lora_ref
-from lfm_engine.merge.elementwise import METHODS as ELEMENTWISE, ONE_MODEL, PARAMS as ELEMENTWISE_PARAMS
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
-TASK_METHODS = tuple(m for m in METHODS if m != "linear")   # C++ task-vector family
-TORCH_METHODS = ("slerp", "nuslerp", "model_stock", "multislerp", "karcher", "passthrough") + ELEMENTWISE
-ALL_METHODS = tuple(METHODS) + TORCH_METHODS
-
+# Everything below is read from the method registry (lfm_engine/core/merge_registry.py).
+TASK_METHODS = tuple(m for m in FUSED_METHODS if METHODS[m].uses_base)   # fused task-vector family
 # parameters read per input model (may appear at any level) and shared ones
 # (global or slice level only), by method
-_TASK_INPUT = ("weight", "density")
-_TASK_SHARED = ("normalize", "rescale", "lambda", "int8_mask", "consensus_weighting", "disjoint")
-INPUT_PARAMS: Dict[str, tuple] = {}
-SHARED_PARAMS: Dict[str, tuple] = {}
-for _m, _spec in METHODS.items():
-    if _m == "linear":
-        INPUT_PARAMS[_m] = ("weight",)
-        SHARED_PARAMS[_m] = ("normalize",)
-        continue
-    extra = ()
-    if _spec.sparsifier == "magnitude_outliers":
-        extra = ("gamma",)
-    elif _spec.sparsifier == "della_magprune":
-        extra = ("epsilon",)
-    INPUT_PARAMS[_m] = _TASK_INPUT + extra
-    SHARED_PARAMS[_m] = _TASK_SHARED
-INPUT_PARAMS.update(slerp=(), nuslerp=("weight",), model_stock=(), multislerp=("weight",), karcher=(),
-                    passthrough=("scale",))
-SHARED_PARAMS.update(slerp=("t",), nuslerp=("nuslerp_flatten", "nuslerp_row_wise"),
-                     model_stock=("filter_wise",), multislerp=("normalize_weights", "eps"),
-                     karcher=("max_iter", "tol"), passthrough=())
-for _m in ELEMENTWISE:
-    INPUT_PARAMS[_m] = ()
-    SHARED_PARAMS[_m] = tuple(ELEMENTWISE_PARAMS[_m])
+INPUT_PARAMS: Dict[str, tuple] = {m: METHODS[m].input_params for m in ALL_METHODS}
+SHARED_PARAMS: Dict[str, tuple] = {m: METHODS[m].shared_params for m in ALL_METHODS}
 # every parameter name some method reads: one a method does not use is ignored with a
 # warning (mergekit ignores it silently), any other name is an error
 KNOWN_PARAMS = frozenset(p for d in (INPUT_PARAMS, SHARED_PARAMS) for ps in d.values() for p in ps)
+NUMERIC_PARAMS = frozenset(p.name for m in METHODS.values() for p in m.params if p.numeric)
 # methods whose per-model `weight` must be given explicitly (as in mergekit)
-WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if "weight" in INPUT_PARAMS[m])
-BASE_REQUIRED = TASK_METHODS + ("slerp", "model_stock") + ELEMENTWISE
+WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if METHODS[m].has("weight")
+                        and METHODS[m].param("weight").config_required)
+BASE_REQUIRED = tuple(m for m in ALL_METHODS if METHODS[m].base == R.BASE_REQUIRED)
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-          "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16",
-          "float64": "float64"}
+# YAML dtype:/out_dtype: spellings -> canonical name (the one table: lfm_engine/io/dtypes.py)
+DTYPES = {**{d.name: d.name for d in _dt.KERNEL_FLOATS + (_dt.FLOAT64,)},
+          **{a: n for a, n in _dt.ALIASES.items() if n in ("float32", "float16", "bfloat16", "float64")}}
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
              "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
@@ -364,10 +342,6 @@ def _check_params(params, where: str, level: str, st: _Parse) -> dict:
     return out
 
 
-NUMERIC_PARAMS = frozenset(("weight", "density", "gamma", "epsilon", "lambda", "t", "eps", "tol",
-                            "max_iter", "scale", "select_topk", "r", "alpha"))
-
-
 def _scalars(value):
     """The scalar values a setting can evaluate to (filter entries' values included)."""
     if isinstance(value, dict):
@@ -578,20 +552,12 @@ def _check_structure(method: str, base_ref, base_path, models, slices, gparams, 
     if method in BASE_REQUIRED and base_ref is None and not (
             slices and all(s.base_ref for s in slices)):
         errors.append(f"base_model: method '{method}' needs a base model")
-    if models is not None and method in BASE_REQUIRED + ("nuslerp", "multislerp"):
+    spec = METHODS[method]
+    if models is not None and spec.base != R.BASE_NEVER:
         nonbase = [m for m in models if base_ref is None or m.path != base_path]
-        if method == "slerp" and len(nonbase) != 1:
-            errors.append(f"models: slerp merges the base with exactly one other model, "
-                          f"got {len(nonbase)} non-base models")
-        if method == "nuslerp" and len(nonbase) != 2:
-            errors.append(f"models: nuslerp needs exactly two non-base models, got {len(nonbase)}")
-        if method == "multislerp" and len(nonbase) < 1:
-            errors.append("models: multislerp needs at least one non-base model")
-        if method in ONE_MODEL and len(nonbase) != 1:
-            errors.append(f"models: {method} merges the base with exactly one other model, "
-                          f"got {len(nonbase)} non-base models")
-        if method == "model_stock" and len(nonbase) < 2:
-            errors.append(f"models: model_stock needs at least two non-base models, got {len(nonbase)}")
+        problem = spec.model_count_error(len(nonbase))
+        if problem:
+            errors.append(f"models: {problem}")
     if method == "passthrough":
         # one input per output tensor (mergekit: InputContract(max_inputs=1)); the layers
         # of a frankenmerge come from `slices:`, one source each
@@ -617,7 +583,7 @@ def _check_structure(method: str, base_ref, base_path, models, slices, gparams, 
 
 def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
     """Check every referenced folder; True when all of them open and hold their layers."""
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
     refs = []
     if base_ref:
         refs.append((base_ref, base_path, "base_model"))
@@ -673,7 +639,7 @@ def folder_num_layers(path: str) -> int:
             n = cfg.get(k)
             if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 return n
-    from lfm_engine.merge.io import ModelFolder
+    from lfm_engine.io.model_folder import ModelFolder
     from lfm_engine.merge.plan import layer_index
     idx = [layer_index(n) for n in ModelFolder(path).tensors]
     idx = [i for i in idx if i is not None]
@@ -721,7 +687,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
         if method == "karcher" and base_ref and models is not None \
                 and all(m.path != base_path for m in models):
             # mergekit adds a base that is not listed to the inputs (last), so the Karcher
-            # mean runs over the models and the base (spec/merge.md "karcher")
+            # mean runs over the models and the base (docs/spec/merge.md "karcher")
             models.append(Source(base_ref, base_path, {}, "base_model"))
 
     files_ok = _check_files(base_ref, base_path, models, slices, tok, st) if check_files else False
@@ -742,7 +708,7 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
 
 def _quick_folder_check(ref: str, path: str) -> None:
     """Existence / hub id / pickle- or GGUF-only checks without reading headers."""
-    from lfm_engine.merge.io import PICKLE_SUFFIXES, CheckpointError
+    from lfm_engine.io.model_folder import PICKLE_SUFFIXES, CheckpointError
     parts = lora_ref.split(ref)
     if parts is not None and not os.path.isdir(path):
         # name the part that is missing (the overlay exists once both parts resolve)

@@ -7,6 +7,8 @@ element is known (a top-k over the cross-model variance and per-model mean squar
 for sce, three order statistics of a KL-weighted importance for arcee_fusion,
 per-model overlap counts for ramplus_tl), and none has the sparsify/elect/sum shape
 the fused kernel implements. Each is a handful of vectorised passes over K+1 tensors.
+torch is imported inside the functions: the planner imports this module, and planning
+must not load torch (docs/merge.md "Startup").
 
 Shapes: ``base`` and every ``xs[i]`` have one shape; the result is a float32 tensor
 (float64 for float64 inputs) of that shape, rounded by the caller. Task vectors
@@ -17,48 +19,21 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
+from lfm_engine.core.merge_registry import METHODS as _REGISTRY
 
-from lfm_engine.core.merge_methods import MergeConfigError
-
-# shared parameters: (default, check) per method; None default = required
-PARAMS = {
-    "sce": {"select_topk": 1.0, "int8_mask": False},
-    "nearswap": {"t": None},
-    "arcee_fusion": {},
-    "ram": {"epsilon": 1e-5},
-    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
-}
-METHODS = tuple(PARAMS)
-ONE_MODEL = ("nearswap", "arcee_fusion")   # exactly one non-base model (mergekit's contract)
+METHODS = ("sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")   # implemented here
 
 
 def _wd(x: torch.Tensor) -> torch.dtype:
+    import torch
+
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def shared_values(method: str, shared: dict) -> dict:
-    """The method's shared parameters with defaults applied and checked (MergeConfigError)."""
-    out = {}
-    for name, default in PARAMS[method].items():
-        v = shared.get(name)
-        if v is None:
-            if default is None:
-                raise MergeConfigError(f"parameter '{name}' is required for {method}")
-            v = default
-        if name == "int8_mask":
-            if not isinstance(v, (bool, int)) or v not in (0, 1):
-                raise MergeConfigError(f"parameter 'int8_mask' must be true or false, got {v!r}")
-            out[name] = bool(v)
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise MergeConfigError(f"parameter '{name}' must be a finite number, got {v!r}")
-        if name == "select_topk" and not 0.0 <= v <= 1.0:
-            raise MergeConfigError(f"parameter 'select_topk' must lie in [0, 1], got {v!r}")
-        if name in ("t", "epsilon", "r", "alpha") and v < 0:
-            raise MergeConfigError(f"parameter '{name}' must be >= 0, got {v!r}")
-        out[name] = float(v)
-    return out
+    """The method's shared parameters with the registry's defaults applied and checked
+    (MergeConfigError)."""
+    return _REGISTRY[method].shared_values(shared)
 
 
 def sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
@@ -71,6 +46,8 @@ def sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float = 1.0
     Erase: m_i = [sign τ_i = s] with s = +1 where Σ_i τ_i ≥ 0 else −1 (a zero τ_i
     element never agrees). out = base + Σ_i w_i m_i τ_i / max(Σ_i w_i m_i, 1e-6).
     """
+    import torch
+
     wd = _wd(base)
     b = base.to(wd)
     if not xs:
@@ -95,6 +72,8 @@ def sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float = 1.0
 def nearswap(t: float, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """NearSwap: w = clamp(t / max(|base − x|, 1e-6), 0, 1) per element;
     out = w·x + (1 − w)·base (elements closer than t take the model's value)."""
+    import torch
+
     wd = _wd(base)
     a, c = base.to(wd), x.to(wd)
     w = (t / (a - c).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
@@ -103,6 +82,8 @@ def nearswap(t: float, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _order_stat(flat: torch.Tensor, q: float) -> torch.Tensor:
     """sorted(flat)[⌊q·(n−1)⌋] (mergekit's index rule, no interpolation)."""
+    import torch
+
     return torch.kthvalue(flat, int(q * (flat.numel() - 1)) + 1).values
 
 
@@ -117,6 +98,8 @@ def arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     statistics. I is computed in float64 (mergekit: the input dtype), so elements
     within float32 rounding of θ may be selected differently from mergekit.
     """
+    import torch
+
     wd = _wd(base)
     b, p_ = base.to(wd), x.to(wd)
     # the importance in float64: the KL of two nearly equal softmaxes is a sum of
@@ -143,6 +126,8 @@ def ram(base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float = 1e-5,
     λ_i = 1 + r·clamp(ρ_i, 0, α); the unique elements are scaled by λ_i:
     out = base + Σ_i z_i (λ_i [c = 1] + [c > 1] / max(c, 1)).
     """
+    import torch
+
     wd = _wd(base)
     b = base.to(wd)
     if not xs:

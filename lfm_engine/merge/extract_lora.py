@@ -29,7 +29,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from lfm_engine.merge.io import ModelFolder, read_tensor
+from lfm_engine.io.model_folder import ModelFolder
+from lfm_engine.io.safetensors import read_tensor
 from lfm_engine.merge.outdir import staged_output
 
 SKIP_RE = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|embed_in|embed_out|norm|ln_)")
@@ -71,8 +72,8 @@ def _targets(base: ModelFolder, ft: ModelFolder, include_lm_head: bool, errors: 
 def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Optional[float] = None,
             include_lm_head: bool = False, seed: int = 0, allow_overwrite: bool = False) -> List[ModuleResult]:
     """Write the adapter to ``out_dir``; return the per-module report (see module doc)."""
+    from lfm_engine.io.safetensors import save_tensors
     from lfm_engine.merge.lora_merge import randomized_svd
-    from safetensors.torch import save_file
 
     if not isinstance(rank, int) or rank < 1:
         raise ExtractError(f"--rank must be an integer >= 1, got {rank!r}")
@@ -125,7 +126,7 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
            "task_type": "CAUSAL_LM", "inference_mode": True,
            "base_model_name_or_path": os.path.abspath(base_path)}
     with staged_output(out_dir) as tmp:
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_tensors(os.path.join(tmp, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         with open(os.path.join(tmp, "extraction_report.json"), "w") as f:

@@ -25,7 +25,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 
 def slerp(t: float, a: torch.Tensor, c: torch.Tensor, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two tensors treated as flat vectors (spec/merge.md).
+    """Spherical interpolation of two tensors treated as flat vectors (docs/spec/merge.md).
 
     u = a/‖a‖, v = c/‖c‖ (a norm below eps counts as 1), dot = ⟨u, v⟩ clamped to
     [−1, 1]. If |dot| > 0.9995: out = (1−t)·a + t·c; else θ = acos(dot) and
@@ -96,12 +96,16 @@ def nuslerp(w0: float, w1: float, x0: torch.Tensor, x1: torch.Tensor,
 
 def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
     """Model Stock: o_i = x_i − b, cosθ = mean pairwise cosine of the offsets,
-    t = N·cosθ / (1 + (N−1)·cosθ), out = t·mean(x_i) + (1−t)·b.
+    t = N·cosθ / (1 + (N−1)·cosθ), out = t·mean(x_i) + (1−t)·b = b + t·mean(o_i).
 
     ``filter_wise``: one cosθ (and t) per row of the last dimension (1-D tensors are
     one row); otherwise one for the whole tensor. Norm products are clamped to
     ≥ 1e-6 and cosines to [−1, 1]; where |1 + (N−1)cosθ| < 1e-6 the base is kept
     (t = 0), as mergekit does.
+
+    Every cosine comes from one Gram matrix G = O·Oᵀ of the stacked offsets O [N, rows, cols]
+    (‖o_i‖² = G_ii), so the inputs are read twice (offsets, then G and their mean) instead of
+    once per pair and per norm.
     """
     n = len(xs)
     if n < 2:
@@ -109,25 +113,21 @@ def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: boo
     wd = _work_dtype(base)
     shape = base.shape
     b = base.to(wd)
-    if filter_wise:
-        b = b.reshape(1, -1) if b.dim() <= 1 else b
-        ws = [x.to(wd).reshape(b.shape) for x in xs]
-    else:
-        b = b.reshape(-1)
-        ws = [x.to(wd).reshape(-1) for x in xs]
-    offs = [w - b for w in ws]
-    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offs]
-    cos = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            num = (offs[i] * offs[j]).sum(dim=-1)
-            cos.append((num / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0))
-    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    rows = (b.shape[0] if b.dim() > 1 else 1) if filter_wise else 1
+    b = b.reshape(rows, -1)
+    offs = torch.empty((n,) + tuple(b.shape), dtype=wd, device=b.device)
+    for i, x in enumerate(xs):
+        torch.sub(x.to(wd).reshape(b.shape), b, out=offs[i])
+    gram = torch.bmm(offs.transpose(0, 1), offs.permute(1, 2, 0))      # [rows, N, N]
+    norms = torch.diagonal(gram, dim1=1, dim2=2).clamp(min=0).sqrt()      # [rows, N]
+    iu = torch.triu_indices(n, n, offset=1, device=b.device)
+    num = gram[:, iu[0], iu[1]]                                          # [rows, pairs]
+    cos = (num / (norms[:, iu[0]] * norms[:, iu[1]]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+    c = cos.mean(dim=1, keepdim=True)                                   # [rows, 1]
     den = 1.0 + (n - 1) * c
     sing = den.abs() < 1e-6
     t = torch.where(sing, torch.zeros_like(c), n * c / torch.where(sing, torch.ones_like(den), den))
-    avg = torch.stack(ws).mean(dim=0)
-    return (t * avg + (1.0 - t) * b).reshape(shape)
+    return torch.addcmul(b, t, offs.mean(dim=0)).reshape(shape)
 
 
 def multislerp(weights: Sequence[float], xs: Sequence[torch.Tensor], base: torch.Tensor = None,
@@ -186,40 +186,48 @@ def karcher(xs: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -
     the mean log-map g = Σ α'_i θ_i/sin θ_i (u_i − cos θ_i μ) (θ_i = acos⟨μ, u_i⟩;
     terms with θ_i < tol skipped; α' renormalised over the kept inputs):
     μ ← cos‖g‖ μ + sin‖g‖ g/‖g‖, stopping when ‖g‖ < tol. out = (Σ α_i ‖x_i‖) μ.
+
+    The unit vectors are one matrix U [K', n]: an iteration is two matrix-vector products
+    (the cosines U·μ and the step Uᵀ·w) and one update of μ.
     """
     if len(xs) == 1:
         return xs[0].to(_work_dtype(xs[0]))
     wd = _work_dtype(xs[0])
     shape = xs[0].shape
-    vs = [x.to(wd).reshape(-1) for x in xs]
-    k = len(vs)
+    k = len(xs)
     alphas = [1.0 / k] * k
-    norms = [torch.linalg.vector_norm(v).item() for v in vs]
+    vs = torch.empty((k, xs[0].numel()), dtype=wd, device=xs[0].device)
+    for i, x in enumerate(xs):
+        vs[i].copy_(x.reshape(-1))
+    norms = torch.linalg.vector_norm(vs, dim=1).tolist()
     keep = [i for i in range(k) if norms[i] > tol]
     if not keep:
         return torch.zeros(shape, dtype=wd, device=xs[0].device)
-    units = [vs[i] / norms[i] for i in keep]
+    units = vs if len(keep) == k else vs[keep]
+    units.div_(torch.tensor([norms[i] for i in keep], dtype=wd, device=vs.device).unsqueeze(1))
     a_sum = sum(alphas[i] for i in keep)
     a = [alphas[i] / a_sum for i in keep]
-    mu = torch.zeros_like(units[0])
-    for ai, u in zip(a, units):
-        mu.add_(u, alpha=ai)
+    a_t = torch.tensor(a, dtype=wd, device=vs.device)
+    mu = a_t @ units
     mn = torch.linalg.vector_norm(mu).item()
-    mu = units[0].clone() if mn < tol else mu / mn
+    mu = units[0].clone() if mn < tol else mu.div_(mn)
     for _ in range(int(max_iter)):
-        g = torch.zeros_like(mu)
-        for ai, u in zip(a, units):
-            c = max(-1.0, min(1.0, torch.dot(mu, u).item()))
+        cs = [max(-1.0, min(1.0, c)) for c in (units @ mu).tolist()]
+        # g = Σ c_i (u_i − cos θ_i μ), c_i = α'_i θ_i / sin θ_i over the terms with θ_i ≥ tol
+        coef, mu_coef = [], 0.0
+        for ai, c in zip(a, cs):
             th = math.acos(c)
-            if th < tol:
-                continue
-            g.add_(u - c * mu, alpha=ai * th / math.sin(th))
+            f = 0.0 if th < tol else ai * th / math.sin(th)
+            coef.append(f)
+            mu_coef -= f * c
+        g = torch.tensor(coef, dtype=wd, device=vs.device) @ units
+        g.add_(mu, alpha=mu_coef)
         gn = torch.linalg.vector_norm(g).item()
         if gn < tol:
             break
-        mu = mu * math.cos(gn) + g * (math.sin(gn) / gn)
+        mu = mu.mul_(math.cos(gn)).add_(g, alpha=math.sin(gn) / gn)
         un = torch.linalg.vector_norm(mu).item()
         if un > tol:
-            mu = mu / un
+            mu.div_(un)
     scale = sum(al * n for al, n in zip(alphas, norms))
-    return (mu * scale).reshape(shape)
+    return mu.mul_(scale).reshape(shape)

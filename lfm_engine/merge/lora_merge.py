@@ -5,7 +5,7 @@ A [r, in], B [out, r] and the scale s = lora_alpha / r (rsLoRA: lora_alpha / sqr
 Given K adapters for the same base model, per module:
 
     delta_i = s_i * B_i @ A_i                       (fp32, on the device of the tensors)
-    merged  = merge_tensors(0, [delta_1 .. delta_K], method, ...)   (spec/merge.md)
+    merged  = merge_tensors(0, [delta_1 .. delta_K], method, ...)   (docs/spec/merge.md)
 
 i.e. the adapters' full deltas are the task vectors of the merge (base 0, so the kernel's
 task vector is delta_i exactly); every method of the task-vector family works (TIES,
@@ -26,15 +26,13 @@ Decisions where no spec speaks: a module missing from some adapters counts as a 
 delta for them (a zero task vector: it never wins a TIES election and adds nothing);
 the DARE/DELLA random streams are keyed by the module name (``<module>.weight``) and the
 adapter's position, so a merge is reproducible; ``weights`` default to 1 per adapter as
-in merge_tensors. Adapters are read from PEFT's on-disk format (adapter_config.json +
-adapter_model.safetensors, keys ``<prefix>.<module>.lora_A.weight`` /
-``.lora_B.weight``); ``rank_pattern``/``alpha_pattern`` are honoured by matching a
-pattern as a regular expression against the end of the module name, as PEFT does.
+in merge_tensors. Adapters are read from PEFT's on-disk format by the one adapter-folder
+reader, lfm_engine/io/peft.py (rank_pattern/alpha_pattern, defaults and modules_to_save:
+docs/spec/io.md "PEFT LoRA adapter folders").
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -68,93 +66,48 @@ class LoraAdapter:
     scales: Dict[str, float] = field(default_factory=dict)
     default_scale: float = 1.0
     name: str = ""
+    saved: Dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: name -> tensor
 
     def scale(self, module: str) -> float:
         return float(self.scales.get(module, self.default_scale))
 
     def to(self, device) -> "LoraAdapter":
         return LoraAdapter({m: (a.to(device), b.to(device)) for m, (a, b) in self.modules.items()},
-                           dict(self.scales), self.default_scale, self.name)
+                           dict(self.scales), self.default_scale, self.name,
+                           {n: t.to(device) for n, t in self.saved.items()})
 
 
 # ---------------------------------------------------------------------------------------
-# PEFT files
+# PEFT files (read by lfm_engine.io.peft, the one adapter-folder reader)
 
 
-def _pattern_value(patterns: Mapping[str, object], module: str, default):
-    for pat, val in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{pat}$", module):
-            return val
-    return default
-
-
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def load_peft_adapter(path: str, device="cpu", strip_prefix: str = "base_model.model.") -> LoraAdapter:
+def load_peft_adapter(path: str, device="cpu") -> LoraAdapter:
     """Read a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
 
-    Module names are the safetensors key stems with ``strip_prefix`` removed, e.g.
+    Module names are the safetensors key stems without ``base_model.model.``, e.g.
     ``model.layers.0.self_attn.q_proj``. Scales: lora_alpha / r (use_rslora:
-    lora_alpha / sqrt(r)), r and lora_alpha per module from rank_pattern/alpha_pattern.
-    Raises FileNotFoundError / ValueError naming the file and the problem.
+    lora_alpha / sqrt(r)), r and lora_alpha per module from rank_pattern/alpha_pattern
+    (rules: lfm_engine/io/peft.py). modules_to_save tensors land in ``saved`` (never
+    dropped). Raises FileNotFoundError / ValueError naming the file and the problem.
     """
-    from safetensors.torch import load_file
+    from lfm_engine.io.peft import open_adapter, read_saved, read_weights
 
-    cfg_path = os.path.join(path, "adapter_config.json")
-    st_path = os.path.join(path, "adapter_model.safetensors")
-    for p in (cfg_path, st_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"load_peft_adapter: {p} does not exist")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"load_peft_adapter: {cfg_path} is not valid JSON ({exc})") from None
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise ValueError(f"load_peft_adapter: {path} holds a {peft_type} adapter, not LORA")
-    try:
-        tensors = load_file(st_path, device=str(device))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"load_peft_adapter: cannot read {st_path}: {exc}") from None
-    parts: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if not m:
-            continue  # e.g. modules_to_save or embedding extras: not LoRA factors
-        module = m.group("module")
-        if strip_prefix and module.startswith(strip_prefix):
-            module = module[len(strip_prefix):]
-        parts.setdefault(module, {})[m.group("which")] = t
-    if not parts:
-        raise ValueError(f"load_peft_adapter: {st_path} contains no lora_A/lora_B weights")
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
-    rslora = bool(cfg.get("use_rslora", False))
-    modules, scales = {}, {}
-    for module, ab in parts.items():
-        if "A" not in ab or "B" not in ab:
-            raise ValueError(f"load_peft_adapter: module {module} lacks lora_{'A' if 'A' not in ab else 'B'}")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"load_peft_adapter: module {module}: lora_A {tuple(a.shape)} and lora_B "
-                             f"{tuple(b.shape)} do not form B @ A")
-        r = int(_pattern_value(cfg.get("rank_pattern"), module, r_default))
-        if r != a.shape[0]:
-            raise ValueError(f"load_peft_adapter: module {module}: config rank {r} but lora_A has {a.shape[0]} rows")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
-        scales[module] = alpha / (math.sqrt(r) if rslora else r)
-        modules[module] = (a, b)
-    return LoraAdapter(modules, scales, default_scale=1.0, name=os.path.basename(os.path.normpath(path)))
+    spec = open_adapter(path)
+    weights = read_weights(spec)
+    modules = {m: (a.to(device), b.to(device)) for m, (a, b) in weights.items()}
+    scales = {m: spec.modules[m].scale for m in modules}
+    saved = {n: t.to(device) for n, t in read_saved(spec).items()}
+    return LoraAdapter(modules, scales, default_scale=1.0, name=os.path.basename(os.path.normpath(path)),
+                       saved=saved)
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: Optional[str] = None,
                       prefix: str = "base_model.model.") -> None:
     """Write ``adapter`` as a PEFT LoRA directory. All modules must share one rank r; the
     scale is stored as lora_alpha = s * r (alpha_pattern for modules whose scale
-    differs). Files are written to temporary names and renamed."""
-    from safetensors.torch import save_file
+    differs); ``adapter.saved`` tensors are written as modules_to_save. Files are written
+    to temporary names and renamed."""
+    from lfm_engine.io.safetensors import save_tensors
 
     if not adapter.modules:
         raise ValueError("save_peft_adapter: the adapter has no modules")
@@ -170,24 +123,26 @@ def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: 
         "peft_type": "LORA", "r": r, "lora_alpha": common * r, "target_modules": targets,
         "alpha_pattern": alpha_pattern, "rank_pattern": {}, "use_rslora": False, "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "task_type": None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.saved}) or None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
     tensors = {}
     for m, (a, b) in adapter.modules.items():
         tensors[f"{prefix}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{prefix}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
+    for n, t in adapter.saved.items():
+        tensors[f"{prefix}{n}"] = t.detach().contiguous().cpu()
     os.makedirs(path, exist_ok=True)
-    for fname, writer in (("adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                          ("adapter_config.json", lambda p: _write_json(cfg, p))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=path)
-        os.close(fd)
-        try:
-            writer(tmp)
-            os.replace(tmp, os.path.join(path, fname))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    save_tensors(os.path.join(path, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
+    fd, tmp = tempfile.mkstemp(prefix=".adapter_config.json.", dir=path)
+    os.close(fd)
+    try:
+        _write_json(cfg, tmp)
+        os.replace(tmp, os.path.join(path, "adapter_config.json"))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _write_json(obj, p):

@@ -160,7 +160,7 @@ def parse_moe_config(path: str) -> MoeConfig:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(1, len(experts)):
         errors.append(f"experts_per_token: must be an integer in [1, {max(1, len(experts))}], got {k!r}")
     base_path = C._resolve_path(base_ref, origin_dir) if base_ref else None
-    from lfm_engine.merge.io import CheckpointError
+    from lfm_engine.io.model_folder import CheckpointError
     refs = ([(base_ref, base_path, "base_model")] if base_ref else []) + [
         (x.ref, x.path, f"experts[{i}].source_model") for i, x in enumerate(experts)]
     for ref, p, where in refs:
@@ -174,7 +174,7 @@ def parse_moe_config(path: str) -> MoeConfig:
 
 
 def _check_models(cfg: MoeConfig):
-    from lfm_engine.merge.io import ModelFolder
+    from lfm_engine.io.model_folder import ModelFolder
     base = ModelFolder(cfg.base_path)
     errors = []
     bc = base.config or {}
@@ -204,7 +204,7 @@ def _tokenize(tokenizer, prompts):
 
 def gate_vectors(cfg: MoeConfig, base, seed: int) -> torch.Tensor:
     """g [layers, experts, hidden] (see the module docstring), float32."""
-    from lfm_engine.merge.io import read_tensor
+    from lfm_engine.io.safetensors import read_tensor
     bc = base.config
     L, H, E = int(bc["num_hidden_layers"]), int(bc["hidden_size"]), len(cfg.experts)
     g = torch.Generator().manual_seed(seed)
@@ -245,15 +245,15 @@ def gate_vectors(cfg: MoeConfig, base, seed: int) -> torch.Tensor:
 def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="5GB",
               allow_overwrite: bool = False) -> int:
     """Write the Mixtral model; return the number of tensors written."""
-    from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
-    from lfm_engine.merge.plan import TORCH_DTYPES
+    from lfm_engine.io import dtypes
+    from lfm_engine.io.safetensors import ShardedWriter, parse_size, plan_shards, read_tensor
     cfg = parse_moe_config(config_path)
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir) and not allow_overwrite:
         raise C.MergeConfigErrors([f"output folder '{out_dir}' already exists (use --allow-overwrite)"])
     base, experts = _check_models(cfg)
     gates = gate_vectors(cfg, base, seed)
-    out_dt = TORCH_DTYPES[cfg.dtype] if cfg.dtype else None
+    out_dt = dtypes.from_name(cfg.dtype) if cfg.dtype else None
 
     def dt(info):
         return out_dt if (out_dt is not None and info.dtype.is_floating_point) else info.dtype
@@ -285,7 +285,7 @@ def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="
         try:
             for (out_name, fo, src, li), (_, d, _) in zip(entries, specs):
                 t = gates[li] if fo is None else read_tensor(fo.tensors[src])
-                writer.write(out_name, t.to(d).contiguous())
+                writer.write(out_name, t.to(d.torch).contiguous())
             writer.close()
         except BaseException:
             writer.abort()

@@ -5,7 +5,7 @@ and shapes, and produces one :class:`TensorTask` per output tensor with its
 per-tensor parameters fully resolved (gradients and filters evaluated), so a
 dry run reports every problem before anything is read or written.
 
-Decisions (where spec/merge.md is silent; mergekit 0.1.5 behaviour where it has one):
+Decisions (where docs/spec/merge.md is silent; mergekit 0.1.5 behaviour where it has one):
 
 * The output layout (tensor names, shapes, config.json) is the base model's; with
   no base (linear, nuslerp without base) it is the first model's. Tensors that only
@@ -33,25 +33,23 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
+from lfm_engine.io import dtypes
+from lfm_engine.io.dtypes import DType
+from lfm_engine.io.model_folder import CheckpointError, ModelFolder
+from lfm_engine.io.safetensors import TensorInfo
 from lfm_engine.merge import config as C
 from lfm_engine.merge import elementwise
-from lfm_engine.merge.io import CheckpointError, ModelFolder, TensorInfo
 from lfm_engine.core.merge_methods import MergeConfigError, resolve_merge_params
+from lfm_engine.core.merge_registry import BASE_NEVER, BASE_OPTIONAL, BASE_REQUIRED, METHODS
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 EMBED_RE = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)")
 PRE_RE = re.compile(r"(embed_tokens|wte|wpe|word_embeddings|embed_in)")
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
              "num_key_value_heads", "head_dim")
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16, "float64": torch.float64}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass
@@ -61,13 +59,14 @@ class Input:
     info: TensorInfo
     position: int               # 0-based among the non-base inputs, config order
     params: Dict[str, object]   # resolved per-input parameters (weight, density, ...)
+    ref: str = ""               # the model as the config names it (for messages)
 
 
 @dataclass
 class TensorTask:
     name: str
     shape: Tuple[int, ...]
-    dtype: torch.dtype              # output dtype
+    dtype: DType                    # output dtype (lfm_engine.io.dtypes)
     kind: str                       # "merge" or "copy"
     base: Optional[TensorInfo]      # base tensor (merge with a base) / copied tensor
     inputs: List[Input]
@@ -84,7 +83,7 @@ class TensorTask:
 
     @property
     def out_nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for s in self.shape:
             n *= s
         return n
@@ -194,320 +193,365 @@ class _Src:
     position: int                   # -1 for the base
 
 
+# one output tensor before lookup: (out_name, t, base _Src or None, [non-base _Src], shared levels)
+_Group = Tuple[str, float, Optional[_Src], List[_Src], List[Optional[dict]]]
+
+
+@dataclass
+class _Planning:
+    """State shared by build_plan's phases."""
+    cfg: C.MergeConfig
+    seed: int
+    errors: _Errors = field(default_factory=_Errors)
+    warnings: List[str] = field(default_factory=list)
+    folders: Dict[str, ModelFolder] = field(default_factory=dict)
+    refs: Dict[str, str] = field(default_factory=dict)
+    layout_path: str = ""
+    uses_base: bool = False
+    arch_bad: set = field(default_factory=set)
+    missing_by_model: Dict[str, List[str]] = field(default_factory=dict)
+    mismatch_warn: List[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.cfg.method
+
+    def fail_if_errors(self) -> None:
+        if self.errors.first:
+            raise C.MergeConfigErrors(self.errors.messages())
+
+
 def build_plan(cfg: C.MergeConfig, *, seed: Optional[int] = None) -> MergePlan:
-    """Open the folders, check them and plan every output tensor; raise MergeConfigErrors."""
-    errors = _Errors()
-    warnings: List[str] = []
-    folders: Dict[str, ModelFolder] = {}
-    refs: Dict[str, str] = {}
+    """Open the folders, check them and plan every output tensor; raise MergeConfigErrors.
 
-    def open_folder(ref: str, path: str, where: str) -> Optional[ModelFolder]:
-        if path in folders:
-            return folders[path]
+    Phases: open the folders; layout and architecture checks; tensor groups (from
+    ``models:`` or ``slices:``); one task per group (lookup, shapes, fallbacks,
+    parameters); warnings; the tokenizer source."""
+    st = _Planning(cfg, 0 if seed is None else int(seed))
+    _open_folders(st)
+    st.fail_if_errors()
+    method, base_path = cfg.method, cfg.base_path
+    # methods with an optional base use it when one is given; linear and karcher never do
+    base_mode = METHODS[method].base
+    st.uses_base = base_mode == BASE_REQUIRED or (base_mode == BASE_OPTIONAL and base_path is not None)
+    _check_layout(st)
+    groups, num_layers_out = _groups_from_models(st) if cfg.models is not None else _groups_from_slices(st)
+    out_dtype_cfg = dtypes.from_name(cfg.output_dtype) if cfg.output_dtype else None
+    tasks = [t for t in (_plan_group(st, g, out_dtype_cfg) for g in groups) if t is not None]
+    _collect_warnings(st)
+    tok_path = _tokenizer_path(st, tasks)
+    if not tasks and not st.errors.first:
+        st.errors.add("empty", "nothing to merge: the plan has no output tensors")
+    st.fail_if_errors()
+    return MergePlan(cfg, st.folders, tasks, st.warnings, st.layout_path, tok_path, num_layers_out, st.seed)
+
+
+# ---- phase 1: folders
+
+def _open_folders(st: _Planning) -> None:
+    cfg = st.cfg
+
+    def open_folder(ref: str, path: str, where: str) -> None:
+        if path in st.folders:
+            return
         try:
-            folders[path] = ModelFolder(path)
-            folders[path].ref = ref
-            refs[path] = ref
-            return folders[path]
+            st.folders[path] = ModelFolder(path)
+            st.folders[path].ref = ref
+            st.refs[path] = ref
         except CheckpointError as e:
-            errors.add(f"open:{path}", f"{where}: {e}")
-            return None
+            st.errors.add(f"open:{path}", f"{where}: {e}")
 
-    method = cfg.method
-    gparams = cfg.parameters
-    base_path = cfg.base_path
     if cfg.base_ref:
-        open_folder(cfg.base_ref, base_path, "base_model")
+        open_folder(cfg.base_ref, cfg.base_path, "base_model")
     for m in cfg.models or []:
         open_folder(m.ref, m.path, m.where + ".model")
     for s in cfg.slices or []:
         for src in s.sources:
             open_folder(src.ref, src.path, src.where + ".model")
-    if errors.first:
-        raise C.MergeConfigErrors(errors.messages())
 
-    # methods with an optional base use it when one is given; linear and karcher never do
-    uses_base = method in C.BASE_REQUIRED or (method in ("nuslerp", "multislerp") and base_path is not None)
 
-    # ---------------------------------------------------------------- layout + architecture
+# ---- phase 2: layout + architecture
+
+def _check_layout(st: _Planning) -> None:
+    cfg, folders, refs = st.cfg, st.folders, st.refs
     if cfg.models is not None:
-        layout_path = base_path if base_path else cfg.models[0].path
+        st.layout_path = cfg.base_path if cfg.base_path else cfg.models[0].path
     else:
-        layout_path = base_path if base_path else cfg.slices[0].sources[0].path
+        st.layout_path = cfg.base_path if cfg.base_path else cfg.slices[0].sources[0].path
+    layout_path = st.layout_path
     layout = folders[layout_path]
     if layout.config is None:
-        errors.add("cfg:layout", f"{refs[layout_path]}: no config.json (needed for the output model)")
+        st.errors.add("cfg:layout", f"{refs[layout_path]}: no config.json (needed for the output model)")
     lcfg = layout.config or {}
-    arch_bad = set()
     for path, fo in folders.items():
         if path == layout_path or fo.config is None:
             continue
         for k in ARCH_KEYS:
             if k in lcfg and k in fo.config and lcfg[k] != fo.config[k]:
-                arch_bad.add(path)
-                errors.add(f"arch:{path}:{k}",
-                           f"architecture mismatch: {refs[path]} has {k}={fo.config[k]!r} but "
-                           f"{refs[layout_path]} has {k}={lcfg[k]!r}")
+                st.arch_bad.add(path)
+                st.errors.add(f"arch:{path}:{k}",
+                              f"architecture mismatch: {refs[path]} has {k}={fo.config[k]!r} but "
+                              f"{refs[layout_path]} has {k}={lcfg[k]!r}")
         if cfg.slices is None:
             a, b = _num_layers(layout), _num_layers(fo)
             if a != b:
-                errors.add(f"arch:{path}:layers",
-                           f"architecture mismatch: {refs[path]} has {b} layers but "
-                           f"{refs[layout_path]} has {a} (use `slices:` to pick layer ranges)")
+                st.errors.add(f"arch:{path}:layers",
+                              f"architecture mismatch: {refs[path]} has {b} layers but "
+                              f"{refs[layout_path]} has {a} (use `slices:` to pick layer ranges)")
 
-    # ---------------------------------------------------------------- groups
-    # each group: (out_name, t, base _Src or None, [non-base _Src], shared levels)
-    groups: List[Tuple[str, float, Optional[_Src], List[_Src], List[Optional[dict]]]] = []
-    num_layers_out: Optional[int] = None
-    if cfg.models is not None:
-        nonbase = [m for m in cfg.models if not (uses_base and m.path == base_path)]
-        if method in ("linear", "karcher"):
-            nonbase = list(cfg.models)  # the base is an input only when listed (spec: linear)
-        L = _num_layers(layout)
-        num_layers_out = L
-        for name in sorted(layout.tensors, key=_sort_key):
-            li = layer_index(name)
-            t = 0.0 if li is None else (li / (L - 1) if L > 1 else 1.0)
-            base = _Src(base_path, name, [gparams], -1) if uses_base else None
-            srcs = [_Src(m.path, name, [m.parameters, gparams], i) for i, m in enumerate(nonbase)]
-            groups.append((name, t, base, srcs, [gparams]))
-    else:
-        out_layer = 0
-        per_slice = []
-        for s in cfg.slices:
-            sbase_ref = s.base_ref or cfg.base_ref
-            sbase_path = C._resolve_path(sbase_ref, os.path.dirname(cfg.origin) if cfg.origin else None) if sbase_ref else None
-            base_src = None
-            if uses_base:
-                cands = [src for src in s.sources if src.path == sbase_path]
-                if not cands:
-                    errors.add(f"slice:{s.where}",
-                               f"{s.where}: the base model ({sbase_ref}) must be one of the slice's "
-                               f"sources for method '{method}'")
-                    per_slice.append(None)
-                    continue
-                base_src = cands[0]
-            nonbase = [src for src in s.sources if src is not base_src]
-            per_slice.append((s, base_src, nonbase))
-        if errors.first:
-            raise C.MergeConfigErrors(errors.messages())
 
-        def slice_srcs(entry, name_of):
-            s, base_src, nonbase = entry
-            base = (_Src(base_src.path, name_of(base_src), [base_src.parameters, s.parameters, gparams], -1)
-                    if base_src else None)
-            srcs = [_Src(src.path, name_of(src), [src.parameters, s.parameters, gparams], i)
-                    for i, src in enumerate(nonbase)]
-            return base, srcs, [s.parameters, gparams]
+# ---- phase 3: groups (one per output tensor)
 
-        non_layer = sorted((n for n in layout.tensors if layer_index(n) is None), key=_sort_key)
-        for name in non_layer:
-            if PRE_RE.search(name):
-                base, srcs, shared = slice_srcs(per_slice[0], lambda src: name)
-                groups.append((name, 0.0, base, srcs, shared))
-        for entry in per_slice:
-            s, base_src, nonbase = entry
-            ref_src = base_src or s.sources[0]
-            ref_folder = folders[ref_src.path]
-            n = ref_src.layer_range[1] - ref_src.layer_range[0]
-            for src in s.sources:
-                nl = _num_layers(folders[src.path])
-                if src.layer_range[1] > nl:
-                    errors.add(f"range:{src.where}",
-                               f"{src.where}.layer_range: {list(src.layer_range)} is beyond the "
-                               f"{nl} layers of {src.ref}")
-            for j in range(n):
-                t = j / (n - 1) if n > 1 else 1.0
-                src_layer = ref_src.layer_range[0] + j
-                names = sorted((nm for nm in ref_folder.tensors if layer_index(nm) == src_layer),
-                               key=_sort_key)
-                for nm in names:
-                    out_name = rename_layer(nm, out_layer)
+def _groups_from_models(st: _Planning) -> Tuple[List[_Group], int]:
+    cfg, gparams, base_path = st.cfg, st.cfg.parameters, st.cfg.base_path
+    nonbase = [m for m in cfg.models if not (st.uses_base and m.path == base_path)]
+    if METHODS[cfg.method].base == BASE_NEVER:
+        nonbase = list(cfg.models)  # the base is an input only when listed (spec: linear)
+    layout = st.folders[st.layout_path]
+    L = _num_layers(layout)
+    groups: List[_Group] = []
+    for name in sorted(layout.tensors, key=_sort_key):
+        li = layer_index(name)
+        t = 0.0 if li is None else (li / (L - 1) if L > 1 else 1.0)
+        base = _Src(base_path, name, [gparams], -1) if st.uses_base else None
+        srcs = [_Src(m.path, name, [m.parameters, gparams], i) for i, m in enumerate(nonbase)]
+        groups.append((name, t, base, srcs, [gparams]))
+    return groups, L
 
-                    def name_of(src, nm=nm, j=j):
-                        return rename_layer(nm, src.layer_range[0] + j)
-                    base, srcs, shared = slice_srcs(entry, name_of)
-                    groups.append((out_name, t, base, srcs, shared))
-                out_layer += 1
-        num_layers_out = out_layer
-        for name in non_layer:
-            if not PRE_RE.search(name):
-                base, srcs, shared = slice_srcs(per_slice[-1], lambda src: name)
-                groups.append((name, 0.0, base, srcs, shared))
 
-    # ---------------------------------------------------------------- tensors
-    out_dtype_cfg = TORCH_DTYPES[cfg.output_dtype] if cfg.output_dtype else None
-    seed_v = 0 if seed is None else int(seed)
-    tasks: List[TensorTask] = []
-    missing_by_model: Dict[str, List[str]] = {}
-    mismatch_warn: List[str] = []
-    for out_name, t, base, srcs, shared_levels in groups:
-        lay_info = None
-        if base is not None:
-            lay_info = folders[base.folder].tensors.get(base.tensor)
-            if lay_info is None:
-                missing_by_model.setdefault(base.folder, []).append(base.tensor)
+def _groups_from_slices(st: _Planning) -> Tuple[List[_Group], int]:
+    cfg, gparams, method = st.cfg, st.cfg.parameters, st.cfg.method
+    per_slice = []
+    for s in cfg.slices:
+        sbase_ref = s.base_ref or cfg.base_ref
+        sbase_path = C._resolve_path(sbase_ref, os.path.dirname(cfg.origin) if cfg.origin else None) if sbase_ref else None
+        base_src = None
+        if st.uses_base:
+            cands = [src for src in s.sources if src.path == sbase_path]
+            if not cands:
+                st.errors.add(f"slice:{s.where}",
+                              f"{s.where}: the base model ({sbase_ref}) must be one of the slice's "
+                              f"sources for method '{method}'")
+                per_slice.append(None)
                 continue
-        present = []
-        for s in srcs:
-            ti = folders[s.folder].tensors.get(s.tensor)
-            if ti is None:
-                missing_by_model.setdefault(s.folder, []).append(s.tensor)
-            else:
-                present.append((s, ti))
+            base_src = cands[0]
+        nonbase = [src for src in s.sources if src is not base_src]
+        per_slice.append((s, base_src, nonbase))
+    st.fail_if_errors()
+
+    def slice_srcs(entry, name_of):
+        s, base_src, nonbase = entry
+        base = (_Src(base_src.path, name_of(base_src), [base_src.parameters, s.parameters, gparams], -1)
+                if base_src else None)
+        srcs = [_Src(src.path, name_of(src), [src.parameters, s.parameters, gparams], i)
+                for i, src in enumerate(nonbase)]
+        return base, srcs, [s.parameters, gparams]
+
+    groups: List[_Group] = []
+    layout = st.folders[st.layout_path]
+    non_layer = sorted((n for n in layout.tensors if layer_index(n) is None), key=_sort_key)
+    for name in non_layer:
+        if PRE_RE.search(name):
+            base, srcs, shared = slice_srcs(per_slice[0], lambda src: name)
+            groups.append((name, 0.0, base, srcs, shared))
+    out_layer = 0
+    for entry in per_slice:
+        s, base_src, nonbase = entry
+        ref_src = base_src or s.sources[0]
+        ref_folder = st.folders[ref_src.path]
+        n = ref_src.layer_range[1] - ref_src.layer_range[0]
+        for src in s.sources:
+            nl = _num_layers(st.folders[src.path])
+            if src.layer_range[1] > nl:
+                st.errors.add(f"range:{src.where}",
+                              f"{src.where}.layer_range: {list(src.layer_range)} is beyond the "
+                              f"{nl} layers of {src.ref}")
+        for j in range(n):
+            t = j / (n - 1) if n > 1 else 1.0
+            src_layer = ref_src.layer_range[0] + j
+            names = sorted((nm for nm in ref_folder.tensors if layer_index(nm) == src_layer), key=_sort_key)
+            for nm in names:
+                out_name = rename_layer(nm, out_layer)
+
+                def name_of(src, nm=nm, j=j):
+                    return rename_layer(nm, src.layer_range[0] + j)
+                base, srcs, shared = slice_srcs(entry, name_of)
+                groups.append((out_name, t, base, srcs, shared))
+            out_layer += 1
+    for name in non_layer:
+        if not PRE_RE.search(name):
+            base, srcs, shared = slice_srcs(per_slice[-1], lambda src: name)
+            groups.append((name, 0.0, base, srcs, shared))
+    return groups, out_layer
+
+
+# ---- phase 4: one task per group
+
+def _plan_group(st: _Planning, group: _Group, out_dtype_cfg) -> Optional[TensorTask]:
+    """The task of one output tensor, or None (reported, or nothing to write)."""
+    out_name, t, base, srcs, shared_levels = group
+    folders, refs, method = st.folders, st.refs, st.method
+    lay_info = None
+    if base is not None:
+        lay_info = folders[base.folder].tensors.get(base.tensor)
         if lay_info is None:
-            # no base: the layout model's tensor defines the output (first present input)
-            lay = [ti for s, ti in present if s.folder == layout_path] or [ti for _, ti in present]
-            if not lay:
-                continue
-            lay_info = lay[0]
-        shape = lay_info.shape
-        is_float = lay_info.dtype.is_floating_point
-        out_dtype = (out_dtype_cfg or lay_info.dtype) if is_float else lay_info.dtype
-
-        def copy_task(info):
-            return TensorTask(out_name, shape, out_dtype if is_float else info.dtype, "copy",
-                              info, [], {}, None)
-
-        if not is_float:
-            tasks.append(copy_task(lay_info))
-            continue
-        # shapes
-        region = list(shape)
-        bad = False
-        for s, ti in present:
-            if ti.shape == shape:
-                continue
-            if EMBED_RE.search(out_name) and len(ti.shape) == len(shape):
-                region = [min(a, b) for a, b in zip(region, ti.shape)]
-                mismatch_warn.append(f"{out_name}: {refs[s.folder]} has shape {list(ti.shape)}, "
-                                     f"{refs[layout_path] if base is None else refs[base.folder]} has "
-                                     f"{list(shape)}")
-            elif s.folder in arch_bad:
-                bad = True  # already reported as an architecture mismatch
-            else:
-                errors.add(f"shape:{s.folder}",
-                           f"shape mismatch for '{out_name}': {refs[s.folder]} has {list(ti.shape)}, "
-                           f"{refs[base.folder] if base else refs[layout_path]} has {list(shape)}")
-                bad = True
-        if bad:
-            continue
-        # any input of another size -> every input is cut to the common region
-        region_t = tuple(region) if any(ti.shape != shape for _, ti in present) else None
-        if region_t is not None and any(r == 0 for r in region_t):
-            errors.add(f"shape0:{out_name}", f"'{out_name}': inputs have no common sub-matrix")
-            continue
-
-        # fallbacks for missing inputs
-        if uses_base:
-            need = 2 if method == "model_stock" else 1
-            if len(present) < need:
-                tasks.append(copy_task(lay_info))
-                continue
-            if method == "nuslerp" and len(present) == 1:
-                tasks.append(copy_task(present[0][1]))
-                continue
+            st.missing_by_model.setdefault(base.folder, []).append(base.tensor)
+            return None
+    present = []
+    for s in srcs:
+        ti = folders[s.folder].tensors.get(s.tensor)
+        if ti is None:
+            st.missing_by_model.setdefault(s.folder, []).append(s.tensor)
         else:
-            if method == "nuslerp" and len(present) == 1:
-                tasks.append(copy_task(present[0][1]))
-                continue
+            present.append((s, ti))
+    if lay_info is None:
+        # no base: the layout model's tensor defines the output (first present input)
+        lay = [ti for s, ti in present if s.folder == st.layout_path] or [ti for _, ti in present]
+        if not lay:
+            return None
+        lay_info = lay[0]
+    shape = lay_info.shape
+    is_float = lay_info.dtype.is_floating_point
+    out_dtype = (out_dtype_cfg or lay_info.dtype) if is_float else lay_info.dtype
 
-        # parameters
-        inputs = []
-        for s, ti in present:
-            params = {}
-            for p in C.INPUT_PARAMS[method]:
-                v = C.lookup(p, s.levels, out_name, t)
-                if v is None and p == "weight":
-                    errors.add(f"weight:{s.folder}",
-                               f"no 'weight' for model {refs[s.folder]} at tensor '{out_name}' "
-                               f"(method '{method}' needs one for every model and tensor)")
-                params[p] = v
-            inputs.append(Input(s.folder, ti, s.position, params))
-        shared = {p: C.lookup(p, shared_levels, out_name, t) for p in C.SHARED_PARAMS[method]}
-        task = TensorTask(out_name, shape, out_dtype, "merge",
-                          folders[base.folder].tensors[base.tensor] if base is not None else None,
-                          inputs, shared, region_t,
-                          fill=lay_info if (base is None and region_t is not None) else None)
-        try:
-            validate_task(method, task, seed_v)
-        except MergeConfigError as e:
-            # name the model instead of its index among this tensor's inputs
-            msg = re.sub(r"\bmodel (\d+)\b",
-                         lambda m: (f"model {refs[inputs[int(m.group(1))].folder]}"
-                                    if int(m.group(1)) < len(inputs) else m.group(0)), str(e))
-            errors.add(f"param:{msg}", f"'{out_name}': {msg}")
+    def copy_task(info):
+        return TensorTask(out_name, shape, out_dtype if is_float else info.dtype, "copy", info, [], {}, None)
+
+    if not is_float:
+        return copy_task(lay_info)
+    region_t, ok = _common_region(st, out_name, shape, base, present)
+    if not ok:
+        return None
+    # fallbacks for missing inputs
+    need = max(1, METHODS[method].models[0]) if st.uses_base else 1
+    if method == "nuslerp" and len(present) == 1:
+        return copy_task(present[0][1])
+    if st.uses_base and len(present) < need:
+        return copy_task(lay_info)
+
+    # parameters
+    inputs = []
+    for s, ti in present:
+        params = {}
+        for p in C.INPUT_PARAMS[method]:
+            v = C.lookup(p, s.levels, out_name, t)
+            if v is None and p == "weight":
+                st.errors.add(f"weight:{s.folder}",
+                              f"no 'weight' for model {refs[s.folder]} at tensor '{out_name}' "
+                              f"(method '{method}' needs one for every model and tensor)")
+            params[p] = v
+        inputs.append(Input(s.folder, ti, s.position, params, refs[s.folder]))
+    shared = {p: C.lookup(p, shared_levels, out_name, t) for p in C.SHARED_PARAMS[method]}
+    task = TensorTask(out_name, shape, out_dtype, "merge",
+                      folders[base.folder].tensors[base.tensor] if base is not None else None,
+                      inputs, shared, region_t,
+                      fill=lay_info if (base is None and region_t is not None) else None)
+    try:
+        validate_task(method, task, st.seed)
+    except MergeConfigError as e:
+        # the messages name the model by its config reference (model_names passed down)
+        st.errors.add(f"param:{e}", f"'{out_name}': {e}")
+        return None
+    return task
+
+
+def _common_region(st: _Planning, out_name: str, shape, base, present) -> Tuple[Optional[tuple], bool]:
+    """(common sub-shape when an embedding-like input differs in size, else None; False when
+    a shape mismatch was reported)."""
+    refs = st.refs
+    region = list(shape)
+    bad = False
+    for s, ti in present:
+        if ti.shape == shape:
             continue
-        tasks.append(task)
+        if EMBED_RE.search(out_name) and len(ti.shape) == len(shape):
+            region = [min(a, b) for a, b in zip(region, ti.shape)]
+            st.mismatch_warn.append(f"{out_name}: {refs[s.folder]} has shape {list(ti.shape)}, "
+                                    f"{refs[st.layout_path] if base is None else refs[base.folder]} has "
+                                    f"{list(shape)}")
+        elif s.folder in st.arch_bad:
+            bad = True  # already reported as an architecture mismatch
+        else:
+            st.errors.add(f"shape:{s.folder}",
+                          f"shape mismatch for '{out_name}': {refs[s.folder]} has {list(ti.shape)}, "
+                          f"{refs[base.folder] if base else refs[st.layout_path]} has {list(shape)}")
+            bad = True
+    if bad:
+        return None, False
+    # any input of another size -> every input is cut to the common region
+    region_t = tuple(region) if any(ti.shape != shape for _, ti in present) else None
+    if region_t is not None and any(r == 0 for r in region_t):
+        st.errors.add(f"shape0:{out_name}", f"'{out_name}': inputs have no common sub-matrix")
+        return None, False
+    return region_t, True
 
-    for path, names in missing_by_model.items():
-        warnings.append(f"{refs[path]} lacks {len(names)} tensor(s) (first: '{names[0]}'); "
-                        f"they are merged from the models that have them")
-    if mismatch_warn:
-        warnings.append(f"{len(mismatch_warn)} embedding tensor(s) differ in vocabulary size; "
-                        f"merging their common sub-matrix and keeping the "
-                        f"base's other rows: " + "; ".join(mismatch_warn[:4]))
-    for path, fo in folders.items():
-        if path == layout_path or cfg.slices is not None:
+
+# ---- phase 5: warnings, tokenizer
+
+def _collect_warnings(st: _Planning) -> None:
+    refs, layout = st.refs, st.folders[st.layout_path]
+    for path, names in st.missing_by_model.items():
+        st.warnings.append(f"{refs[path]} lacks {len(names)} tensor(s) (first: '{names[0]}'); "
+                           f"they are merged from the models that have them")
+    if st.mismatch_warn:
+        st.warnings.append(f"{len(st.mismatch_warn)} embedding tensor(s) differ in vocabulary size; "
+                           f"merging their common sub-matrix and keeping the "
+                           f"base's other rows: " + "; ".join(st.mismatch_warn[:4]))
+    for path, fo in st.folders.items():
+        if path == st.layout_path or st.cfg.slices is not None:
             continue
         extra = [n for n in fo.tensors if n not in layout.tensors]
         if extra:
-            warnings.append(f"{refs[path]} has {len(extra)} tensor(s) the output layout lacks "
-                            f"(first: '{extra[0]}'); they are ignored")
+            st.warnings.append(f"{refs[path]} has {len(extra)} tensor(s) the output layout lacks "
+                               f"(first: '{extra[0]}'); they are ignored")
 
-    # tokenizer
+
+def _tokenizer_path(st: _Planning, tasks: List[TensorTask]) -> str:
+    cfg = st.cfg
     tok = cfg.tokenizer_source
     if tok in (None, "base"):
-        tok_path = layout_path
-    else:
-        tok_path = C._resolve_path(tok, os.path.dirname(cfg.origin) if cfg.origin else None)
-        tok_cfg = None
-        try:
-            import json
-            with open(os.path.join(tok_path, "config.json")) as f:
-                tok_cfg = json.load(f)
-        except (OSError, ValueError):
-            pass
-        emb = [t_ for t_ in tasks if PRE_RE.search(t_.name) and len(t_.shape) == 2]
-        if tok_cfg and emb and isinstance(tok_cfg.get("vocab_size"), int) \
-                and tok_cfg["vocab_size"] != emb[0].shape[0]:
-            errors.add("tok:vocab",
-                       f"tokenizer_source: {tok} has vocab_size {tok_cfg['vocab_size']} but the "
-                       f"merged '{emb[0].name}' has {emb[0].shape[0]} rows; re-mapping embeddings "
-                       f"to another tokenizer is not supported")
-    if not tasks and not errors.first:
-        errors.add("empty", "nothing to merge: the plan has no output tensors")
-    if errors.first:
-        raise C.MergeConfigErrors(errors.messages())
-    return MergePlan(cfg, folders, tasks, warnings, layout_path, tok_path, num_layers_out, seed_v)
+        return st.layout_path
+    tok_path = C._resolve_path(tok, os.path.dirname(cfg.origin) if cfg.origin else None)
+    tok_cfg = None
+    try:
+        import json
+        with open(os.path.join(tok_path, "config.json")) as f:
+            tok_cfg = json.load(f)
+    except (OSError, ValueError):
+        pass
+    emb = [t_ for t_ in tasks if PRE_RE.search(t_.name) and len(t_.shape) == 2]
+    if tok_cfg and emb and isinstance(tok_cfg.get("vocab_size"), int) \
+            and tok_cfg["vocab_size"] != emb[0].shape[0]:
+        st.errors.add("tok:vocab",
+                      f"tokenizer_source: {tok} has vocab_size {tok_cfg['vocab_size']} but the "
+                      f"merged '{emb[0].name}' has {emb[0].shape[0]} rows; re-mapping embeddings "
+                      f"to another tokenizer is not supported")
+    return tok_path
 
 
 def task_merge_kwargs(method: str, task: TensorTask, seed: int) -> dict:
-    """Keyword arguments of lfm_engine.merge_tensors for a task-vector/linear task."""
+    """Keyword arguments of lfm_engine.merge_tensors for a fused-family task. Models are
+    named by their config reference in every message (``model_names``)."""
     sh = task.shared
 
-    def per(p, default=None):
+    def per(p):
         vals = [i.params.get(p) for i in task.inputs]
         if all(v is None for v in vals):
-            return default
-        return [default_if_none(v, p) for v in vals]
+            return None   # merge_tensors applies the registry default
+        dflt = METHODS[method].param(p).default
+        return [dflt if v is None else v for v in vals]
 
-    kw = dict(method=method, weights=per("weight"), density=per("density"), gamma=per("gamma"),
-              epsilon=per("epsilon"), normalize=_as_bool(sh.get("normalize"), "normalize"),
-              rescale=sh.get("rescale"), lam=1.0 if sh.get("lambda") is None else float(sh["lambda"]),
-              seed=seed, name=task.name, model_positions=[i.position for i in task.inputs])
-    if sh.get("consensus_weighting") is not None:
-        kw["consensus_weighting"] = sh["consensus_weighting"]
-    if sh.get("disjoint") is not None:
-        kw["disjoint"] = sh["disjoint"]
+    kw = dict(method=method, weights=per("weight"), normalize=_as_bool(sh.get("normalize"), "normalize"),
+              seed=seed, name=task.name, model_positions=[i.position for i in task.inputs],
+              model_names=[i.ref or os.path.dirname(i.info.file) for i in task.inputs])
+    for key, p in (("density", "density"), ("gamma", "gamma"), ("epsilon", "epsilon")):
+        if METHODS[method].has(p):
+            kw[key] = per(p)
+    for key, p in (("rescale", "rescale"), ("lam", "lambda"), ("consensus_weighting", "consensus_weighting"),
+                   ("disjoint", "disjoint")):
+        if sh.get(p) is not None:
+            kw[key] = float(sh[p]) if key == "lam" else sh[p]
     return kw
-
-
-def default_if_none(v, p):
-    from lfm_engine.core.merge_methods import DEFAULT_EPSILON, DEFAULT_GAMMA
-    if v is not None:
-        return v
-    return {"density": 1.0, "gamma": DEFAULT_GAMMA, "epsilon": DEFAULT_EPSILON, "weight": 1.0}[p]
 
 
 def _as_bool(v, name):
@@ -519,45 +563,18 @@ def _as_bool(v, name):
 
 
 def validate_task(method: str, task: TensorTask, seed: int) -> None:
-    """Check the resolved parameters of one task (raises MergeConfigError)."""
-    if method in C.TASK_METHODS or method == "linear":
+    """Check the resolved parameters of one task against the registry (raises MergeConfigError)."""
+    spec = METHODS[method]
+    if spec.fused:
         kw = task_merge_kwargs(method, task, seed)
         kw.pop("method")
-        kw["weights"] = kw["weights"] if kw["weights"] is not None else None
         resolve_merge_params(method, len(task.inputs), **kw)
         return
-    sh = task.shared
-    if method == "slerp":
-        t = sh.get("t")
-        if t is None:
-            raise MergeConfigError("parameter 't' is required for slerp")
-        if not C._is_num(t) or not 0.0 <= float(t) <= 1.0:
-            raise MergeConfigError(f"parameter 't' must lie in [0, 1], got {t!r}")
-    elif method == "nuslerp":
-        for i in task.inputs:
-            w = i.params.get("weight")
-            if not C._is_num(w):
-                raise MergeConfigError(f"parameter 'weight' must be a number, got {w!r}")
-        _as_bool(sh.get("nuslerp_flatten"), "nuslerp_flatten")
-        _as_bool(sh.get("nuslerp_row_wise"), "nuslerp_row_wise")
-    elif method == "model_stock":
-        _as_bool(sh.get("filter_wise"), "filter_wise")
-    elif method == "multislerp":
-        for i in task.inputs:
-            w = i.params.get("weight")
-            if not C._is_num(w):
-                raise MergeConfigError(f"parameter 'weight' must be a number, got {w!r}")
-        if _as_bool(sh.get("normalize_weights"), "normalize_weights") is not False:
-            if abs(sum(float(i.params["weight"]) for i in task.inputs)) < 1e-12:
-                raise MergeConfigError("multislerp: the weights sum to 0 and cannot be normalised")
-        eps = sh.get("eps")
-        if eps is not None and (not C._is_num(eps) or not eps > 0):
-            raise MergeConfigError(f"parameter 'eps' must be a positive number, got {eps!r}")
-    elif method in elementwise.METHODS:
-        elementwise.shared_values(method, sh)
-    elif method == "karcher":
-        mi, tol = sh.get("max_iter"), sh.get("tol")
-        if mi is not None and (not C._is_num(mi) or int(mi) != mi or mi < 1):
-            raise MergeConfigError(f"parameter 'max_iter' must be an integer >= 1, got {mi!r}")
-        if tol is not None and (not C._is_num(tol) or not tol > 0):
-            raise MergeConfigError(f"parameter 'tol' must be a positive number, got {tol!r}")
+    spec.shared_values(task.shared)
+    for p in spec.params:
+        if p.per_model:
+            for i in task.inputs:
+                p.check(i.params.get(p.name), method, f" of model {i.ref}" if i.ref else "")
+    if method == "multislerp" and spec.shared_values(task.shared)["normalize_weights"]:
+        if abs(sum(float(i.params["weight"]) for i in task.inputs)) < 1e-12:
+            raise MergeConfigError("multislerp: the weights sum to 0 and cannot be normalised")

@@ -17,10 +17,19 @@ Where each method runs
 * ``model+lora`` inputs get their adapter delta added as each tensor is read
   (:mod:`.lora_ref`).
 
+No torch on the CPU path
+------------------------
+On the CPU, tensors travel as numpy arrays holding the raw bits (bf16 as uint16,
+:mod:`lfm_engine.io.dtypes`): read by positional reads, handed to the C++ kernel as raw
+buffers (:func:`lfm_engine.ops.merge.merge_arrays`), written by the streaming writer.
+torch is imported only when the config needs it: a torch-implemented method, ``--device
+cuda``, a ``model+lora`` reference, or a dtype conversion the numpy path does not make
+(docs/merge.md "Startup").
+
 Streaming and memory
 --------------------
 A background thread reads the inputs of upcoming tensors (positional reads, see
-:mod:`.io`) into a bounded queue (``PREFETCH_DEPTH`` tensor groups) while the main
+:mod:`lfm_engine.io.safetensors`) into a bounded queue (``PREFETCH_DEPTH`` tensor groups) while the main
 thread merges the current group and appends the result to the output shard. At
 most ``PREFETCH_DEPTH + 2`` groups (queued, being read, being merged) plus one
 output tensor are alive, so peak memory is a few times the largest tensor group
@@ -40,23 +49,24 @@ import json
 import math
 import os
 import queue
-import re
 import resource
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
-import torch
+import numpy as np
 
+from lfm_engine.core.merge_registry import METHODS
+from lfm_engine.io import dtypes
+from lfm_engine.io.safetensors import ShardedWriter, as_numpy, as_torch, parse_size, plan_shards, read_array
 from lfm_engine.merge import config as C
-from lfm_engine.merge import chat_template, elementwise, geometric, lora_ref, stages
-from lfm_engine.merge.io import ShardedWriter, parse_size, plan_shards, read_tensor
-from lfm_engine.merge.plan import DTYPE_NAMES, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
+from lfm_engine.merge import chat_template, elementwise, lora_ref, stages
+from lfm_engine.merge.outdir import make_temp_dir
+from lfm_engine.merge.plan import fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
 PREFETCH_DEPTH = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -107,45 +117,136 @@ def _merge_tensors_fn():
     return merge_tensors
 
 
+def _merge_arrays_fn():
+    from lfm_engine.ops.merge import merge_arrays
+    return merge_arrays
+
+
+def native_method(method: str) -> bool:
+    """Whether ``method`` runs in the fused C++ kernel (else in torch)."""
+    return METHODS[method].fused
+
+
+class _Device:
+    """Where the arithmetic runs: ``type`` "cpu" or "cuda"; ``torch`` the torch.device
+    (made only for CUDA, so the CPU path never imports torch)."""
+
+    def __init__(self, spec: str):
+        spec = str(spec).strip()
+        kind, _, index = spec.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"--device {spec}: only cpu and cuda[:N] are supported")
+        self.type = kind
+        self.torch = None
+        if kind == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+            self.torch = torch.device(spec)
+
+
 # ------------------------------------------------------------------- one tensor
 
-def _torch_method(method: str, task: TensorTask, base, xs, sh) -> torch.Tensor:
-    """The methods implemented in torch (see the module docstring for why)."""
+def _torch_method(method: str, task: TensorTask, base, xs, sh):
+    """The methods implemented in torch (see the module docstring for why); their shared
+    parameters with the registry's defaults (lfm_engine/core/merge_registry.py)."""
+    from lfm_engine.merge import geometric
+
+    p = METHODS[method].shared_values(sh)
     if method == "slerp":
-        return geometric.slerp(float(sh["t"]), base, xs[0])
+        return geometric.slerp(p["t"], base, xs[0])
     elif method == "nuslerp":
         return geometric.nuslerp(float(task.inputs[0].params["weight"]),
                                 float(task.inputs[1].params["weight"]), xs[0], xs[1], base,
-                                flatten=True if sh.get("nuslerp_flatten") is None else bool(sh["nuslerp_flatten"]),
-                                row_wise=bool(sh.get("nuslerp_row_wise") or False))
+                                flatten=p["nuslerp_flatten"], row_wise=p["nuslerp_row_wise"])
     elif method == "model_stock":
-        return geometric.model_stock(base, xs, filter_wise=bool(sh.get("filter_wise") or False))
+        return geometric.model_stock(base, xs, filter_wise=p["filter_wise"])
     elif method == "multislerp":
-        nw = sh.get("normalize_weights")
         return geometric.multislerp([float(i.params["weight"]) for i in task.inputs], xs, base,
-                                   normalize_weights=True if nw is None else bool(nw),
-                                   eps=1e-8 if sh.get("eps") is None else float(sh["eps"]))
+                                   normalize_weights=p["normalize_weights"], eps=p["eps"])
     elif method in elementwise.METHODS:
-        return elementwise.merge(method, base, xs, sh)
+        return elementwise.merge(method, base, xs, sh, _checked=p)
     elif method == "passthrough":
         # mergekit's passthrough: the one input, times `scale` when given
         scale = task.inputs[0].params.get("scale")
         return xs[0] if scale is None else xs[0].to(geometric._work_dtype(xs[0])) * float(scale)
     elif method == "karcher":
-        return geometric.karcher(xs, max_iter=10 if sh.get("max_iter") is None else int(sh["max_iter"]),
-                                tol=1e-5 if sh.get("tol") is None else float(sh["tol"]))
+        return geometric.karcher(xs, max_iter=p["max_iter"], tol=p["tol"])
     else:  # pragma: no cover - the config parser rejects unknown methods
         raise ValueError(f"unknown merge method {method!r}")
 
 
 def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
-               device: torch.device, n_threads: int = 0) -> torch.Tensor:
-    """Compute one output tensor from its loaded inputs (CPU tensors keyed by (file, start))."""
+               device=None, n_threads: int = 0):
+    """Compute one output tensor from its loaded inputs, keyed by (file, start).
+
+    On the CPU (``device`` None or "cpu") the inputs are numpy arrays and so is the
+    result (raw bits of ``task.dtype``); torch runs only for the torch methods. On CUDA
+    (``device`` a torch.device) inputs and result are torch tensors."""
+    dev = getattr(device, "torch", device)
+    if dev is None or getattr(dev, "type", dev) == "cpu":
+        if task.kind == "copy" or native_method(method):
+            return _merge_task_numpy(method, task, tensors, seed, n_threads)
+        tensors = {k: as_torch(a, _info_dtype(task, k)) for k, a in tensors.items()}
+        return as_numpy(_merge_task_torch(method, task, tensors, seed, None, n_threads))
+    return _merge_task_torch(method, task, tensors, seed, dev, n_threads)
+
+
+def _info_dtype(task: TensorTask, key) -> "dtypes.DType":
+    for info in task.read_infos():
+        if (info.file, info.start) == key:
+            return info.dtype
+    raise KeyError(key)  # pragma: no cover - the prefetcher reads exactly read_infos()
+
+
+def _named_error(task: TensorTask, e: ValueError) -> ValueError:
+    # e.g. NaN/Inf: name the tensor (the kernel named the model: task_merge_kwargs passes
+    # the config's references as model_names)
+    return ValueError(f"tensor '{task.name}': {e}")
+
+
+def _merge_task_numpy(method: str, task: TensorTask, arrays: Dict, seed: int, n_threads: int) -> np.ndarray:
+    """The CPU path without torch: copies and the fused C++ methods on raw numpy buffers."""
     def get(info):
-        return tensors[(info.file, info.start)].to(device, non_blocking=True)
+        return arrays[(info.file, info.start)]
 
     if task.kind == "copy":
-        return get(task.base).to(task.dtype)
+        return dtypes.convert(get(task.base), task.base.dtype, task.dtype)
+    reg = tuple(slice(0, r) for r in task.region) if task.region is not None else None
+
+    def cut(info):
+        x = get(info)
+        return (np.ascontiguousarray(x[reg]) if reg is not None else x), info.dtype
+
+    kw = task_merge_kwargs(method, task, seed)
+    m = kw.pop("method")
+    try:
+        out = _merge_arrays_fn()(cut(task.base) if task.base is not None else None,
+                                 [cut(i.info) for i in task.inputs], m, out_dtype=task.dtype,
+                                 n_threads=n_threads, **kw)
+    except ValueError as e:
+        raise _named_error(task, e) from None
+    if not dtypes.all_finite(out, task.dtype):
+        raise _overflow_error(task)
+    if reg is None:
+        return out
+    full_src = task.base if task.base is not None else task.fill
+    full = dtypes.convert(get(full_src), full_src.dtype, task.dtype, copy=True)
+    full[reg] = out
+    return full
+
+
+def _merge_task_torch(method: str, task: TensorTask, tensors: Dict, seed: int, device, n_threads: int):
+    """torch tensors in and out (CUDA, and the torch methods on the CPU)."""
+    dt = task.dtype.torch
+
+    def get(info):
+        t = tensors[(info.file, info.start)]
+        return t if device is None else t.to(device, non_blocking=True)
+
+    if task.kind == "copy":
+        return get(task.base).to(dt)
     reg = tuple(slice(0, r) for r in task.region) if task.region is not None else None
 
     def cut(x):
@@ -154,31 +255,32 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
     base = cut(get(task.base)) if task.base is not None else None
     xs = [cut(get(i.info)) for i in task.inputs]
     sh = task.shared
-    if method in C.TASK_METHODS or method == "linear":
-        kw = task_merge_kwargs(method, task, seed)
+    if native_method(method):
+        kw = task_merge_kwargs(method, task, seed)   # names the models by their config reference
         m = kw.pop("method")
         try:
-            out = _merge_tensors_fn()(base, xs, method=m, out_dtype=task.dtype,
+            out = _merge_tensors_fn()(base, xs, method=m, out_dtype=dt,
                                       n_threads=n_threads, **kw)
-        except ValueError as e:  # e.g. NaN/Inf: name the tensor and the model's folder
-            msg = re.sub(r"\bmodel (\d+)\b", lambda mm: (
-                f"model {os.path.dirname(task.inputs[int(mm.group(1))].info.file)}"
-                if int(mm.group(1)) < len(task.inputs) else mm.group(0)), str(e))
-            raise ValueError(f"tensor '{task.name}': {msg}") from None
+        except ValueError as e:
+            raise _named_error(task, e) from None
+        if not _all_finite(out):
+            raise _overflow_error(task)
     else:
         out = _torch_method(method, task, base, xs, sh)
         _check_finite(task, out, base, xs)
-    out = out.to(task.dtype)
+    out = out.to(dt)
     if reg is None:
         return out
     full_src = task.base if task.base is not None else task.fill
-    full = get(full_src).to(task.dtype).clone()
+    full = get(full_src).to(dt).clone()
     full[reg] = out
     return full
 
 
-def _all_finite(x: torch.Tensor, chunk: int = 1 << 22) -> bool:
+def _all_finite(x, chunk: int = 1 << 22) -> bool:
     """Exact check in float32 chunks (torch.isfinite on bf16 is slow on CPU)."""
+    import torch
+
     flat = x.reshape(-1)
     for i in range(0, flat.numel(), chunk):
         part = flat[i:i + chunk]
@@ -187,7 +289,7 @@ def _all_finite(x: torch.Tensor, chunk: int = 1 << 22) -> bool:
     return True
 
 
-def _check_finite(task: TensorTask, out: torch.Tensor, base, xs) -> None:
+def _check_finite(task: TensorTask, out, base, xs) -> None:
     """Refuse a non-finite result of a torch-implemented method, naming its cause.
 
     Every torch method is, per element, a combination of its inputs with finite
@@ -197,6 +299,8 @@ def _check_finite(task: TensorTask, out: torch.Tensor, base, xs) -> None:
     when it is not finite are the output and then the inputs checked element-wise,
     to tell an input's NaN/Inf from an overflow of finite values.
     """
+    import torch
+
     if math.isfinite(float(out.sum(dtype=torch.float64 if out.dtype == torch.float64 else torch.float32))):
         return
     if _all_finite(out):
@@ -206,8 +310,15 @@ def _check_finite(task: TensorTask, out: torch.Tensor, base, xs) -> None:
         if x.is_floating_point() and not _all_finite(x):
             raise ValueError(f"tensor '{task.name}' of {os.path.dirname(info.file)} "
                              f"contains NaN or Inf")
-    raise ValueError(f"tensor '{task.name}': the merged values overflow (finite inputs, "
-                     f"non-finite result); check the merge parameters and the inputs' magnitudes")
+    raise _overflow_error(task)
+
+
+def _overflow_error(task: TensorTask) -> ValueError:
+    """Finite inputs (the kernels refuse NaN/Inf inputs by name) and a non-finite result:
+    the parameters (weights, lambda, t, ...) scale the values past the output dtype's range."""
+    return ValueError(f"tensor '{task.name}': the merged values overflow {task.dtype} (finite inputs, "
+                      f"non-finite result); check the merge parameters (weight, lambda, ...) and the "
+                      f"inputs' magnitudes")
 
 
 # ------------------------------------------------------------------- prefetch
@@ -217,13 +328,17 @@ class _Prefetcher:
 
     _END = object()
 
-    def __init__(self, tasks: List[TensorTask], depth: int = PREFETCH_DEPTH,
-                 device: Optional[torch.device] = None):
+    def __init__(self, tasks: List[TensorTask], depth: int = PREFETCH_DEPTH, device=None):
         self.tasks = tasks
-        # On a GPU the inputs are read into pinned memory and copied on a stream of their
-        # own, so the copy of task i+1 overlaps the merge of task i on the compute stream.
+        # On the CPU the inputs are numpy arrays. On a GPU (device: a torch.device) they are
+        # read into pinned memory and copied on a stream of their own, so the copy of task
+        # i+1 overlaps the merge of task i on the compute stream.
         self.device = device if device is not None and device.type == "cuda" else None
-        self.copy_stream = torch.cuda.Stream(device=self.device) if self.device is not None else None
+        self.copy_stream = None
+        if self.device is not None:
+            import torch
+
+            self.copy_stream = torch.cuda.Stream(device=self.device)
         self.q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lfm-merge-prefetch", daemon=True)
@@ -240,7 +355,10 @@ class _Prefetcher:
 
     def _run(self):
         fds: Dict[str, int] = {}
+        torch = None
         if self.device is not None:
+            import torch
+
             torch.cuda.set_device(self.device)
         try:
             for task in self.tasks:
@@ -253,8 +371,14 @@ class _Prefetcher:
                     fd = fds.get(info.file)
                     if fd is None:
                         fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
-                    t = lora_ref.apply(info, read_tensor(info, fd, pin=self.device is not None))
-                    if self.device is not None:
+                    if self.device is None:
+                        t = lora_ref.apply(info, read_array(info, fd))
+                    else:
+                        pinned = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)
+                        arr = read_array(info, fd, out=pinned.numpy())
+                        adapted = lora_ref.apply(info, arr)
+                        t = (pinned.view(info.dtype.torch).reshape(info.shape) if adapted is arr
+                             else as_torch(adapted, info.dtype))
                         with torch.cuda.stream(self.copy_stream):
                             t = t.to(self.device, non_blocking=True)
                     loaded[key] = t
@@ -283,6 +407,8 @@ class _Prefetcher:
             if copied is not None:
                 # the compute stream waits for the copies; the tensors, made on the copy
                 # stream, are marked as used on the compute stream for the allocator
+                import torch
+
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(copied)
                 for t in loaded.values():
@@ -318,7 +444,7 @@ class _AsyncWriter:
                 except BaseException as e:
                     self.error = e
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
         if self.error is not None:
             raise self.error
         self.q.put((name, tensor))
@@ -394,13 +520,13 @@ def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str
 
 
 def _dominant_float_dtype(plan: MergePlan) -> Optional[str]:
-    sizes: Dict[torch.dtype, int] = {}
+    sizes: Dict[dtypes.DType, int] = {}
     for t in plan.tasks:
         if t.dtype.is_floating_point:
             sizes[t.dtype] = sizes.get(t.dtype, 0) + t.out_nbytes
     if not sizes:
         return None
-    return DTYPE_NAMES.get(max(sizes, key=sizes.get))
+    return max(sizes, key=sizes.get).name
 
 
 # ------------------------------------------------------------------- entry point
@@ -461,15 +587,11 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         pre_errors.append(f"--seed: must lie in [0, 2^64), got {seed}")
     dev = None
     try:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            pre_errors.append(f"--device {device}: CUDA is not available on this machine")
-        elif dev.type not in ("cpu", "cuda"):
-            pre_errors.append(f"--device {device}: only cpu and cuda are supported")
-    except RuntimeError as e:
-        pre_errors.append(f"--device: {e}")
-    if threads is not None and int(threads) < 1:
-        pre_errors.append(f"--threads: must be >= 1, got {threads}")
+        dev = _Device(device)
+    except ValueError as e:
+        pre_errors.append(str(e))
+    if threads is not None and not 1 <= int(threads) <= 1024:  # the core's bound (csrc/core/thread_pool.cpp)
+        pre_errors.append(f"--threads: must be in 1..1024, got {threads}")
     if os.path.lexists(out_dir) and not allow_overwrite:
         pre_errors.append(f"output folder '{out_dir}' already exists (use --allow-overwrite to replace it)")
     try:
@@ -510,10 +632,11 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     n_threads = 0  # 0: the C++ library's default (LFM_NUM_THREADS or all cores)
     if threads is not None:
         n_threads = int(threads)
-        torch.set_num_threads(n_threads)  # for the torch-implemented methods
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+        if not native_method(cfg.method) or dev.type == "cuda":
+            import torch
+
+            torch.set_num_threads(n_threads)  # for the torch-implemented methods
+    tmp = make_temp_dir(out_dir)  # also sweeps temporaries of runs killed mid-merge
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary folder
@@ -530,7 +653,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1000,
                    desc=f"merge {cfg.method}", disable=quiet, file=sys.stderr, dynamic_ncols=True,
                    smoothing=0.1)
-        pf = _Prefetcher(plan.tasks, device=dev)
+        pf = _Prefetcher(plan.tasks, device=dev.torch)
         aw = _AsyncWriter(writer)
         n_done = 0
         for task, loaded, nbytes in pf:
@@ -548,7 +671,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
                           copy_tokenizer, write_model_card)
         bar.close()
         if os.path.lexists(out_dir):  # allow_overwrite: swap only now that the new one is complete
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            old = make_temp_dir(out_dir, "old")
             os.rename(out_dir, os.path.join(old, "x"))
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)

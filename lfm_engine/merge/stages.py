@@ -20,10 +20,10 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 from typing import Dict, List, Optional, Tuple
 
 from lfm_engine.merge import config as C
+from lfm_engine.merge.outdir import make_temp_dir
 from lfm_engine.merge.yaml_load import load_documents
 
 
@@ -120,8 +120,7 @@ def run_stages(stages, origin_dir, out_dir: str, intermediate_dir: Optional[str]
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = None
     if intermediate_dir is None and not dry_run:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.stages-", dir=parent)
+        tmp = make_temp_dir(out_dir, "stages")
     work = intermediate_dir or tmp or os.path.join(parent, ".stages")
     where = {n: (os.path.abspath(out_dir) if n == final else os.path.join(work, str(n))) for n, _ in stages}
     docs = dict(stages)

@@ -1,10 +1,12 @@
 """Backend choice, shared by every ops/<op>.py.
 
 Each op keeps a visible table {backend name: callable}. The backend is chosen by, in
-order: the explicit ``backend=`` argument, the ``LFM_BACKEND`` environment variable
-(when that backend exists for the op and suits the device), then the op's default for
-the tensors' device. Asking for a backend that the op has not, or that cannot run on
-the tensors' device, is an error naming the choices.
+order: the explicit ``backend=`` argument, the ``LFM_BACKEND`` environment variable,
+then the op's default for the tensors' device (``default_backends``). An explicit
+choice (argument or environment) is honoured or refused, never silently replaced:
+asking for a backend the op has not, one that cannot run on the tensors' device, or one
+whose library is missing (Triton not installed) is a ValueError naming the op, where the
+request came from and why it cannot run.
 """
 from __future__ import annotations
 
@@ -13,10 +15,21 @@ import json
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
-import torch
+# no torch import: devices are only asked for .type (a torch.device, or the plain
+# CPU_DEVICE below for numpy arrays), so the numpy merge path never loads torch
 
 CPU_BACKENDS = ("cpu", "reference")
 CUDA_BACKENDS = ("cuda", "triton", "reference")
+
+
+class _Device:
+    type = "cpu"
+
+    def __str__(self):
+        return "cpu"
+
+
+CPU_DEVICE = _Device()  # the device of numpy arrays
 
 
 def triton_interpret() -> bool:
@@ -24,7 +37,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def device_backends(device: torch.device) -> Sequence[str]:
+def device_backends(device: "torch.device") -> Sequence[str]:
     if device.type == "cuda":
         return CUDA_BACKENDS
     # The Triton interpreter runs Triton kernels on CPU tensors: that is how CPU-only
@@ -32,32 +45,47 @@ def device_backends(device: torch.device) -> Sequence[str]:
     return CPU_BACKENDS + (("triton",) if triton_interpret() else ())
 
 
+KNOWN_BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
 def pick_backend(
     op: str,
     table: Mapping[str, Callable],
-    device: torch.device,
+    device: "torch.device",
     backend: Optional[str],
     default: Mapping[str, str],
 ) -> str:
     """Name of the backend to run `op` with. `default` maps device type -> backend."""
-    allowed = [b for b in device_backends(device) if b in table]
+    source = f"backend='{backend}'"
     if backend is None:
-        env = os.environ.get("LFM_BACKEND")
-        if env and env in allowed:
-            backend = env
+        env = os.environ.get("LFM_BACKEND", "").strip()
+        if env:
+            backend, source = env, f"LFM_BACKEND={env}"
     if backend is None:
         backend = default.get(device.type)
         if backend is None:
             raise ValueError(f"{op}: no backend runs on device '{device}'")
         return backend
     if backend not in table:
-        raise ValueError(f"{op}: unknown backend '{backend}' (this op has: {', '.join(table)})")
-    if backend not in allowed:
-        raise ValueError(
-            f"{op}: backend '{backend}' cannot run on device '{device}' "
-            f"(available here: {', '.join(allowed)})"
-        )
+        what = "has no" if backend in KNOWN_BACKENDS else "knows no"
+        raise ValueError(f"{op}: {source}: this op {what} backend '{backend}' "
+                         f"(it has: {', '.join(table)})")
+    why = cannot_run(backend, device)
+    if why:
+        allowed = [b for b in device_backends(device) if b in table]
+        raise ValueError(f"{op}: {source} cannot run: {why} (available here: {', '.join(allowed)})")
     return backend
+
+
+def cannot_run(backend: str, device: "torch.device") -> Optional[str]:
+    """Why `backend` cannot run on tensors on `device` (None: it can)."""
+    if backend not in device_backends(device):
+        if backend == "triton" and device.type == "cpu":
+            return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1)"
+        return f"the tensors are on {device}"
+    if backend == "triton" and not triton_importable():
+        return "Triton is not installed (pip install triton)"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""Task-vector codecs: encode_delta, decode_delta, decode_add and delta_apply (spec/codec.md).
+"""Task-vector codecs: encode_delta, decode_delta, decode_add and delta_apply (docs/spec/codec.md).
 
     enc   = encode_delta(delta, "int4", group_size=128)     # delta = x - b, any float dtype
     d_hat = decode_delta(enc)                               # float32, delta's shape
@@ -30,7 +30,7 @@ import torch
 
 from lfm_engine import _tensor
 from lfm_engine._native import native
-from lfm_engine.ops._dispatch import pick_backend
+from lfm_engine.ops._dispatch import default_backends, pick_backend
 from lfm_engine.reference import codec as ref
 from lfm_engine.reference.codec import CODECS, CodecError
 
@@ -150,6 +150,7 @@ def encode_delta(delta: torch.Tensor, codec: str, *, backend: Optional[str] = No
         backend = "reference"  # the only implementation of this codec (see module docstring)
     if codec in ref.QMAX and options.get("scale_search", "absmax") != "absmax" and backend is None:
         backend = "reference"  # the clip search is an encoder option of the reference only
+    # no GPU encoder: a CUDA tensor needs an explicit backend (encoding is offline work)
     name = pick_backend("encode_delta", ENCODE_BACKENDS, delta.device, backend, {"cpu": "cpu"})
     if name == "cpu" and codec not in NATIVE_CODECS:
         raise ValueError(f"encode_delta: backend 'cpu' has no kernel for codec '{codec}' "
@@ -216,7 +217,6 @@ def _decode_reference(enc: Encoded, base, out, alpha: float, n_threads: int) -> 
 
 DECODE_BACKENDS = {"cpu": _decode_native, "cuda": _decode_native, "triton": _decode_triton,
                    "reference": _decode_reference}
-_DECODE_DEFAULT = {"cpu": "cpu", "cuda": "cuda"}
 
 
 def _pick_decode(enc: Encoded, device: torch.device, backend: Optional[str]) -> str:
@@ -225,7 +225,7 @@ def _pick_decode(enc: Encoded, device: torch.device, backend: Optional[str]) -> 
             raise ValueError(f"decode: backend '{backend}' has no kernel for codec '{enc.codec}' "
                              f"(kernels exist for {', '.join(NATIVE_CODECS)}); use backend='reference'")
         return "reference"
-    return pick_backend("decode", DECODE_BACKENDS, device, backend, _DECODE_DEFAULT)
+    return pick_backend("decode", DECODE_BACKENDS, device, backend, default_backends(DECODE_BACKENDS))
 
 
 def decode_delta(enc: Encoded, *, out_dtype=torch.float32, device=None, backend: Optional[str] = None,
@@ -371,7 +371,7 @@ def delta_apply(x: torch.Tensor, deltas: Sequence[Encoded], token_slot: torch.Te
         return y
     if not y.is_contiguous():
         raise ValueError("delta_apply: y must be contiguous (it is updated in place)")
-    name = pick_backend("delta_apply", APPLY_BACKENDS, x.device, backend, {"cpu": "cpu", "cuda": "triton"})
+    name = pick_backend("delta_apply", APPLY_BACKENDS, x.device, backend, default_backends(APPLY_BACKENDS))
     if name in ("cpu", "triton") and n_threads == 0 and (name == "cpu") == (x.device.type == "cpu"):
         # through the registered torch op (what a compiled model records)
         args = [_native_args(e) for e in deltas]

@@ -1,4 +1,4 @@
-"""Multi-LoRA batched ops: lora_shrink, lora_expand, lora_apply (spec/lora.md).
+"""Multi-LoRA batched ops: lora_shrink, lora_expand, lora_apply (docs/spec/lora.md).
 
 A batch of T tokens runs through one linear layer; token t uses slot s = token_slot[t]
 of the layer's slot table (or no adapter when s = -1):
@@ -598,6 +598,36 @@ def lora_apply(x, A, B, token_slot=None, ranks=None, scales=None, y=None, y_col_
     return y
 
 
+def lora_prepare(A, B, ranks, scales) -> tuple:
+    """Argument bundle of one slot table for `lora_apply_prepared`: the tensors and, for the
+    native backend, their C ABI views, built once per table instead of once per call.
+    A [n_slots, R_max, H_in], B [n_slots, H_out, R_max] contiguous, ranks int32 [n_slots],
+    scales float32 [n_slots], all on one device (not checked here: the caller owns them)."""
+    return ([_tensor.view(A)], [_tensor.view(B)], [_tensor.view(ranks)], [_tensor.view(scales)],
+            [A], [B], [ranks], [scales])
+
+
+def lora_apply_prepared(x: torch.Tensor, prepared: tuple, token_slot: torch.Tensor, y: torch.Tensor,
+                        offsets: List[int]) -> None:
+    """lora_apply for a serving loop that validated everything once: no argument checks.
+
+    x [T, H_in] row-contiguous, y [T, H_y] contiguous (updated in place), token_slot int32 [T]
+    with values in [-1, n_slots), prepared: `lora_prepare` bundles (concatenated slice-wise
+    for a multi-slice call), offsets: the column offset of each slice in y. Same result as
+    lora_apply(x, [A...], [B...], token_slot, [ranks...], [scales...], y, offsets).
+    """
+    Av, Bv, rv, sv, As, Bs, rk, sc = prepared
+    dev = x.device.type
+    be = _default_backends()[dev] if dev in ("cpu", "cuda") else "reference"
+    if _compiling():
+        torch.ops.lfm.lora_apply(x, As, Bs, token_slot, None, None, rk, sc, y, offsets, be, False, 0)
+    elif be in ("cpu", "cuda"):
+        native().lora_apply(_tensor.view(x), Av, Bv, rv, sv, offsets, _tensor.view(token_slot), None, None,
+                            _tensor.view(y), 0, 0, _tensor.current_stream(y))
+    else:
+        _impl_apply(x, As, Bs, token_slot, None, None, rk, sc, y, offsets, be, False, 0)
+
+
 def lora_apply_slices(x, slices: Sequence, token_slot=None, ranks=None, scales=None, y=None, *, seg_start=None,
                       seg_slot=None, backend: Optional[str] = None, validate: bool = True, n_threads: int = 0):
     """lora_apply with a list of (A, B, y_col_offset) triples (fused qkv / gate_up in one launch)."""
@@ -610,4 +640,5 @@ def lora_apply_slices(x, slices: Sequence, token_slot=None, ranks=None, scales=N
                       validate=validate, n_threads=n_threads)
 
 
-__all__ = ["lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices", "BACKENDS"]
+__all__ = ["lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices", "lora_prepare", "lora_apply_prepared",
+           "BACKENDS"]

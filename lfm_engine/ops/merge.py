@@ -1,4 +1,4 @@
-"""merge_tensors: fused sparsify-and-merge of task vectors (spec/merge.md).
+"""merge_tensors: fused sparsify-and-merge of task vectors (docs/spec/merge.md).
 
     out = base + lam * combine_i(w_i * sparsify(x_i - base))
 
@@ -15,31 +15,42 @@ Backends (a visible table, see ops/_dispatch.py):
 
 NaN policy: a NaN or Inf in the base or any model is an error (ValueError naming the
 model and element) in every backend; merging never produces NaN silently.
+
+:func:`merge_arrays` is the same op on raw numpy buffers (bf16 as uint16 arrays, the
+dtype named beside each array): it calls the C++ kernel without importing torch, which
+is how ``lfm-engine merge`` runs on the CPU (torch only for the reference/triton backends).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
-import torch
+import numpy as np
 
 from lfm_engine import _tensor
 from lfm_engine._native import native
 from lfm_engine.core.merge_methods import METHOD_CODES, RESCALE_CODES, MergeParams, resolve_merge_params
-from lfm_engine.ops._dispatch import default_backends, pick_backend
+from lfm_engine.io import dtypes as _dt
+from lfm_engine.ops._dispatch import CPU_DEVICE, default_backends, pick_backend
 
 
-def _run_native(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], out: torch.Tensor,
-                p: MergeParams, n_threads: int = 0) -> None:
+def _run_native(base, others, out, p: MergeParams, n_threads: int = 0) -> None:
+    _call_native(None if base is None else _tensor.view(base), [_tensor.view(x) for x in others],
+                 _tensor.view(out), p, n_threads, _tensor.current_stream(out))
+
+
+def _call_native(base_view, other_views, out_view, p: MergeParams, n_threads: int, stream: int) -> None:
+    """_C.merge on lfm_tensor views (torch tensors' or numpy arrays', see _tensor.py)."""
+    # keywords name lfm_merge_options' fields (include/lfm/merge.h)
     native().merge(
-        None if base is None else _tensor.view(base),
-        [_tensor.view(x) for x in others],
-        _tensor.view(out),
-        METHOD_CODES[p.method],
-        list(p.weights), list(p.densities), list(p.gammas), list(p.epsilons),
-        list(p.model_positions),
-        int(p.normalize), RESCALE_CODES[p.rescale],
-        int(p.consensus_weighting == "unweighted"), int(p.disjoint == "count"),
-        p.lam, p.seed, p.name, n_threads, _tensor.current_stream(out),
+        base_view, other_views, out_view,
+        method=METHOD_CODES[p.method],
+        weights=list(p.weights), densities=list(p.densities), gammas=list(p.gammas),
+        epsilons=list(p.epsilons), positions=list(p.model_positions),
+        normalize=int(p.normalize), rescale=RESCALE_CODES[p.rescale],
+        consensus_unweighted=int(p.consensus_weighting == "unweighted"),
+        disjoint_count=int(p.disjoint == "count"),
+        lam=p.lam, seed=p.seed, name=p.name, n_threads=n_threads, stream=stream,
+        model_names=list(p.model_names),
     )
 
 
@@ -56,6 +67,35 @@ def _run_triton(base, others, out, p: MergeParams, n_threads: int = 0) -> None:
 
 
 BACKENDS = {"cpu": _run_native, "cuda": _run_native, "triton": _run_triton, "reference": _run_reference}
+
+
+_FLOAT_NAMES = tuple(d.name for d in _dt.KERNEL_FLOATS)
+
+
+def _is_float(dtype) -> bool:
+    return str(dtype).replace("torch.", "") in _FLOAT_NAMES
+
+
+def _check_inputs(base: Optional[tuple], others: Sequence[tuple], label) -> None:
+    """Each of base/others is (shape, dtype, device); raise naming the first problem
+    (``label(i)`` names model i, see MergeParams.model_label)."""
+    ref = base if base is not None else others[0]
+    for i, (shape, dtype, device) in enumerate(others):
+        if not _is_float(dtype):
+            raise TypeError(f"merge_tensors: {label(i)} has dtype {dtype}; supported: float32, float16, bfloat16")
+        if shape != ref[0]:
+            raise ValueError(
+                f"merge_tensors: {label(i)} has shape {shape} but "
+                f"{'base' if base is not None else label(0)} has shape {ref[0]}")
+        if device != ref[2]:
+            raise ValueError(f"merge_tensors: {label(i)} is on {device} but the base is on {ref[2]}")
+    if base is not None and not _is_float(base[1]):
+        raise TypeError(f"merge_tensors: base has dtype {base[1]}; supported: float32, float16, bfloat16")
+
+
+def _check_out_dtype(dt) -> None:
+    if not _is_float(dt):
+        raise TypeError(f"merge_tensors: out_dtype {dt} is not supported (float32, float16, bfloat16)")
 
 
 def merge_tensors(
@@ -79,6 +119,7 @@ def merge_tensors(
     disjoint: str = "weight",
     n_threads: int = 0,
     out=None,
+    model_names: Optional[Sequence[str]] = None,
 ):
     """Merge one tensor of K fine-tuned models into their base.
 
@@ -88,17 +129,19 @@ def merge_tensors(
         method: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
             breadcrumbs_ties, della, della_linear or linear.
         weights, density, gamma, epsilon: per model, a scalar or a list of K values;
-            None = spec default (weight 1, density 1, gamma 0.01, epsilon 0.15).
+            None = the registry's default (docs/merge.md's method table).
         normalize, rescale: None = the method's default; rescale True/"l1" (L1 norm
             matching), "inverse_density" (PEFT's 1/density), False.
         lam: lambda, out = b + lam * mixed.
-        seed, name, model_positions: key the DARE/DELLA random streams (spec "Randomness");
+        seed, name, model_positions: key the DARE/DELLA random streams (docs/spec/merge.md "Randomness");
             name is the output tensor name.
         consensus_weighting, disjoint: "unweighted"/"count" reproduce PEFT's variants.
         out_dtype: output dtype (torch dtype or name); default the base's dtype.
         backend: "cpu", "cuda", "triton" or "reference"; default by device.
         n_threads: CPU worker threads for this call (0 = library default).
         out: optional preallocated output tensor (contiguous, same shape).
+        model_names: one name per model, used by every error message instead of
+            "model <index>" (a model-level merge passes the config's references).
     Returns:
         the merged tensor, torch or numpy like `base` (or like others[0] without a base).
     """
@@ -108,11 +151,12 @@ def merge_tensors(
         method, len(others), weights=weights, density=density, gamma=gamma, epsilon=epsilon,
         normalize=normalize, rescale=rescale, lam=lam, seed=seed, name=name,
         model_positions=model_positions, consensus_weighting=consensus_weighting, disjoint=disjoint,
+        model_names=model_names,
     )
     xs = []
     was_numpy = False
     for i, x in enumerate(others):
-        t, is_np = _tensor.to_torch(x, f"model {i}")
+        t, is_np = _tensor.to_torch(x, params.model_label(i))
         xs.append(t)
         was_numpy = was_numpy or is_np
     if base is not None and params.spec.uses_base:
@@ -122,21 +166,13 @@ def merge_tensors(
         raise ValueError(f"merge_tensors: method '{method}' needs a base tensor")
     else:
         b = None
+    import torch
+
     ref = b if b is not None else xs[0]
-    for i, x in enumerate(xs):
-        if x.dtype not in _tensor.FLOAT_DTYPES:
-            raise TypeError(f"merge_tensors: model {i} has dtype {x.dtype}; supported: float32, float16, bfloat16")
-        if x.shape != ref.shape:
-            raise ValueError(
-                f"merge_tensors: model {i} has shape {tuple(x.shape)} but "
-                f"{'base' if b is not None else 'model 0'} has shape {tuple(ref.shape)}")
-        if x.device != ref.device:
-            raise ValueError(f"merge_tensors: model {i} is on {x.device} but the base is on {ref.device}")
-    if b is not None and b.dtype not in _tensor.FLOAT_DTYPES:
-        raise TypeError(f"merge_tensors: base has dtype {b.dtype}; supported: float32, float16, bfloat16")
+    _check_inputs(None if b is None else (tuple(b.shape), b.dtype, b.device),
+                  [(tuple(x.shape), x.dtype, x.device) for x in xs], params.model_label)
     dt = _tensor.parse_dtype(out_dtype) or ref.dtype
-    if dt not in _tensor.FLOAT_DTYPES:
-        raise TypeError(f"merge_tensors: out_dtype {dt} is not supported (float32, float16, bfloat16)")
+    _check_out_dtype(dt)
     # default: the C++ kernel on the CPU; on a GPU the CUDA kernel when built, else Triton
     name_ = pick_backend("merge_tensors", BACKENDS, ref.device, backend, default_backends(BACKENDS))
     # The kernels take contiguous inputs; a strided view is copied here (documented cost).
@@ -150,3 +186,44 @@ def merge_tensors(
             raise ValueError("merge_tensors: `out` must be contiguous with the inputs' shape and out_dtype")
     BACKENDS[name_](b, xs, result, params, n_threads)
     return result.numpy() if was_numpy and result.device.type == "cpu" and dt != torch.bfloat16 else result
+
+
+Array = Tuple[np.ndarray, "_dt.DType"]
+
+
+def merge_arrays(base: Optional[Array], others: Sequence[Array], method: str = "ties", *,
+                 out_dtype, n_threads: int = 0, backend: Optional[str] = None, **params) -> np.ndarray:
+    """:func:`merge_tensors` on CPU numpy buffers, without torch on the native path.
+
+    ``base`` and each of ``others`` are ``(array, dtype)``: the array holds the raw bits of
+    ``dtype`` (a :class:`lfm_engine.io.dtypes.DType` or name; bfloat16 as a uint16 array).
+    ``params``: merge_tensors' keyword arguments (weights, density, seed, name, ...).
+    Returns a new C-contiguous array of ``out_dtype``'s storage type (uint16 for bf16),
+    the same bits merge_tensors computes. The reference/triton backends (by ``backend``
+    or LFM_BACKEND) run through torch.
+    """
+    if others is None or len(others) == 0:
+        raise ValueError("merge_tensors: no models to merge: `others` is empty")
+    p = resolve_merge_params(method, len(others), **params)
+    if base is None and p.spec.uses_base:
+        raise ValueError(f"merge_tensors: method '{method}' needs a base tensor")
+    b = (base[0], _dt.of(base[1])) if base is not None and p.spec.uses_base else None
+    xs = [(x, _dt.of(d)) for x, d in others]
+    _check_inputs(None if b is None else (tuple(b[0].shape), b[1], "cpu"),
+                  [(tuple(x.shape), d, "cpu") for x, d in xs], p.model_label)
+    out_dt = _dt.of(out_dtype)
+    _check_out_dtype(out_dt)
+    shape = tuple((b or xs[0])[0].shape)
+    name_ = pick_backend("merge_tensors", BACKENDS, CPU_DEVICE, backend, default_backends(BACKENDS))
+    if name_ != "cpu":
+        from lfm_engine.io.safetensors import as_numpy, as_torch
+
+        res = merge_tensors(None if b is None else as_torch(*b), [as_torch(x, d) for x, d in xs], method,
+                            out_dtype=out_dt.torch, n_threads=n_threads, backend=name_, **params)
+        return as_numpy(res)
+    b = None if b is None else (np.ascontiguousarray(b[0]), b[1])
+    xs = [(np.ascontiguousarray(x), d) for x, d in xs]
+    out = np.empty(shape, dtype=out_dt.np)
+    _call_native(None if b is None else _tensor.array_view(*b), [_tensor.array_view(x, d) for x, d in xs],
+                 _tensor.array_view(out, out_dt), p, n_threads, 0)
+    return out

@@ -1,7 +1,7 @@
 """Task-vector codecs in plain torch: the definition every backend is compared with.
 
 A codec stores delta = x - b (fine-tuned minus base) of one tensor in fewer bits
-(spec/codec.md). Every encoder here takes a float tensor ``delta`` and returns a dict
+(docs/spec/codec.md). Every encoder here takes a float tensor ``delta`` and returns a dict
 of *fields* (tensors) plus a dict of JSON-able *meta* options; every decoder rebuilds
 the float32 delta from them. All arithmetic is float32 unless stated.
 
@@ -64,13 +64,15 @@ from typing import Optional
 
 import torch
 
+from lfm_engine.io import dtypes as _dt
 from lfm_engine.reference.merge import magnitude_mask, random_mask
 from lfm_engine.reference.philox import stream_id
 
 QMAX = {"int8": 127, "int4": 7, "int2": 1}
 MSE_CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # scale_search="mse": fractions of absmax tried
 BITS = {"int8": 8, "int4": 4, "int2": 2}
-SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# the dtypes a codec's scales may be stored in (names and torch types: lfm_engine/io/dtypes.py)
+SCALE_DTYPES = {d.name: d.torch for d in (_dt.FLOAT16, _dt.FLOAT32, _dt.BFLOAT16)}
 
 
 class CodecError(ValueError):

@@ -1,4 +1,4 @@
-"""Plain-torch reference of the multi-LoRA batched ops (spec/lora.md).
+"""Plain-torch reference of the multi-LoRA batched ops (docs/spec/lora.md).
 
 This is the *definition* the CPU, CUDA and Triton backends are tested against:
 a Python loop over the slots that occur in the batch, each computing

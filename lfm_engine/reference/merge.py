@@ -1,4 +1,4 @@
-"""Plain-torch reference of the task-vector merge family and linear (spec/merge.md).
+"""Plain-torch reference of the task-vector merge family and linear (docs/spec/merge.md).
 
 This is the *definition* the CPU, CUDA and Triton backends are tested against. It
 favours clarity over speed (stable sorts, float64 everywhere after selection), but
@@ -8,7 +8,7 @@ Shapes: ``base`` and every ``others[i]`` have the same shape (any ndim, contiguo
 not); "flat index" always means the row-major index in that logical shape. K =
 len(others) = params.n_models. The result has the same shape.
 
-Definitions (spec/merge.md, plus the decisions the spec leaves open, marked *):
+Definitions (docs/spec/merge.md, plus the decisions the spec leaves open, marked *):
 
 1. Task vector, in float32*:  delta_i = float32(x_i) - float32(b), one fp32 rounding.
    Every backend uses exactly this, so the selections below see the same |delta_i|
@@ -263,7 +263,7 @@ def _check_inputs(base: Optional[torch.Tensor], others: Sequence[torch.Tensor],
     if base is None and uses_base:
         raise ValueError(f"method '{params.method}' needs a base tensor, got None")
     named = ([("base", base)] if base is not None else []) + \
-        [(f"model {i}", x) for i, x in enumerate(others)]
+        [(params.model_label(i), x) for i, x in enumerate(others)]
     ref_name, ref = named[0]
     for label, t in named:
         if not isinstance(t, torch.Tensor):
@@ -368,7 +368,7 @@ def _task_family(base: torch.Tensor, others: Sequence[torch.Tensor],
 def merge_tensors_reference(base: Optional[torch.Tensor], others: Sequence[torch.Tensor],
                             params: MergeParams, out_dtype: Optional[torch.dtype] = None
                             ) -> torch.Tensor:
-    """Merge one tensor exactly as spec/merge.md defines it (see the module docstring).
+    """Merge one tensor exactly as docs/spec/merge.md defines it (see the module docstring).
 
     base: tensor of shape S (None only for ``linear``); others: K tensors of shape S;
     params: from ``resolve_merge_params`` (K models); out_dtype: default base.dtype

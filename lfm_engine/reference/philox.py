@@ -1,4 +1,4 @@
-"""Plain-numpy Philox4x32-10 and the engine's stream-id rule (spec/merge.md "Randomness").
+"""Plain-numpy Philox4x32-10 and the engine's stream-id rule (docs/spec/merge.md "Randomness").
 
 This module is the definition every backend's random masks are compared against,
 bit for bit. Everything is vectorised numpy on uint64 arrays holding 32-bit values

@@ -2,9 +2,15 @@
 
 Each selected nn.Linear (or transformers' GPT-2 style Conv1D, weight [in, out]) is replaced
 by a `LoRALinear` that wraps it unchanged and, when a ``pool.assign(names)`` is active in
-the calling thread/task, adds the batched LoRA term of every row's adapter:
+the calling thread, adds the batched LoRA term of every row's adapter, or the row's
+compressed fine-tune delta (route.py):
 
     y = base(x);   y[t] += scale[s_t] · (x[t] · A[s_t][:r]ᵀ) · B[s_t][:, :r]ᵀ   (lora_apply, in place)
+                   y[t] += x[t] · decode(Δ[d_t])ᵀ                              (delta_apply, in place)
+
+Projections that read the same input (q_proj/k_proj/v_proj, gate_proj/up_proj, w1/w3
+under one parent) are attached as a group: the step's route computes their LoRA terms in
+one fused kernel call. The hot path per linear is one thread-local read and one method call.
 
 x: [rows, seq, H_in] (or any [..., H_in] whose leading size is a multiple of the rows),
 s_t = the slot of token t's row, -1 (base only) for rows assigned None.
@@ -30,8 +36,11 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from lfm_engine.ops.lora import lora_apply
 from .pool import AdapterPool
+
+# sibling projections that read the same input (fused adapter calls, route.py)
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"),
+                ("query", "key", "value"))
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -55,6 +64,8 @@ class LoRALinear(nn.Module):
         self.key = key
         self.in_features, self.out_features = _features(base)
         object.__setattr__(self, "_pool", pool)  # not a submodule: no state_dict entries
+        object.__setattr__(self, "_local", pool._local)
+        object.__setattr__(self, "group", None)  # tuple of LoRALinear sharing the input (attach)
 
     @property
     def pool(self) -> AdapterPool:
@@ -73,27 +84,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        asg = self._pool._current.get()
-        if asg is None or not asg.any_adapter:
+        route = getattr(self._local, "route", None)
+        if route is None or not route.active:
             return y
-        t = self._pool._tables.get(self.key)
-        if t is None:
-            return y
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.key}: input has {x.shape[-1]} features, expected {self.in_features}")
-        ts = asg.token_slot(tuple(x.shape[:-1]))
-        x2 = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and y.requires_grad:
-            delta = torch.zeros(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
-            with torch.no_grad():
-                lora_apply(x2.detach(), t.A, t.B, ts, t.ranks, t.scales, delta, validate=False)
-            return y + delta.view(y.shape)
-        if not y.is_contiguous():
-            y = y.contiguous()
-        # slots come from the pool and ranks from its own tables: already valid, so skip
-        # the value checks (a device->host sync on GPUs)
-        lora_apply(x2, t.A, t.B, ts, t.ranks, t.scales, y.view(-1, self.out_features), validate=False)
-        return y
+        return route.apply(self, x, y)
 
 
 def _selected(name: str, target_modules) -> bool:
@@ -137,11 +131,28 @@ def attach(model: nn.Module, pool: AdapterPool, *, target_modules: Union[None, s
         raise ValueError("attach(): no nn.Linear modules selected in the model "
                          f"(target_modules={target_modules!r}, exclude={tuple(exclude)})")
     pool.register_modules({prefix + n: _features(m) for n, m in chosen.items()})
+    wrapped: Dict[str, LoRALinear] = {}
     for name, mod in chosen.items():
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoRALinear(mod, pool, prefix + name))
+        wrapped[name] = LoRALinear(mod, pool, prefix + name)
+        setattr(parent, leaf, wrapped[name])
+    _make_groups(wrapped)
     return [prefix + n for n in chosen]
+
+
+def _make_groups(wrapped: Dict[str, LoRALinear]) -> None:
+    """Mark sibling projections of one input (INPUT_GROUPS) so the route fuses their calls."""
+    for name in wrapped:
+        parent, _, leaf = name.rpartition(".")
+        for leaves in INPUT_GROUPS:
+            if leaf == leaves[0]:
+                members = [wrapped.get(f"{parent}.{x}" if parent else x) for x in leaves]
+                members = [m for m in members if m is not None]
+                if len(members) > 1 and len({m.in_features for m in members}) == 1:
+                    g = tuple(members)
+                    for m in g:
+                        object.__setattr__(m, "group", g)
 
 
 def detach(model: nn.Module) -> int:

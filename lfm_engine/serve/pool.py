@@ -1,6 +1,6 @@
 """AdapterPool: device-resident slot tables of many LoRA adapters for one base model.
 
-Layout (spec/lora.md): for every adapted module m of the base model one slot table
+Layout (docs/spec/lora.md): for every adapted module m of the base model one slot table
 
     A_m [capacity, R_m, H_in]   B_m [capacity, H_out, R_m]   ranks_m [capacity] int32   scales_m [capacity] fp32
 
@@ -25,24 +25,39 @@ a half-written adapter: a slot becomes assignable only when its copy has finishe
 other slots' rows are never touched by a load.
 
 Per-batch assignment: ``with pool.assign(names):`` (one adapter name or None per batch row)
-holds a reference on each named adapter (no eviction while in use) and publishes the rows'
-slots in a context variable, so it is private to the calling thread / asyncio task. Inside,
-every `LoRALinear` attached to this pool (see attach.py) applies the row's adapter.
+holds a reference on each named adapter (no eviction while in use) and publishes the step's
+`Route` (route.py: rows' slots, token maps, fused-call caches, computed once per step) in a
+thread-local slot, so it is private to the calling thread; assignments of one thread nest
+(an asyncio task must not hold one across an await: run the forward inside the block, as
+the Engine does). Inside, every `LoRALinear` attached to this pool (see attach.py) applies
+the row's adapter. A thread-local (unlike a ContextVar) is traced by torch.compile without
+graph breaks.
+
+Two kinds of adapters share one name space: LoRA folders (`load`) and compressed full
+fine-tunes, .lfmd deltas (`load_delta`, deltas.py); a batch may mix both and base rows.
 """
 from __future__ import annotations
 
-import contextvars
 import itertools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from lfm_engine.ops.lora import _default_backends, lora_prepare
+from .deltas import DeltaEntry, DeltaStore, encoded_modules, read_delta
 from .peft_format import AdapterSpec, open_adapter, read_weights
+from .route import Route
+
+if TYPE_CHECKING:
+    from lfm_engine.ops.codec import Encoded
+
+# the name ``Assignment`` of earlier versions: what pool.assign() yields
+Assignment = Route
 
 
 class PoolFullError(RuntimeError):
@@ -59,6 +74,16 @@ class _Table:
     B: torch.Tensor
     ranks: torch.Tensor
     scales: torch.Tensor
+    # host copy of scales (the GEMM path of long runs reads it without a device sync);
+    # shared, like ranks/scales, by the tables that replace this one on grow/shrink
+    scales_host: List[float] = field(default_factory=list)
+    _prepared: Optional[tuple] = None
+
+    def prepared(self) -> tuple:
+        """lora_prepare bundle of this table (its tensors never change identity)."""
+        if self._prepared is None:
+            self._prepared = lora_prepare(self.A, self.B, self.ranks, self.scales)
+        return self._prepared
 
     @property
     def r_max(self) -> int:
@@ -86,36 +111,6 @@ class _Entry:
     load_seconds: float = 0.0
 
 
-@dataclass
-class Assignment:
-    """What an active ``pool.assign(...)`` publishes to the attached linears."""
-
-    names: Tuple[Optional[str], ...]
-    row_slot: torch.Tensor  # int32 [rows] on the pool device, -1 = base model only
-    any_adapter: bool
-    _by_len: Dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def token_slot(self, lead: Tuple[int, ...]) -> torch.Tensor:
-        """Slot of each token of an activation whose leading dims are `lead` (flattened
-        row-major): [rows, seq, ...] uses row i's slot for all of row i's tokens; a flat
-        [T] activation is taken as rows stored one after another (T a multiple of rows)."""
-        rows = self.row_slot.numel()
-        if len(lead) >= 2 and lead[0] != rows:
-            raise ValueError(f"pool.assign() was given {rows} names but the batch has {lead[0]} rows: "
-                             "give one name per batch row")
-        n_tokens = 1
-        for d in lead:
-            n_tokens *= int(d)
-        ts = self._by_len.get(n_tokens)
-        if ts is None:
-            if rows == 0 or n_tokens % rows != 0:
-                raise ValueError(f"pool.assign() was given {rows} names but the layer input has {n_tokens} "
-                                 f"tokens, not a multiple of {rows}: give one name per batch row")
-            ts = self.row_slot.repeat_interleave(n_tokens // rows)
-            self._by_len[n_tokens] = ts
-        return ts
-
-
 class AdapterPool:
     """Slot tables of LoRA adapters on one device. See the module docstring for the design.
 
@@ -125,10 +120,14 @@ class AdapterPool:
         dtype: storage dtype of A/B (adapters are converted on load). fp32 math either way.
         max_bytes: optional budget for the resident adapters' real A/B bytes.
         max_rank: optional upper bound on any module rank (a larger one fails to load).
+        delta_capacity: most compressed fine-tunes (.lfmd deltas) resident at once.
+        base_fingerprint: lfm.base fingerprint of the served base model (ModelFolder.fingerprint
+            of its folder); deltas made against another base are refused. None: not checked.
     """
 
     def __init__(self, capacity: int = 8, device="cpu", dtype: torch.dtype = torch.float32, *,
-                 max_bytes: Optional[int] = None, max_rank: Optional[int] = None):
+                 max_bytes: Optional[int] = None, max_rank: Optional[int] = None, delta_capacity: int = 16,
+                 base_fingerprint: Optional[str] = None):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"AdapterPool capacity must be an int >= 1, got {capacity!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -148,8 +147,11 @@ class AdapterPool:
         self._module_shapes: Dict[str, Tuple[int, int]] = {}  # from attach(): name -> (in, out)
         self._clock = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm-adapter-load")
-        self._current: contextvars.ContextVar[Optional[Assignment]] = contextvars.ContextVar(
-            f"lfm_pool_assignment_{id(self)}", default=None)
+        self._local = threading.local()  # .route: the Route of this thread's active assign()
+        _default_backends()  # resolved now, in eager mode: torch.compile cannot trace the probe
+        self._deltas = DeltaStore(int(delta_capacity))
+        self._delta_plans: Dict[tuple, tuple] = {}  # route.py: delta_apply call plans across steps
+        self.base_fingerprint = base_fingerprint
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.counters = dict(loads=0, evictions=0, load_failures=0, table_shrinks=0)
 
@@ -170,7 +172,7 @@ class AdapterPool:
         spec = folder if isinstance(folder, AdapterSpec) else open_adapter(folder)
         self._check_spec(name, spec)
         with self._lock:
-            if name in self._entries:
+            if name in self._entries or name in self._deltas.entries:
                 raise ValueError(f"adapter {name!r} is already registered; unload it first")
             entry = _Entry(name=name, spec=spec, nbytes=spec.nbytes(torch.empty((), dtype=self.dtype).element_size()),
                            pinned=bool(pin))
@@ -184,9 +186,74 @@ class AdapterPool:
             fut.result(timeout)
         return fut
 
+    def load_delta(self, name: str, path, *, skip_unsupported: bool = False) -> Future:
+        """Register a compressed full fine-tune (an .lfmd container) under `name`.
+
+        Reads and checks the whole container now (fingerprint against ``base_fingerprint``,
+        each tensor's SHA-256, codecs, shapes against the attached linears; see deltas.py)
+        and publishes it only when all of it is resident: a bad file raises here
+        (DeltaLoadError / FingerprintMismatchError, both ValueError) and running batches
+        never see it. Returns a finished Future, like `load`.
+        """
+        shapes = self._delta_precheck(name)
+        t0 = time.perf_counter()
+        got = read_delta(path, shapes, self.device, base_fingerprint=self.base_fingerprint,
+                         skip_unsupported=skip_unsupported)
+        return self._publish_delta(name, str(path), got, t0)
+
+    def add_delta(self, name: str, encoded: Dict[str, Encoded]) -> Future:
+        """Register a compressed fine-tune already in memory: {module name: Encoded delta of
+        its weight} (ops.codec.encode_delta). No fingerprint exists here: the caller vouches
+        that the deltas belong to the served base; codecs and shapes are checked as in
+        load_delta."""
+        shapes = self._delta_precheck(name)
+        return self._publish_delta(name, "<memory>", encoded_modules(encoded, shapes, self.device), time.perf_counter())
+
+    def _delta_precheck(self, name: str) -> Dict[str, Tuple[int, int]]:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        with self._lock:
+            if name in self._entries or name in self._deltas.entries:
+                raise ValueError(f"adapter {name!r} is already registered; unload it first")
+            if not self._module_shapes:
+                raise ValueError("load_delta: attach(model, pool) first (the pool must know the model's linears)")
+            return dict(self._module_shapes)
+
+    def _publish_delta(self, name: str, path: str, got, t0: float) -> Future:
+        modules, nbytes, counts, skipped = got
+        with self._lock:
+            if name in self._entries or name in self._deltas.entries:
+                raise ValueError(f"adapter {name!r} is already registered; unload it first")
+            slot = self._deltas.free_slot()
+            if slot < 0:
+                raise PoolFullError(f"all {self._deltas.capacity} delta slots are in use (delta_capacity); "
+                                    "unload a compressed fine-tune first")
+            self._deltas.publish(DeltaEntry(name, path, slot, modules, nbytes, counts, skipped))
+            self.counters["loads"] += 1
+            self._changed.notify_all()
+        fut: Future = Future()
+        fut.set_result(time.perf_counter() - t0)
+        return fut
+
+    def kind(self, name: str) -> str:
+        """'lora' or 'delta' (KeyError for unknown names)."""
+        with self._lock:
+            d = self._deltas.entries.get(name)
+            if d is not None and not d.unload_requested:
+                return "delta"
+            self._get(name)
+            return "lora"
+
     def unload(self, name: str) -> None:
         """Forget adapter `name`. If a batch is using it, its slot is freed when the batch ends."""
         with self._lock:
+            d = self._deltas.entries.get(name)
+            if d is not None and not d.unload_requested:
+                d.unload_requested = True
+                if d.refs == 0:
+                    self._deltas.drop(d)
+                self._changed.notify_all()
+                return
             e = self._get(name)
             e.unload_requested = True
             e.generation += 1  # a load in flight will not publish
@@ -205,16 +272,20 @@ class AdapterPool:
 
     def names(self) -> List[str]:
         with self._lock:
-            return [n for n, e in self._entries.items() if not e.unload_requested]
+            return [n for n, e in self._entries.items() if not e.unload_requested] + \
+                [n for n, d in self._deltas.entries.items() if not d.unload_requested]
 
     def __contains__(self, name) -> bool:
         with self._lock:
-            e = self._entries.get(name)
+            e = self._entries.get(name) or self._deltas.entries.get(name)
             return e is not None and not e.unload_requested
 
     def state(self, name: str) -> str:
-        """'loading', 'ready', 'failed' or 'evicted'."""
+        """'loading', 'ready', 'failed' or 'evicted' (a delta is 'ready' once registered)."""
         with self._lock:
+            d = self._deltas.entries.get(name)
+            if d is not None and not d.unload_requested:
+                return "ready"
             return self._get(name).state
 
     def info(self) -> List[dict]:
@@ -223,8 +294,13 @@ class AdapterPool:
         with self._lock:
             return [dict(name=e.name, state=e.state, slot=e.slot, pinned=e.pinned, in_use=e.refs,
                          rank=e.spec.max_rank, modules=len(e.spec.modules), bytes=e.nbytes, folder=e.spec.folder,
-                         load_seconds=round(e.load_seconds, 4), error=None if e.error is None else str(e.error))
-                    for e in self._entries.values() if not e.unload_requested]
+                         load_seconds=round(e.load_seconds, 4), error=None if e.error is None else str(e.error),
+                         kind="lora")
+                    for e in self._entries.values() if not e.unload_requested] + \
+                [dict(name=d.name, state="ready", slot=d.slot, pinned=True, in_use=d.refs, rank=None,
+                      modules=len(d.modules), bytes=d.nbytes, folder=d.path, load_seconds=0.0, error=None,
+                      kind="delta", codecs=dict(d.codecs), skipped=list(d.skipped))
+                 for d in self._deltas.entries.values() if not d.unload_requested]
 
     def wait(self, name: str, timeout: Optional[float] = None) -> None:
         """Block until `name` is resident (reloading it if evicted); raise if its load failed."""
@@ -248,6 +324,10 @@ class AdapterPool:
         evicted and there is room, and return False. Raises KeyError / AdapterNotReadyError
         for unknown or failed adapters."""
         with self._lock:
+            d = self._deltas.entries.get(name)
+            if d is not None and not d.unload_requested:
+                d.refs += 1
+                return True
             e = self._get(name)
             if e.state == "ready":
                 e.refs += 1
@@ -268,7 +348,8 @@ class AdapterPool:
         while True:
             with self._lock:
                 if self.try_acquire(name):
-                    return self._entries[name].slot
+                    d = self._deltas.entries.get(name)
+                    return d.slot if d is not None else self._entries[name].slot
                 e = self._entries[name]
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -278,6 +359,15 @@ class AdapterPool:
     def release(self, name: str) -> None:
         """Drop one reference taken by acquire/try_acquire."""
         with self._lock:
+            d = self._deltas.entries.get(name)
+            if d is not None:
+                if d.refs <= 0:
+                    raise RuntimeError(f"release({name!r}) without a matching acquire")
+                d.refs -= 1
+                if d.refs == 0 and d.unload_requested:
+                    self._deltas.drop(d)
+                self._changed.notify_all()
+                return
             e = self._entries.get(name)
             if e is None or e.refs <= 0:
                 raise RuntimeError(f"release({name!r}) without a matching acquire")
@@ -287,60 +377,61 @@ class AdapterPool:
             self._changed.notify_all()
 
     @contextmanager
-    def assign_held(self, names: Sequence[Optional[str]]) -> Iterator[Assignment]:
+    def assign_held(self, names: Sequence[Optional[str]]) -> Iterator[Route]:
         """Like assign(), for a caller that already holds a reference on every named adapter
         (try_acquire): no waiting and no new references, and an adapter unloaded meanwhile
         (hidden, its slot kept until the last reference goes) still resolves to its slot."""
         with self._lock:
-            slots = []
+            slots, deltas = [], []
             for n in names:
-                e = None if n is None else self._entries.get(n)
-                if n is not None and (e is None or e.refs <= 0 or e.slot < 0):
+                d = None if n is None else self._deltas.entries.get(n)
+                e = None if n is None or d is not None else self._entries.get(n)
+                if d is not None:
+                    if d.refs <= 0:
+                        raise RuntimeError(f"assign_held({n!r}) without a reference on a resident adapter")
+                elif n is not None and (e is None or e.refs <= 0 or e.slot < 0):
                     raise RuntimeError(f"assign_held({n!r}) without a reference on a resident adapter")
                 slots.append(-1 if e is None else e.slot)
-        row_slot = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
-        token = self._current.set(Assignment(names=tuple(names), row_slot=row_slot,
-                                             any_adapter=any(s >= 0 for s in slots)))
-        try:
-            yield self._current.get()
-        finally:
-            self._current.reset(token)
+                deltas.append(-1 if d is None else d.slot)
+        with self._publish_route(Route(self, names, slots, deltas)) as r:
+            yield r
 
     @contextmanager
-    def assign(self, names: Sequence[Optional[str]], *, timeout: Optional[float] = None) -> Iterator[Assignment]:
+    def assign(self, names: Sequence[Optional[str]], *, timeout: Optional[float] = None) -> Iterator[Route]:
         """Run the attached model with adapter names[i] (or none) on batch row i.
 
         Blocks until the named adapters are resident (loading evicted ones), holds them
-        (no eviction) for the duration, and is visible only to this thread / task.
+        (no eviction) for the duration, and is visible only to this thread.
         """
         if isinstance(names, str) or names is None:
             raise TypeError("pool.assign() takes a sequence with one adapter name (or None) per batch row")
         names = tuple(names)
         held: List[str] = []
         try:
-            slots = []
             for n in names:
-                if n is None:
-                    slots.append(-1)
-                    continue
-                if not isinstance(n, str):
+                if n is not None and not isinstance(n, str):
                     raise TypeError(f"adapter names must be str or None, got {type(n).__name__}")
-                slots.append(self.acquire(n, timeout))
-                held.append(n)
-            row_slot = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
-            asg = Assignment(names=names, row_slot=row_slot, any_adapter=any(s >= 0 for s in slots))
-            token = self._current.set(asg)
-            try:
-                yield asg
-            finally:
-                self._current.reset(token)
+                if n is not None:
+                    self.acquire(n, timeout)
+                    held.append(n)
+            with self.assign_held(names) as r:
+                yield r
         finally:
             for n in held:
                 self.release(n)
 
-    def current(self) -> Optional[Assignment]:
-        """The assignment active in this thread/task, or None (base model only)."""
-        return self._current.get()
+    @contextmanager
+    def _publish_route(self, route: Route) -> Iterator[Route]:
+        prev = getattr(self._local, "route", None)
+        self._local.route = route
+        try:
+            yield route
+        finally:
+            self._local.route = prev
+
+    def current(self) -> Optional[Route]:
+        """The assignment active in this thread, or None (base model only)."""
+        return getattr(self._local, "route", None)
 
     def table(self, module: str) -> Optional[_Table]:
         """Slot table of `module` (None when no loaded adapter ever targeted it)."""
@@ -429,6 +520,7 @@ class AdapterPool:
         if e.slot >= 0:
             for t in self._tables.values():
                 t.ranks[e.slot] = 0  # nothing reads this slot any more; keep the table tidy
+                t.scales_host[e.slot] = 0.0
             self._slot_owner[e.slot] = None
             e.slot = -1
             self._shrink_tables()
@@ -444,7 +536,7 @@ class AdapterPool:
             need = max([x.spec.modules[module].rank for x in owners if module in x.spec.modules] or [1])
             if need < t.r_max:
                 self._tables[module] = _Table(A=t.A[:, :need].clone(), B=t.B[:, :, :need].clone(),
-                                              ranks=t.ranks, scales=t.scales)
+                                              ranks=t.ranks, scales=t.scales, scales_host=t.scales_host)
                 self.counters["table_shrinks"] += 1
 
     def _drop(self, e: _Entry) -> None:
@@ -493,7 +585,8 @@ class AdapterPool:
                 t = _Table(A=torch.zeros(self.capacity, r_tab, h_in, dtype=self.dtype, device=self.device),
                            B=torch.zeros(self.capacity, h_out, r_tab, dtype=self.dtype, device=self.device),
                            ranks=torch.zeros(self.capacity, dtype=torch.int32, device=self.device),
-                           scales=torch.zeros(self.capacity, dtype=torch.float32, device=self.device))
+                           scales=torch.zeros(self.capacity, dtype=torch.float32, device=self.device),
+                           scales_host=[0.0] * self.capacity)
                 self._tables[module] = t
             elif r > t.r_max:
                 A = torch.zeros(self.capacity, r, h_in, dtype=self.dtype, device=self.device)
@@ -501,7 +594,7 @@ class AdapterPool:
                 A[:, : t.r_max].copy_(t.A)
                 B[:, :, : t.r_max].copy_(t.B)
                 # ranks/scales are shared so concurrent readers of the old A/B see the same metadata
-                self._tables[module] = _Table(A=A, B=B, ranks=t.ranks, scales=t.scales)
+                self._tables[module] = _Table(A=A, B=B, ranks=t.ranks, scales=t.scales, scales_host=t.scales_host)
         if self._stream is not None:
             # the side stream must see the zero-initialised tables made on the current stream
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -511,6 +604,7 @@ class AdapterPool:
                 ab = staged.get(module)
                 if ab is None:
                     t.ranks[s] = 0
+                    t.scales_host[s] = 0.0
                     continue
                 a, b = ab
                 r = a.shape[0]
@@ -520,6 +614,7 @@ class AdapterPool:
                 t.B[s, :, :r].copy_(b, non_blocking=True)
                 m = e.spec.modules[module]
                 t.scales[s] = float(m.scale)
+                t.scales_host[s] = float(m.scale)
                 t.ranks[s] = r
         if self._stream is not None:
             self._stream.synchronize()

@@ -154,15 +154,18 @@ class ServeApp:
             raise ApiError(409, f"{name!r} is the base model's name", param="name")
         real = self._checked_path(path)
         try:
-            spec = await run_in_threadpool(self.checker.open, real)
-            fut = self.pool.load(name, spec, pin=pin)
+            if real.endswith(".lfmd"):  # a compressed full fine-tune (deltas.py), read and checked now
+                fut = await run_in_threadpool(self.pool.load_delta, name, real)
+            else:
+                spec = await run_in_threadpool(self.checker.open, real)
+                fut = self.pool.load(name, spec, pin=pin)
         except FileNotFoundError as e:
             raise ApiError(404, str(e), "not_found_error", "path")
         except PermissionError as e:
             raise ApiError(403, str(e), "permission_error", "path")
         except PoolFullError as e:
             raise ApiError(503, str(e), "server_error")
-        except ValueError as e:  # AdapterFormatError, rank above the limit, duplicate name
+        except ValueError as e:  # AdapterFormatError, rank above the limit, duplicate name, bad .lfmd
             raise ApiError(409 if "already registered" in str(e) else 400, str(e), param="path")
         if wait:
             try:
@@ -427,8 +430,8 @@ class ServeApp:
                 if r.completion_tokens > 1:
                     m.itl.observe((r.latency_s - r.time_to_first_token_s) / (r.completion_tokens - 1))
 
-    async def chat(self, http: HttpRequest):
-        body: P.ChatRequest = await self._json(http, P.ChatRequest)
+    def _chat_prompt(self, body: "P.ChatRequest") -> List[int]:
+        """The prompt token ids of a chat request: its messages through the chat template."""
         tok = self._tokenizer("/v1/chat/completions")
         msgs = [m.model_dump(exclude_none=True) for m in body.messages]
         template = self.chat_template or getattr(tok, "chat_template", None)
@@ -440,7 +443,12 @@ class ServeApp:
                                            add_generation_prompt=body.add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - a template error is the request's (or template's) fault
             raise ApiError(400, f"chat template failed on these messages: {type(e).__name__}: {e}", param="messages")
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    async def chat(self, http: HttpRequest):
+        """Phases: parse, the prompt (chat template), submit, then one response or a stream."""
+        body: P.ChatRequest = await self._json(http, P.ChatRequest)
+        ids = self._chat_prompt(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "'top_logprobs' needs logprobs=true", param="top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.engine.max_seq_len - len(ids))

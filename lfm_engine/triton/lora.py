@@ -1,4 +1,4 @@
-"""Triton kernels of the multi-LoRA ops (spec/lora.md), launched by ops/lora.py.
+"""Triton kernels of the multi-LoRA ops (docs/spec/lora.md), launched by ops/lora.py.
 
 Token-slot form only: the segment form is turned into token_slot on the device first
 (repeat_interleave; O(T) and no host sync). Per slice one launch (Triton cannot index a

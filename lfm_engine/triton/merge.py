@@ -1,11 +1,16 @@
-"""Triton backend of the fused sparsify-and-merge (spec/merge.md), bit-compatible with the CPU kernel.
+"""Triton backend of the fused sparsify-and-merge (docs/spec/merge.md), bit-compatible with the CPU kernel.
 
 Entry point: ``merge_triton(base, others, out, params)``; ``lfm_engine.ops.merge`` calls it
 for ``backend="triton"``. Shapes: ``base`` (None only for ``linear``), every ``others[i]``
 and ``out`` hold the same n elements, contiguous, on one device (CUDA, or the CPU when
 ``TRITON_INTERPRET=1``). Inputs may mix float32/float16/bfloat16; ``out`` has any of them.
 
-The definition shared with the CPU and CUDA kernels (so masks are bit-identical):
+The definition shared with the CPU and CUDA kernels (so masks are bit-identical). Every
+host-side decision (which order statistics a cut needs and how their answers and ties
+become the cut, the DELLA threshold table, the rescale factors, the merge coefficients and
+divisor table) comes from the C++ planner the CPU and CUDA launchers use
+(csrc/kernels/merge/merge_plan.h, reached through ``lfm_engine._C``); this module runs the
+device passes:
 
 * delta_i = fp32(x_i) - fp32(b), one fp32 rounding; selections use v = bits(|delta_i|)
   as an unsigned integer (non-negative floats order like their bit patterns).
@@ -58,7 +63,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lfm_engine._native import native
 from lfm_engine.core.merge_methods import (
+    METHOD_CODES,
     RESCALE_INVERSE_DENSITY,
     RESCALE_L1,
     SPARSIFY_DELLA,
@@ -73,8 +80,6 @@ from lfm_engine.reference.philox import keep_threshold, stream_id
 BLOCK = 1024            # elements per program in the streaming kernels (multiple of 4)
 SORT_MAX_COLS = 16384   # rows up to this many columns are ranked by tl.sort in registers
 _NO_LIMIT = (1 << 62)   # "no bound" for the element-index limits of a cut
-_L1_SKIP = 1e-7
-_DIVISOR_EPS = 1e-8
 
 # sparsifier codes of the kernels
 _SP_NONE, _SP_CUT, _SP_RANDOM, _SP_DELLA = 0, 1, 2, 3
@@ -399,7 +404,7 @@ class _Ctx:
         for i, x in enumerate(self.xs):
             v = float(x.reshape(-1)[e])
             if not math.isfinite(v):
-                raise ValueError(f"non-finite value ({v}) in model {i} at element {e} of tensor '{name}'")
+                raise ValueError(f"non-finite value ({v}) in {self.p.model_label(i)} at element {e} of tensor '{name}'")
         raise ValueError(f"task vector overflows float32 at element {e} of tensor '{name}'")
 
 
@@ -450,65 +455,39 @@ def _nth_tie(ctx: _Ctx, i: int, value: int, ordinal: int) -> int:
     return idx
 
 
+_CUT_FIELDS = ("lo_v", "hi_v", "lo_emin", "lo_emax", "hi_emin", "hi_emax")
+
+
 def _cuts(ctx: _Ctx) -> torch.Tensor:
-    """[K, 6] int64: lo_v, hi_v, lo_emin, lo_emax, hi_emin, hi_emax per model (see _keep)."""
+    """[K, 6] int64: lo_v, hi_v, lo_emin, lo_emax, hi_emin, hi_emax per model (see _keep).
+
+    The planning is the C++ planner's (csrc/kernels/merge/merge_plan.h, through _C), the
+    one the CPU and CUDA launchers use: which order statistics to select, and how each
+    answer (and, when only part of the equal values is kept, the flat index of one tie)
+    becomes the cut; only the radix-select and tie passes run here."""
     p, n = ctx.p, ctx.n
-    magnitude = p.spec.sparsifier == SPARSIFY_MAGNITUDE
+    code = METHOD_CODES[p.method]
+    C = native()
+    cuts, queries = C.merge_plan_cuts(code, n, list(p.densities), list(p.gammas))
+    for model, pos, upper in queries:
+        v, c_lt, c_eq = _select_value(ctx, model, pos)
+        cut, field, ordinal = C.merge_apply_cut_answer(code, n, model, pos, upper, v, c_lt, c_eq, cuts[model])
+        if field:
+            cut[field] = _nth_tie(ctx, model, v, ordinal)
+        cuts[model] = cut
     rows: List[List[int]] = []
-    for i in range(ctx.K):
-        lo_v, hi_v = 0, 0xFFFFFFFF
-        lo_emin, lo_emax, hi_emin, hi_emax = 0, _NO_LIMIT, 0, _NO_LIMIT
-        d = float(p.densities[i])
-        none = False
-        if magnitude:
-            if d <= 0.0:
-                none = True
-            elif d < 1.0:
-                k = max(1, int(math.floor(d * float(n))))
-                if k < n:
-                    pos = n - k
-                    v, c_lt, c_eq = _select_value(ctx, i, pos)
-                    c_gt = n - c_lt - c_eq
-                    keep_ties = (n - pos) - c_gt  # 1..c_eq, lower indices first
-                    lo_v = v
-                    if keep_ties < c_eq:
-                        lo_emax = _nth_tie(ctx, i, v, keep_ties - 1)
-        else:
-            target = int(math.floor(d * float(n)))
-            n_top = int(math.floor(float(p.gammas[i]) * float(n)))
-            n_bot = max(0, n - target - n_top)
-            if target <= 0:
-                none = True
-            elif not (n_bot == 0 and target >= n):
-                if n_bot > 0:
-                    v, c_lt, c_eq = _select_value(ctx, i, n_bot)
-                    ordinal = n_bot - c_lt  # drop the `ordinal` lowest-index ties
-                    lo_v = v
-                    if ordinal > 0:
-                        lo_emin = _nth_tie(ctx, i, v, ordinal)
-                up = n_bot + target - 1
-                if up < n - 1:
-                    v, c_lt, c_eq = _select_value(ctx, i, up)
-                    ordinal = up - c_lt
-                    hi_v = v
-                    if ordinal < c_eq - 1:
-                        hi_emax = _nth_tie(ctx, i, v, ordinal)
-        if none:
-            lo_v, hi_v = 1, 0  # empty range
-        rows.append([lo_v, hi_v, lo_emin, lo_emax, hi_emin, hi_emax])
+    for c in cuts:
+        if c["none"]:
+            c = dict(c, lo_v=1, hi_v=0)  # empty range
+        rows.append([min(int(c[f]), _NO_LIMIT) for f in _CUT_FIELDS])
     return torch.tensor(rows, dtype=torch.int64, device=ctx.dev)
 
 
 def della_thresholds(cols: int, density: float, epsilon: float) -> torch.Tensor:
-    """int64 [cols]: floor(p_r * 2^32), p_r = (d - eps) + (2 eps) * (r / (cols - 1)), in double.
-
-    Exactly the CPU kernel's arithmetic: separate IEEE double ops, then truncation
-    (p lies in (0, 1), so truncation is floor; 2^32 scaling is exact)."""
-    r = torch.arange(cols, dtype=torch.float64)
-    rn = r / float(cols - 1) if cols > 1 else torch.zeros(cols, dtype=torch.float64)
-    p = (float(density) - float(epsilon)) + (2.0 * float(epsilon)) * rn
-    thr = torch.floor(p.clamp(0.0, 1.0) * 4294967296.0).to(torch.int64)
-    return thr
+    """int64 [cols]: floor(p_r * 2^32), p_r = (d - eps) + (2 eps) * (r / (cols - 1)): the
+    C++ planner's table (csrc/kernels/merge/merge_plan.h), computed once for every backend."""
+    return torch.tensor(native().merge_della_thresholds(int(cols), float(density), float(epsilon)),
+                        dtype=torch.int64)
 
 
 def _della_masks(ctx: _Ctx, rows: int, cols: int, sort_max_cols: int) -> torch.Tensor:
@@ -555,117 +534,114 @@ def merge_triton(base: Optional[torch.Tensor], others: Sequence[torch.Tensor], o
     SORT_MAX_COLS on a GPU, 0 under the interpreter (whose tl.sort is a per-element
     Python loop); tests pass it to exercise both paths. return_masks: also return the keep masks as bool [K, *S]
     (None for methods without a sparsifier), for tests.
+
+    Phases: check the arguments, sparsify (cuts / DARE thresholds / DELLA masks), rescale
+    factors, the merge pass's coefficients (the C++ planner's), the merge pass.
     """
     xs = list(others)
+    base = _check_args(base, xs, out, params)
+    if sort_max_cols is None:
+        sort_max_cols = 0 if _interpret() else SORT_MAX_COLS
+    if out.numel() == 0:
+        return (out, None) if return_masks else out
+    flat = [x.reshape(-1) for x in xs]
+    ctx = _Ctx(base.reshape(-1) if base is not None else None, flat, params)
+    code, cut, rnd, dmask = _sparsify(ctx, out.shape, sort_max_cols)
+    factors = _rescale_factors(ctx, code, cut, rnd, dmask)
+    co = native().merge_coefficients(METHOD_CODES[params.method], [float(w) for w in params.weights], factors,
+                                     bool(params.normalize), params.consensus_weighting == "unweighted",
+                                     params.disjoint == "count")
+    _merge_pass(ctx, out, co, factors, code, cut, rnd, dmask)
+    if not return_masks:
+        return out
+    return out, _masks(ctx, code, cut, rnd, dmask, out.shape)
+
+
+def _check_args(base, xs, out, params: MergeParams):
+    """The base the method reads (None for linear); ValueError/TypeError naming the input."""
     if len(xs) != params.n_models:
         raise ValueError(f"merge_triton: params describe {params.n_models} models but {len(xs)} tensors were given")
-    spec = params.spec
-    if not spec.uses_base:
+    if not params.spec.uses_base:
         base = None
     elif base is None:
         raise ValueError(f"merge_triton: method '{params.method}' needs a base tensor")
-    ref = out
-    for what, t in [("base", base)] + [(f"model {i}", x) for i, x in enumerate(xs)]:
+    for what, t in [("base", base)] + [(params.model_label(i), x) for i, x in enumerate(xs)]:
         if t is None:
             continue
-        if t.shape != ref.shape:
-            raise ValueError(f"merge_triton: {what} has shape {tuple(t.shape)}, out has {tuple(ref.shape)}")
-        if t.device != ref.device:
-            raise ValueError(f"merge_triton: {what} is on {t.device}, out is on {ref.device}")
+        if t.shape != out.shape:
+            raise ValueError(f"merge_triton: {what} has shape {tuple(t.shape)}, out has {tuple(out.shape)}")
+        if t.device != out.device:
+            raise ValueError(f"merge_triton: {what} is on {t.device}, out is on {out.device}")
         if not t.is_contiguous():
             raise ValueError(f"merge_triton: {what} is not contiguous")
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"merge_triton: {what} has dtype {t.dtype} (float32, float16, bfloat16)")
     if not out.is_contiguous():
         raise ValueError("merge_triton: out is not contiguous")
-    if ref.device.type != "cuda" and not _interpret():
+    if out.device.type != "cuda" and not _interpret():
         raise ValueError("merge_triton: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 for CPU tensors)")
-    if sort_max_cols is None:
-        sort_max_cols = 0 if _interpret() else SORT_MAX_COLS
-    n = out.numel()
-    if n >= 2**31:
-        raise ValueError(f"merge_triton: tensor of {n} elements is too large (at most 2^31 - 1); use backend='cuda'")
-    K = len(xs)
-    if n == 0:
-        return (out, None) if return_masks else out
+    if out.numel() >= 2**31:
+        raise ValueError(f"merge_triton: tensor of {out.numel()} elements is too large (at most 2^31 - 1); "
+                         f"use backend='cuda'")
+    return base
 
-    flat = [x.reshape(-1) for x in xs]
-    bflat = base.reshape(-1) if base is not None else None
-    ctx = _Ctx(bflat, flat, params)
-    sp = spec.sparsifier
-    cut = ctx.dummy_i64
-    rnd = ctx.dummy_i64
-    dmask = ctx.dummy_u8
-    code = _SP_NONE
+
+def _sparsify(ctx: _Ctx, shape, sort_max_cols: int):
+    """(kernel sparsifier code, cut [K, 6], DARE (threshold, stream) [K, 2], DELLA keep bytes [K, n]);
+    the tables a sparsifier does not use are dummies."""
+    sp = ctx.p.spec.sparsifier
+    cut, rnd, dmask = ctx.dummy_i64, ctx.dummy_i64, ctx.dummy_u8
     if sp in (SPARSIFY_MAGNITUDE, SPARSIFY_MAGNITUDE_OUTLIERS):
-        code = _SP_CUT
-        cut = _cuts(ctx)
-    elif sp == SPARSIFY_RANDOM:
-        code = _SP_RANDOM
-        rnd = torch.tensor([[keep_threshold(d), s] for d, s in zip(params.densities, ctx.streams)],
+        return _SP_CUT, _cuts(ctx), rnd, dmask
+    if sp == SPARSIFY_RANDOM:
+        rnd = torch.tensor([[keep_threshold(d), s] for d, s in zip(ctx.p.densities, ctx.streams)],
                            dtype=torch.int64, device=ctx.dev)
-    elif sp == SPARSIFY_DELLA:
-        code = _SP_DELLA
-        if out.dim() >= 2 and out.shape[0] > 0:
-            rows, cols = out.shape[0], n // out.shape[0]
-        else:
-            rows, cols = 1, n
-        dmask = _della_masks(ctx, rows, cols, sort_max_cols)
+        return _SP_RANDOM, cut, rnd, dmask
+    if sp == SPARSIFY_DELLA:
+        # rows = shape[0] (1-D: one row), as the reference's della_rows
+        rows, cols = (shape[0], ctx.n // shape[0]) if len(shape) >= 2 and shape[0] > 0 else (1, ctx.n)
+        return _SP_DELLA, cut, rnd, _della_masks(ctx, rows, cols, sort_max_cols)
+    return _SP_NONE, cut, rnd, dmask
 
-    factors = [1.0] * K
-    if sp != SPARSIFY_NONE:
-        if params.rescale == RESCALE_L1:
-            part = torch.empty((2, ctx.nblocks), dtype=torch.float64, device=ctx.dev)
-            for i in range(K):
-                _l1_kernel[(ctx.nblocks,)](ctx.bptr(), flat[i], part, i, cut, rnd, dmask, n,
-                                           ctx.seed_lo, ctx.seed_hi, SPARS=code, HAS_BASE=ctx.has_base,
-                                           BLOCK=BLOCK)
-                ctx.check_bad()
-                tot, kept = (float(v) for v in part.sum(dim=1).tolist())
-                factors[i] = tot / kept if (tot >= _L1_SKIP and kept >= _L1_SKIP) else 1.0
-        elif params.rescale == RESCALE_INVERSE_DENSITY:
-            factors = [1.0 / d if d > 0.0 else 1.0 for d in params.densities]
 
-    # the CPU kernel's per-model coefficients: fp32(w_i * f_i) (one rounding of the double
-    # product), the election coefficient, and the float64 values its exact paths use
-    ws = [float(w) for w in params.weights]
-    unweighted = params.consensus_weighting == "unweighted"
-    coef = torch.tensor([w * f for w, f in zip(ws, factors)], dtype=torch.float64).to(torch.float32)
-    ecoef = torch.tensor([f if unweighted else w * f for w, f in zip(ws, factors)],
-                         dtype=torch.float64).to(torch.float32)
-    wd = torch.tensor(ws, dtype=torch.float64)
-    ff = torch.tensor(factors, dtype=torch.float64)
-    dshare = [1.0 if params.disjoint == "count" else w for w in ws]
-    dw = torch.tensor(dshare, dtype=torch.float64)
-    table = spec.consensus and K <= 8
-    if table:
-        inv = []
-        for mbits in range(1 << K):
-            dsum = 0.0
-            for i in range(K):
-                if mbits >> i & 1:
-                    dsum += dshare[i]
-            inv.append(1.0 / (1.0 if abs(dsum) < _DIVISOR_EPS else dsum) if params.normalize else 1.0)
-        tab = torch.tensor(inv, dtype=torch.float64).to(torch.float32)
-    else:
-        tab = torch.ones(1, dtype=torch.float32)
-    wsum = 0.0
-    for w in ws:
-        wsum += w
-    inv_plain_div = 1.0 / (1.0 if abs(wsum) < _DIVISOR_EPS else wsum)
-    dev = ctx.dev
-    out_flat = out.reshape(-1)
+def _rescale_factors(ctx: _Ctx, code: int, cut, rnd, dmask) -> List[float]:
+    """Per-model rescale factor f_i (1 without a sparsifier or rescale); the rules are the
+    C++ planner's (l1: ||delta||_1 / ||delta'||_1 from float64 block sums; 1/density)."""
+    p, K = ctx.p, ctx.K
+    if code == _SP_NONE or p.rescale not in (RESCALE_L1, RESCALE_INVERSE_DENSITY):
+        return [1.0] * K
+    C = native()
+    if p.rescale == RESCALE_INVERSE_DENSITY:
+        return [C.merge_rescale_factor("inverse_density", float(d)) for d in p.densities]
+    factors = []
+    part = torch.empty((2, ctx.nblocks), dtype=torch.float64, device=ctx.dev)
+    for i in range(K):
+        _l1_kernel[(ctx.nblocks,)](ctx.bptr(), ctx.xs[i], part, i, cut, rnd, dmask, ctx.n,
+                                   ctx.seed_lo, ctx.seed_hi, SPARS=code, HAS_BASE=ctx.has_base, BLOCK=BLOCK)
+        ctx.check_bad()
+        tot, kept = (float(v) for v in part.sum(dim=1).tolist())
+        factors.append(C.merge_rescale_factor("l1", tot, kept))
+    return factors
+
+
+def _merge_pass(ctx: _Ctx, out: torch.Tensor, co: dict, factors: List[float], code: int, cut, rnd, dmask) -> None:
+    """The fused merge kernel with the planner's coefficients ``co`` (coef, ecoef, dshare,
+    inv_plain_div, table, inv_div; csrc/kernels/merge/merge_plan.h)."""
+    p, dev = ctx.p, ctx.dev
+    # fp32 values round-trip exactly through Python floats
+    coef = torch.tensor(co["coef"], dtype=torch.float32, device=dev)
+    ecoef = torch.tensor(co["ecoef"], dtype=torch.float32, device=dev)
+    wd = torch.tensor([float(w) for w in p.weights], dtype=torch.float64, device=dev)
+    ff = torch.tensor(factors, dtype=torch.float64, device=dev)
+    dw = torch.tensor(co["dshare"], dtype=torch.float64, device=dev)
+    tab = torch.tensor(co["inv_div"] if co["table"] else [1.0], dtype=torch.float32, device=dev)
     _merge_kernel[(ctx.nblocks,)](
-        ctx.bptr(), tuple(flat), out_flat, coef.to(dev), ecoef.to(dev), wd.to(dev), ff.to(dev), dw.to(dev),
-        tab.to(dev), cut, rnd, dmask, ctx.bad,
-        n, ctx.seed_lo, ctx.seed_hi, float(inv_plain_div), float(params.lam),
-        K=K, SPARS=code, CONSENSUS=spec.consensus, NORMALIZE=bool(params.normalize),
-        UNWEIGHTED=unweighted, TABLE=table,
+        ctx.bptr(), tuple(ctx.xs), out.reshape(-1), coef, ecoef, wd, ff, dw, tab, cut, rnd, dmask, ctx.bad,
+        ctx.n, ctx.seed_lo, ctx.seed_hi, float(co["inv_plain_div"]), float(p.lam),
+        K=ctx.K, SPARS=code, CONSENSUS=p.spec.consensus, NORMALIZE=bool(p.normalize),
+        UNWEIGHTED=p.consensus_weighting == "unweighted", TABLE=bool(co["table"]),
         HAS_BASE=ctx.has_base, BLOCK=BLOCK, **_launch_opts())
     ctx.check_bad()
-    if not return_masks:
-        return out
-    return out, _masks(ctx, code, cut, rnd, dmask, out.shape)
 
 
 @triton.jit

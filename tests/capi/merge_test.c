@@ -1,6 +1,7 @@
 /* Embedding test of the C ABI: include lfm.h, link liblfm, merge two arrays, check.
  * Exit code 0 = all checks passed; prints what failed otherwise. */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -78,6 +79,22 @@ int main(void) {
     a[3] = NAN;
     st = lfm_merge(&tb, tm, &to, &o, NULL);
     CHECK(st == LFM_STATUS_NONFINITE, "NaN accepted (status %d)", (int)st);
+    CHECK(strstr(lfm_last_error(), "model 0") != NULL, "message does not name model 0: %s", lfm_last_error());
+    /* model_names: messages name the models */
+    const char* names[2] = {"ft-a", "ft-b"};
+    o.model_names = names;
+    st = lfm_merge(&tb, tm, &to, &o, NULL);
+    CHECK(st == LFM_STATUS_NONFINITE && strstr(lfm_last_error(), "model ft-a") != NULL,
+          "message does not name ft-a: %s", lfm_last_error());
+    /* a caller built against ABI 1's shorter options struct (no model_names) still works */
+    a[3] = base[3];
+    o.struct_size = offsetof(lfm_merge_options, model_names);
+    st = lfm_merge(&tb, tm, &to, &o, NULL);
+    CHECK(st == LFM_STATUS_OK, "ABI 1 options refused: %s", lfm_last_error());
+    o.struct_size = offsetof(lfm_merge_options, model_names) - 1;
+    st = lfm_merge(&tb, tm, &to, &o, NULL);
+    CHECK(st == LFM_STATUS_INVALID_ARGUMENT, "a truncated options struct accepted (status %d)", (int)st);
+    o.struct_size = sizeof(o);
 
     CHECK(lfm_abi_version() == LFM_ABI_VERSION, "ABI version mismatch");
     CHECK(strstr(lfm_build_info(), "\"abi\"") != NULL, "build info: %s", lfm_build_info());

@@ -1,4 +1,4 @@
-// Task-vector codecs (spec/codec.md, include/lfm/codec.h): torch-free launchers.
+// Task-vector codecs (docs/spec/codec.md, include/lfm/codec.h): torch-free launchers.
 //
 // CodecArgs / DeltaApplyArgs are the validated forms of the C ABI arguments, built once
 // by codec_args.cpp so every backend sees the same checks. Shapes (matrix view):

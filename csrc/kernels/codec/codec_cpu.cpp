@@ -21,6 +21,7 @@
 #include "core/tensor.h"
 #include "core/thread_pool.h"
 #include "kernels/codec/codec.h"
+#include "kernels/codec/delta_dots_avx512.h"
 
 #define LFM_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -636,8 +637,19 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
         for (int64_t s = 0; s < S; ++s) m = std::max(m, count[static_cast<size_t>(s + 1)] - count[static_cast<size_t>(s)]);
         return m;
     }();
+    // AVX-512 row blocks (delta_dots_avx512.h) for sign1 / de-interleaved int4 when the
+    // sizes align; sign1 needs each token's sum of x once.
+    const bool wide = (sign1 || deint) && delta_dots_avx512_ok(sign1, in, a.group, deint);
+    std::vector<float> xsum(static_cast<size_t>(sign1 && wide ? n_active : 0));
+    for (size_t i = 0; i < xsum.size(); ++i) {
+        const float* xr = xs.data() + static_cast<int64_t>(i) * in;
+        float s = 0.0f;
+        for (int64_t c = 0; c < in; ++c) s += xr[c];
+        xsum[i] = s;
+    }
     std::vector<std::vector<float>> scratch(
-        static_cast<size_t>(workers), std::vector<float>(static_cast<size_t>(2 * in + ns_row + rb * max_tok + rb)));
+        static_cast<size_t>(workers),
+        std::vector<float>(static_cast<size_t>(2 * in + ns_row + rb * max_tok + rb + rb * ns_row)));
     const RowDotsFn row_dots = pick_row_dots();
 
     parallel_for(n_tasks, a.n_threads, [&](int64_t task, int wslot) {
@@ -650,7 +662,22 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
         float* yrow = acc + rb * max_tok;
         const char* data = static_cast<const char*>(a.data[static_cast<size_t>(s)]);
         const char* scales = static_cast<const char*>(a.scales[static_cast<size_t>(s)]);
-        for (int64_t r = r0; r < r1; ++r) {
+        if (wide) {
+            float* bsc = yrow + rb;  // [nr, ns_row] fp32 scales of the block
+            if (sign1 && a.per_tensor) {
+                load_f32(scales, a.scale_dtype, bsc, 1);
+                for (int64_t j = 1; j < nr; ++j) bsc[j] = bsc[0];
+            } else {
+                load_f32(scales + r0 * ns_row * static_cast<int64_t>(s_es), a.scale_dtype, bsc, nr * ns_row);
+            }
+            if (sign1)
+                sign1_block_avx512(reinterpret_cast<const uint32_t*>(data) + r0 * pc, pc, nr, bsc,
+                                   xs.data() + t0 * in, xsum.data() + t0, nt, in, acc);
+            else
+                int4_block_avx512(reinterpret_cast<const uint8_t*>(data) + r0 * pc, pc, nr, bsc, a.group,
+                                  xs.data() + t0 * in, nt, in, acc);
+        }
+        for (int64_t r = wide ? r1 : r0; r < r1; ++r) {
             load_f32(scales + (sign1 && a.per_tensor ? 0 : r * ns_row) * static_cast<int64_t>(s_es), a.scale_dtype, sc,
                      ns_row);
             row_dots(a.codec, data + r * pc * static_cast<int64_t>(data_es), sc, in, a.group, xs.data() + t0 * in, nt,

@@ -1,4 +1,4 @@
-// Multi-LoRA batched ops (spec/lora.md): torch-free launchers shared by the C ABI.
+// Multi-LoRA batched ops (docs/spec/lora.md): torch-free launchers shared by the C ABI.
 //
 // LoraArgs is the validated form of an lfm_lora_shrink / expand / apply call; the C ABI
 // (csrc/capi/lora.cpp) builds it once with resolve_lora_args, so every backend sees the

@@ -1,4 +1,4 @@
-// Multi-LoRA batched ops on the CPU (spec/lora.md).
+// Multi-LoRA batched ops on the CPU (docs/spec/lora.md).
 //
 // Plan: tokens are counting-sorted by slot (stable; slot -1 dropped), so each adapter's
 // tokens form one group and its A/B rows are streamed from memory once per step and

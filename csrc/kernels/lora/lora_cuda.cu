@@ -1,4 +1,4 @@
-// Multi-LoRA batched ops on CUDA (spec/lora.md), behind the same C ABI as the CPU kernel.
+// Multi-LoRA batched ops on CUDA (docs/spec/lora.md), behind the same C ABI as the CPU kernel.
 //
 // All slices go in one launch (their descriptors travel by value in the kernel parameters).
 // The segment form needs no conversion pass: each token finds its segment by binary search

@@ -1,4 +1,4 @@
-// Fused sparsify-and-merge (spec/merge.md): torch-free launchers shared by the C ABI.
+// Fused sparsify-and-merge (docs/spec/merge.md): torch-free launchers shared by the C ABI.
 //
 // MergeArgs is the validated, fully resolved form of lfm_merge_options; the C ABI
 // (csrc/capi/merge.cpp) builds it once, so every backend sees the same checks and
@@ -34,13 +34,16 @@ struct MergeArgs {
     int64_t rows = 1, cols = 0;      // DELLA row view
     std::vector<double> w, d, gamma, eps;
     std::vector<uint32_t> stream;    // Philox stream id per model
+    std::vector<std::string> model_names;  // empty: messages say "model <i>"
+
+    std::string model_label(int i) const;  // "model <name>" or "model <i>", for messages
 
     const lfm_tensor* base = nullptr;  // nullptr only for linear
     std::vector<const lfm_tensor*> models;
     const lfm_tensor* out = nullptr;
 };
 
-// Method table of spec/merge.md (sparsifier, consensus, defaults).
+// Method table (merge_methods_table.h, generated from lfm_engine/core/merge_registry.py).
 Sparsifier method_sparsifier(lfm_merge_method m);
 bool method_consensus(lfm_merge_method m);
 bool method_normalize_default(lfm_merge_method m);

@@ -1,5 +1,7 @@
-// Validation and defaults for lfm_merge: the one place the C ABI checks merge inputs.
+// Validation and defaults for lfm_merge: the one place the C ABI checks merge inputs,
+// against the method table generated from lfm_engine/core/merge_registry.py.
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 
 #include "core/philox.h"
@@ -7,77 +9,76 @@
 #include "core/tensor.h"
 #include "core/thread_pool.h"
 #include "kernels/merge/merge.h"
+#include "kernels/merge/merge_methods_table.h"
 
 namespace lfm::merge {
 
-Sparsifier method_sparsifier(lfm_merge_method m) {
-    switch (m) {
-        case LFM_MERGE_TIES: return Sparsifier::Magnitude;
-        case LFM_MERGE_DARE_LINEAR: case LFM_MERGE_DARE_TIES: return Sparsifier::Random;
-        case LFM_MERGE_BREADCRUMBS: case LFM_MERGE_BREADCRUMBS_TIES: return Sparsifier::MagnitudeOutliers;
-        case LFM_MERGE_DELLA_LINEAR: case LFM_MERGE_DELLA: return Sparsifier::Della;
-        default: return Sparsifier::None;
-    }
+// The method table is generated from the Python registry (merge_methods_table.h).
+const MethodRow& method_row(lfm_merge_method m) {
+    const int c = static_cast<int>(m);
+    if (c < 0 || c >= kMethodCount) fail(LFM_STATUS_INVALID_ARGUMENT, "unknown merge method code ", c);
+    return kMethodTable[c];
 }
 
-bool method_consensus(lfm_merge_method m) {
-    return m == LFM_MERGE_TIES || m == LFM_MERGE_DARE_TIES || m == LFM_MERGE_BREADCRUMBS_TIES ||
-           m == LFM_MERGE_DELLA;
-}
-
-bool method_normalize_default(lfm_merge_method m) {
-    return m == LFM_MERGE_TIES || m == LFM_MERGE_DELLA || m == LFM_MERGE_LINEAR;
-}
-
-bool method_rescale_default(lfm_merge_method m) {
-    return m == LFM_MERGE_DARE_LINEAR || m == LFM_MERGE_DARE_TIES || m == LFM_MERGE_DELLA_LINEAR ||
-           m == LFM_MERGE_DELLA;
-}
+Sparsifier method_sparsifier(lfm_merge_method m) { return method_row(m).sparsifier; }
+bool method_consensus(lfm_merge_method m) { return method_row(m).consensus; }
+bool method_normalize_default(lfm_merge_method m) { return method_row(m).normalize_default; }
+bool method_rescale_default(lfm_merge_method m) { return method_row(m).rescale_default; }
 
 const char* method_name(lfm_merge_method m) {
-    switch (m) {
-        case LFM_MERGE_TASK_ARITHMETIC: return "task_arithmetic";
-        case LFM_MERGE_TIES: return "ties";
-        case LFM_MERGE_DARE_LINEAR: return "dare_linear";
-        case LFM_MERGE_DARE_TIES: return "dare_ties";
-        case LFM_MERGE_BREADCRUMBS: return "breadcrumbs";
-        case LFM_MERGE_BREADCRUMBS_TIES: return "breadcrumbs_ties";
-        case LFM_MERGE_DELLA_LINEAR: return "della_linear";
-        case LFM_MERGE_DELLA: return "della";
-        case LFM_MERGE_LINEAR: return "linear";
-    }
-    return "unknown";
+    const int c = static_cast<int>(m);
+    return c >= 0 && c < kMethodCount ? kMethodTable[c].name : "unknown";
+}
+
+std::string MergeArgs::model_label(int i) const {
+    if (i >= 0 && static_cast<size_t>(i) < model_names.size()) return "model " + model_names[static_cast<size_t>(i)];
+    return cat("model ", i);
 }
 
 namespace {
 
-std::vector<double> per_model(const double* v, int K, double dflt, const char* pname) {
-    std::vector<double> out(static_cast<size_t>(K), dflt);
+// The message wording matches lfm_engine/core/merge_methods.py's.
+std::vector<double> per_model(const MergeArgs& a, const double* v, double dflt, const char* pname) {
+    std::vector<double> out(static_cast<size_t>(a.K), dflt);
     if (v)
-        for (int i = 0; i < K; ++i) {
-            if (!std::isfinite(v[i])) fail(LFM_STATUS_INVALID_ARGUMENT, pname, " of model ", i, " is not finite");
+        for (int i = 0; i < a.K; ++i) {
+            if (!std::isfinite(v[i]))
+                fail(LFM_STATUS_INVALID_ARGUMENT, "parameter '", pname, "' of ", a.model_label(i), " is not finite (",
+                     v[i], ")");
             out[static_cast<size_t>(i)] = v[i];
         }
     return out;
 }
+
+void check_range(const MergeArgs& a, const std::vector<double>& v, double lo, double hi, const char* pname) {
+    for (int i = 0; i < a.K; ++i)
+        if (!(v[i] >= lo && v[i] <= hi))
+            fail(LFM_STATUS_INVALID_ARGUMENT, "parameter '", pname, "' of ", a.model_label(i), " must lie in [", lo,
+                 ", ", hi, "], got ", v[i]);
+}
+
+// Bytes of lfm_merge_options a caller of ABI version 1 (before model_names) passes.
+constexpr size_t kOptionsV1Size = offsetof(lfm_merge_options, model_names);
 
 }  // namespace
 
 MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, const lfm_tensor* out,
                              const lfm_merge_options* opts) {
     if (!opts) fail(LFM_STATUS_INVALID_ARGUMENT, "options are NULL (call lfm_merge_options_init)");
-    if (opts->struct_size < sizeof(lfm_merge_options))
+    // a caller built against an older, shorter struct is accepted (the fields it lacks
+    // take their defaults); anything shorter than the first version is refused
+    if (opts->struct_size < kOptionsV1Size)
         fail(LFM_STATUS_INVALID_ARGUMENT, "options.struct_size is ", opts->struct_size, ", expected ",
              sizeof(lfm_merge_options), " (initialise with lfm_merge_options_init)");
+    const bool has_names = opts->struct_size >= offsetof(lfm_merge_options, model_names) + sizeof(opts->model_names);
     MergeArgs a;
     a.method = opts->method;
-    if (static_cast<int>(a.method) < 0 || static_cast<int>(a.method) > LFM_MERGE_LINEAR)
-        fail(LFM_STATUS_INVALID_ARGUMENT, "unknown merge method code ", static_cast<int>(a.method));
-    a.sparsifier = method_sparsifier(a.method);
-    a.consensus = method_consensus(a.method);
-    a.normalize = opts->normalize < 0 ? method_normalize_default(a.method) : opts->normalize != 0;
+    const MethodRow& row = method_row(a.method);
+    a.sparsifier = row.sparsifier;
+    a.consensus = row.consensus;
+    a.normalize = opts->normalize < 0 ? row.normalize_default : opts->normalize != 0;
     if (opts->rescale < 0)
-        a.rescale = method_rescale_default(a.method) ? LFM_RESCALE_L1 : LFM_RESCALE_NONE;
+        a.rescale = row.rescale_default ? LFM_RESCALE_L1 : LFM_RESCALE_NONE;
     else if (opts->rescale <= LFM_RESCALE_INVERSE_DENSITY)
         a.rescale = static_cast<lfm_rescale>(opts->rescale);
     else
@@ -96,29 +97,31 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
     if (a.K > LFM_MERGE_MAX_MODELS)
         fail(LFM_STATUS_INVALID_ARGUMENT, "too many models: ", a.K, " (at most ", LFM_MERGE_MAX_MODELS, ")");
     if (!models) fail(LFM_STATUS_INVALID_ARGUMENT, "models is NULL");
+    if (has_names && opts->model_names)
+        for (int i = 0; i < a.K; ++i)
+            a.model_names.emplace_back(opts->model_names[i] ? opts->model_names[i] : cat(i));
 
-    a.w = per_model(opts->weights, a.K, 1.0, "weight");
-    a.d = per_model(opts->densities, a.K, 1.0, "density");
-    a.gamma = per_model(opts->gammas, a.K, 0.01, "gamma");
-    a.eps = per_model(opts->epsilons, a.K, 0.15, "epsilon");
-    for (int i = 0; i < a.K; ++i) {
-        double d = a.d[i];
-        if (!(d >= 0.0 && d <= 1.0))
-            fail(LFM_STATUS_INVALID_ARGUMENT, "density of model ", i, " must lie in [0, 1], got ", d);
-        if (a.sparsifier == Sparsifier::MagnitudeOutliers && !(a.gamma[i] >= 0.0 && a.gamma[i] <= 1.0))
-            fail(LFM_STATUS_INVALID_ARGUMENT, "gamma of model ", i, " must lie in [0, 1], got ", a.gamma[i]);
-        if (a.sparsifier == Sparsifier::Della) {
-            double lo = d - a.eps[i], hi = d + a.eps[i];
-            if (a.eps[i] < 0.0 || !(lo > 0.0 && lo < 1.0 && hi > 0.0 && hi < 1.0))
-                fail(LFM_STATUS_INVALID_ARGUMENT, "invalid della epsilon for model ", i, ": density - epsilon = ", lo,
-                     " and density + epsilon = ", hi, " must both lie in (0, 1)");
+    a.w = per_model(a, opts->weights, kDefaultWeight, "weight");
+    a.d = per_model(a, opts->densities, kDefaultDensity, "density");
+    a.gamma = per_model(a, opts->gammas, kDefaultGamma, "gamma");
+    a.eps = per_model(a, opts->epsilons, kDefaultEpsilon, "epsilon");
+    check_range(a, a.d, kDensityMin, kDensityMax, "density");
+    if (row.checks_gamma) check_range(a, a.gamma, kGammaMin, kGammaMax, "gamma");
+    if (row.checks_epsilon)
+        for (int i = 0; i < a.K; ++i) {
+            const double d = a.d[i], lo = d - a.eps[i], hi = d + a.eps[i];
+            if (!(a.eps[i] >= kEpsilonMin))
+                fail(LFM_STATUS_INVALID_ARGUMENT, "parameter 'epsilon' of ", a.model_label(i), " must be >= ",
+                     kEpsilonMin, ", got ", a.eps[i]);
+            if (!(lo > 0.0 && lo < 1.0 && hi > 0.0 && hi < 1.0))
+                fail(LFM_STATUS_INVALID_ARGUMENT, "invalid della epsilon for ", a.model_label(i),
+                     ": density - epsilon = ", lo, " and density + epsilon = ", hi, " must both lie in (0, 1)");
         }
-    }
     a.stream.resize(static_cast<size_t>(a.K));
     for (int i = 0; i < a.K; ++i) {
         int32_t pos = opts->model_positions ? opts->model_positions[i] : i;
         if (pos < 0 || pos > 255)
-            fail(LFM_STATUS_INVALID_ARGUMENT, "model position of model ", i, " must lie in [0, 255], got ", pos);
+            fail(LFM_STATUS_INVALID_ARGUMENT, "model position of ", a.model_label(i), " must lie in [0, 255], got ", pos);
         a.stream[i] = merge_stream_id(a.name.data(), a.name.size(), static_cast<uint32_t>(pos));
     }
 
@@ -132,16 +135,16 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
         check_contiguous(*base, "base");
         check_same_shape(*out, *base, "out", "base");
         check_device(*base, out->device, "base");
-    } else if (a.method != LFM_MERGE_LINEAR) {
+    } else if (row.uses_base) {
         fail(LFM_STATUS_INVALID_ARGUMENT, "base is NULL; only the linear method merges without a base");
     }
-    if (a.method == LFM_MERGE_LINEAR) base = nullptr;  // linear never reads the base
+    if (!row.uses_base) base = nullptr;  // linear never reads the base
     a.base = base;
     a.out = out;
     a.models.resize(static_cast<size_t>(a.K));
     for (int i = 0; i < a.K; ++i) {
         const lfm_tensor* m = &models[i];
-        std::string what = cat("model ", i);
+        std::string what = a.model_label(i);
         check_view(m, what.c_str());
         check_float(*m, what);
         check_contiguous(*m, what);

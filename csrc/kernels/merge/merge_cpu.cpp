@@ -1,4 +1,4 @@
-// Fused sparsify-and-merge on the CPU (spec/merge.md).
+// Fused sparsify-and-merge on the CPU (docs/spec/merge.md).
 //
 // Deltas are formed on the fly, block by block (kBlock elements, converted to fp32 in
 // per-worker scratch), so no K x n float copy ever exists. Passes over the data:
@@ -30,6 +30,7 @@
 #include "core/thread_pool.h"
 #include "kernels/merge/merge.h"
 #include "kernels/merge/merge_cpu_loops.h"
+#include "kernels/merge/merge_plan.h"
 
 namespace lfm::merge {
 namespace {
@@ -37,22 +38,13 @@ namespace {
 constexpr int64_t kBlock = 4096;          // elements per task; a multiple of 4 (Philox blocks)
 constexpr int kMaxHistWorkers = 16;       // caps per-worker histogram memory
 constexpr int64_t kSampleMinN = 1 << 18;  // below this the radix passes are cheap enough
-constexpr int64_t kSampleSize = 1 << 16;  // sample of |delta| that brackets a quantile
-constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
-
-// Keep rule of the magnitude-type sparsifiers, on v = |delta| bits:
-// keep iff lo_v <= v <= hi_v, with the element index e restricted at the two ends.
-struct Cut {
-    bool all = true;
-    bool none = false;
-    uint32_t lo_v = 0, hi_v = 0xffffffffu;
-    int64_t lo_emin = 0, lo_emax = kNoLimit, hi_emin = 0, hi_emax = kNoLimit;
-};
-
-// A radix-select query: the element at ascending position `pos` of model `model`.
+constexpr int64_t kSampleSize = 1 << 18;  // sample of |delta| that brackets a quantile
+constexpr int64_t kSampleRun = 16;        // the sample is made of runs of contiguous elements
+// A radix-select query (merge_plan.h's CutQuery) and its answer.
 struct Query {
     int model;
     int64_t pos;
+    bool upper;
     uint32_t hb = 0;      // high 16 bits of the answer
     int64_t below_hb = 0; // elements with high bits < hb
     uint32_t value = 0;   // answer: |delta| bits
@@ -116,7 +108,7 @@ public:
                 timer.mark("l1_norms");
             }
             if (a_.rescale == LFM_RESCALE_INVERSE_DENSITY)
-                for (int i = 0; i < K_; ++i) factor_[i] = a_.d[i] > 0.0 ? 1.0 / a_.d[i] : 1.0;
+                for (int i = 0; i < K_; ++i) factor_[i] = inverse_density_factor(a_.d[i]);
         }
         merge_pass();
         timer.mark("merge_pass");
@@ -164,7 +156,7 @@ private:
             load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, tmp.data(), len);
             for (int64_t j = 0; j < len; ++j)
                 if (!std::isfinite(tmp[j]))
-                    fail(LFM_STATUS_NONFINITE, "non-finite value (", tmp[j], ") in model ", i, " at element ",
+                    fail(LFM_STATUS_NONFINITE, "non-finite value (", tmp[j], ") in ", a_.model_label(i), " at element ",
                          start + j, " of tensor '", a_.name, "'");
         }
         fail(LFM_STATUS_NONFINITE, "task vector overflows float32 at block starting ", start, " of tensor '",
@@ -190,30 +182,10 @@ private:
 
     // ---- radix select (magnitude, magnitude_outliers) -------------------------------
     void select() {
+        CutPlan plan = plan_cuts(a_.sparsifier, n_, a_.d, a_.gamma);
+        cuts_ = plan.cuts;
         std::vector<Query> queries;
-        for (int i = 0; i < K_; ++i) {
-            Cut& c = cuts_[i];
-            const double d = a_.d[i];
-            const int64_t n = n_;
-            if (a_.sparsifier == Sparsifier::Magnitude) {
-                if (d >= 1.0) continue;
-                if (d <= 0.0) { c.all = false; c.none = true; continue; }
-                int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::floor(d * static_cast<double>(n))));
-                if (k >= n) continue;
-                c.all = false;
-                queries.push_back(Query{i, n - k, {}, {}, {}, {}, {}, {}, {}});
-            } else {
-                int64_t target = static_cast<int64_t>(std::floor(d * static_cast<double>(n)));
-                int64_t n_top = static_cast<int64_t>(std::floor(a_.gamma[i] * static_cast<double>(n)));
-                int64_t n_bot = std::max<int64_t>(0, n - target - n_top);
-                if (target <= 0) { c.all = false; c.none = true; continue; }
-                if (n_bot == 0 && target >= n) continue;
-                c.all = false;
-                if (n_bot > 0) queries.push_back(Query{i, n_bot, {}, {}, {}, {}, {}, {}, {}});
-                // the upper cut is marked by a negative position: -(pos) - 1
-                if (n_bot + target - 1 < n - 1) queries.push_back(Query{i, -(n_bot + target - 1) - 1, {}, {}, {}, {}, {}, {}, {}});
-            }
-        }
+        for (const CutQuery& cq : plan.queries) queries.push_back(Query{cq.model, cq.pos, cq.upper, {}, {}, {}, {}, {}, {}, {}});
         if (queries.empty()) return;
         // Most queries are answered by one bracketing pass (sample_select); the rest by
         // the exact radix passes.
@@ -233,31 +205,9 @@ private:
         // needs the flat index of one tie, found for all cuts together in one pass.
         std::vector<TieRequest> ties;
         for (auto& q : queries) {
-            Cut& c = cuts_[q.model];
-            const bool upper = q.pos < 0;
-            const int64_t pos = upper ? -q.pos - 1 : q.pos;
-            const int64_t ordinal = pos - q.c_lt;  // 0-based among the ties of q.value
-            if (a_.sparsifier == Sparsifier::Magnitude) {
-                // keep the k = n - pos largest; ties keep lower indices: keep_ties of them
-                const int64_t c_gt = n_ - q.c_lt - q.c_eq;
-                const int64_t keep_ties = (n_ - pos) - c_gt;  // 1..c_eq
-                c.lo_v = q.value;
-                c.lo_emin = 0;
-                c.lo_emax = kNoLimit;
-                if (keep_ties < q.c_eq) tie_at(q, keep_ties - 1, &c.lo_emax, ties);
-            } else if (!upper) {
-                // drop the `ordinal` lowest-index ties of the lower cut value
-                c.lo_v = q.value;
-                c.lo_emin = 0;
-                c.lo_emax = kNoLimit;
-                if (ordinal > 0) tie_at(q, ordinal, &c.lo_emin, ties);
-            } else {
-                // keep ties of the upper cut value up to `ordinal` (lower indices first)
-                c.hi_v = q.value;
-                c.hi_emin = 0;
-                c.hi_emax = kNoLimit;
-                if (ordinal < q.c_eq - 1) tie_at(q, ordinal, &c.hi_emax, ties);
-            }
+            const TieNeed need = apply_cut_answer(a_.sparsifier, n_, CutQuery{q.model, q.pos, q.upper}, q.value, q.c_lt,
+                                                  q.c_eq, cuts_[q.model]);
+            if (need.field != TieField::None) tie_at(q, need.ordinal, tie_target(cuts_[q.model], need.field), ties);
         }
         st.mark("  radix");
         if (!ties.empty()) find_ties(ties);
@@ -273,7 +223,7 @@ private:
             ties.push_back(TieRequest{q.model, q.value, ordinal, target});
     }
 
-    // Sample-select. From a strided sample of each model's |delta| (deterministic), take a
+    // Sample-select. From evenly spread runs of each model's |delta| (deterministic), take a
     // bracket [lo, hi] of values around the sampled quantile; one pass counts the elements
     // below lo and collects those inside the bracket (value, flat index). When the answer
     // falls inside, sorting the few candidates gives the exact value and every tie's
@@ -282,8 +232,11 @@ private:
     void sample_select(std::vector<Query>& queries) {
         const int nq = static_cast<int>(queries.size());
         PhaseTimer tt;
-        const int64_t S = std::min<int64_t>(n_, kSampleSize);
-        const int64_t stride = n_ / S;
+        // kSampleSize / kSampleRun runs of kSampleRun contiguous elements, evenly spread
+        // (n_ >= kSampleMinN >= kSampleSize, so runs never overlap): whole cache lines
+        // instead of one scattered load per sampled element
+        const int64_t S = kSampleSize, runs = S / kSampleRun;
+        const int64_t stride = n_ / runs;
         const int64_t cap = std::max<int64_t>(n_ / 16, 4096);
         std::vector<std::vector<uint32_t>> sample(static_cast<size_t>(K_));
         std::vector<uint32_t> lo(nq), hi(nq);
@@ -292,22 +245,26 @@ private:
             auto& smp = sample[static_cast<size_t>(m)];
             if (smp.empty()) {
                 smp.resize(static_cast<size_t>(S));
-                for (int64_t k = 0; k < S; ++k) {
-                    const int64_t e = k * stride;
-                    float xv, bv;
-                    load_f32(ptr(a_.models[m], e), a_.models[m]->dtype, &xv, 1);
-                    load_f32(ptr(a_.base, e), a_.base->dtype, &bv, 1);
-                    smp[k] = f32_bits(xv - bv) & 0x7fffffffu;
+                float xv[kSampleRun], bv[kSampleRun];
+                for (int64_t r = 0; r < runs; ++r) {
+                    const int64_t e = r * stride;
+                    load_f32(ptr(a_.models[m], e), a_.models[m]->dtype, xv, kSampleRun);
+                    load_f32(ptr(a_.base, e), a_.base->dtype, bv, kSampleRun);
+                    for (int64_t k = 0; k < kSampleRun; ++k)
+                        smp[static_cast<size_t>(r * kSampleRun + k)] = f32_bits(xv[k] - bv[k]) & 0x7fffffffu;
                 }
-                std::sort(smp.begin(), smp.end());
             }
-            const int64_t pos = queries[qi].pos < 0 ? -queries[qi].pos - 1 : queries[qi].pos;
+            const int64_t pos = queries[qi].pos;
             const double qf = static_cast<double>(pos) / static_cast<double>(n_);
             const int64_t at = static_cast<int64_t>(qf * S);
             // the sampled quantile's position has standard deviation sqrt(S q (1-q)): 5 of them
             const int64_t margin = static_cast<int64_t>(5.0 * std::sqrt(S * qf * (1.0 - qf))) + 16;
-            lo[qi] = at - margin <= 0 ? 0u : smp[static_cast<size_t>(at - margin)];
-            hi[qi] = at + margin >= S - 1 ? 0xffffffffu : smp[static_cast<size_t>(at + margin)];
+            // the two order statistics by linear-time selection (no sort of the sample)
+            const int64_t ilo = at - margin, ihi = at + margin;
+            if (ilo > 0) std::nth_element(smp.begin(), smp.begin() + ilo, smp.end());
+            lo[qi] = ilo <= 0 ? 0u : smp[static_cast<size_t>(ilo)];
+            if (ihi < S - 1) std::nth_element(smp.begin() + std::max<int64_t>(ilo + 1, 0), smp.begin() + ihi, smp.end());
+            hi[qi] = ihi >= S - 1 ? 0xffffffffu : smp[static_cast<size_t>(ihi)];
         }
         tt.mark("    sampling");
         struct Cand {
@@ -318,10 +275,6 @@ private:
         std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0);
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
-        // queries per model: a model with one query (magnitude) is bracketed straight from
-        // its own dtype, without materialising its float32 deltas
-        std::vector<int> per_model(static_cast<size_t>(K_), 0);
-        for (const Query& q : queries) ++per_model[static_cast<size_t>(q.model)];
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
@@ -334,12 +287,13 @@ private:
                 const int m = queries[qi].model;
                 auto& out = cands[static_cast<size_t>(blk) * nq + qi];
                 uint32_t* cj = s.draws.data();  // block-sized scratch for candidate positions
-                int64_t nb = 0, nc = -1;
                 float* x = s.x.data() + static_cast<int64_t>(m) * kBlock;
                 uint32_t* cv = s.cand_v.data();
-                if (per_model[static_cast<size_t>(m)] == 1)
-                    nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi], cj,
-                                              cv, &nb, &bad, len);
+                // bf16/f32 bracketed straight from their bytes (once per query: re-reading a
+                // block that is in cache is cheaper than materialising float32 deltas)
+                int64_t nb = 0;
+                int64_t nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi],
+                                                  cj, cv, &nb, &bad, len);
                 if (nc >= 0) {
                     out.resize(static_cast<size_t>(nc));
                     for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{cv[c], start + cj[c]};
@@ -360,10 +314,11 @@ private:
             if (bad) nonfinite(start, len);
         });
         tt.mark("    scan");
-        for (int qi = 0; qi < nq; ++qi) {
-            if (total[qi].load() > cap) continue;
+        // the queries are independent: one task each
+        parallel_for(nq, a_.n_threads, [&](int64_t qi, int) {
+            if (total[qi].load() > cap) return;
             Query& q = queries[qi];
-            const int64_t pos = q.pos < 0 ? -q.pos - 1 : q.pos;
+            const int64_t pos = q.pos;
             int64_t nbelow = 0;
             std::vector<Cand> all;
             all.reserve(static_cast<size_t>(total[qi].load()));
@@ -373,7 +328,7 @@ private:
                 all.insert(all.end(), c.begin(), c.end());
             }
             const int64_t nc = static_cast<int64_t>(all.size());
-            if (pos < nbelow || pos >= nbelow + nc) continue;  // the bracket missed
+            if (pos < nbelow || pos >= nbelow + nc) return;  // the bracket missed
             // The pos-th value by a linear-time selection on a copy of the values; the
             // candidates are in flat order, so the ties come out in the order the spec needs.
             std::vector<uint32_t> vals(static_cast<size_t>(nc));
@@ -390,8 +345,10 @@ private:
             q.c_lt = nbelow + lt;
             q.c_eq = static_cast<int64_t>(q.tie_idx.size());
             q.sampled = true;
-            if (tt.on) std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", qi, static_cast<long long>(nc));
-        }
+            if (tt.on)
+                std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", static_cast<int>(qi),
+                             static_cast<long long>(nc));
+        });
         tt.mark("    finalize");
     }
 
@@ -426,7 +383,7 @@ private:
                 for (size_t k = 0; k < h.size(); ++k) total[k] += h[k];
             for (int qi = 0; qi < nq; ++qi) {
                 Query& q = queries[qi];
-                const int64_t pos = q.pos < 0 ? -q.pos - 1 : q.pos;
+                const int64_t pos = q.pos;
                 const uint64_t* t = total.data() + static_cast<int64_t>(qi) * 65536;
                 int64_t cum = low ? q.below_hb : 0;
                 for (uint32_t bin = 0; bin < 65536; ++bin) {
@@ -504,15 +461,9 @@ private:
         const int64_t rows = a_.rows, cols = a_.cols;
         mbytes_ = (K_ + 7) / 8;
         mask_.assign(static_cast<size_t>(n_) * mbytes_, 0);
-        // keep threshold per (model, rank): p = (d - eps) + (2 eps) * (rank - 1) / (cols - 1)
+        // keep threshold per (model, rank), merge_plan.h
         std::vector<std::vector<uint64_t>> thr(static_cast<size_t>(K_));
-        for (int i = 0; i < K_; ++i) {
-            thr[i].resize(static_cast<size_t>(cols));
-            for (int64_t r = 0; r < cols; ++r) {
-                double rn = cols > 1 ? static_cast<double>(r) / static_cast<double>(cols - 1) : 0.0;
-                thr[i][r] = keep_threshold((a_.d[i] - a_.eps[i]) + (2.0 * a_.eps[i]) * rn);
-            }
-        }
+        for (int i = 0; i < K_; ++i) thr[i] = della_thresholds(cols, a_.d[i], a_.eps[i]);
         parallel_for(rows, a_.n_threads, [&](int64_t row, int) {
             thread_local std::vector<float> b, x;
             thread_local std::vector<uint32_t> keys, idx, keys2, idx2, draws;
@@ -612,6 +563,10 @@ private:
     void mask_bits(int i, int64_t start, int64_t len, uint8_t* k) const {
         const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
         const int sh = i & 7;
+        if (mbytes_ == 1) {  // K <= 8: contiguous bytes, so the loop vectorizes
+            for (int64_t j = 0; j < len; ++j) k[j] = (m[j] >> sh) & 1u;
+            return;
+        }
         for (int64_t j = 0; j < len; ++j) k[j] = (m[j * mbytes_] >> sh) & 1u;
     }
 
@@ -648,7 +603,7 @@ private:
                 t += tot[blk * K_ + i];
                 k += kept[blk * K_ + i];
             }
-            factor_[i] = (t >= 1e-7 && k >= 1e-7) ? t / k : 1.0;
+            factor_[i] = l1_factor(t, k);
         }
     }
 
@@ -658,35 +613,37 @@ private:
         // coefficient, one of the product). The elected sign comes from the float64 sum of
         // kept w_i * (delta_i * factor_i), the reference's own operations, so it always
         // equals the reference's.
-        std::vector<float> coef(K_), ecoef(K_);
-        double wsum = 0.0;
-        for (int i = 0; i < K_; ++i) {
-            coef[i] = static_cast<float>(a_.w[i] * factor_[i]);
-            ecoef[i] = static_cast<float>(a_.consensus_unweighted ? factor_[i] : a_.w[i] * factor_[i]);
-            wsum += a_.w[i];
-        }
-        const float inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
+        const Coefficients cf = merge_coefficients(a_, factor_);
+        const std::vector<float>& coef = cf.coef;
+        const std::vector<float>& ecoef = cf.ecoef;
+        const float inv_plain_div = cf.inv_plain_div;
         const float lam = static_cast<float>(a_.lambda);
         const bool sparse = a_.sparsifier != Sparsifier::None;
         const bool unw = a_.consensus_unweighted;
-        // Divisor of each agreement pattern (K <= 8): sum of the agreeing w_i (or their
-        // count), in float64 and model order like the reference; |d| < 1e-8 -> 1.
-        const bool table = a_.consensus && K_ <= 8;
-        std::vector<float> inv_div;
-        if (table) {
-            inv_div.resize(size_t(1) << K_);
-            for (uint32_t m = 0; m < (1u << K_); ++m) {
-                double d = 0.0;
-                for (int i = 0; i < K_; ++i)
-                    if (m >> i & 1u) d += a_.disjoint_count ? 1.0 : a_.w[i];
-                inv_div[m] = a_.normalize ? static_cast<float>(1.0 / (std::fabs(d) < 1e-8 ? 1.0 : d)) : 1.0f;
-            }
-        }
+        // Divisor of each agreement pattern (K <= 8): cf.inv_div (merge_plan.h).
+        const bool table = cf.table;
+        const std::vector<float>& inv_div = cf.inv_div;
         const bool fused = table && !unw;
         if (fused && !sparse) ones_.assign(kBlock, 1);
+        // One sweep straight from the input bytes when the dtypes allow (merge_direct).
+        const bool direct = direct_ok(fused);
+        DirectBlock proto;
+        if (direct) {
+            proto.K = K_;
+            proto.dtype = a_.out->dtype;
+            proto.consensus = a_.consensus;
+            proto.coef = coef.data();
+            proto.w = a_.w.data();
+            proto.f = factor_.data();
+            proto.table = inv_div.data();
+            proto.inv_plain_div = inv_plain_div;
+            proto.normalize = a_.normalize;
+            proto.lam = lam;
+        }
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
+            if (direct) return direct_block(proto, s, start, len);
             load(s, start, len);
             float* mixed = s.mixed.data();
             std::fill(mixed, mixed + len, 0.0f);
@@ -754,7 +711,7 @@ private:
                     double* div = s.div.data();
                     std::fill(div, div + len, 0.0);
                     for (int i = 0; i < K_; ++i)
-                        loops_.agree_add_div(unw ? E(i) : T(i), T(i), sgn, a_.disjoint_count ? 1.0 : a_.w[i], mixed,
+                        loops_.agree_add_div(unw ? E(i) : T(i), T(i), sgn, cf.dshare[i], mixed,
                                              div, len);
                     if (a_.normalize) loops_.divide_guarded(mixed, div, len);
                 }
@@ -764,6 +721,46 @@ private:
             char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
             store_f32(o, a_.out->dtype, dst, len);
         });
+    }
+
+    // merge_direct applies: one dtype (bf16 or f32) for the base, every model and the
+    // output, K <= 8, and the weighted table election when there is an election.
+    bool direct_ok(bool fused) const {
+        const lfm_dtype dt = a_.out->dtype;
+        if (K_ > 8 || (a_.consensus && !fused) || (dt != LFM_DTYPE_BF16 && dt != LFM_DTYPE_F32)) return false;
+        if (a_.base && a_.base->dtype != dt) return false;
+        for (const lfm_tensor* m : a_.models)
+            if (m->dtype != dt) return false;
+        return true;
+    }
+
+    void direct_block(const DirectBlock& proto, Scratch& s, int64_t start, int64_t len) const {
+        DirectBlock d = proto;
+        const int64_t esz = static_cast<int64_t>(dtype_size(d.dtype));
+        d.base = a_.base ? ptr(a_.base, start) : nullptr;
+        d.out = static_cast<char*>(a_.out->data) + start * esz;
+        const bool cut = a_.sparsifier == Sparsifier::None || a_.sparsifier == Sparsifier::Magnitude ||
+                         a_.sparsifier == Sparsifier::MagnitudeOutliers;
+        // flat index bounds made block-local and clamped to [-1, len] (as cut_keep does)
+        auto local = [&](int64_t e) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(e - start, -1), len)); };
+        for (int i = 0; i < K_; ++i) {
+            d.x[i] = ptr(a_.models[i], start);
+            if (!cut) {
+                uint8_t* k = s.keepk.data() + static_cast<int64_t>(i) * kBlock;
+                keep_flags(i, start, len, nullptr, s, k);
+                d.keep[i] = k;
+                continue;
+            }
+            const Cut& c = cuts_[i];
+            const bool all = a_.sparsifier == Sparsifier::None || c.all;
+            d.lo_v[i] = all ? 0u : c.none ? 1u : c.lo_v;
+            d.hi_v[i] = all ? 0xffffffffu : c.none ? 0u : c.hi_v;
+            d.lo_j0[i] = all ? -1 : local(c.lo_emin);
+            d.lo_j1[i] = all ? static_cast<int32_t>(len) : local(c.lo_emax);
+            d.hi_j0[i] = all ? -1 : local(c.hi_emin);
+            d.hi_j1[i] = all ? static_cast<int32_t>(len) : local(c.hi_emax);
+        }
+        if (loops_.merge_direct(d, len)) nonfinite(start, len);
     }
 
     const MergeArgs& a_;

@@ -1,8 +1,9 @@
-// The CPU merge kernel's inner loops, compiled for baseline x86-64 and x86-64-v3 from one
-// source (merge_cpu_loops_impl.inc) and reached through LoopTable (merge_cpu_loops.h).
-// Two copies in one translation unit, the second under a target pragma, rather than two
+// The CPU merge kernel's inner loops, compiled once per SIMD level (baseline x86-64,
+// x86-64-v3, x86-64-v4; scalar and NEON on aarch64) from one source
+// (merge_cpu_loops_impl.inc) and reached through LoopTable (merge_cpu_loops.h).
+// The copies live in one translation unit, each under a target pragma, rather than in
 // files built with different -march flags: inline functions from headers then exist once,
-// compiled for the baseline, so no AVX2 code can leak into the baseline path.
+// compiled for the baseline, so no AVX2/AVX-512 code can leak into the baseline path.
 #include "kernels/merge/merge_cpu_loops.h"
 
 #include <algorithm>
@@ -19,9 +20,24 @@
 namespace lfm::merge {
 void philox_blocks(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* __restrict out);
 
+// baseline: plain x86-64 (SSE2), or on aarch64 the same source kept scalar (no
+// auto-vectorisation), so an ARM host has two levels to compare bit for bit.
+#if defined(__aarch64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("no-tree-vectorize", "no-tree-slp-vectorize")
+#endif
 namespace loops_baseline {
 #include "kernels/merge/merge_cpu_loops_impl.inc"
 }  // namespace loops_baseline
+#if defined(__aarch64__) && defined(__GNUC__)
+#pragma GCC pop_options
+// neon: the default aarch64 build, where Advanced SIMD is part of the base ISA and GCC
+// vectorises these loops with it.
+namespace loops_neon {
+#include "kernels/merge/merge_cpu_loops_impl.inc"
+}  // namespace loops_neon
+#define LFM_HAVE_LOOPS_NEON 1
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
@@ -31,65 +47,59 @@ namespace loops_avx2 {
 }  // namespace loops_avx2
 #pragma GCC pop_options
 #define LFM_HAVE_LOOPS_AVX2 1
+// x86-64-v4: AVX-512 F/BW/CD/DQ/VL, 512-bit vectors preferred (GCC's generic tuning
+// would keep 256). No AVX512-BF16 instructions: VCVTNEPS2BF16 flushes denormal inputs
+// to zero, which the spec's rounding (core/dtype.h) does not, so bf16 is converted with
+// the same integer arithmetic at every level.
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4", "prefer-vector-width=512")
+namespace loops_avx512 {
+#include "kernels/merge/merge_cpu_loops_impl.inc"
+}  // namespace loops_avx512
+#pragma GCC pop_options
+#define LFM_HAVE_LOOPS_AVX512 1
 #endif
 
 namespace {
-const LoopTable kBaseline = {
-    "baseline",
-    &loops_baseline::sub_check,
-    &loops_baseline::check_finite,
-    &loops_baseline::cut_keep,
-    &loops_baseline::bracket,
-    &loops_baseline::delta_bracket,
-    &loops_baseline::count_equal_abs,
-    &loops_baseline::draws_below,
-    &loops_baseline::weigh,
-    &loops_baseline::weigh_add,
-    &loops_baseline::elect_add64,
-    &loops_baseline::sign_of,
-    &loops_baseline::agree_add_bits,
-    &loops_baseline::agree_add_div,
-    &loops_baseline::scale_by_table,
-    &loops_baseline::l1_sums,
-    &loops_baseline::or_bit,
-    &loops_baseline::divide_guarded,
-    &loops_baseline::finish,
-    &loops_baseline::scale,
-    &loops_baseline::fused_ties,
-    &philox_blocks};
+// One table per level, every member from the level's namespace (philox_blocks has its
+// own dispatch).
+#define LFM_LOOP_TABLE(name, ns)                                                                           \
+    LoopTable {                                                                                         \
+        name, &ns::sub_check, &ns::check_finite, &ns::cut_keep, &ns::bracket, &ns::delta_bracket,     \
+            &ns::count_equal_abs, &ns::draws_below, &ns::weigh, &ns::weigh_add, &ns::elect_add64,         \
+            &ns::sign_of, &ns::agree_add_bits, &ns::agree_add_div, &ns::scale_by_table, &ns::l1_sums,     \
+            &ns::or_bit, &ns::divide_guarded, &ns::finish, &ns::scale, &ns::fused_ties, &ns::merge_direct, &philox_blocks   \
+    }
+const LoopTable kBaseline = LFM_LOOP_TABLE("baseline", loops_baseline);
 #ifdef LFM_HAVE_LOOPS_AVX2
-const LoopTable kAvx2 = {
-    "avx2",
-    &loops_avx2::sub_check,
-    &loops_avx2::check_finite,
-    &loops_avx2::cut_keep,
-    &loops_avx2::bracket,
-    &loops_avx2::delta_bracket,
-    &loops_avx2::count_equal_abs,
-    &loops_avx2::draws_below,
-    &loops_avx2::weigh,
-    &loops_avx2::weigh_add,
-    &loops_avx2::elect_add64,
-    &loops_avx2::sign_of,
-    &loops_avx2::agree_add_bits,
-    &loops_avx2::agree_add_div,
-    &loops_avx2::scale_by_table,
-    &loops_avx2::l1_sums,
-    &loops_avx2::or_bit,
-    &loops_avx2::divide_guarded,
-    &loops_avx2::finish,
-    &loops_avx2::scale,
-    &loops_avx2::fused_ties,
-    &philox_blocks};
+const LoopTable kAvx2 = LFM_LOOP_TABLE("avx2", loops_avx2);
 #endif
+#ifdef LFM_HAVE_LOOPS_AVX512
+const LoopTable kAvx512 = LFM_LOOP_TABLE("avx512", loops_avx512);
+#endif
+#ifdef LFM_HAVE_LOOPS_NEON
+const LoopTable kNeon = LFM_LOOP_TABLE("neon", loops_neon);
+#endif
+#undef LFM_LOOP_TABLE
 }  // namespace
 
 const LoopTable& merge_loops() {
+    switch (simd_level()) {
 #ifdef LFM_HAVE_LOOPS_AVX2
-    // avx512 hosts run the AVX2 loops (no AVX-512 merge loops yet; docs/spec/merge.md)
-    if (simd_level() == SimdLevel::Avx2 || simd_level() == SimdLevel::Avx512) return kAvx2;
+        case SimdLevel::Avx2:
+            return kAvx2;
 #endif
-    return kBaseline;
+#ifdef LFM_HAVE_LOOPS_AVX512
+        case SimdLevel::Avx512:
+            return kAvx512;
+#endif
+#ifdef LFM_HAVE_LOOPS_NEON
+        case SimdLevel::Neon:
+            return kNeon;
+#endif
+        default:
+            return kBaseline;
+    }
 }
 
 namespace {
@@ -142,6 +152,7 @@ __attribute__((target("avx2"))) void philox_blocks_avx2(uint64_t seed, uint32_t 
     }
     if (b < nblocks) philox_blocks_portable(seed, stream, q0 + static_cast<uint64_t>(b), nblocks - b, out + 4 * b);
 }
+
 #endif
 
 }  // namespace

@@ -1,8 +1,9 @@
 // Inner loops of the CPU merge kernel, over one block of `len` elements.
-// They are compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2/FMA/F16C), from
-// one source (merge_cpu_loops_impl.inc), written branch-free so they vectorize, and
+// They are compiled once per SIMD level from one source (merge_cpu_loops_impl.inc):
+// baseline x86-64, x86-64-v3 (AVX2/FMA/F16C) and x86-64-v4 (AVX-512) on x86; on aarch64 a scalar baseline and
+// the NEON-vectorised default build. Written branch-free so they vectorize, and
 // reached through a table picked at run time: the host's best level, or the one that
-// LFM_SIMD forces (core/cpu_features.h). Every build uses -ffp-contract=off, so both
+// LFM_SIMD forces (core/cpu_features.h). Every build uses -ffp-contract=off, so all
 // tables round every operation alike and give the same bits (docs/spec/merge.md).
 #pragma once
 #include <cstdint>
@@ -11,8 +12,33 @@
 
 namespace lfm::merge {
 
+// One block of the merge pass, straight from the input bytes (merge_direct): every model,
+// the base and the output share one dtype (bf16 or f32), K <= 8, and the election, when
+// there is one, is the weighted one with the agreement-pattern table.
+struct DirectBlock {
+    int K = 0;
+    lfm_dtype dtype = LFM_DTYPE_F32;  // of the base, every model and the output
+    const void* base = nullptr;       // at the block's first element; nullptr: no base (linear)
+    const void* x[8] = {};            // model i at the block's first element
+    // Keep rule of model i: keep[i] (one byte per element) when not null, else the
+    // magnitude cut on v = |delta| bits: lo_v <= v <= hi_v, where v == lo_v also needs the
+    // block-local index in [lo_j0, lo_j1] and v == hi_v needs it in [hi_j0, hi_j1].
+    const uint8_t* keep[8] = {};
+    uint32_t lo_v[8] = {}, hi_v[8] = {};
+    int32_t lo_j0[8] = {}, lo_j1[8] = {}, hi_j0[8] = {}, hi_j1[8] = {};
+    bool consensus = false;  // TIES election (weighted, table) or the plain weighted sum
+    const float* coef = nullptr;   // [K] fp32(w_i * f_i)
+    const double* w = nullptr;     // [K] election weights (consensus)
+    const double* f = nullptr;     // [K] rescale factors (consensus)
+    const float* table = nullptr;  // [2^K] fp32(1 / divisor) per agreement pattern (consensus)
+    float inv_plain_div = 1.0f;    // no consensus: mixed *= this when normalize
+    bool normalize = false;
+    float lam = 1.0f;
+    void* out = nullptr;  // at the block's first element
+};
+
 struct LoopTable {
-    const char* level;  // "baseline" or "avx2"
+    const char* level;  // "baseline", "avx2", "avx512" or "neon"
     // x -= b; returns nonzero when any x or b is NaN/Inf (or the difference overflows).
     uint32_t (*sub_check)(float* x, const float* b, int64_t len);
     // nonzero when any x is NaN/Inf
@@ -23,9 +49,9 @@ struct LoopTable {
     // For v = |x[j]| bits: *below = #(v < lo); writes the j with lo <= v <= hi to pos (in
     // order) and returns how many (branch-free compaction).
     int64_t (*bracket)(const float* x, uint32_t lo, uint32_t hi, uint32_t* pos, int64_t* below, int64_t len);
-    // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 x (other dtypes return
-    // -1: the caller materialises their float32 deltas, which measured faster for float32);
-    // vals[c] gets the |delta| bits of candidate pos[c]. *bad is set when a delta is NaN/Inf.
+    // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 or float32 x (float16
+    // returns -1: the caller materialises its float32 deltas); vals (len elements, scratch)
+    // ends with the |delta| bits of candidate pos[c] at c. *bad is set when a delta is NaN/Inf.
     int64_t (*delta_bracket)(const void* x, lfm_dtype dt, const float* b, uint32_t lo, uint32_t hi, uint32_t* pos, uint32_t* vals, int64_t* below, uint32_t* bad, int64_t len);
     // number of j with |x[j]| bits == v
     int64_t (*count_equal_abs)(const float* x, uint32_t v, int64_t len);
@@ -64,6 +90,11 @@ struct LoopTable {
     // mixed = sum of the t_i agreeing with sign(S) (S >= 0: +); out = b + lam * mixed * table[bits]
     // with bits the agreement pattern.
     void (*fused_ties)(int K, const float* const* x, const uint8_t* const* keep, const float* coef, const double* w, const double* f, const float* b, float lam, const float* table, float* out, int64_t len);
+    // The whole merge pass of one block in one sweep from the input bytes, with the same
+    // operations and roundings as load + sub_check + keep + fused_ties / weigh_add + scale
+    // + finish + store (so the same bits): returns 0 when done, 1 when a value is NaN/Inf or
+    // a delta overflows (the output block is then unspecified).
+    int (*merge_direct)(const DirectBlock& d, int64_t len);
     // Philox4x32-10 words for blocks q0 .. q0 + nblocks - 1 (4 words each) into out.
     void (*philox_blocks)(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* out);
 };

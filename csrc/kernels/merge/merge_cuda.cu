@@ -1,4 +1,4 @@
-// CUDA fused sparsify-and-merge (spec/merge.md), bit-compatible with merge_cpu.cpp.
+// CUDA fused sparsify-and-merge (docs/spec/merge.md), bit-compatible with merge_cpu.cpp.
 //
 // Same definition as the CPU kernel, so masks are bit-identical:
 //   delta_i = fp32(x_i) - fp32(b) (one IEEE rounding), v = bits(|delta_i|) as uint32;
@@ -40,6 +40,7 @@
 #include "core/status.h"
 #include "core/tensor.h"
 #include "kernels/merge/merge.h"
+#include "kernels/merge/merge_plan.h"
 
 namespace lfm::merge {
 namespace {
@@ -52,7 +53,6 @@ constexpr int kChunkThreads = 256;         // threads per chunk: 4 quads each
 constexpr int kLocateThreads = 1024;       // one quad per thread covers a chunk
 constexpr int kBins = 2048;                // largest radix digit: 11 bits
 constexpr int kDigitBits[3] = {11, 10, 10};
-constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
 constexpr int64_t kDellaChunkElems = int64_t(1) << 25;  // keys sorted at a time (256 MiB of uint64)
 
 enum SpCode : int { kSpNone = 0, kSpCut = 1, kSpRandom = 2, kSpDella = 3 };
@@ -487,11 +487,6 @@ struct HostQuery {
     int64_t c_lt = 0, c_eq = 0;
 };
 
-struct HostCut {
-    uint32_t lo_v = 0, hi_v = 0xffffffffu;
-    int64_t lo_emin = 0, lo_emax = kNoLimit, hi_emin = 0, hi_emax = kNoLimit;
-};
-
 class CudaMerge {
 public:
     CudaMerge(const MergeArgs& a, cudaStream_t s) : a_(a), s_(s), scratch_(s), K_(a.K), n_(a.n) {}
@@ -552,8 +547,7 @@ public:
                 l1_factors(ka);
                 upload_models();
             } else if (a_.rescale == LFM_RESCALE_INVERSE_DENSITY) {
-                for (int i = 0; i < K_; ++i)
-                    host_models_[i].f = a_.d[i] > 0.0 ? 1.0 / a_.d[i] : 1.0;
+                for (int i = 0; i < K_; ++i) host_models_[i].f = inverse_density_factor(a_.d[i]);
                 upload_models();
             }
         }
@@ -593,10 +587,7 @@ private:
         ka.unweighted = a_.consensus_unweighted;
         ka.dcount = a_.disjoint_count;
         ka.vec = vec_;
-        double wsum = 0.0;
-        for (int i = 0; i < K_; ++i) wsum += a_.w[i];
-        ka.inv_plain_div = static_cast<float>(1.0 / (std::fabs(wsum) < 1e-8 ? 1.0 : wsum));
-        // |S32 - S| <= (K + 2) 2^-24 sum|e_i|: below twice that, fp32 cannot decide the sign
+        ka.inv_plain_div = 1.0f;  // set with the other coefficients (finalize_coefficients)
         ka.tab = nullptr;
         ka.lam = static_cast<float>(a_.lambda);
         ka.seed = a_.seed;
@@ -606,24 +597,23 @@ private:
 
     void sync() { LFM_CUDA_CHECK(cudaStreamSynchronize(s_)); }
 
-    // The merge pass's fp32 coefficients from the final factors (as the CPU kernel), and
-    // for consensus with K <= 8 the fp32 1/divisor of every agreement pattern (divisor
-    // summed in float64 in model order, |d| < 1e-8 -> 1; 1 without normalize).
+    // The merge pass's coefficients from the final factors (merge_plan.h, as the CPU
+    // kernel): fp32 coef/ecoef per model, and for consensus with K <= 8 the fp32 1/divisor
+    // of every agreement pattern.
     void finalize_coefficients(MergeKernelArgs& ka) {
+        std::vector<double> factor(static_cast<size_t>(K_));
+        for (int i = 0; i < K_; ++i) factor[i] = host_models_[i].f;
+        const Coefficients cf = merge_coefficients(a_, factor);
         for (int i = 0; i < K_; ++i) {
             ModelDev& m = host_models_[i];
-            m.coef = static_cast<float>(a_.w[i] * m.f);
-            m.ecoef = static_cast<float>(a_.consensus_unweighted ? m.f : a_.w[i] * m.f);
+            m.coef = cf.coef[i];
+            m.ecoef = cf.ecoef[i];
+            m.dw = cf.dshare[i];
         }
         upload_models();
-        if (a_.consensus && K_ <= 8) {
-            tab_host_.assign(size_t(1) << K_, 1.0f);
-            for (uint32_t mb = 0; mb < (1u << K_); ++mb) {
-                double dsum = 0.0;
-                for (int i = 0; i < K_; ++i)
-                    if (mb >> i & 1u) dsum += host_models_[i].dw;
-                tab_host_[mb] = a_.normalize ? static_cast<float>(1.0 / (std::fabs(dsum) < 1e-8 ? 1.0 : dsum)) : 1.0f;
-            }
+        ka.inv_plain_div = cf.inv_plain_div;
+        if (cf.table) {
+            tab_host_ = cf.inv_div;
             float* tab = scratch_.alloc<float>(tab_host_.size());
             LFM_CUDA_CHECK(cudaMemcpyAsync(tab, tab_host_.data(), sizeof(float) * tab_host_.size(),
                                            cudaMemcpyHostToDevice, s_));
@@ -654,7 +644,7 @@ private:
         for (int i = 0; i < K_; ++i) {
             float v = value_at(a_.models[i]);
             if (!std::isfinite(v))
-                fail(LFM_STATUS_NONFINITE, "non-finite value (", v, ") in model ", i, " at element ", e,
+                fail(LFM_STATUS_NONFINITE, "non-finite value (", v, ") in ", a_.model_label(i), " at element ", e,
                      " of tensor '", a_.name, "'");
         }
         fail(LFM_STATUS_NONFINITE, "task vector overflows float32 at element ", e, " of tensor '", a_.name, "'");
@@ -662,58 +652,30 @@ private:
 
     // ---- radix select ----------------------------------------------------------------------
     void select() {
+        CutPlan plan = plan_cuts(a_.sparsifier, n_, a_.d, a_.gamma);
         std::vector<HostQuery> qs;
-        std::vector<bool> none(static_cast<size_t>(K_), false);
-        for (int i = 0; i < K_; ++i) {
-            const double d = a_.d[i];
-            const int64_t n = n_;
-            if (a_.sparsifier == Sparsifier::Magnitude) {
-                if (d >= 1.0) continue;
-                if (d <= 0.0) { none[i] = true; continue; }
-                int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::floor(d * static_cast<double>(n))));
-                if (k >= n) continue;
-                qs.push_back(HostQuery{i, n - k, false});
-            } else {
-                int64_t target = static_cast<int64_t>(std::floor(d * static_cast<double>(n)));
-                int64_t n_top = static_cast<int64_t>(std::floor(a_.gamma[i] * static_cast<double>(n)));
-                int64_t n_bot = std::max<int64_t>(0, n - target - n_top);
-                if (target <= 0) { none[i] = true; continue; }
-                if (n_bot == 0 && target >= n) continue;
-                if (n_bot > 0) qs.push_back(HostQuery{i, n_bot, false});
-                if (n_bot + target - 1 < n - 1) qs.push_back(HostQuery{i, n_bot + target - 1, true});
-            }
-        }
-        std::vector<HostCut> cuts(static_cast<size_t>(K_));
+        for (const CutQuery& cq : plan.queries) qs.push_back(HostQuery{cq.model, cq.pos, cq.upper});
         if (!qs.empty()) run_queries(qs);
         for (const HostQuery& q : qs) {
-            HostCut& c = cuts[q.model];
-            const int64_t ordinal = q.pos - q.c_lt;
-            if (a_.sparsifier == Sparsifier::Magnitude) {
-                const int64_t c_gt = n_ - q.c_lt - q.c_eq;
-                const int64_t keep_ties = (n_ - q.pos) - c_gt;
-                c.lo_v = q.value;
-                c.lo_emax = keep_ties >= q.c_eq ? kNoLimit : nth_tie(q.model, q.value, keep_ties - 1);
-            } else if (!q.upper) {
-                c.lo_v = q.value;
-                c.lo_emin = ordinal == 0 ? 0 : nth_tie(q.model, q.value, ordinal);
-            } else {
-                c.hi_v = q.value;
-                c.hi_emax = ordinal >= q.c_eq - 1 ? kNoLimit : nth_tie(q.model, q.value, ordinal);
-            }
+            Cut& c = plan.cuts[q.model];
+            const TieNeed need = apply_cut_answer(a_.sparsifier, n_, CutQuery{q.model, q.pos, q.upper}, q.value,
+                                                  q.c_lt, q.c_eq, c);
+            if (need.field != TieField::None) *tie_target(c, need.field) = nth_tie(q.model, q.value, need.ordinal);
         }
         for (int i = 0; i < K_; ++i) {
             ModelDev& m = host_models_[i];
-            if (none[i]) {
+            const Cut& c = plan.cuts[i];
+            if (c.none) {
                 m.lo_v = 1;  // empty range
                 m.hi_v = 0;
                 continue;
             }
-            m.lo_v = cuts[i].lo_v;
-            m.hi_v = cuts[i].hi_v;
-            m.lo_emin = cuts[i].lo_emin;
-            m.lo_emax = cuts[i].lo_emax;
-            m.hi_emin = cuts[i].hi_emin;
-            m.hi_emax = cuts[i].hi_emax;
+            m.lo_v = c.lo_v;
+            m.hi_v = c.hi_v;
+            m.lo_emin = c.lo_emin;
+            m.lo_emax = c.lo_emax;
+            m.hi_emin = c.hi_emin;
+            m.hi_emax = c.hi_emax;
         }
     }
 
@@ -813,11 +775,9 @@ private:
         void* temp = scratch_.alloc<char>(temp_bytes);
         std::vector<long long> thr(static_cast<size_t>(cols));
         for (int i = 0; i < K_; ++i) {
-            // keep threshold per rank, exactly the CPU kernel's double arithmetic
-            for (int64_t r = 0; r < cols; ++r) {
-                double rn = cols > 1 ? static_cast<double>(r) / static_cast<double>(cols - 1) : 0.0;
-                thr[r] = static_cast<long long>(keep_threshold((a_.d[i] - a_.eps[i]) + (2.0 * a_.eps[i]) * rn));
-            }
+            // keep threshold per rank (merge_plan.h, the CPU kernel's table)
+            const std::vector<uint64_t> t = della_thresholds(cols, a_.d[i], a_.eps[i]);
+            for (int64_t r = 0; r < cols; ++r) thr[r] = static_cast<long long>(t[r]);
             LFM_CUDA_CHECK(cudaMemcpyAsync(thr_dev, thr.data(), sizeof(long long) * cols, cudaMemcpyHostToDevice, s_));
             const lfm_tensor* x = a_.models[i];
             uint8_t* mask = dmask_ + static_cast<int64_t>(i) * n_;
@@ -857,7 +817,7 @@ private:
                 t += hp[c];
                 k += hp[nchunks_ + c];
             }
-            host_models_[i].f = (t >= 1e-7 && k >= 1e-7) ? t / k : 1.0;
+            host_models_[i].f = l1_factor(t, k);
         }
     }
 
