@@ -1,4 +1,4 @@
-"""intN scale_search="mse": the encoder's clip search (decode unchanged, spec/codec.md decision)."""
+"""intN scale_search="mse": the encoder's clip search (decode unchanged; decision in docs/spec/codec.md)."""
 from __future__ import annotations
 
 import pytest
