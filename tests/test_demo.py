@@ -65,7 +65,7 @@ def test_demo_end_to_end_tiny(capsys):
     import importlib.util
 
     has_peft = importlib.util.find_spec("peft") is not None
-    rc = main(["demo", "--rows", "64", "--cols", "128", "--hidden", "64", "--layers", "1",
+    rc = main(["demo", "--model", "generated", "--rows", "64", "--cols", "128", "--hidden", "64", "--layers", "1",
                "--intermediate", "128", "--vocab", "128", "--batch", "5", "--prompt-len", "6",
                "--new-tokens", "4"] + (["--peft"] if has_peft else []))
     out = capsys.readouterr().out
@@ -85,7 +85,7 @@ def test_demo_fails_when_a_check_fails(capsys, monkeypatch):
 
     real = cli_demo.ties_config
     monkeypatch.setattr(cli_demo, "ties_config", lambda ds: real(ds).replace("density: 0.5", "density: 0.9", 1))
-    rc = main(["demo", "--skip", "tensors", "compress", "serve", "--hidden", "32", "--layers", "1",
+    rc = main(["demo", "--model", "generated", "--skip", "tensors", "compress", "serve", "--hidden", "32", "--layers", "1",
                "--intermediate", "64", "--vocab", "64"])
     out = capsys.readouterr().out
     assert rc == 1 and "FAILED: model merge" in out
@@ -94,6 +94,20 @@ def test_demo_fails_when_a_check_fails(capsys, monkeypatch):
 def test_demo_rejects_bad_sizes(capsys):
     from lfm_engine.cli import main
 
-    assert main(["demo", "--hidden", "30", "--batch", "0"]) == 2
+    assert main(["demo", "--model", "generated", "--hidden", "30", "--batch", "0"]) == 2
     err = capsys.readouterr().err
     assert "--batch must be >= 1" in err and "--hidden must be a multiple of 4" in err
+
+
+def test_demo_without_the_example_model_says_how_to_fetch_it(capsys, monkeypatch, tmp_path):
+    """auto with an empty cache: the fetch hint, then the generated-weights demo (no network)."""
+    from lfm_engine.cli import main
+
+    monkeypatch.setenv("LFM_ENGINE_CACHE", str(tmp_path))
+    rc = main(["demo", "--skip", "tensors", "compress", "serve", "--hidden", "32", "--layers", "1",
+               "--intermediate", "64", "--vocab", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "lfm-engine fetch-example-model" in out and "generated weights" in out and "[2/4]" in out
+    assert main(["demo", "--model", "example", "--cache-dir", str(tmp_path)]) == 2
+    assert "fetch-example-model" in capsys.readouterr().err

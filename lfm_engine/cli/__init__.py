@@ -1,6 +1,7 @@
 """lfm-engine: command line front end.
 
     lfm-engine demo                          run the built-in example (start here)
+    lfm-engine fetch-example-model           fetch + convert SmolLM2-135M-Instruct into the cache
     lfm-engine merge CONFIG.yml OUT          merge models from a mergekit-style YAML
     lfm-engine extract-lora BASE FT OUT      extract a LoRA adapter from a fine-tune (--rank R)
     lfm-engine moe CONFIG.yml OUT            build a Mixtral MoE from dense fine-tunes (mergekit-moe)
@@ -25,6 +26,7 @@ import sys
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMAND_MODULES = [
     "lfm_engine.cli.demo",
+    "lfm_engine.cli.fetch_example_model",
     "lfm_engine.cli.merge",
     "lfm_engine.cli.extract_lora",
     "lfm_engine.cli.moe",

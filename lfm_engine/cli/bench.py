@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-SUITE_ORDER = ["merge", "merge_gpu", "lora", "codec", "merge_models", "serve"]
+SUITE_ORDER = ["merge", "merge_gpu", "lora", "codec", "merge_models", "serve", "quality"]
 
 # Arguments per size. None = the suite's own defaults.
 PRESETS: Dict[str, Dict[str, Optional[List[str]]]] = {
@@ -52,6 +52,7 @@ PRESETS: Dict[str, Dict[str, Optional[List[str]]]] = {
         "codec": ["--size", "1024", "--quality-shape", "256", "1024", "--slots", "4", "--tokens", "8"],
         "merge_models": ["--size", "small", "--methods", "ties", "--no-fp32-check"],
         "serve": ["--quick"],
+        "quality": ["--quick"],
     },
     "standard": {name: [] for name in SUITE_ORDER},
     "full": {name: ([] if name != "merge_gpu" else ["--stream"]) for name in SUITE_ORDER},
@@ -66,9 +67,10 @@ BASELINES = {
     "codec": ["torch reference", "separate models", "decode+matmul"],
     "merge_models": ["mergekit"],
     "serve": ["peft"],
+    "quality": [],
 }
 # Suites whose bytes are not a bandwidth-bound kernel's traffic: left out of panel 1.
-NO_BANDWIDTH = {"merge_models", "serve"}
+NO_BANDWIDTH = {"merge_models", "serve", "quality"}
 
 
 class SuiteError(RuntimeError):
@@ -152,6 +154,15 @@ def _skip_reason(name: str) -> Optional[str]:
     if name == "merge_gpu" and not _cuda_available():
         return "no CUDA GPU on this machine"
     if name == "serve":
+        missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"needs {' and '.join(missing)} (pip install \"lfm_engine[test]\")"
+    if name == "quality":
+        from lfm_engine.models import example, finetunes
+
+        if not example.is_cached() or not finetunes.is_built(finetunes.finetunes_dir()):
+            return ("needs the example model and its fine-tunes (lfm-engine fetch-example-model; "
+                    "python tools/build_example_finetunes.py)")
         missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
         if missing:
             return f"needs {' and '.join(missing)} (pip install \"lfm_engine[test]\")"

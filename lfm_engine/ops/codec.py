@@ -37,6 +37,7 @@ from lfm_engine.reference.codec import CODECS, CodecError
 NATIVE_CODECS = {"sign1": 0, "int8": 1, "int4": 2, "int2": 3}
 _NATIVE_OPTIONS = {"sign1": {"per_tensor", "scale_dtype"}, "int8": {"group_size", "scale_dtype"},
                    "int4": {"group_size", "scale_dtype"}, "int2": {"group_size", "scale_dtype"}}
+# (intN also take scale_search="absmax" natively; "mse" is encoded by the reference, decoded by any backend)
 
 
 @dataclass
@@ -89,6 +90,10 @@ def _check_tensor(t, what: str) -> torch.Tensor:
 
 
 def _encode_native(delta: torch.Tensor, codec: str, options: dict, n_threads: int) -> tuple[dict, dict]:
+    if codec in ref.QMAX and options.get("scale_search", "absmax") != "absmax":
+        raise CodecError(f"{codec}: scale_search={options['scale_search']!r} runs in the reference encoder "
+                         "(backend='reference' or no backend); the C++ encoder uses absmax scales")
+    options = {k: v for k, v in options.items() if k != "scale_search"}
     unknown = set(options) - _NATIVE_OPTIONS[codec]
     if unknown:
         raise CodecError(f"{codec}: unknown option(s) {', '.join(sorted(unknown))} "
@@ -143,6 +148,8 @@ def encode_delta(delta: torch.Tensor, codec: str, *, backend: Optional[str] = No
         raise ValueError(f"encode_delta: the encoders run on the CPU; delta is on {delta.device}")
     if codec not in NATIVE_CODECS and backend is None:
         backend = "reference"  # the only implementation of this codec (see module docstring)
+    if codec in ref.QMAX and options.get("scale_search", "absmax") != "absmax" and backend is None:
+        backend = "reference"  # the clip search is an encoder option of the reference only
     # no GPU encoder: a CUDA tensor needs an explicit backend (encoding is offline work)
     name = pick_backend("encode_delta", ENCODE_BACKENDS, delta.device, backend, {"cpu": "cpu"})
     if name == "cpu" and codec not in NATIVE_CODECS:

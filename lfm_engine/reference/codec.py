@@ -69,6 +69,7 @@ from lfm_engine.reference.merge import magnitude_mask, random_mask
 from lfm_engine.reference.philox import stream_id
 
 QMAX = {"int8": 127, "int4": 7, "int2": 1}
+MSE_CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # scale_search="mse": fractions of absmax tried
 BITS = {"int8": 8, "int4": 4, "int2": 2}
 # the dtypes a codec's scales may be stored in (names and torch types: lfm_engine/io/dtypes.py)
 SCALE_DTYPES = {d.name: d.torch for d in (_dt.FLOAT16, _dt.FLOAT32, _dt.BFLOAT16)}
@@ -226,13 +227,37 @@ def decode_sign1(fields: dict, shape, meta: dict) -> torch.Tensor:
 # int8 / int4 / int2, group-wise along cols
 
 
-def _quantize_groups(d: torch.Tensor, qmax: int, g: int, sdt: torch.dtype, what: str):
-    """d [rows, cols] float32 -> (q int32 [rows, cols], scales sdt [rows, ceil(cols/g)])."""
+def _quantize_groups(d: torch.Tensor, qmax: int, g: int, sdt: torch.dtype, what: str, scale_search: str = "absmax"):
+    """d [rows, cols] float32 -> (q int32 [rows, cols], scales sdt [rows, ceil(cols/g)]).
+
+    scale_search "absmax": s = absmax / qmax (the spec's scale; nothing is clipped).
+    "mse": s = c * absmax / qmax for the c in MSE_CLIP_GRID (1.0, 0.95, ..., 0.5) whose
+    rounded scale gives the smallest group error sum (q*s - d)^2 (ties: the larger c), the
+    HQQ/AWQ-style clip search; the few largest entries are then clipped to +-qmax*s.
+    The decoder is the same for both (q * s).
+    """
     rows, cols = d.shape
     ng = (cols + g - 1) // g
     padded = torch.nn.functional.pad(d, (0, ng * g - cols)).reshape(rows, ng, g)
     absmax = padded.abs().amax(dim=-1) if cols else torch.zeros(rows, 0)
-    scales = _round_scale(absmax / float(qmax), sdt, what)
+    if scale_search not in ("absmax", "mse"):
+        raise CodecError(f"{what}: scale_search must be 'absmax' or 'mse', got {scale_search!r}")
+    grid = (1.0,) if scale_search == "absmax" else MSE_CLIP_GRID
+    scales, best = None, None
+    for c in grid:
+        cand = _round_scale(absmax * c / float(qmax), sdt, what)
+        if len(grid) == 1:
+            scales = cand
+            break
+        s = cand.to(torch.float32).unsqueeze(-1)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        err = (torch.round(padded / safe).clamp_(-qmax, qmax) * s - padded).square().sum(-1)
+        if best is None:
+            scales, best = cand, err
+        else:
+            better = err < best
+            scales = torch.where(better, cand, scales)
+            best = torch.where(better, err, best)
     s = scales.to(torch.float32).unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.round(padded / safe).clamp_(-qmax, qmax)
@@ -253,13 +278,15 @@ def _check_group(group_size) -> int:
     return g
 
 
-def encode_int(delta: torch.Tensor, codec: str, *, group_size: int = 128, scale_dtype="float16") -> tuple[dict, dict]:
+def encode_int(delta: torch.Tensor, codec: str, *, group_size: int = 128, scale_dtype="float16",
+               scale_search: str = "absmax") -> tuple[dict, dict]:
+    """scale_search: "absmax" (the spec's scale) or "mse" (clip search, see _quantize_groups)."""
     if codec not in QMAX:
         raise CodecError(f"unknown integer codec '{codec}'")
     g = _check_group(group_size)
     sdt = _scale_dtype(scale_dtype)
     d = as_matrix(check_delta(delta))
-    q, scales = _quantize_groups(d, QMAX[codec], g, sdt, codec)
+    q, scales = _quantize_groups(d, QMAX[codec], g, sdt, codec, scale_search)
     meta = {"group_size": g, "scale_dtype": str(sdt).replace("torch.", "")}
     if codec == "int8":
         return {"q": q.to(torch.int8), "scales": scales}, meta
