@@ -178,18 +178,31 @@ def test_client_disconnect_cancels_and_frees_the_row(srv):
     eng = run.app.engine
     before = eng.stats()["cancelled"]
     body = dict(model="a", prompt=[1, 2], max_tokens=100, temperature=0, ignore_eos=True, stream=True)
-    with httpx.Client(base_url=run.url, timeout=30) as hc:
-        with hc.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            eng._step_lock.acquire()  # hold the engine while the client goes away
+    fast_step = eng.step
+
+    def slow_step():
+        # the tiny model makes 100 tokens in well under the time between the first chunk and
+        # the lock below; a pause per step keeps the request running until the client leaves
+        time.sleep(0.02)
+        return fast_step()
+
+    eng.step = slow_step
     try:
-        deadline = time.monotonic() + 10
-        while not all(s.handle.cancelled for s in eng._running) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        with httpx.Client(base_url=run.url, timeout=30) as hc:
+            with hc.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                eng._step_lock.acquire()  # hold the engine while the client goes away
+        try:
+            assert eng._running, "the request finished before the client went away"
+            deadline = time.monotonic() + 10
+            while not all(s.handle.cancelled for s in eng._running) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            eng._step_lock.release()
     finally:
-        eng._step_lock.release()
+        del eng.step
     deadline = time.monotonic() + 10
     while eng.stats()["cancelled"] == before and time.monotonic() < deadline:
         time.sleep(0.02)
