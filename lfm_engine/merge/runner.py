@@ -561,22 +561,62 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     out_dir = os.path.abspath(os.fspath(out_dir))
     staged = stages.load_stages(config_or_path)
     if staged is not None:
-        if os.path.lexists(out_dir) and not allow_overwrite:
-            raise C.MergeConfigErrors([f"output folder '{out_dir}' already exists "
-                                       f"(use --allow-overwrite to replace it)"])
+        return _merge_stages(staged, out_dir, t0, device=device, threads=threads, out_shard_size=out_shard_size,
+                             seed=seed, allow_overwrite=allow_overwrite, dry_run=dry_run, quiet=quiet,
+                             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                             intermediate_dir=intermediate_dir)
+    cfg, plan, shard_bytes, dev = _check_and_plan(config_or_path, out_dir, device, threads, out_shard_size,
+                                                  seed, allow_overwrite)
+    for w in cfg.warnings + plan.warnings:
+        warnings.warn(w, MergeWarning, stacklevel=2)
 
-        def run_one(cfg_dict, out, dry):
-            return merge_models(cfg_dict, out, device=device, threads=threads,
-                                out_shard_size=out_shard_size, seed=seed,
-                                allow_overwrite=allow_overwrite if out == out_dir else False,
-                                dry_run=dry, quiet=quiet, copy_tokenizer=copy_tokenizer,
-                                write_model_card=write_model_card)
-        res = stages.run_stages(staged[0], staged[1], out_dir, intermediate_dir, run_one, dry_run)
-        if res is None:  # dry run whose final stage reads earlier outputs
-            res = MergeResult(out_dir, "stages", 0, 0, 0, time.perf_counter() - t0, _peak_rss(), 0, True,
-                              [], f"{len(staged[0])} stages checked; the final stage reads earlier "
-                                  f"stages' outputs, so its tensors were not planned")
-        return res
+    layout = plan_shards([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_bytes)
+    if dry_run:
+        text = plan.describe() + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
+        return MergeResult(out_dir, cfg.method, len(plan.tasks), plan.input_bytes, plan.output_bytes,
+                           time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
+                           cfg.warnings + list(plan.warnings), text)
+
+    n_threads = 0  # 0: the C++ library's default (LFM_NUM_THREADS or all cores)
+    if threads is not None:
+        n_threads = int(threads)
+        if not native_method(cfg.method) or dev.type == "cuda":
+            import torch
+
+            torch.set_num_threads(n_threads)  # for the torch-implemented methods
+    late_warns: List[str] = []
+    bytes_read, bytes_written = _stream_merge(cfg, plan, layout, out_dir, dev, n_threads, quiet, late_warns,
+                                              copy_tokenizer, write_model_card)
+    for w in late_warns:
+        warnings.warn(w, MergeWarning, stacklevel=2)
+    res = MergeResult(out_dir, cfg.method, len(plan.tasks), bytes_read, bytes_written,
+                      time.perf_counter() - t0, _peak_rss(), len(layout.files), False,
+                      cfg.warnings + list(plan.warnings) + late_warns)
+    if not quiet:
+        print(res.summary(), file=sys.stderr)
+    return res
+
+
+def _merge_stages(staged, out_dir: str, t0: float, *, intermediate_dir, dry_run: bool, **opts) -> MergeResult:
+    """A multi-document config: each stage through merge_models, in dependency order."""
+    if os.path.lexists(out_dir) and not opts["allow_overwrite"]:
+        raise C.MergeConfigErrors([f"output folder '{out_dir}' already exists "
+                                   f"(use --allow-overwrite to replace it)"])
+
+    def run_one(cfg_dict, out, dry):
+        return merge_models(cfg_dict, out, **{**opts, "allow_overwrite": opts["allow_overwrite"] and out == out_dir},
+                            dry_run=dry)
+    res = stages.run_stages(staged[0], staged[1], out_dir, intermediate_dir, run_one, dry_run)
+    if res is None:  # dry run whose final stage reads earlier outputs
+        res = MergeResult(out_dir, "stages", 0, 0, 0, time.perf_counter() - t0, _peak_rss(), 0, True,
+                          [], f"{len(staged[0])} stages checked; the final stage reads earlier "
+                              f"stages' outputs, so its tensors were not planned")
+    return res
+
+
+def _check_and_plan(config_or_path, out_dir: str, device, threads, out_shard_size, seed, allow_overwrite):
+    """(config, plan, shard bytes, device) once every problem of the options, the config and
+    the folders is known; all of them are raised together as one MergeConfigErrors."""
     pre_errors: List[str] = []
     try:
         shard_bytes = parse_size(out_shard_size)
@@ -619,28 +659,18 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
             pre_errors.append(str(e))
     if pre_errors:
         raise C.MergeConfigErrors(pre_errors)
-    for w in cfg.warnings + plan.warnings:
-        warnings.warn(w, MergeWarning, stacklevel=2)
+    return cfg, plan, shard_bytes, dev
 
-    layout = plan_shards([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_bytes)
-    if dry_run:
-        text = plan.describe() + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
-        return MergeResult(out_dir, cfg.method, len(plan.tasks), plan.input_bytes, plan.output_bytes,
-                           time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
-                           cfg.warnings + list(plan.warnings), text)
 
-    n_threads = 0  # 0: the C++ library's default (LFM_NUM_THREADS or all cores)
-    if threads is not None:
-        n_threads = int(threads)
-        if not native_method(cfg.method) or dev.type == "cuda":
-            import torch
-
-            torch.set_num_threads(n_threads)  # for the torch-implemented methods
+def _stream_merge(cfg, plan, layout, out_dir: str, dev, n_threads: int, quiet: bool, late_warns: List[str],
+                  copy_tokenizer: bool, write_model_card: bool):
+    """Read, merge and write every tensor into a temporary sibling of out_dir (read-ahead and
+    writing on their own threads), add the side files, then publish it by rename; on any
+    failure or interrupt nothing is left. -> (bytes read, bytes written)."""
     tmp = make_temp_dir(out_dir)  # also sweeps temporaries of runs killed mid-merge
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary folder
-    late_warns: List[str] = []
     writer = None
     aw = None
     pf = None
@@ -670,13 +700,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
         _write_side_files(plan, tmp, cfg.output_dtype or _dominant_float_dtype(plan), late_warns,
                           copy_tokenizer, write_model_card)
         bar.close()
-        if os.path.lexists(out_dir):  # allow_overwrite: swap only now that the new one is complete
-            old = make_temp_dir(out_dir, "old")
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        _publish(tmp, out_dir)
     except BaseException:
         if pf is not None:
             pf.close()
@@ -691,11 +715,16 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
     finally:
         if pf is not None:
             pf.close()
-    for w in late_warns:
-        warnings.warn(w, MergeWarning, stacklevel=2)
-    res = MergeResult(out_dir, cfg.method, len(plan.tasks), bytes_read, writer.bytes_written,
-                      time.perf_counter() - t0, _peak_rss(), len(layout.files), False,
-                      cfg.warnings + list(plan.warnings) + late_warns)
-    if not quiet:
-        print(res.summary(), file=sys.stderr)
-    return res
+    return bytes_read, writer.bytes_written
+
+
+def _publish(tmp: str, out_dir: str) -> None:
+    """Rename the complete temporary folder to out_dir; an existing out_dir (allow_overwrite)
+    is swapped out only now that the new one is complete."""
+    if os.path.lexists(out_dir):
+        old = make_temp_dir(out_dir, "old")
+        os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
