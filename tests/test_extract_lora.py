@@ -116,7 +116,7 @@ def test_embeddings_saved_in_full_by_default(embed_pair, tmp_path, capsys):
     assert cli_main(["extract-lora", b, f, str(out), "--rank", "3"]) == 0
     assert "saved  full" in capsys.readouterr().out
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["modules_to_save"] == ["embed_tokens", "lm_head"] and "embed_tokens" not in cfg["target_modules"]
+    assert cfg["modules_to_save"] == ["lm_head", "model.embed_tokens"] and "embed_tokens" not in cfg["target_modules"]
     report = {r["module"]: r for r in json.loads((out / "extraction_report.json").read_text())}
     assert report["model.embed_tokens"]["kind"] == "saved" and report["model.embed_tokens"]["rank"] is None
     assert report["lm_head"]["rel_error"] == 0.0
@@ -163,7 +163,7 @@ def test_exclude_save_module_and_include_options(embed_pair, tmp_path, capsys):
     report = {r["module"]: r["kind"] for r in json.loads((out / "extraction_report.json").read_text())}
     assert report == {**{f"model.layers.{i}.self_attn.q_proj": "lora" for i in range(2)},
                       **{f"model.layers.{i}.self_attn.o_proj": "saved" for i in range(2)}}
-    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["o_proj"]
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
     assert cli_main(["extract-lora", b, f, str(tmp_path / "o"), "--rank", "3", "--save-module", "nope"]) == 2
     assert "--save-module nope: no 2-D weight" in capsys.readouterr().err
     assert cli_main(["extract-lora", b, f, str(tmp_path / "o"), "--rank", "3", "-e", "("]) == 2
@@ -183,3 +183,20 @@ def test_grown_vocabulary_is_saved_in_full(embed_pair, tmp_path, capsys):
     assert "resize the base's embeddings" in capsys.readouterr().out
     t = load_folder(str(out))
     assert t["base_model.model.model.embed_tokens.weight"].shape == (72, cfg["hidden_size"])
+
+
+def test_changed_norms_saved_unless_skip_undecomposable(pair, tmp_path):
+    b, f, _ = pair
+    tensors = load_folder(f)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.1
+    cfg = llama_config(hidden=32, layers=2, intermediate=48, vocab=64)
+    f2 = write_model(str(tmp_path / "ft_norm"), cfg, tensors)
+    out = tmp_path / "n"
+    assert cli_main(["extract-lora", b, f2, str(out), "--rank", "3", "--quiet"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["model.norm"]
+    transformers = pytest.importorskip("transformers")
+    assert_same_logits(_peft_model(b, out), transformers.AutoModelForCausalLM.from_pretrained(f2),
+                       [1, 5, 9, 2], 1e-3, 1e-4)
+    out2 = tmp_path / "n2"
+    assert cli_main(["extract-lora", b, f2, str(out2), "--rank", "3", "--quiet", "--skip-undecomposable"]) == 0
+    assert json.loads((out2 / "adapter_config.json").read_text())["modules_to_save"] is None

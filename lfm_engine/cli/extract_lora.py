@@ -5,7 +5,7 @@ embeddings and lm_head saved in full (modules_to_save) or, with --embed-lora, as
 low-rank factors (lfm_engine.merge.extract_lora), and prints per module how it was
 stored, its rank and relative error. mergekit's option names are accepted
 (--max-rank, --embed-lora/--no-embed-lora, --save-module, -e/--exclude-regex,
--i/--include-regex).
+-i/--include-regex, --skip-undecomposable).
 Exit status: 0 success, 2 bad inputs or options, 1 a failure while extracting
 (no output folder is left behind), 130 interrupted.
 """
@@ -34,6 +34,9 @@ def add_parser(subparsers):
                    help="leave out modules whose name matches (re.search); repeatable")
     p.add_argument("-i", "--include-regex", dest="include_regexes", action="append", default=[], metavar="RE",
                    help="extract only linear layers whose name matches one of these; repeatable")
+    p.add_argument("--skip-undecomposable", action="store_true",
+                   help="leave out changed weights that are not linear layers (norms) instead of "
+                        "saving them in full")
     p.add_argument("--include-lm-head", action="store_true",
                    help="extract lm_head low-rank (as a linear layer) instead of saving it in full")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD sketch")
@@ -51,6 +54,7 @@ def run(args) -> int:
                                          embed_lora=args.embed_lora, save_modules=args.save_modules,
                                          exclude_regexes=args.exclude_regexes,
                                          include_regexes=args.include_regexes,
+                                         skip_undecomposable=args.skip_undecomposable,
                                          seed=args.seed, allow_overwrite=args.allow_overwrite),
                          "extraction", (ExtractError,))
     if rc:

@@ -6,7 +6,7 @@ Every 2-D floating ``*.weight`` of the base is one of (module = the name without
 
 * an input embedding (``embed_tokens``, ``wte``, ``wpe``, ``word_embeddings``,
   ``embed_in``: PEFT's nn.Embedding) or the output embedding (``lm_head``, ``embed_out``);
-* a norm (``norm``, ``ln_``): never adapted;
+* a norm (``norm``, ``ln_``) or any other weight that is not 2-D: not decomposable;
 * otherwise a linear layer.
 
 What happens to a module (first rule that applies, mergekit's order):
@@ -22,7 +22,11 @@ What happens to a module (first rule that applies, mergekit's order):
    ``include_lm_head`` (kept from earlier releases) extracts lm_head low-rank alone;
 3. excluded by an ``exclude`` regex or not matched by any ``include`` regex
    (``re.search`` on the module name): left out;
-4. a linear layer: low-rank.
+4. not decomposable (norms): saved in full as ``modules_to_save`` when its weight
+   changed (mergekit saves them always), left out with ``skip_undecomposable``;
+5. a linear layer: low-rank. Its bias, if the fine-tune changed it, is not carried
+   (mergekit writes ``lora_B.bias``, which PEFT reads only with ``lora_bias``): the
+   report notes it.
 
 Low rank, one module at a time (streaming):
 
@@ -41,7 +45,8 @@ is exact even though only ``rank`` values are computed); modules whose delta is 
 left out. The report gives, per module, how it was stored, the rank and the relative
 error ‖D − BA‖_F / ‖D‖_F (0 for modules saved in full). Output: a PEFT LoRA folder
 (adapter_config.json with rank_pattern/alpha_pattern where ranks differ and
-modules_to_save, adapter_model.safetensors, extraction_report.json), written to a
+modules_to_save by full module name, adapter_model.safetensors,
+extraction_report.json), written to a
 temporary sibling and renamed when complete.
 """
 from __future__ import annotations
@@ -97,10 +102,11 @@ def _compile(patterns: Sequence[str], flag: str) -> List[re.Pattern]:
 
 
 def _targets(base: ModelFolder, ft: ModelFolder, *, include_lm_head: bool, embed_lora: bool,
-             save_modules: Sequence[str], exclude, include, errors: List[str]) -> List[_Target]:
+             save_modules: Sequence[str], skip_undecomposable: bool, exclude, include,
+             errors: List[str]) -> List[_Target]:
     out = []
     for n, info in base.tensors.items():
-        if not n.endswith(".weight") or len(info.shape) != 2 or not info.dtype.is_floating_point:
+        if not n.endswith(".weight") or not info.dtype.is_floating_point:
             continue
         module = n[:-len(".weight")]
         key = module.rsplit(".", 1)[-1]
@@ -111,6 +117,7 @@ def _targets(base: ModelFolder, ft: ModelFolder, *, include_lm_head: bool, embed
         same = tuple(other.shape) == tuple(info.shape)
         is_embed, is_head = bool(EMBED_RE.search(n)), bool(LM_HEAD_RE.search(n))
         excluded = any(r.search(module) for r in exclude)
+        linear = len(info.shape) == 2 and not NORM_RE.search(module)
         if module in save_modules or key in save_modules:
             out.append(_Target(n, SAVED))
         elif (is_embed or is_head) and not excluded:
@@ -121,13 +128,14 @@ def _targets(base: ModelFolder, ft: ModelFolder, *, include_lm_head: bool, embed
                 out.append(_Target(n, EMBED_LORA if is_embed else LORA))
             else:
                 out.append(_Target(n, SAVED))
-        elif is_embed or is_head or excluded or NORM_RE.search(module) or (
-                include and not any(r.search(module) for r in include)):
+        elif is_embed or is_head or excluded or (include and not any(r.search(module) for r in include)):
             continue
         elif not same:
             errors.append(f"'{n}': the fine-tune has shape {list(other.shape)}, the base {list(info.shape)}")
-        else:
+        elif linear:
             out.append(_Target(n, LORA))
+        elif not skip_undecomposable:
+            out.append(_Target(n, SAVED))
     return out
 
 
@@ -150,7 +158,7 @@ def _low_rank(d: torch.Tensor, total: float, rank: int, energy: Optional[float],
 def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Optional[float] = None,
             include_lm_head: bool = False, embed_lora: bool = False, save_modules: Sequence[str] = (),
             exclude_regexes: Sequence[str] = (), include_regexes: Sequence[str] = (),
-            seed: int = 0, allow_overwrite: bool = False) -> List[ModuleResult]:
+            skip_undecomposable: bool = False, seed: int = 0, allow_overwrite: bool = False) -> List[ModuleResult]:
     """Write the adapter to ``out_dir``; return the per-module report (see module doc)."""
     from lfm_engine.io.safetensors import save_tensors
 
@@ -166,7 +174,8 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
     base, ft = ModelFolder(base_path), ModelFolder(ft_path)
     errors: List[str] = []
     targets = _targets(base, ft, include_lm_head=include_lm_head, embed_lora=embed_lora,
-                       save_modules=set(save_modules), exclude=exclude, include=include, errors=errors)
+                       save_modules=set(save_modules), skip_undecomposable=skip_undecomposable,
+                       exclude=exclude, include=include, errors=errors)
     named = {t.name[:-len(".weight")] for t in targets} | {t.name[:-len(".weight")].rsplit(".", 1)[-1] for t in targets}
     for s in save_modules:
         if s not in named:
@@ -205,7 +214,12 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
             A, B, err = _low_rank(d, d_total, rank, energy, seed)
             tensors[f"base_model.model.{module}.lora_A.weight"] = A
             tensors[f"base_model.model.{module}.lora_B.weight"] = B
-        report.append(ModuleResult(module, tuple(d.shape), A.shape[0], err, t.kind))
+        note = None
+        bias = f"{module}.bias"
+        if bias in base.tensors and bias in ft.tensors and not torch.equal(
+                read_tensor(base.tensors[bias]), read_tensor(ft.tensors[bias])):
+            note = "its bias changed too; bias deltas are not carried (PEFT lora_bias is not written)"
+        report.append(ModuleResult(module, tuple(d.shape), A.shape[0], err, t.kind, note))
     lora = [m for m in report if m.kind != SAVED]
     if not report:
         raise ExtractError("the fine-tune equals the base in every extracted module: nothing to extract")
@@ -215,7 +229,9 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
     cfg = {"peft_type": "LORA", "r": r_top, "lora_alpha": r_top,
            "rank_pattern": rank_pattern, "alpha_pattern": dict(rank_pattern),  # scale 1 everywhere
            "target_modules": sorted({m.module.rsplit(".", 1)[-1] for m in lora}),
-           "modules_to_save": sorted({m.module.rsplit(".", 1)[-1] for m in report if m.kind == SAVED}) or None,
+           # full module names: PEFT matches by suffix, and a last part ("norm") would also
+           # claim modules that have no saved tensor (input_layernorm), which PEFT refuses
+           "modules_to_save": sorted(m.module for m in report if m.kind == SAVED) or None,
            "use_rslora": False, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
            "task_type": "CAUSAL_LM", "inference_mode": True,
            "base_model_name_or_path": os.path.abspath(base_path)}
