@@ -200,3 +200,33 @@ def test_changed_norms_saved_unless_skip_undecomposable(pair, tmp_path):
     out2 = tmp_path / "n2"
     assert cli_main(["extract-lora", b, f2, str(out2), "--rank", "3", "--quiet", "--skip-undecomposable"]) == 0
     assert json.loads((out2 / "adapter_config.json").read_text())["modules_to_save"] is None
+
+
+@pytest.mark.parametrize("embed_lora", [False, True])
+def test_same_deltas_as_mergekit_extract_lora(embed_pair, tmp_path, embed_lora):
+    """mergekit-extract-lora 0.1.5 (full SVD) on the same pair: the same B @ A per module
+    (factors may differ by the SVD's signs) and the same embeddings saved in full."""
+    import subprocess
+    b, f, _, _, _ = embed_pair
+    try:
+        import mergekit.scripts.extract_lora  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"mergekit-extract-lora is not importable here (optional test dependency): {e}")
+    mk = tmp_path / "mk"
+    flag = ["--embed-lora"] if embed_lora else []
+    r = subprocess.run([sys.executable, "-m", "mergekit.scripts.extract_lora", "--model", f, "--base-model", b,
+                        "--out-path", str(mk), "--max-rank", "3", *flag], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if r.returncode:
+        pytest.skip(f"mergekit-extract-lora failed here: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+    out = tmp_path / "ours"
+    assert cli_main(["extract-lora", b, f, str(out), "--max-rank", "3", "--quiet", *flag]) == 0
+    a, m = load_folder(str(out)), load_folder(str(mk))
+    for k in a:
+        if k.endswith(("lora_A.weight", "lora_embedding_A")):
+            kb = k.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+            torch.testing.assert_close(a[kb] @ a[k], m[kb] @ m[k], rtol=1e-4, atol=1e-6, msg=k)
+        elif not k.endswith(("lora_B.weight", "lora_embedding_B")):
+            torch.testing.assert_close(a[k], m[k], rtol=0, atol=0, msg=k)     # saved in full
+    # mergekit also saves the unchanged norms; every module it decomposes, we do too
+    assert {k for k in m if "lora" in k} == {k for k in a if "lora" in k}
