@@ -19,20 +19,26 @@ from lfm_engine.merge.lora_merge import adapter_delta, load_peft_adapter  # noqa
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("extract")
-    cfg = llama_config(hidden=32, layers=2, intermediate=48, vocab=64)
-    base = random_weights(cfg, 0)
-    g = torch.Generator().manual_seed(1)
+def _rank3_finetune(base, changes, seed):
+    """(fine-tune, {module: delta}): rank-3 deltas on the tensors where changes(name, w)."""
+    g = torch.Generator().manual_seed(seed)
     ft, deltas = {}, {}
     for n, w in base.items():
-        if any(f".{m}." in n for m in LINEAR):
+        if changes(n, w):
             d = torch.randn(w.shape[0], 3, generator=g) @ torch.randn(3, w.shape[1], generator=g) * 0.01
             deltas[n[:-len(".weight")]] = d
             ft[n] = w + d
         else:
             ft[n] = w.clone()
+    return ft, deltas
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    cfg = llama_config(hidden=32, layers=2, intermediate=48, vocab=64)
+    base = random_weights(cfg, 0)
+    ft, deltas = _rank3_finetune(base, lambda n, w: any(f".{m}." in n for m in LINEAR), 1)
     return (write_model(str(root / "base"), cfg, base), write_model(str(root / "ft"), cfg, ft), deltas)
 
 
@@ -94,13 +100,7 @@ def embed_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("extract_embed")
     cfg = llama_config(hidden=32, layers=2, intermediate=48, vocab=64)
     base = random_weights(cfg, 0)
-    g = torch.Generator().manual_seed(2)
-    ft = {}
-    for n, w in base.items():
-        if w.dim() == 2:
-            ft[n] = w + torch.randn(w.shape[0], 3, generator=g) @ torch.randn(3, w.shape[1], generator=g) * 0.01
-        else:
-            ft[n] = w.clone()
+    ft, _ = _rank3_finetune(base, lambda n, w: w.dim() == 2, 2)
     return write_model(str(root / "base"), cfg, base), write_model(str(root / "ft"), cfg, ft), cfg, base, ft
 
 
