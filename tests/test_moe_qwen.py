@@ -135,14 +135,15 @@ def test_llama_bases_get_zero_biases_and_seeded_random_gates(llama, tmp_path):
 
 @pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
 def test_hidden_router_rows_are_the_base_hidden_states(qwen2, tmp_path, mode):
-    """Reference: the base's hidden states entering each layer for BOS + prompt, left padded,
-    at the last token (hidden) or averaged over positions (hidden_avg), averaged over
+    """Reference: the base's hidden states entering each layer for BOS + prompt, left padded
+    with BOS, at the last token (hidden) or averaged over positions, padding included
+    (hidden_avg), averaged over
     prompts, positive minus negative, unit length."""
     rc, out = run_moe(_cfg(qwen2, mode), tmp_path, name=mode)
     assert rc == 0
     base = transformers.AutoModelForCausalLM.from_pretrained(qwen2[0], dtype=torch.float64)
     tok = transformers.AutoTokenizer.from_pretrained(qwen2[0])
-    tok.padding_side = "left"
+    tok.padding_side, tok.pad_token = "left", tok.bos_token       # mergekit pads with BOS
 
     def vec(prompts):
         t = tok(["<s>" + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -219,7 +220,7 @@ def test_base_tensor_without_a_place_is_refused(tmp_path, capsys):
     assert "'model.layers.0.self_attn.o_proj.bias' has no place in a Qwen2-MoE checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["qwen-cheap_embed", "qwen-random", "mixtral-cheap_embed"])
+@pytest.mark.parametrize("case", ["qwen-cheap_embed", "qwen-random", "mixtral-cheap_embed", "qwen-hidden_avg"])
 def test_same_tensors_as_mergekit_moe(qwen2, llama, tmp_path, case):
     """mergekit-moe 0.1.5 on the same config, offline. mergekit reads the shared expert
     through the loaders of the base and the experts, so the shared expert is the base."""
@@ -253,7 +254,9 @@ def test_same_tensors_as_mergekit_moe(qwen2, llama, tmp_path, case):
         a, b = load_folder(str(out)), load_folder(str(mk))
     assert set(a) == set(b)
     for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
+        # mergekit runs the model in bfloat16 for the hidden modes (8-bit mantissa); we in fp32
+        loose = mode.startswith("hidden") and (n.endswith("mlp.gate.weight") or "shared_expert_gate" in n)
+        torch.testing.assert_close(a[n], b[n], rtol=0 if loose else 1e-5, atol=3e-2 if loose else 1e-6, msg=n)
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (out, mk))
     keys = ("num_experts", "decoder_sparse_step", "norm_topk_prob", "moe_intermediate_size",
             "shared_expert_intermediate_size", "use_sliding_window", "qkv_bias") if arch == "qwen" else ("num_local_experts",)

@@ -9,8 +9,9 @@ For each expert (routed or shared) a vector per layer from its positive prompts 
   get_cheap_embedding), the same for every layer;
 * hidden / hidden_avg: the base model's hidden states entering each layer
   (transformers ``output_hidden_states``, the last one dropped) at the last token
-  (hidden) or averaged over positions (hidden_avg), averaged over prompts. Decision:
-  prompts are left-padded, so "the last token" is a prompt token, never padding;
+  (hidden) or averaged over all positions, padding included (hidden_avg, as mergekit),
+  averaged over prompts. Prompts are left-padded with BOS (EOS without one), as mergekit
+  pads them, so "the last token" is a prompt token, never padding;
 * random: standard normal; uniform_random: U(−1/√hidden, 1/√hidden), both drawn as
   one [layers, experts, hidden] tensor from ``torch.Generator().manual_seed(seed)``
   (the same numbers as mergekit after ``--random-seed``, which seeds torch globally),
@@ -32,9 +33,15 @@ GATE_MODES = PROMPT_MODES + RANDOM_MODES
 
 
 def _tokenize(tokenizer, prompts):
+    # mergekit pads with BOS (EOS without one), on the left; hidden_avg averages over the
+    # padded positions too, so the pad token is part of the definition
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.bos_token is not None:
+        tokenizer.pad_token = tokenizer.bos_token
+    elif tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
     return tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt",
                      padding=True, add_special_tokens=False)
 
