@@ -96,3 +96,16 @@ def test_moe_config_problems(models, tmp_path, capsys):
     rc, out = run_moe({"base_model": b, "gate_mode": "random", "experts": [{"source_model": str(tmp_path / "x")}]},
                   tmp_path)
     assert rc == 2 and "does not exist" in capsys.readouterr().err and not out.exists()
+
+
+def test_unroutable_configs_refused_as_mergekit_does(models, tmp_path, capsys):
+    b, f1, _ = models
+    same = [{"source_model": f1, "positive_prompts": ["w1"]}, {"source_model": f1, "positive_prompts": ["w1"]}]
+    rc, _ = run_moe({"base_model": b, "gate_mode": "cheap_embed", "experts": same}, tmp_path, "--dry-run")
+    err = capsys.readouterr().err
+    assert rc == 2 and "every expert has the same positive and negative prompts" in err
+    assert "every expert is the same model" in err and "--i-understand-this-is-not-useful-without-training" in err
+    same[1]["positive_prompts"] = ["w2"]
+    rc, _ = run_moe({"base_model": b, "gate_mode": "cheap_embed", "experts": same}, tmp_path, "--dry-run",
+                    "--i-understand-this-is-not-useful-without-training")
+    assert rc == 0 and "output: Mixtral (MixtralForCausalLM), 2 experts" in capsys.readouterr().out

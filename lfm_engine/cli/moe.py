@@ -22,6 +22,8 @@ def add_parser(subparsers):
                    help="seed of the random gate modes (default 0)")
     p.add_argument("--out-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same",
+                   action="store_true", help="allow every expert to be the same model (mergekit's flag)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the models, print the plan, write nothing")
     p.set_defaults(func=run)
@@ -34,7 +36,8 @@ def run(args) -> int:
     from lfm_engine.merge.moe import build_moe
     rc, plan = guarded(lambda: build_moe(args.config, args.out_dir, seed=args.seed,
                                          out_shard_size=shard_size(args.out_shard_size),
-                                         allow_overwrite=args.allow_overwrite, dry_run=args.dry_run), "moe")
+                                         allow_overwrite=args.allow_overwrite, dry_run=args.dry_run,
+                                         allow_all_same=args.allow_all_same), "moe")
     if rc:
         return rc
     if args.dry_run:

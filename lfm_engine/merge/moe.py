@@ -177,7 +177,24 @@ def _parse(path: str):
         errors.append(f"experts_per_token: must be an integer in [1, {max(1, len(experts))}], got {k!r}")
         k = 1
     base_path = C._resolve_path(base_ref, origin_dir) if base_ref else None
+    errors += _useless_config(mode, experts)
     return MoeConfig(base_ref, base_path, mode, dtype, int(k), experts, text, shared, arch), errors
+
+
+SAME_MODELS_FLAG = "--i-understand-this-is-not-useful-without-training"
+
+
+def _useless_config(mode: str, experts: List[Expert]) -> List[str]:
+    """mergekit's refusals of a MoE that cannot route (is_bad_config), outside gate_mode
+    random: every expert with the same prompts, or every expert the same model (the
+    latter allowed by SAME_MODELS_FLAG, checked by plan_moe)."""
+    if mode == "random" or len(experts) < 2:
+        return []
+    prompts = {(tuple(e.positive), tuple(e.negative)) for e in experts}
+    if len(prompts) == 1:
+        return ["experts: every expert has the same positive and negative prompts, so the router "
+                "cannot tell them apart (each expert's positive_prompts should show what goes to it)"]
+    return []
 
 
 def _open(ref: str, path: str, where: str, errors: List[str]):
@@ -199,7 +216,7 @@ def _mlp_mismatch(base, other, ref: str, where: str) -> Optional[str]:
     return None
 
 
-def plan_moe(config_path: str, other_errors=()) -> MoePlan:
+def plan_moe(config_path: str, other_errors=(), allow_all_same: bool = False) -> MoePlan:
     """Parse and check a mergekit-moe config and its models; raise MergeConfigErrors
     listing every problem found (config keys, folders, architecture, tensors), after
     ``other_errors`` (the caller's, e.g. about the output folder)."""
@@ -207,6 +224,10 @@ def plan_moe(config_path: str, other_errors=()) -> MoePlan:
     errors = list(other_errors) + errors
     if cfg is None:
         raise C.MergeConfigErrors(errors)
+    if (cfg.gate_mode != "random" and len(cfg.experts) > 1 and not allow_all_same
+            and len({os.path.realpath(e.path) for e in cfg.experts}) == 1):
+        errors.append(f"experts: every expert is the same model, which gives the base's outputs at a "
+                      f"higher cost; to build it anyway (to train it afterwards) pass {SAME_MODELS_FLAG}")
     base = _open(cfg.base_ref, cfg.base_path, "base_model", errors) if cfg.base_ref else None
     experts = [_open(e.ref, e.path, f"experts[{i}].source_model", errors) for i, e in enumerate(cfg.experts)]
     shared = [_open(e.ref, e.path, f"shared_experts[{i}].source_model", errors) for i, e in enumerate(cfg.shared)]
@@ -247,7 +268,7 @@ def plan_moe(config_path: str, other_errors=()) -> MoePlan:
 
 
 def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="5GB",
-              allow_overwrite: bool = False, dry_run: bool = False) -> MoePlan:
+              allow_overwrite: bool = False, dry_run: bool = False, allow_all_same: bool = False) -> MoePlan:
     """Write the MoE model (nothing with ``dry_run``); return the checked plan."""
     import torch
 
@@ -257,7 +278,7 @@ def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="
     out_dir = os.path.abspath(out_dir)
     exists = os.path.lexists(out_dir) and not allow_overwrite
     plan = plan_moe(config_path, [f"output folder '{out_dir}' already exists (use --allow-overwrite)"]
-                    if exists else [])
+                    if exists else [], allow_all_same)
     if dry_run:
         return plan
     cfg, base = plan.cfg, plan.base
