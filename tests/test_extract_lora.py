@@ -185,7 +185,7 @@ def test_grown_vocabulary_is_saved_in_full(embed_pair, tmp_path, capsys):
     assert t["base_model.model.model.embed_tokens.weight"].shape == (72, cfg["hidden_size"])
 
 
-def test_changed_norms_saved_unless_skip_undecomposable(pair, tmp_path):
+def test_changed_norms_saved_unless_skip_undecomposable(pair, tmp_path, capsys):
     b, f, _ = pair
     tensors = load_folder(f)
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.1
@@ -197,6 +197,9 @@ def test_changed_norms_saved_unless_skip_undecomposable(pair, tmp_path):
     transformers = pytest.importorskip("transformers")
     assert_same_logits(_peft_model(b, out), transformers.AutoModelForCausalLM.from_pretrained(f2),
                        [1, 5, 9, 2], 1e-3, 1e-4)
+    only = write_model(str(tmp_path / "ft_norm_only"), cfg, {**load_folder(b), "model.norm.weight": tensors["model.norm.weight"]})
+    assert cli_main(["extract-lora", b, only, str(tmp_path / "o"), "--rank", "3"]) == 2
+    assert "needs at least one low-rank module" in capsys.readouterr().err and not (tmp_path / "o").exists()
     out2 = tmp_path / "n2"
     assert cli_main(["extract-lora", b, f2, str(out2), "--rank", "3", "--quiet", "--skip-undecomposable"]) == 0
     assert json.loads((out2 / "adapter_config.json").read_text())["modules_to_save"] is None

@@ -223,6 +223,10 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
     lora = [m for m in report if m.kind != SAVED]
     if not report:
         raise ExtractError("the fine-tune equals the base in every extracted module: nothing to extract")
+    if not lora:
+        raise ExtractError(f"only modules saved in full changed ({', '.join(m.module for m in report)}); a PEFT "
+                           f"LoRA adapter needs at least one low-rank module (--embed-lora extracts "
+                           f"embeddings and lm_head low-rank)")
 
     r_top = max((m.rank for m in lora), default=1)
     rank_pattern = {re.escape(m.module): m.rank for m in lora if m.rank != r_top}
