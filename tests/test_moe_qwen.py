@@ -215,9 +215,11 @@ def test_base_tensor_without_a_place_is_refused(tmp_path, capsys):
     w = dense_weights(cfg, 0)
     w["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(32)
     paths = [write_model(str(tmp_path / n), cfg, finetune(w, i, 0.01)) for i, n in enumerate(("b", "f1", "f2", "f3"))]
-    rc, out = run_moe(_cfg(paths, "random"), tmp_path)
+    rc, out = run_moe(_cfg(paths, "random", experts_per_token=5), tmp_path)
+    err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
-    assert "'model.layers.0.self_attn.o_proj.bias' has no place in a Qwen2-MoE checkpoint" in capsys.readouterr().err
+    assert "'model.layers.0.self_attn.o_proj.bias' has no place in a Qwen2-MoE checkpoint" in err
+    assert "experts_per_token: must be an integer in [1, 2]" in err        # reported together
 
 
 @pytest.mark.parametrize("case", ["qwen-cheap_embed", "qwen-random", "mixtral-cheap_embed", "qwen-hidden_avg"])

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from lfm_engine.merge import config as C
+from lfm_engine.merge import lora_ref
 from lfm_engine.merge import moe_arch as A
 from lfm_engine.merge.moe_gates import GATE_MODES, PROMPT_MODES
 from lfm_engine.merge.outdir import staged_output
@@ -251,13 +252,19 @@ def plan_moe(config_path: str, other_errors=(), allow_all_same: bool = False) ->
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
             if not isinstance(bc.get(key), int):
                 errors.append(f"base_model: config.json has no integer '{key}'")
-        if arch is not None and not errors:
-            entries, lay_errors = A.layout(arch, base.tensors, len(cfg.experts), int(bc["hidden_size"]))
+        if not any(A.MLP_RE.match(n) for n in base.tensors) or "model.embed_tokens.weight" not in base.tensors:
+            errors.append(f"base_model: '{cfg.base_ref}' has no model.embed_tokens.weight or no "
+                          f"model.layers.N.mlp.gate_proj/up_proj/down_proj weights (Llama-style names)")
+        elif arch is not None and isinstance(bc.get("hidden_size"), int):
+            entries, lay_errors = A.layout(arch, base.tensors, len(cfg.experts), bc["hidden_size"])
             errors += lay_errors
             n = len(cfg.experts)
             if arch == A.QWEN and n & (n - 1):
                 warnings.append(f"{n} experts is not a power of two: llama.cpp cannot run this model "
                                 "(mergekit's warning)")
+        if cfg.gate_mode in ("hidden", "hidden_avg") and lora_ref.split(cfg.base_ref) is not None:
+            errors.append(f"base_model: gate_mode {cfg.gate_mode} runs the base in transformers, which "
+                          f"would not apply the adapter of '{cfg.base_ref}'; merge it into a folder first")
         if cfg.gate_mode in PROMPT_MODES and not any(
                 os.path.isfile(os.path.join(cfg.base_path, m)) for m in TOKENIZER_MARKERS):
             errors.append(f"base_model: gate_mode {cfg.gate_mode} tokenizes the prompts with the base's "
