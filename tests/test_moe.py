@@ -109,3 +109,20 @@ def test_unroutable_configs_refused_as_mergekit_does(models, tmp_path, capsys):
     rc, _ = run_moe({"base_model": b, "gate_mode": "cheap_embed", "experts": same}, tmp_path, "--dry-run",
                     "--i-understand-this-is-not-useful-without-training")
     assert rc == 0 and "output: Mixtral (MixtralForCausalLM), 2 experts" in capsys.readouterr().out
+
+
+def test_mergekit_moe_flags(models, tmp_path, capsys):
+    b, f1, f2 = models
+    cfg = {"base_model": b, "gate_mode": "random", "experts": [{"source_model": f1}, {"source_model": f2}]}
+    rc, out = run_moe(cfg, tmp_path, "--lazy-unpickle", "--no-copy-tokenizer", "--no-write-model-card",
+                      "-j", "1", "--random-seed", "3", "--out-shard-size", "500M", "-v")
+    assert rc == 0 and "note: --lazy-unpickle accepted, no effect" in capsys.readouterr().err
+    assert not (out / "tokenizer.json").exists() and not (out / "mergekit_moe_config.yml").exists()
+    assert (out / "config.json").exists()
+    rc, out = run_moe(cfg, tmp_path, "--load-in-4bit", name="q")
+    assert rc == 2 and "--load-in-4bit is not supported" in capsys.readouterr().err and not out.exists()
+    if not torch.cuda.is_available():
+        rc, _ = run_moe(cfg, tmp_path, "--cuda", name="c")
+        assert rc == 2 and "no CUDA device is available" in capsys.readouterr().err
+    rc, _ = run_moe(cfg, tmp_path, "--cuda", "--device", "cpu", name="c")
+    assert rc == 2 and "--cuda contradicts --device cpu" in capsys.readouterr().err

@@ -275,8 +275,12 @@ def plan_moe(config_path: str, other_errors=(), allow_all_same: bool = False) ->
 
 
 def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="5GB",
-              allow_overwrite: bool = False, dry_run: bool = False, allow_all_same: bool = False) -> MoePlan:
-    """Write the MoE model (nothing with ``dry_run``); return the checked plan."""
+              allow_overwrite: bool = False, dry_run: bool = False, allow_all_same: bool = False,
+              device: str = "cpu", copy_tokenizer: bool = True, write_config_copy: bool = True) -> MoePlan:
+    """Write the MoE model (nothing with ``dry_run``); return the checked plan. ``device``
+    runs the hidden gate modes; ``copy_tokenizer`` copies the base's tokenizer files;
+    ``write_config_copy`` writes the config as mergekit_moe_config.yml (mergekit's
+    --write-model-card)."""
     import torch
 
     from lfm_engine.io import dtypes
@@ -291,7 +295,7 @@ def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="
     cfg, base = plan.cfg, plan.base
     E = len(cfg.experts)
     gated = list(cfg.experts) + (list(cfg.shared) if plan.arch == A.QWEN else [])
-    gates = gate_vectors(cfg.gate_mode, base, cfg.base_path, gated, seed)   # [L, E(+1), H]
+    gates = gate_vectors(cfg.gate_mode, base, cfg.base_path, gated, seed, device)   # [L, E(+1), H]
     out_dt = dtypes.from_name(cfg.dtype) if cfg.dtype else None
 
     def dt(info):
@@ -337,10 +341,11 @@ def build_moe(config_path: str, out_dir: str, *, seed: int = 0, out_shard_size="
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(mc, f, indent=2)
         from lfm_engine.merge.runner import TOKENIZER_FILES
-        for fn in TOKENIZER_FILES + ("generation_config.json",):
+        for fn in (TOKENIZER_FILES if copy_tokenizer else ()) + ("generation_config.json",):
             s = os.path.join(cfg.base_path, fn)
             if os.path.isfile(s):
                 shutil.copyfile(s, os.path.join(tmp, fn))
-        with open(os.path.join(tmp, "mergekit_moe_config.yml"), "w") as f:
-            f.write(cfg.yaml_text)
+        if write_config_copy:
+            with open(os.path.join(tmp, "mergekit_moe_config.yml"), "w") as f:
+                f.write(cfg.yaml_text)
     return plan

@@ -46,11 +46,12 @@ def _tokenize(tokenizer, prompts):
                      padding=True, add_special_tokens=False)
 
 
-def gate_vectors(mode: str, base, base_path: str, experts: Sequence, seed: int) -> torch.Tensor:
-    """g [layers, len(experts), hidden] (see the module docstring), float32.
+def gate_vectors(mode: str, base, base_path: str, experts: Sequence, seed: int,
+                 device: str = "cpu") -> torch.Tensor:
+    """g [layers, len(experts), hidden] (see the module docstring), float32 on the CPU.
 
     ``base`` is the base's ModelFolder, ``experts`` objects with ``positive`` and
-    ``negative`` prompt lists."""
+    ``negative`` prompt lists; ``device`` runs the hidden modes' forward pass."""
     from lfm_engine.io.safetensors import read_tensor
     bc = base.config
     L, H, E = int(bc["num_hidden_layers"]), int(bc["hidden_size"]), len(experts)
@@ -70,16 +71,16 @@ def gate_vectors(mode: str, base, base_path: str, experts: Sequence, seed: int) 
             h = (emb[t["input_ids"]] * t["attention_mask"].unsqueeze(-1)).sum(dim=(0, 1))
             return (h / h.norm().clamp(min=1e-8)).unsqueeze(0).repeat(L, 1)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(device)
         model.eval()
 
         def vec(prompts):
-            t = _tokenize(tok, prompts)
+            t = _tokenize(tok, prompts).to(device)
             with torch.no_grad():
                 out = model(**t, output_hidden_states=True, return_dict=True)
             hs = torch.stack(out.hidden_states[:-1])          # [L, batch, seq, H]
             hs = hs.mean(dim=2) if mode == "hidden_avg" else hs[:, :, -1, :]
-            return hs.mean(dim=1)
+            return hs.mean(dim=1).cpu()
     rows = []
     for e in experts:
         v = vec(e.positive)
