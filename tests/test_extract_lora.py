@@ -223,7 +223,8 @@ def test_same_deltas_as_mergekit_extract_lora(embed_pair, tmp_path, embed_lora):
     if r.returncode:
         pytest.skip(f"mergekit-extract-lora failed here: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
     out = tmp_path / "ours"
-    assert cli_main(["extract-lora", b, f, str(out), "--max-rank", "3", "--quiet", *flag]) == 0
+    assert cli_main(["extract-lora", "--model", f, "--base-model", b, "--out-path", str(out), "--max-rank", "3",
+                     "--quiet", *flag]) == 0
     a, m = load_folder(str(out)), load_folder(str(mk))
     for k in a:
         if k.endswith(("lora_A.weight", "lora_embedding_A")):
@@ -233,3 +234,25 @@ def test_same_deltas_as_mergekit_extract_lora(embed_pair, tmp_path, embed_lora):
             torch.testing.assert_close(a[k], m[k], rtol=0, atol=0, msg=k)     # saved in full
     # mergekit also saves the unchanged norms; every module it decomposes, we do too
     assert {k for k in m if "lora" in k} == {k for k in a if "lora" in k}
+
+
+def test_mergekit_spellings_sv_epsilon_and_undistributed_scale(pair, tmp_path, capsys):
+    b, f, deltas = pair
+    out = tmp_path / "mk_style"
+    assert cli_main(["extract-lora", "--model", f, "--base-model", b, "--out-path", str(out), "--max-rank", "4",
+                     "--no-distribute-scale", "--sv-epsilon", "1e-6", "--quiet"]) == 0
+    report = json.loads((out / "extraction_report.json").read_text())
+    assert all(r["rank"] == 3 for r in report)            # the 4th singular value is ~0 (rank-3 deltas)
+    t = load_folder(str(out))
+    ad = load_peft_adapter(str(out))
+    for m, d in deltas.items():
+        B = t[f"base_model.model.{m}.lora_B.weight"]
+        torch.testing.assert_close(B.T @ B, torch.eye(3), rtol=0, atol=1e-5)     # B = U: orthonormal columns
+        torch.testing.assert_close(adapter_delta(ad, m), d, rtol=1e-4, atol=1e-6)
+    assert cli_main(["extract-lora", b, f, str(tmp_path / "o"), "--sv-epsilon", "1e9"]) == 2
+    assert "nothing to extract" in capsys.readouterr().err
+    assert cli_main(["extract-lora", b, f, str(tmp_path / "o"), "--model", b]) == 2
+    assert "FINETUNE (--model) given twice" in capsys.readouterr().err
+    assert cli_main(["extract-lora", "--model", f, "--out-path", str(tmp_path / "o")]) == 2
+    assert "BASE (--base-model) is missing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

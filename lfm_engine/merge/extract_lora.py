@@ -34,6 +34,7 @@ Low rank, one module at a time (streaming):
                                                 transposed first: [hidden, vocab])
     U, S, Vh = randomized_svd(D, r)            (lora_merge.randomized_svd, seeded)
     B = U · diag(√S)  [out, r],  A = diag(√S) · Vh  [r, in],  scale 1 (lora_alpha = r)
+                                               (distribute_scale=False: B = U, A = S·Vh)
 
 so B @ A is the best rank-r approximation of D (exact when r + oversampling ≥
 min(out, in)). Linear layers are written as ``lora_A.weight``/``lora_B.weight``;
@@ -41,8 +42,9 @@ embeddings in PEFT's embedding layout, ``lora_embedding_A`` [r, vocab] and
 ``lora_embedding_B`` [hidden, r] (PEFT adds (B @ A)ᵀ to the [vocab, hidden] table). The
 rank is ``rank`` for every module, or with ``energy`` the smallest r ≤ ``rank`` whose
 singular values hold that fraction of ‖D‖_F² (‖D‖_F² is known exactly, so the fraction
-is exact even though only ``rank`` values are computed); modules whose delta is zero are
-left out. The report gives, per module, how it was stored, the rank and the relative
+is exact even though only ``rank`` values are computed); with ``sv_epsilon`` > 0 only
+singular values above it are kept (mergekit's --sv-epsilon; a module with none is left
+out); modules whose delta is zero are left out. The report gives, per module, how it was stored, the rank and the relative
 error ‖D − BA‖_F / ‖D‖_F (0 for modules saved in full). Output: a PEFT LoRA folder
 (adapter_config.json with rank_pattern/alpha_pattern where ranks differ and
 modules_to_save by full module name, adapter_model.safetensors,
@@ -139,26 +141,46 @@ def _targets(base: ModelFolder, ft: ModelFolder, *, include_lm_head: bool, embed
     return out
 
 
-def _low_rank(d: torch.Tensor, total: float, rank: int, energy: Optional[float], seed: int):
-    """(A [r, in], B [out, r], relative error) of the delta d [out, in] (module docstring)."""
+@dataclass
+class RankRule:
+    """How many singular values a module keeps and how they are split between A and B."""
+    rank: int
+    energy: Optional[float] = None
+    sv_epsilon: float = 0.0          # mergekit's --sv-epsilon: drop σ ≤ epsilon
+    distribute_scale: bool = True    # mergekit's --no-distribute-scale: A = S·Vh, B = U
+    seed: int = 0
+
+
+def _low_rank(d: torch.Tensor, total: float, rule: RankRule):
+    """(A [r, in], B [out, r], relative error) of the delta d [out, in] (module
+    docstring), or None when no singular value is above ``sv_epsilon``."""
     from lfm_engine.merge.lora_merge import randomized_svd
-    r_max = min(rank, *d.shape)
-    U, S, Vh = randomized_svd(d, r_max, seed=seed)
+    r_max = min(rule.rank, *d.shape)
+    U, S, Vh = randomized_svd(d, r_max, seed=rule.seed)
     r = r_max
-    if energy is not None:
+    if rule.energy is not None:
         cum = torch.cumsum(S.double().square(), 0) / total
-        hit = torch.nonzero(cum >= energy - 1e-12)
+        hit = torch.nonzero(cum >= rule.energy - 1e-12)
         r = int(hit[0]) + 1 if hit.numel() else r_max
-    sq = S[:r].clamp(min=0).sqrt()
-    B = (U[:, :r] * sq).contiguous()
-    A = (sq[:, None] * Vh[:r]).contiguous()
+    if rule.sv_epsilon > 0:
+        r = min(r, int((S > rule.sv_epsilon).sum()))
+        if r == 0:
+            return None
+    S = S[:r].clamp(min=0)
+    if rule.distribute_scale:
+        sq = S.sqrt()
+        B, A = U[:, :r] * sq, sq[:, None] * Vh[:r]
+    else:
+        B, A = U[:, :r], S[:, None] * Vh[:r]
+    B, A = B.contiguous(), A.contiguous()
     return A, B, float((d - B @ A).norm()) / math.sqrt(total)
 
 
 def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Optional[float] = None,
             include_lm_head: bool = False, embed_lora: bool = False, save_modules: Sequence[str] = (),
             exclude_regexes: Sequence[str] = (), include_regexes: Sequence[str] = (),
-            skip_undecomposable: bool = False, seed: int = 0, allow_overwrite: bool = False) -> List[ModuleResult]:
+            skip_undecomposable: bool = False, sv_epsilon: float = 0.0, distribute_scale: bool = True,
+            seed: int = 0, allow_overwrite: bool = False) -> List[ModuleResult]:
     """Write the adapter to ``out_dir``; return the per-module report (see module doc)."""
     from lfm_engine.io.safetensors import save_tensors
 
@@ -166,6 +188,9 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
         raise ExtractError(f"--rank must be an integer >= 1, got {rank!r}")
     if energy is not None and not (0.0 < energy <= 1.0):
         raise ExtractError(f"--energy must lie in (0, 1], got {energy!r}")
+    if not (sv_epsilon >= 0.0 and math.isfinite(sv_epsilon)):
+        raise ExtractError(f"--sv-epsilon must be a finite number >= 0, got {sv_epsilon!r}")
+    rule = RankRule(rank, energy, sv_epsilon, distribute_scale, seed)
     exclude = _compile(exclude_regexes, "--exclude-regex")
     include = _compile(include_regexes, "--include-regex")
     out_dir = os.path.abspath(out_dir)
@@ -206,12 +231,14 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
                 tensors[f"base_model.model.{bias}"] = read_tensor(ft.tensors[bias]).contiguous()
             report.append(ModuleResult(module, tuple(w_ft.shape), None, 0.0, SAVED, t.note))
             continue
+        low = _low_rank(d.t() if t.kind == EMBED_LORA else d, d_total, rule)
+        if low is None:
+            continue          # every singular value is within --sv-epsilon
+        A, B, err = low
         if t.kind == EMBED_LORA:
-            A, B, err = _low_rank(d.t(), d_total, rank, energy, seed)
             tensors[f"base_model.model.{module}.lora_embedding_A"] = A
             tensors[f"base_model.model.{module}.lora_embedding_B"] = B
         else:
-            A, B, err = _low_rank(d, d_total, rank, energy, seed)
             tensors[f"base_model.model.{module}.lora_A.weight"] = A
             tensors[f"base_model.model.{module}.lora_B.weight"] = B
         note = None
