@@ -204,7 +204,7 @@ def extract(base_path: str, ft_path: str, out_dir: str, *, rank: int, energy: Op
     named = {t.name[:-len(".weight")] for t in targets} | {t.name[:-len(".weight")].rsplit(".", 1)[-1] for t in targets}
     for s in save_modules:
         if s not in named:
-            errors.append(f"--save-module {s}: no 2-D weight of the base is named so (module or its last part)")
+            errors.append(f"--save-module {s}: no weight of the base belongs to a module named so (full name or last part)")
     if errors:
         raise ExtractError("; ".join(errors[:5]) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""))
     if not targets:
