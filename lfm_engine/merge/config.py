@@ -681,8 +681,9 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
     if base_ref is not None:
         base_ref = _parse_model_ref(base_ref, "base_model", st.errors)
     dtypes = _parse_dtypes(raw, st.errors)
+    n_errors = len(st.errors)
     tok_spec = vocab_config.parse(raw, st.errors)
-    tok = tok_spec.source if tok_spec else None
+    tok_ok = len(st.errors) == n_errors
     chat = raw.get("chat_template")
     if chat is not None and chat_template.check(chat):
         st.errors.append(chat_template.check(chat))
@@ -701,6 +702,9 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
     if tok_spec is not None:
         vocab_config.resolve_models(tok_spec, _config_models(base_ref, base_path, models, slices),
                                     lambda r: _resolve_path(r, st.origin_dir), st.errors)
+        if not tok_ok:
+            tok_spec = None   # a partial plan (see below) goes on without the broken section
+    tok = tok_spec.source if tok_spec else None
 
     if method is not None:
         _check_structure(method, base_ref, base_path, models, slices, gparams, st.errors)

@@ -84,7 +84,8 @@ def _model_ref(value, where: str, errors: List[str]) -> Optional[str]:
 
 
 def parse(raw: dict, errors: List[str]) -> Optional[TokenizerSpec]:
-    """The tokenizer section of a config mapping (None when it has none)."""
+    """The tokenizer section of a config mapping (None when it has none). With problems in
+    it (reported in ``errors``) the spec still comes back, so its models are checked too."""
     tok, tsec = raw.get("tokenizer_source"), raw.get("tokenizer")
     if tok is not None and tsec is not None:
         errors.append("tokenizer, tokenizer_source: give only one of them (mergekit refuses both)")
@@ -118,7 +119,7 @@ def parse(raw: dict, errors: List[str]) -> Optional[TokenizerSpec]:
                 r = _rule(str(t), rule, f"tokenizer.tokens[{str(t)!r}]", errors)
                 if r is not None:
                     spec.tokens[str(t)] = r
-    return spec if src else None
+    return spec
 
 
 def _source(value, where: str, errors: List[str]) -> Optional[str]:
