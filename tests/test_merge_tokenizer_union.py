@@ -473,3 +473,67 @@ def test_same_as_mergekit_run_merge(models, tmp_path, case):
             assert x.shape == y.shape
             x, y = torch.cat([x[ia], x[len(toks):]]), torch.cat([y[ib], y[len(toks):]])
         torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6, msg=n)
+
+
+# ------------------------------------------------------------------ dtypes, torch inputs, stripping
+
+def test_bf16_inputs_and_torch_path_agree(tmp_path):
+    """bf16 models (raw uint16 bits on the CPU path): rows copied bit for bit, defaults
+    rounded once; the torch-tensor path of remap (used on CUDA) gives the same bits."""
+    from lfm_engine.io.safetensors import as_numpy, as_torch, read_array
+    from lfm_engine.merge import config as C, vocab
+    from lfm_engine.merge.plan import EMBED_RE, build_plan
+
+    paths = make_models(str(tmp_path / "m"))
+    for p in paths.values():    # rewrite the weights in bf16
+        T = load_folder(p)
+        cfg = json.load(open(os.path.join(p, "config.json")))
+        write_model(p, cfg, {n: t.to(torch.bfloat16) for n, t in T.items()}, tokenizer=False)
+    cfg = C.parse_config({"merge_method": "linear", "tokenizer_source": "union",
+                          "models": [{"model": paths[n], "parameters": {"weight": 1}} for n in SPECS]})
+    plan = build_plan(cfg)
+    voc = vocab.plan_vocabulary(cfg, plan)
+    vocab.attach(plan, voc, EMBED_RE, None)
+    task = next(t for t in plan.tasks if t.name == EMB[0])
+    arrays = {(i.file, i.start): read_array(i) for i in task.read_infos()}
+    got_np = vocab.remap(task, arrays)
+    got_t = vocab.remap(task, {k: as_torch(a, task.vocab.infos[k].dtype) for k, a in arrays.items()})
+    Bf = {n: load_folder(p) for n, p in paths.items()}
+    Y = remap64(union_vocab(list(SPECS)), mats_for(Bf, list(SPECS), EMB[0]), base=None)
+    for (key, folder), name in zip(task.vocab.members, SPECS):
+        assert got_np[key].dtype.name == "uint16" and got_np[key].shape == (26, 16)
+        assert (as_numpy(got_t[key]) == got_np[key]).all()
+        assert torch.equal(as_torch(got_np[key], task.vocab.infos[key].dtype), Y[name].to(torch.bfloat16))
+
+
+def test_base_tokenizer_beyond_its_rows_is_cut(tmp_path):
+    """A base whose tokenizer has more tokens than embedding rows: those tokens are removed
+    from the output tokenizer (as mergekit), and come back in a union only from a model
+    that has rows for them."""
+    specs = {"base": (WORDS, []), "ft1": SPECS["ft1"]}
+    paths = make_models(str(tmp_path / "m"), specs)
+    write_tokenizer(paths["base"], WORDS, [("<|im_start|>", True), ("<extra>", False)])  # ids 20, 21 > rows
+    for source, n in (("base", 20), ("union", 22)):
+        cfg = {"merge_method": "linear", "tokenizer": {"source": source},
+               "models": [{"model": paths[k], "parameters": {"weight": 1}} for k in specs]}
+        rc, out = run(cfg, tmp_path, name=source)
+        assert rc == 0
+        v = saved_vocab(out)
+        assert len(v) == n and "<extra>" not in v
+        assert ("<|im_start|>" in v) == (source == "union")
+        assert load_folder(str(out))[EMB[0]].shape == (n, 16)
+
+
+def test_stage_names_in_token_rules(models, tmp_path):
+    """A `tokens:` rule may name an earlier stage (mergekit-multi), like any model slot."""
+    paths, _ = models
+    stage1 = {"name": "mid", "merge_method": "linear", "tokenizer_source": "union",
+              "models": [{"model": paths[n], "parameters": {"weight": 1}} for n in ("base", "ft1")]}
+    final = {"merge_method": "linear", "tokenizer": {"source": "union", "tokens": {
+        "<|im_start|>": {"source": "mid", "force": True}}},
+        "models": [{"model": "mid", "parameters": {"weight": 1}}, {"model": paths["ft2"], "parameters": {"weight": 1}}]}
+    text = yaml.safe_dump(stage1, sort_keys=False) + "---\n" + yaml.safe_dump(final, sort_keys=False)
+    rc, out = run(text, tmp_path)
+    assert rc == 0
+    v = saved_vocab(out)
+    assert v["<|im_start|>"] == 20 and "v0" in v
