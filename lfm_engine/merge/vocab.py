@@ -302,6 +302,12 @@ def attach(plan, voc: Vocabulary, vocab_re, base_path: Optional[str]) -> None:
             errors.append(f"tokenizer.tokens: '{task.name}' of {lacking[0]} is not merged into the "
                           f"output's '{task.name}', so its rows cannot be a token's source")
             continue
+        rows_of = {f: seen[k].shape[0] for k, f in members}
+        short = [(r, f) for kind, f, r in voc.explicit.values() if kind == MODEL_TOKEN and r >= rows_of[f]]
+        if short:
+            errors.append(f"tokenizer.tokens: row {short[0][0]} is beyond the {rows_of[short[0][1]]} rows "
+                          f"of '{task.name}' in {plan.folders[short[0][1]].ref}")
+            continue
         task.vocab = VocabTask(voc, members, seen, extra)
         task.shape = (voc.rows,) + trailing.pop()
         task.region = None
