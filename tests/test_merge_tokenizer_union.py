@@ -398,25 +398,41 @@ def test_dry_run_vocabulary_problems(models, tmp_path, capsys):
 # ------------------------------------------------------------------ against mergekit itself
 
 MERGEKIT_RUN = """
-import sys, yaml
+import sys, traceback, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
-with open(sys.argv[1]) as f:
-    cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
-run_merge(cfg, sys.argv[2], options=MergeOptions(quiet=True))
+for cfg_path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        with open(cfg_path) as f:
+            cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
+        run_merge(cfg, out, options=MergeOptions(quiet=True))
+    except Exception:
+        with open(out + ".failed", "w") as f:
+            f.write(traceback.format_exc())
 """
 
 
-def _mergekit_merge(cfg_path, out):
-    """mergekit's own run_merge on a config file, in a child process (its logging and
-    caches stay out of this one); skips when mergekit is absent or fails here."""
+@pytest.fixture(scope="module")
+def mergekit_outputs(models, tmp_path_factory):
+    """{case: (config, mergekit's output folder or the reason it failed)}: mergekit's own
+    run_merge on every case, in one child process (its import costs seconds; its logging
+    and caches stay out of this process)."""
     import importlib.util
     if importlib.util.find_spec("mergekit") is None:
         pytest.skip("mergekit is not installed (optional test dependency: pip install lfm_engine[parity])")
-    r = subprocess.run([sys.executable, "-c", MERGEKIT_RUN, str(cfg_path), str(out)], capture_output=True,
-                       text=True, timeout=300)
+    paths, _ = models
+    root = tmp_path_factory.mktemp("mergekit")
+    args, res = [], {}
+    for case, cfg in _mk_cases(paths).items():
+        cfg = dict(cfg, dtype="float32")
+        p = root / f"{case}.yml"
+        p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        args += [str(p), str(root / case)]
+        res[case] = (cfg, root / case)
+    r = subprocess.run([sys.executable, "-c", MERGEKIT_RUN, *args], capture_output=True, text=True, timeout=600)
     if r.returncode:
-        pytest.skip(f"mergekit's run_merge failed here: {r.stderr.strip().splitlines()[-1][:200]}")
+        pytest.skip(f"mergekit could not run here: {r.stderr.strip().splitlines()[-1][:200]}")
+    return res
 
 
 def _mk_cases(paths):
@@ -445,13 +461,11 @@ def _mk_cases(paths):
 
 
 @pytest.mark.parametrize("case", ["linear_union", "ties_rules", "linear_rules_pad", "slerp_union", "model_source"])
-def test_same_as_mergekit_run_merge(models, tmp_path, case):
-    paths, _ = models
-    cfg = dict(_mk_cases(paths)[case], dtype="float32")
-    p = tmp_path / "mk.yml"
-    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    mk = tmp_path / "mk"
-    _mergekit_merge(p, mk)
+def test_same_as_mergekit_run_merge(mergekit_outputs, tmp_path, case):
+    cfg, mk = mergekit_outputs[case]
+    failed = str(mk) + ".failed"
+    if os.path.exists(failed):
+        pytest.skip(f"mergekit's run_merge failed here: {open(failed).read().strip().splitlines()[-1][:200]}")
     rc, out = run(cfg, tmp_path)
     assert rc == 0
     va, vb = saved_vocab(out), saved_vocab(mk)
