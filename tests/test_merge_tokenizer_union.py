@@ -551,3 +551,28 @@ def test_stage_names_in_token_rules(models, tmp_path):
     assert rc == 0
     v = saved_vocab(out)
     assert v["<|im_start|>"] == 20 and "v0" in v
+
+
+def test_tokenizers_that_do_not_load(models, tmp_path, capsys):
+    """A fine-tune without a tokenizer is read with the base's ids (a warning, as mergekit);
+    a base whose tokenizer does not load is an error of --dry-run."""
+    paths, T = models
+    bare = tmp_path / "bare"
+    shutil.copytree(paths["ft2"], bare)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(bare / f)
+    cfg = {"merge_method": "linear", "tokenizer_source": "union",
+           "models": [{"model": paths["base"], "parameters": {"weight": 1}},
+                      {"model": str(bare), "parameters": {"weight": 1}}]}
+    rc, out = run(cfg, tmp_path, name="bare")
+    err = capsys.readouterr().err
+    assert rc == 0 and "token ids are assumed to be the base's" in err, err
+    assert saved_vocab(out) == vocab_of(*SPECS["base"])
+    assert_close(load_folder(str(out))[EMB[0]], (T["base"][EMB[0]] + T["ft2"][EMB[0]][:20]) / 2, torch.float32)
+    broken = tmp_path / "broken"
+    shutil.copytree(paths["base"], broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    cfg["models"][0]["model"] = str(broken)
+    rc, _ = run(cfg, tmp_path, "--dry-run", name="broken")
+    err = capsys.readouterr().err
+    assert rc == 2 and "tokenizer_source: cannot load the tokenizer of the base model" in err, err

@@ -133,26 +133,11 @@ def plan_vocabulary(cfg, plan) -> Optional[Vocabulary]:
         raise MergeConfigErrors([f"{spec.where}: building the merged vocabulary needs transformers "
                                  f"to read the tokenizers; {INSTALL_HINT}"])
     errors: List[str] = []
-    warns: List[str] = []
     base = plan.layout_path
     order = [base] + [p for p in plan.folders if p != base]
     refs = {p: fo.ref for p, fo in plan.folders.items()}
-    toks, limits = {}, {}
-    for p in order + ([spec.source_path] if spec.is_model and spec.source_path not in order else []):
-        try:
-            toks[p] = tf.AutoTokenizer.from_pretrained(p, use_fast=True, trust_remote_code=False)
-        except Exception as e:  # transformers raises many types; the message names the cause
-            toks[p] = None
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            if p == base or p == spec.source_path:
-                who = "the base model" if p == base else spec.where
-                errors.append(f"{spec.where}: cannot load the tokenizer of {who} "
-                              f"'{refs.get(p, spec.source)}': {why}")
-            else:
-                warns.append(f"{spec.where}: cannot load the tokenizer of '{refs[p]}' ({why}); its "
-                             f"token ids are assumed to be the base's (as mergekit)")
-    if errors:
-        raise MergeConfigErrors(errors)
+    toks, warns = _load_tokenizers(tf, spec, order, refs)
+    limits = {}
     stripped = False
     base_rows = _vocab_rows(plan.folders[base]) or len(toks[base].get_vocab())
     if spec.source in ("union", "base") and max(toks[base].get_vocab().values()) >= base_rows:
@@ -204,6 +189,28 @@ def plan_vocabulary(cfg, plan) -> Optional[Vocabulary]:
     voc.summary = (f"vocabulary: {spec.source}, {n} tokens ({n - n_base} not in the base's), "
                    f"{rows} embedding rows" + (f" (padded to a multiple of {pad})" if rows != n else ""))
     return voc
+
+
+def _load_tokenizers(tf, spec: TokenizerSpec, order: List[str], refs) -> Tuple[dict, List[str]]:
+    """{folder: tokenizer or None} of the models (base first) and of a `tokenizer_source`
+    model, and the warnings; a base or source tokenizer that does not load is an error."""
+    toks, errors, warns = {}, [], []
+    for p in order + ([spec.source_path] if spec.is_model and spec.source_path not in order else []):
+        try:
+            toks[p] = tf.AutoTokenizer.from_pretrained(p, use_fast=True, trust_remote_code=False)
+        except Exception as e:  # transformers raises many types; the message names the cause
+            toks[p] = None
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if p == order[0] or p == spec.source_path:
+                who = "the base model" if p == order[0] else spec.where
+                errors.append(f"{spec.where}: cannot load the tokenizer of {who} "
+                              f"'{refs.get(p, spec.source)}': {why}")
+            else:
+                warns.append(f"{spec.where}: cannot load the tokenizer of '{refs[p]}' ({why}); its "
+                             f"token ids are assumed to be the base's (as mergekit)")
+    if errors:
+        raise MergeConfigErrors(errors)
+    return toks, warns
 
 
 def _union_additions(order, toks, vocabs, limits) -> list:
