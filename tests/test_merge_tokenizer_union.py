@@ -472,9 +472,13 @@ def test_same_as_mergekit_run_merge(mergekit_outputs, tmp_path, case):
     assert set(va) == set(vb)
     ta = transformers.AutoTokenizer.from_pretrained(str(out)).added_tokens_decoder
     tb = transformers.AutoTokenizer.from_pretrained(str(mk)).added_tokens_decoder
-    assert {a.content: a.special for a in ta.values()} == {b.content: b.special for b in tb.values()}
-    # the base's tokens keep their ids in both
-    assert all(va[t] == vb[t] for t in va if va[t] < 20)
+    sa, sb = ({a.content: a.special for a in t.values()} for t in (ta, tb))
+    assert {c for c in sa if sa[c]} == {c for c in sb if sb[c]}      # the same special tokens
+    if "base_model" in cfg:
+        # the base's tokens keep their ids in both, the others are added tokens in both. Without
+        # a base, mergekit takes the first model of a set as the base (hash order, run to run),
+        # so only the vocabulary and the rows by token are the same
+        assert sa == sb and all(va[t] == vb[t] for t in va if va[t] < 20)
     ca, cb = json.load(open(out / "config.json")), json.load(open(mk / "config.json"))
     assert ca["vocab_size"] == cb["vocab_size"]
     a, b = load_folder(str(out)), load_folder(str(mk))
