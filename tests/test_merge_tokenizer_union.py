@@ -371,6 +371,10 @@ def test_dry_run_lists_every_tokenizer_problem(models, tmp_path, capsys):
             "models": [{"model": paths["base"], "parameters": {"weight": 1}}]}
     rc, _ = run(cfg2, tmp_path, "--dry-run", name="both")
     assert rc == 2 and "give only one of them" in capsys.readouterr().err
+    cfg3 = {"merge_method": "linear", "tokenizer": {"source": str(tmp_path / "nowhere")},
+            "models": [{"model": paths["base"], "parameters": {"weight": 1}}]}
+    rc, _ = run(cfg3, tmp_path, "--dry-run", name="nowhere")
+    assert rc == 2 and "tokenizer.source: model folder" in capsys.readouterr().err
 
 
 def test_dry_run_vocabulary_problems(models, tmp_path, capsys):

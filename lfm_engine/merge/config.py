@@ -571,7 +571,7 @@ def _check_structure(method: str, base_ref, base_path, models, slices, gparams, 
 
 # ---- phase 5: files (existence, formats, layer counts)
 
-def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
+def _check_files(base_ref, base_path, models, slices, tok, st: _Parse, tok_where: str = "tokenizer_source") -> bool:
     """Check every referenced folder; True when all of them open and hold their layers."""
     from lfm_engine.io.model_folder import CheckpointError
     refs = []
@@ -586,7 +586,7 @@ def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
             refs.append((s.base_ref, _resolve_path(s.base_ref, st.origin_dir), s.where + ".base_model"))
     n_before = len(st.errors)
     if tok not in (None,) + vocab_config.SOURCES:
-        _check_tokenizer_folder(tok, _resolve_path(tok, st.origin_dir), st.errors)
+        _check_tokenizer_folder(tok, _resolve_path(tok, st.origin_dir), tok_where, st.errors)
     seen = set()
     for ref, path, where in refs:
         if path in seen:
@@ -623,19 +623,19 @@ def _config_models(base_ref, base_path, models, slices) -> List[tuple]:
     return out
 
 
-def _check_tokenizer_folder(ref: str, path: str, errors: List[str]) -> None:
+def _check_tokenizer_folder(ref: str, path: str, where: str, errors: List[str]) -> None:
     """A `tokenizer_source` model only lends its tokenizer: it needs tokenizer files, not
     weights."""
     if not os.path.isdir(path) and hub.parse_hub_ref(ref) is not None:
         try:
             path = hub.resolve(ref)
         except hub.HubError as e:
-            errors.append(f"tokenizer_source: {e}")
+            errors.append(f"{where}: {e}")
             return
     if not os.path.isdir(path):
-        errors.append(f"tokenizer_source: model folder '{ref}' does not exist")
+        errors.append(f"{where}: model folder '{ref}' does not exist")
     elif not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_MARKERS):
-        errors.append(f"tokenizer_source: '{ref}' has no tokenizer ({', '.join(TOKENIZER_MARKERS)})")
+        errors.append(f"{where}: '{ref}' has no tokenizer ({', '.join(TOKENIZER_MARKERS)})")
 
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -714,7 +714,8 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
             # mean runs over the models and the base (docs/spec/merge.md "karcher")
             models.append(Source(base_ref, base_path, {}, "base_model"))
 
-    files_ok = _check_files(base_ref, base_path, models, slices, tok, st) if check_files else False
+    files_ok = (_check_files(base_ref, base_path, models, slices, tok, st, tok_spec.where if tok_spec else "")
+                if check_files else False)
     cfg = MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
                       slices=slices, parameters=gparams, dtype=dtypes["dtype"],
                       out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
