@@ -65,8 +65,11 @@ def random_weights(cfg: dict, seed: int, dtype=torch.float32, scale: float = 0.0
 def write_tokenizer(path: str, vocab: int, tag: str = "") -> None:
     toks = {f"tok{i}": i for i in range(vocab)}
     with open(os.path.join(path, "tokenizer.json"), "w") as f:
-        json.dump({"version": "1.0", "model": {"type": "WordLevel", "vocab": toks, "unk_token": "tok0"},
-                   "added_tokens": [], "tag": tag}, f)
+        # a complete tokenizers-library file, so transformers (and mergekit) can load it
+        json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                   "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"},
+                   "post_processor": None, "decoder": None,
+                   "model": {"type": "WordLevel", "vocab": toks, "unk_token": "tok0"}}, f)
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "tag": tag}, f)
     with open(os.path.join(path, "special_tokens_map.json"), "w") as f:

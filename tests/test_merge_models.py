@@ -420,13 +420,14 @@ def test_dry_run_reports_all_problems_together(family, tmp_path, capsys, monkeyp
            "models": [{"model": "some-org/some-model", "parameters": {"weight": 1}},
                       {"model": str(tmp_path / "binmodel"), "parameters": {"weight": 1}},
                       {"model": paths[1], "parameters": {"weight": 1}, "paramters": {}}],
-           "modelz": 3, "tokenizer_source": "union"}
+           "modelz": 3, "tokenizer": {"source": "union", "tokenz": {}}}
     rc, out = run_cli(cfg, tmp_path, "cfg.yml", "--dry-run")
     err = capsys.readouterr().err
     assert rc == 2
     for needle in ("did you mean 'ties'", "nope' does not exist",
                    "hub model 'some-org/some-model' is not available", "pickle",
-                   "modelz: unknown key", "models[2].paramters: unknown key", "'union' is not supported"):
+                   "modelz: unknown key", "models[2].paramters: unknown key",
+                   "tokenizer.tokenz: unknown key (did you mean 'tokens'?)"):
         assert needle in err, (needle, err)
     assert "error: 7 problems" in err
     assert not out.exists()
@@ -600,9 +601,13 @@ def test_tokenizer_section_and_parameter_lookup():
     c = parse_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
                       "tokenizer": {"source": "a"}}, check_files=False)
     assert c.tokenizer_source == "a"
-    with pytest.raises(MergeConfigErrors, match="tokenizer.tokens: not supported"):
+    c = parse_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                      "tokenizer": {"tokens": {"<x>": {"source": "a", "force": True}}}}, check_files=False)
+    assert c.tokenizer_source == "union" and c.tokenizer.tokens["<x>"].force   # mergekit's default source
+    with pytest.raises(MergeConfigErrors, match=r"tokenizer.tokens\['<x>'\].source.kind: unknown kind"):
         parse_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
-                      "tokenizer": {"source": "base", "tokens": {}}}, check_files=False)
+                      "tokenizer": {"source": "base", "tokens": {"<x>": {"source": {"kind": "zer0"}}}}},
+                     check_files=False)
     # gradients interpolate piecewise-linearly; filters: first match wins, "*" matches all
     assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.25) == pytest.approx(0.5)
     assert evaluate_setting([0.2, 0.4], "x", 1.0) == pytest.approx(0.4)

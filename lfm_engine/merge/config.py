@@ -17,8 +17,8 @@ Accepted vocabulary (mergekit's, docs/spec/merge.md)::
     parameters: {normalize: true, lambda: 1.0, ...}   # global
     dtype: bfloat16                    # output dtype unless out_dtype is given
     out_dtype: bfloat16
-    tokenizer_source: base             # `base`, a model path, or absent (= base)
-    tokenizer: {source: base}          # the same, mergekit's newer spelling
+    tokenizer_source: union            # union | base | a model: merged vocabulary (.vocab)
+    tokenizer: {source: union, tokens: {...}, pad_to_multiple_of: 64}   # newer spelling
     chat_template: chatml              # a name, `auto` or a Jinja template (.chat_template)
 
 Several YAML documents (mergekit-multi) are run by :mod:`.stages`; this parser takes
@@ -54,7 +54,7 @@ import yaml
 from lfm_engine.core import merge_registry as R
 from lfm_engine.core.merge_registry import ALL_METHODS, FUSED_METHODS, METHODS, MergeConfigError, TORCH_METHODS
 from lfm_engine.io import dtypes as _dt
-from lfm_engine.merge import chat_template, hub, lora_ref
+from lfm_engine.merge import chat_template, hub, lora_ref, vocab_config
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
 # Everything below is read from the method registry (lfm_engine/core/merge_registry.py).
@@ -71,6 +71,7 @@ NUMERIC_PARAMS = frozenset(p.name for m in METHODS.values() for p in m.params if
 WEIGHT_REQUIRED = tuple(m for m in ALL_METHODS if METHODS[m].has("weight")
                         and METHODS[m].param("weight").config_required)
 BASE_REQUIRED = tuple(m for m in ALL_METHODS if METHODS[m].base == R.BASE_REQUIRED)
+EMBED_SLERP = "embed_slerp"   # accepted, no effect (see _Parse.unused_warnings)
 
 # YAML dtype:/out_dtype: spellings -> canonical name (the one table: lfm_engine/io/dtypes.py)
 DTYPES = {**{d.name: d.name for d in _dt.KERNEL_FLOATS + (_dt.FLOAT64,)},
@@ -128,12 +129,13 @@ class MergeConfig:
     parameters: Dict[str, Setting]
     dtype: Optional[str]
     out_dtype: Optional[str]
-    tokenizer_source: Optional[str]     # None/"base" or a model ref
+    tokenizer_source: Optional[str]     # None (copy the base's files), "union", "base" or a model ref
     raw: dict
     yaml_text: str
     origin: Optional[str] = None
     warnings: List[str] = field(default_factory=list)   # e.g. parameters the method ignores
     chat_template: Optional[str] = None   # a name, `auto` or a literal (see .chat_template)
+    tokenizer: Optional[vocab_config.TokenizerSpec] = None   # the vocabulary to build (.vocab)
 
     @property
     def output_dtype(self) -> Optional[str]:
@@ -287,9 +289,15 @@ class _Parse:
         self.origin_dir = os.path.dirname(origin) if origin else None
         self.method: Optional[str] = None
         self.int8_mask: List[str] = []               # where int8_mask was given
+        self.embed_slerp: List[str] = []             # where embed_slerp was given
 
     def unused_warnings(self) -> List[str]:
         out = []
+        if self.embed_slerp:
+            out.append(f"embed_slerp (given in {', '.join(self.embed_slerp[:3])}) has no effect: as in "
+                       f"mergekit 0.1.5, the re-mapped embed_tokens/lm_head rows are merged by the "
+                       f"config's method itself (slerp for slerp); older mergekit used it to slerp "
+                       f"embeddings that it otherwise averaged")
         if self.int8_mask:
             out.append(f"int8_mask (given in {', '.join(self.int8_mask[:3])}) has no effect: it only "
                        f"changes mergekit's mask storage; masks here are never materialised as floats")
@@ -318,6 +326,16 @@ def _check_params(params, where: str, level: str, st: _Parse) -> dict:
     allowed = set(inp) | (set(sh) if level in ("global", "slice") else set())
     out = {}
     for k, v in params.items():
+        if k == EMBED_SLERP:
+            # older mergekit's switch for the embeddings of a tokenizer merge; accepted with
+            # a note wherever mergekit 0.1.5 accepts (and ignores) it: global or slice level
+            if level not in ("global", "slice"):
+                st.errors.append(f"{where}.{k}: set it under the top-level (or slice) `parameters:`")
+            elif not isinstance(v, bool):
+                st.errors.append(f"{where}.{k}: must be true or false, got {v!r}")
+            else:
+                st.embed_slerp.append(f"{where}.{k}")
+            continue
         if method is not None and k not in allowed:
             if k in sh:
                 st.errors.append(f"{where}.{k}: '{k}' is a global parameter of '{method}'; "
@@ -451,34 +469,6 @@ def _parse_dtypes(raw: dict, errors: List[str]) -> Dict[str, Optional[str]]:
     return dtypes
 
 
-def _parse_tokenizer(raw: dict, errors: List[str]) -> Optional[str]:
-    tok = raw.get("tokenizer_source")
-    tsec = raw.get("tokenizer")
-    if tsec is not None:
-        # mergekit's newer spelling; only `source` is supported (no token re-mapping)
-        if not isinstance(tsec, dict):
-            errors.append("tokenizer: expected a mapping with `source`")
-        else:
-            for k in tsec:
-                if k != "source":
-                    errors.append(f"tokenizer.{k}: not supported (embedding re-mapping for a new "
-                                  f"vocabulary is not implemented); only tokenizer.source is")
-            if tok is not None and "source" in tsec:
-                errors.append("tokenizer.source, tokenizer_source: give only one of them")
-            elif "source" in tsec:
-                tok = tsec["source"]
-    if tok is None:
-        return None
-    if tok == "union":
-        errors.append("tokenizer_source: 'union' is not supported (it needs vocabulary "
-                      "re-mapping of the embeddings); use 'base' or one model's path")
-        return None
-    if not isinstance(tok, str):
-        errors.append(f"tokenizer_source: expected 'base' or a model path, got {tok!r}")
-        return None
-    return tok
-
-
 # ---- phase 3: models / slices
 
 def _entries(value, key: str, expected: str, st: _Parse, shorthand: Optional[str] = None):
@@ -581,7 +571,7 @@ def _check_structure(method: str, base_ref, base_path, models, slices, gparams, 
 
 # ---- phase 5: files (existence, formats, layer counts)
 
-def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
+def _check_files(base_ref, base_path, models, slices, tok, st: _Parse, tok_where: str = "tokenizer_source") -> bool:
     """Check every referenced folder; True when all of them open and hold their layers."""
     from lfm_engine.io.model_folder import CheckpointError
     refs = []
@@ -594,9 +584,9 @@ def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
             refs.append((src.ref, src.path, src.where + ".model"))
         if s.base_ref:
             refs.append((s.base_ref, _resolve_path(s.base_ref, st.origin_dir), s.where + ".base_model"))
-    if tok not in (None, "base"):
-        refs.append((tok, _resolve_path(tok, st.origin_dir), "tokenizer_source"))
     n_before = len(st.errors)
+    if tok not in (None,) + vocab_config.SOURCES:
+        _check_tokenizer_folder(tok, _resolve_path(tok, st.origin_dir), tok_where, st.errors)
     seen = set()
     for ref, path, where in refs:
         if path in seen:
@@ -623,6 +613,32 @@ def _check_files(base_ref, base_path, models, slices, tok, st: _Parse) -> bool:
                     st.errors.append(f"{src.where}.layer_range: {list(src.layer_range)} is beyond "
                                      f"the {nl} layers of {src.ref}")
     return len(st.errors) == n_before
+
+
+def _config_models(base_ref, base_path, models, slices) -> List[tuple]:
+    """(ref, resolved path) of every model the config merges."""
+    out = [(base_ref, base_path)] if base_ref else []
+    out += [(m.ref, m.path) for m in models or []]
+    out += [(src.ref, src.path) for s in slices or [] for src in s.sources]
+    return out
+
+
+def _check_tokenizer_folder(ref: str, path: str, where: str, errors: List[str]) -> None:
+    """A `tokenizer_source` model only lends its tokenizer: it needs tokenizer files, not
+    weights."""
+    if not os.path.isdir(path) and hub.parse_hub_ref(ref) is not None:
+        try:
+            path = hub.resolve(ref)
+        except hub.HubError as e:
+            errors.append(f"{where}: {e}")
+            return
+    if not os.path.isdir(path):
+        errors.append(f"{where}: model folder '{ref}' does not exist")
+    elif not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_MARKERS):
+        errors.append(f"{where}: '{ref}' has no tokenizer ({', '.join(TOKENIZER_MARKERS)})")
+
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def folder_num_layers(path: str) -> int:
@@ -665,7 +681,9 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
     if base_ref is not None:
         base_ref = _parse_model_ref(base_ref, "base_model", st.errors)
     dtypes = _parse_dtypes(raw, st.errors)
-    tok = _parse_tokenizer(raw, st.errors)
+    n_errors = len(st.errors)
+    tok_spec = vocab_config.parse(raw, st.errors)
+    tok_ok = len(st.errors) == n_errors
     chat = raw.get("chat_template")
     if chat is not None and chat_template.check(chat):
         st.errors.append(chat_template.check(chat))
@@ -681,6 +699,12 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
     else:
         st.errors.append("models: missing (give `models:` or `slices:`)")
     base_path = _resolve_path(base_ref, st.origin_dir) if base_ref else None
+    if tok_spec is not None:
+        vocab_config.resolve_models(tok_spec, _config_models(base_ref, base_path, models, slices),
+                                    lambda r: _resolve_path(r, st.origin_dir), st.errors)
+        if not tok_ok:
+            tok_spec = None   # a partial plan (see below) goes on without the broken section
+    tok = tok_spec.source if tok_spec else None
 
     if method is not None:
         _check_structure(method, base_ref, base_path, models, slices, gparams, st.errors)
@@ -690,12 +714,13 @@ def parse_config(config: Union[str, dict, "os.PathLike"], *, check_files: bool =
             # mean runs over the models and the base (docs/spec/merge.md "karcher")
             models.append(Source(base_ref, base_path, {}, "base_model"))
 
-    files_ok = _check_files(base_ref, base_path, models, slices, tok, st) if check_files else False
+    files_ok = (_check_files(base_ref, base_path, models, slices, tok, st, tok_spec.where if tok_spec else "")
+                if check_files else False)
     cfg = MergeConfig(method=method, base_ref=base_ref, base_path=base_path, models=models,
                       slices=slices, parameters=gparams, dtype=dtypes["dtype"],
                       out_dtype=dtypes["out_dtype"], tokenizer_source=tok, raw=raw,
                       yaml_text=text, origin=origin, warnings=st.unused_warnings(),
-                      chat_template=chat)
+                      chat_template=chat, tokenizer=tok_spec)
     if st.errors:
         err = MergeConfigErrors(st.errors)
         # What could still be planned, so a caller can add the tensor-level problems

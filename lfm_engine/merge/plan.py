@@ -73,12 +73,15 @@ class TensorTask:
     shared: Dict[str, object]       # resolved shared parameters (normalize, t, ...)
     region: Optional[Tuple[int, ...]] = None   # common sub-shape if inputs differ in size
     fill: Optional[TensorInfo] = None   # no-base merge with a region: values outside it
+    vocab: Optional[object] = None      # vocabulary re-mapping of the inputs (merge/vocab.py)
 
     def read_infos(self) -> List[TensorInfo]:
         out = [self.base] if self.base is not None else []
         out += [i.info for i in self.inputs]
         if self.fill is not None:
             out.append(self.fill)
+        if self.vocab is not None:
+            out += self.vocab.extra
         return out
 
     @property
@@ -99,6 +102,7 @@ class MergePlan:
     tokenizer_path: str
     num_layers_out: Optional[int]
     seed: int
+    vocabulary: Optional[object] = None   # the merged vocabulary (merge/vocab.py), if any
 
     @property
     def output_bytes(self) -> int:
@@ -493,7 +497,7 @@ def _collect_warnings(st: _Planning) -> None:
     for path, names in st.missing_by_model.items():
         st.warnings.append(f"{refs[path]} lacks {len(names)} tensor(s) (first: '{names[0]}'); "
                            f"they are merged from the models that have them")
-    if st.mismatch_warn:
+    if st.mismatch_warn and st.cfg.tokenizer is None:  # with a tokenizer section: re-mapped
         st.warnings.append(f"{len(st.mismatch_warn)} embedding tensor(s) differ in vocabulary size; "
                            f"merging their common sub-matrix and keeping the "
                            f"base's other rows: " + "; ".join(st.mismatch_warn[:4]))
@@ -507,26 +511,11 @@ def _collect_warnings(st: _Planning) -> None:
 
 
 def _tokenizer_path(st: _Planning, tasks: List[TensorTask]) -> str:
-    cfg = st.cfg
-    tok = cfg.tokenizer_source
-    if tok in (None, "base"):
-        return st.layout_path
-    tok_path = C._resolve_path(tok, os.path.dirname(cfg.origin) if cfg.origin else None)
-    tok_cfg = None
-    try:
-        import json
-        with open(os.path.join(tok_path, "config.json")) as f:
-            tok_cfg = json.load(f)
-    except (OSError, ValueError):
-        pass
-    emb = [t_ for t_ in tasks if PRE_RE.search(t_.name) and len(t_.shape) == 2]
-    if tok_cfg and emb and isinstance(tok_cfg.get("vocab_size"), int) \
-            and tok_cfg["vocab_size"] != emb[0].shape[0]:
-        st.errors.add("tok:vocab",
-                      f"tokenizer_source: {tok} has vocab_size {tok_cfg['vocab_size']} but the "
-                      f"merged '{emb[0].name}' has {emb[0].shape[0]} rows; re-mapping embeddings "
-                      f"to another tokenizer is not supported")
-    return tok_path
+    """The folder whose tokenizer files the output gets when its vocabulary is unchanged:
+    the base's (the layout model's), or a `tokenizer_source` model's; merge/vocab.py
+    re-maps the embeddings when the vocabulary differs."""
+    spec = st.cfg.tokenizer
+    return spec.source_path if spec is not None and spec.is_model else st.layout_path
 
 
 def task_merge_kwargs(method: str, task: TensorTask, seed: int) -> dict:

@@ -64,9 +64,9 @@ from lfm_engine.core.merge_registry import METHODS
 from lfm_engine.io import dtypes
 from lfm_engine.io.safetensors import ShardedWriter, as_numpy, as_torch, parse_size, plan_shards, read_array
 from lfm_engine.merge import config as C
-from lfm_engine.merge import chat_template, elementwise, lora_ref, stages
+from lfm_engine.merge import chat_template, elementwise, lora_ref, stages, vocab
 from lfm_engine.merge.outdir import make_temp_dir
-from lfm_engine.merge.plan import fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
+from lfm_engine.merge.plan import EMBED_RE, fmt_bytes, MergePlan, TensorTask, build_plan, task_merge_kwargs
 
 PREFETCH_DEPTH = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -185,6 +185,8 @@ def merge_task(method: str, task: TensorTask, tensors: Dict, seed: int,
     result (raw bits of ``task.dtype``); torch runs only for the torch methods. On CUDA
     (``device`` a torch.device) inputs and result are torch tensors."""
     dev = getattr(device, "torch", device)
+    if task.vocab is not None:   # embedding rows re-mapped to the merged vocabulary first
+        tensors = vocab.remap(task, tensors)
     if dev is None or getattr(dev, "type", dev) == "cpu":
         if task.kind == "copy" or native_method(method):
             return _merge_task_numpy(method, task, tensors, seed, n_threads)
@@ -492,6 +494,8 @@ def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str
             cfg_json["dtype"] = out_dtype_name
     if plan.config.slices is not None and plan.num_layers_out:
         cfg_json["num_hidden_layers"] = plan.num_layers_out
+    if plan.vocabulary is not None:
+        vocab.set_vocab_size(cfg_json, plan.vocabulary)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg_json, f, indent=2)
         f.write("\n")
@@ -500,7 +504,13 @@ def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, fn))
     copied = 0
-    for fn in TOKENIZER_FILES if copy_tokenizer else ():
+    new_vocab = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
+    if new_vocab:
+        # a vocabulary that differs from every input's: written even with --no-copy-tokenizer
+        # (as mergekit), since no input tokenizer matches the output's embeddings
+        vocab.save(plan.vocabulary, folder)
+        copy_tokenizer, copied = True, 1
+    for fn in TOKENIZER_FILES if copy_tokenizer and not new_vocab else ():
         src = os.path.join(plan.tokenizer_path, fn)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, fn))
@@ -572,7 +582,7 @@ def merge_models(config_or_path: Union[str, dict, "os.PathLike"], out_dir: Union
 
     layout = plan_shards([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_bytes)
     if dry_run:
-        text = plan.describe() + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
+        text = plan.describe() + (f"\n{plan.vocabulary.summary}" if plan.vocabulary else "") + f"\noutput shards: {len(layout.files)} (at most {fmt_bytes(shard_bytes)} each)"
         return MergeResult(out_dir, cfg.method, len(plan.tasks), plan.input_bytes, plan.output_bytes,
                            time.perf_counter() - t0, _peak_rss(), len(layout.files), True,
                            cfg.warnings + list(plan.warnings), text)
@@ -643,7 +653,7 @@ def _check_and_plan(config_or_path, out_dir: str, device, threads, out_shard_siz
             # the config has problems but its folders open: report the tensor-level
             # problems (shapes, architectures, parameter values) in the same list
             try:
-                build_plan(e.partial, seed=seed)
+                _plan_vocabulary(e.partial, build_plan(e.partial, seed=seed))
             except C.MergeConfigErrors as e2:
                 errs += [m for m in e2.errors if m not in errs]
             except Exception:  # a malformed setting already reported above
@@ -657,9 +667,26 @@ def _check_and_plan(config_or_path, out_dir: str, device, threads, out_shard_siz
             chat_template.resolve(cfg.chat_template, plan.folders)
         except ValueError as e:
             pre_errors.append(str(e))
+    try:
+        _plan_vocabulary(cfg, plan)
+    except C.MergeConfigErrors as e:
+        pre_errors += e.errors
     if pre_errors:
         raise C.MergeConfigErrors(pre_errors)
     return cfg, plan, shard_bytes, dev
+
+
+def _plan_vocabulary(cfg, plan: MergePlan) -> None:
+    """The merged vocabulary of a tokenizer section and the re-mapping of the plan's
+    vocabulary tensors (merge/vocab.py); raises MergeConfigErrors."""
+    voc = vocab.plan_vocabulary(cfg, plan)
+    if voc is None:
+        return
+    vocab.attach(plan, voc, EMBED_RE, cfg.base_path if cfg.models is not None else None)
+    plan.vocabulary = voc
+    if voc.copy_from is not None:
+        plan.tokenizer_path = voc.copy_from
+    plan.warnings = list(plan.warnings) + voc.warnings
 
 
 def _stream_merge(cfg, plan, layout, out_dir: str, dev, n_threads: int, quiet: bool, late_warns: List[str],

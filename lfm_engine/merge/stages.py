@@ -3,7 +3,7 @@
 Format (mergekit-multi's): each document is an ordinary merge config plus an
 optional ``name:``. A later stage names an earlier one's output by writing its
 name where a model is expected (``model:``, ``base_model:``, ``tokenizer_source``,
-``tokenizer.source``). Decisions:
+``tokenizer.source``, a ``tokenizer.tokens`` entry's model). Decisions:
 
 * The final stage is the unnamed document (at most one); when every document is
   named, the one no other stage uses (it must be unique). It is written to OUT_DIR.
@@ -73,6 +73,12 @@ def _refs(doc: dict):
     places = [(doc, "base_model"), (doc, "tokenizer_source")]
     if isinstance(doc.get("tokenizer"), dict):
         places.append((doc["tokenizer"], "source"))
+        tokens = doc["tokenizer"].get("tokens")
+        for rule in tokens.values() if isinstance(tokens, dict) else ():
+            if isinstance(rule, dict):   # a token's row from a model: {source: M} / {source: {model: M}}
+                places.append((rule, "source"))
+                if isinstance(rule.get("source"), dict):
+                    places.append((rule["source"], "model"))
     for m in doc.get("models") or [] if isinstance(doc.get("models"), list) else []:
         if isinstance(m, dict):
             places.append((m, "model"))
