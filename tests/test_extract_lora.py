@@ -149,6 +149,15 @@ def test_embed_lora_low_rank_embeddings(embed_pair, tmp_path, rank):
         err = float((merged[name] - ft[name]).norm() / d.norm())
         assert abs(err - report[module]["rel_error"]) < 1e-4 + 1e-3 * err, (name, err, report[module])
         assert err < 1e-4 if rank == 3 else 0.05 < err < 1.0
+    # our own reader (merge's MODEL+ADAPTER) applies it as PEFT does
+    mout = tmp_path / f"merged{rank}"
+    cfgm = tmp_path / f"m{rank}.yaml"
+    cfgm.write_text(json.dumps({"merge_method": "linear", "dtype": "float32",
+                                "models": [{"model": f"{b}+{out}", "parameters": {"weight": 1.0}}]}))
+    assert cli_main(["merge", str(cfgm), str(mout), "--quiet"]) == 0
+    ours = load_folder(str(mout))
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(ours[name], merged[name], rtol=1e-5, atol=1e-6, msg=name)
     if rank == 3:
         transformers = pytest.importorskip("transformers")
         assert_same_logits(_peft_model(b, out), transformers.AutoModelForCausalLM.from_pretrained(f),

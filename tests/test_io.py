@@ -296,3 +296,37 @@ def test_merge_arrays_takes_raw_bf16_and_every_backend():
     with pytest.raises(ValueError, match="model 1 has shape"):
         merge_arrays((as_numpy(b), "bfloat16"), [(as_numpy(xs[0]), "bfloat16"), (np.zeros(3, np.float32), "float32")],
                      "ties", out_dtype="float32")
+
+
+def test_peft_embedding_lora_layout_and_its_errors(tmp_path):
+    """Embedding LoRA (lora_embedding_A [r, num], lora_embedding_B [dim, r], no .weight suffix)
+    is read with embedding=True; a module mixing both layouts, a missing factor and a
+    base_layer weight without LoRA are named."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lfm_engine.io.peft import AdapterFormatError, open_adapter
+
+    def folder(name, tensors):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+        save_file({k: np.ones(s, np.float32) for k, s in tensors.items()}, str(d / "adapter_model.safetensors"))
+        return str(d)
+
+    p = "base_model.model.model.embed_tokens."
+    spec = open_adapter(folder("ok", {p + "lora_embedding_A": (2, 50), p + "lora_embedding_B": (8, 2),
+                                      p + "base_layer.weight": (50, 8)}))
+    m = spec.modules["model.embed_tokens"]
+    assert m.embedding and (m.rank, m.in_features, m.out_features, m.scale) == (2, 50, 8, 2.0)
+    assert "model.embed_tokens.weight" in spec.saved
+    for name, tensors, msg in [
+        ("mixed", {p + "lora_embedding_A": (2, 50), p + "lora_B.weight": (8, 2)}, "both Linear LoRA"),
+        ("half", {p + "lora_embedding_A": (2, 50)}, "lacks its lora_embedding_B"),
+        ("orphan", {p + "base_layer.weight": (50, 8), "base_model.model.q.lora_A.weight": (2, 8),
+                    "base_model.model.q.lora_B.weight": (8, 2)}, "base_layer weight of a module that carries no LoRA"),
+    ]:
+        with pytest.raises(AdapterFormatError, match=msg):
+            open_adapter(folder(name, tensors))

@@ -10,7 +10,11 @@ output width, so that the module's weight changes by
 
     delta_m = s_m · B_m @ A_m,   A_m: [r_m, H_in],  B_m: [H_out, r_m]
 
-with s_m = alpha_m / r_m, or alpha_m / sqrt(r_m) when ``use_rslora`` is true. r_m and
+with s_m = alpha_m / r_m, or alpha_m / sqrt(r_m) when ``use_rslora`` is true. Embedding
+LoRA (PEFT's ``lora_embedding_A`` [r, num_embeddings] and ``lora_embedding_B``
+[embedding_dim, r], saved without a ``.weight`` suffix) is the transpose: the embedding
+table [num_embeddings, embedding_dim] changes by s_m · (B_m @ A_m)ᵀ; such a module has
+``embedding=True``, in_features = num_embeddings and out_features = embedding_dim. r_m and
 alpha_m come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches the module
 name (first matching key, matched as ``(.*\\.)?(KEY)$`` against the name, PEFT's rule: the
 key is grouped, so an alternation ``q_proj|v_proj`` applies to both), else from ``r`` /
@@ -19,13 +23,16 @@ key is grouped, so an alternation ``q_proj|v_proj`` applies to both), else from 
 ``modules_to_save`` (modules trained in full, e.g. ``lm_head`` or ``embed_tokens``): their
 tensors are listed in :attr:`AdapterSpec.saved` (model tensor name -> key), never
 dropped. A consumer either applies them (merge: the saved tensor replaces the model's,
-as PEFT's ``merge_and_unload`` does) or refuses the adapter (serve). A tensor that is
-neither a LoRA factor nor part of a listed module is an error.
+as PEFT's ``merge_and_unload`` does) or refuses the adapter (serve). PEFT also saves
+``<module>.base_layer.weight`` of a LoRA module (with embedding LoRA, ``save_embedding_layers``):
+it is listed in ``saved`` as ``<module>.weight`` too, and the module's LoRA delta is added
+on top of it, as PEFT loads it. A tensor that is neither a LoRA factor nor part of a listed
+module is an error.
 
 Key names: PEFT saves ``base_model.model.<module>.lora_A.weight``; the prefix
 ``base_model.model.`` is dropped, an adapter-name segment (``lora_A.<name>.weight``) is
 accepted. Refused with :class:`AdapterFormatError` naming the feature: DoRA, LoRA bias
-terms, embedding LoRA (``lora_embedding_A/B``), trainable tokens, target_parameters,
+terms, trainable tokens, target_parameters,
 layer_replication, aLoRA, QALoRA, KaSA, MonteCLoRA, BD-LoRA, Arrow routing, convolution
 LoRA and non-LoRA PEFT types. Metadata (config and tensor shapes) is checked when the
 folder is opened, without reading tensor data; values by :func:`read_weights`.
@@ -50,8 +57,12 @@ DEFAULT_R = 8
 DEFAULT_ALPHA = 8.0
 
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+# embedding LoRA factors are nn.Parameters in a ParameterDict: no .weight suffix
+_EMB_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
 # a modules_to_save tensor as older PEFT versions saved it: <module>.modules_to_save.<adapter>.<param>
 _SAVED_RE = re.compile(r"^(?P<module>.+)\.modules_to_save\.[^.]+\.(?P<param>[^.]+)$")
+# the base weight of a LoRA module, which PEFT saves with embedding LoRA (save_embedding_layers)
+_BASE_LAYER_RE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
 
 # config field -> (test that says the feature is on, feature name for the error)
 _UNSUPPORTED = (
@@ -76,7 +87,10 @@ class AdapterFormatError(ValueError):
 
 @dataclass(frozen=True)
 class ModuleLoRA:
-    """One adapted module: A is [rank, in_features], B is [out_features, rank]."""
+    """One adapted module: A is [rank, in_features], B is [out_features, rank].
+
+    ``embedding``: PEFT's embedding LoRA; in_features is the number of embeddings, the
+    table's change is s · (B @ A)ᵀ [in_features, out_features] (see the module docstring)."""
 
     rank: int
     alpha: float
@@ -85,6 +99,7 @@ class ModuleLoRA:
     out_features: int
     key_a: str
     key_b: str
+    embedding: bool = False
 
     @property
     def numel(self) -> int:
@@ -240,17 +255,22 @@ def open_adapter(folder) -> AdapterSpec:
         raise AdapterFormatError(f"{weights_path}: holds no tensors")
 
     # feature markers first, so the error names the feature rather than a side tensor
-    # (PEFT also saves the base embedding when embeddings carry LoRA)
     for key in shapes:
-        if "lora_embedding_A" in key or "lora_embedding_B" in key:
-            raise AdapterFormatError(f"{weights_path}: embedding LoRA ({key}) is not supported")
         if "lora_magnitude_vector" in key:
             raise AdapterFormatError(f"{weights_path}: DoRA magnitude vector ({key}) is not supported")
     spec = AdapterSpec(folder=folder, weights_path=weights_path, config=cfg)
     parts: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
+    kinds: Dict[str, set] = {}  # module -> {False: Linear LoRA keys, True: embedding LoRA keys}
+    base_layers: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
     for key, shape in shapes.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        m = _KEY_RE.match(name)
+        bl = _BASE_LAYER_RE.match(name)
+        if bl is not None:
+            base_layers[bl.group("module")] = (key, shape)
+            continue
+        m, emb = _KEY_RE.match(name), False
+        if m is None:
+            m, emb = _EMB_KEY_RE.match(name), True
         if m is None:
             sv = _SAVED_RE.match(name)
             if sv is not None:
@@ -260,26 +280,39 @@ def open_adapter(folder) -> AdapterSpec:
                 continue
             raise AdapterFormatError(
                 f"{weights_path}: unexpected tensor {key!r}: a LoRA adapter holds "
-                "<module>.lora_A.weight / <module>.lora_B.weight, and full tensors only of the "
-                "modules its config lists in modules_to_save")
-        if m.group("param") == "bias":
+                "<module>.lora_A.weight / <module>.lora_B.weight (embeddings: <module>.lora_embedding_A/B), "
+                "and full tensors only of the modules its config lists in modules_to_save")
+        if not emb and m.group("param") == "bias":
             raise AdapterFormatError(f"{weights_path}: LoRA bias tensor {key!r} (lora_bias) is not supported")
         module = m.group("module")
         if len(shape) != 2:
             raise AdapterFormatError(
-                f"{weights_path}: {key} has shape {list(shape)}; only Linear LoRA (2-D A and B) is supported "
-                "(convolution LoRA is not)")
+                f"{weights_path}: {key} has shape {list(shape)}; only Linear and embedding LoRA (2-D A and B) "
+                "are supported (convolution LoRA is not)")
+        kinds.setdefault(module, set()).add(emb)
+        if len(kinds[module]) > 1:
+            raise AdapterFormatError(f"{weights_path}: module {module!r} has both Linear LoRA (lora_A/lora_B) "
+                                     "and embedding LoRA (lora_embedding_A/B) tensors")
         slot = parts.setdefault(module, {})
         if m.group("ab") in slot:
             raise AdapterFormatError(f"{weights_path}: module {module!r} has two lora_{m.group('ab')} tensors")
         slot[m.group("ab")] = (key, shape)
     if not parts and not spec.saved:
         raise AdapterFormatError(f"{weights_path}: contains no lora_A/lora_B weights")
+    for module, (key, shape) in sorted(base_layers.items()):
+        # the module's weight before its LoRA (PEFT loads it over the model's): kept as a
+        # saved tensor that replaces the model's, the LoRA delta then added on top
+        if module not in parts:
+            raise AdapterFormatError(f"{weights_path}: unexpected tensor {key!r}: a base_layer weight of a "
+                                     "module that carries no LoRA")
+        spec.saved[module + ".weight"] = (key, shape)
 
     for module, ab in sorted(parts.items()):
+        emb = True in kinds[module]
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
-            raise AdapterFormatError(f"{weights_path}: module {module!r} lacks its lora_{missing}.weight tensor")
+            what = f"lora_embedding_{missing}" if emb else f"lora_{missing}.weight"
+            raise AdapterFormatError(f"{weights_path}: module {module!r} lacks its {what} tensor")
         (ka, sa), (kb, sb) = ab["A"], ab["B"]
         r, h_in = sa
         h_out, r_b = sb
@@ -301,7 +334,7 @@ def open_adapter(folder) -> AdapterSpec:
                 f"{weights_path}: module {module!r} has rank {r} in its tensors but the config says r={r_cfg}")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         spec.modules[module] = ModuleLoRA(rank=r, alpha=alpha, scale=scale, in_features=h_in,
-                                          out_features=h_out, key_a=ka, key_b=kb)
+                                          out_features=h_out, key_a=ka, key_b=kb, embedding=emb)
     return spec
 
 

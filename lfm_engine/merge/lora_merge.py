@@ -61,12 +61,18 @@ class LoraAdapter:
 
     ``scales`` maps module name -> s (delta = s * B @ A); ``default_scale`` is used for
     modules missing from ``scales``. ``name`` is informational (e.g. the directory).
+
+    ``embedding``: modules that PEFT stores as embedding LoRA. Their factors are held here
+    in the same Linear convention as every other module (A = Bₑᵀ [r, embedding_dim],
+    B = Aₑᵀ [num_embeddings, r], so s * B @ A is the table's change [num, dim]); the set
+    only tells :func:`save_peft_adapter` to write PEFT's lora_embedding_A/B layout back.
     """
     modules: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
     scales: Dict[str, float] = field(default_factory=dict)
     default_scale: float = 1.0
     name: str = ""
     saved: Dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: name -> tensor
+    embedding: frozenset = frozenset()
 
     def scale(self, module: str) -> float:
         return float(self.scales.get(module, self.default_scale))
@@ -74,7 +80,7 @@ class LoraAdapter:
     def to(self, device) -> "LoraAdapter":
         return LoraAdapter({m: (a.to(device), b.to(device)) for m, (a, b) in self.modules.items()},
                            dict(self.scales), self.default_scale, self.name,
-                           {n: t.to(device) for n, t in self.saved.items()})
+                           {n: t.to(device) for n, t in self.saved.items()}, self.embedding)
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,25 +94,29 @@ def load_peft_adapter(path: str, device="cpu") -> LoraAdapter:
     ``model.layers.0.self_attn.q_proj``. Scales: lora_alpha / r (use_rslora:
     lora_alpha / sqrt(r)), r and lora_alpha per module from rank_pattern/alpha_pattern
     (rules: lfm_engine/io/peft.py). modules_to_save tensors land in ``saved`` (never
-    dropped). Raises FileNotFoundError / ValueError naming the file and the problem.
+    dropped). Embedding LoRA factors are turned into the Linear convention (see
+    :class:`LoraAdapter`). Raises FileNotFoundError / ValueError naming the file and the problem.
     """
     from lfm_engine.io.peft import open_adapter, read_saved, read_weights
 
     spec = open_adapter(path)
     weights = read_weights(spec)
-    modules = {m: (a.to(device), b.to(device)) for m, (a, b) in weights.items()}
+    embedding = frozenset(m for m, info in spec.modules.items() if info.embedding)
+    modules = {m: ((b.T, a.T) if m in embedding else (a, b)) for m, (a, b) in weights.items()}
+    modules = {m: (a.to(device).contiguous(), b.to(device).contiguous()) for m, (a, b) in modules.items()}
     scales = {m: spec.modules[m].scale for m in modules}
     saved = {n: t.to(device) for n, t in read_saved(spec).items()}
     return LoraAdapter(modules, scales, default_scale=1.0, name=os.path.basename(os.path.normpath(path)),
-                       saved=saved)
+                       saved=saved, embedding=embedding)
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: Optional[str] = None,
                       prefix: str = "base_model.model.") -> None:
     """Write ``adapter`` as a PEFT LoRA directory. All modules must share one rank r; the
     scale is stored as lora_alpha = s * r (alpha_pattern for modules whose scale
-    differs); ``adapter.saved`` tensors are written as modules_to_save. Files are written
-    to temporary names and renamed."""
+    differs); ``adapter.saved`` tensors are written as modules_to_save, except the weight
+    of a LoRA module (PEFT's ``base_layer.weight``); embedding modules in PEFT's
+    lora_embedding_A/B layout. Files are written to temporary names and renamed."""
     from lfm_engine.io.safetensors import save_tensors
 
     if not adapter.modules:
@@ -123,15 +133,23 @@ def save_peft_adapter(adapter: LoraAdapter, path: str, base_model_name_or_path: 
         "peft_type": "LORA", "r": r, "lora_alpha": common * r, "target_modules": targets,
         "alpha_pattern": alpha_pattern, "rank_pattern": {}, "use_rslora": False, "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "task_type": None,
-        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.saved}) or None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.saved}
+                                  - set(adapter.modules)) or None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
     tensors = {}
     for m, (a, b) in adapter.modules.items():
-        tensors[f"{prefix}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
-        tensors[f"{prefix}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
+        if m in adapter.embedding:  # back to PEFT's layout: A_e = B^T [r, num], B_e = A^T [dim, r]
+            tensors[f"{prefix}{m}.lora_embedding_A"] = b.detach().T.contiguous().cpu()
+            tensors[f"{prefix}{m}.lora_embedding_B"] = a.detach().T.contiguous().cpu()
+        else:
+            tensors[f"{prefix}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
+            tensors[f"{prefix}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
     for n, t in adapter.saved.items():
-        tensors[f"{prefix}{n}"] = t.detach().contiguous().cpu()
+        mod = n.rsplit(".", 1)[0]
+        key = f"{prefix}{mod}.base_layer.weight" if mod in adapter.modules and n.endswith(".weight") \
+            else f"{prefix}{n}"
+        tensors[key] = t.detach().contiguous().cpu()
     os.makedirs(path, exist_ok=True)
     save_tensors(os.path.join(path, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     fd, tmp = tempfile.mkstemp(prefix=".adapter_config.json.", dir=path)
@@ -335,4 +353,5 @@ def merge_adapters_to_lora(adapters: Sequence[LoraAdapter], rank: int, method: s
             B = U * sq
             A = sq[:, None] * Vh
         new[m] = (A.to(dt).contiguous(), B.to(dt).contiguous())
-    return LoraAdapter(new, {}, default_scale=1.0, name=f"merged-{method}-r{rank}")
+    embedding = frozenset(m for m in new if any(m in ad.embedding for ad in adapters))
+    return LoraAdapter(new, {}, default_scale=1.0, name=f"merged-{method}-r{rank}", embedding=embedding)

@@ -105,7 +105,7 @@ def check(overlay_path: str, ref: str) -> List[str]:
     if lora is None:
         return []
     try:
-        ad, transposed = _entry(lora)
+        ad, fan_in_fan_out = _entry(lora)
     except (OSError, ValueError) as e:
         return [f"'{ref}': the adapter cannot be used: {e}"]
     try:
@@ -115,6 +115,7 @@ def check(overlay_path: str, ref: str) -> List[str]:
     errs = []
     for module, (a, b) in sorted(ad.modules.items()):
         info = tensors.get(module + ".weight")
+        transposed = fan_in_fan_out and module not in ad.embedding  # Conv1D only, never an embedding
         if info is None:
             errs.append(f"'{ref}': adapter module '{module}' has no weight '{module}.weight' in the model")
         elif tuple(info.shape) != ((a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])):
@@ -140,11 +141,16 @@ def apply(info, arr):
     lora = _adapter_of.get(os.path.dirname(info.file))
     if lora is None:
         return arr
-    ad, transposed = _entry(lora)
+    ad, fan_in_fan_out = _entry(lora)
     from lfm_engine.io.safetensors import as_numpy, as_torch
-    if info.name in ad.saved:
-        return as_numpy(ad.saved[info.name].to(info.dtype.torch))
     module = info.name[:-len(".weight")] if info.name.endswith(".weight") else None
+    if info.name in ad.saved:
+        # a modules_to_save tensor replaces the model's; a LoRA module's saved base_layer
+        # weight does too, and its delta is then added (as PEFT loads and merges it)
+        saved = ad.saved[info.name].to(info.dtype.torch)
+        if module not in ad.modules:
+            return as_numpy(saved)
+        arr = as_numpy(saved)
     if module not in ad.modules:
         return arr
     import torch
@@ -152,6 +158,7 @@ def apply(info, arr):
     from lfm_engine.merge.lora_merge import adapter_delta
     tensor = as_torch(arr, info.dtype)
     delta = adapter_delta(ad, module)
+    transposed = fan_in_fan_out and module not in ad.embedding
     out = tensor.float() + (delta.T if transposed else delta)
     if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(tensor).all()):
         # a finite weight made non-finite by the adapter (a NaN or huge lora_alpha): name the adapter

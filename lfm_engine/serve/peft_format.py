@@ -11,7 +11,8 @@ so on top of what the reader refuses it refuses what that form cannot serve
 - ``modules_to_save`` (fully trained extra modules, e.g. a new lm_head): serving them
   would need a per-request copy of the module; never served partially either;
 - LoRA on the embedding / lm_head modules (``embed*``, ``lm_head``, ``embed_out``,
-  ``output``): the served model applies adapters to its decoder Linears only.
+  ``output``, and PEFT's embedding LoRA ``lora_embedding_A/B``): the served model applies
+  adapters to its decoder Linears only.
 """
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ def open_adapter(folder) -> AdapterSpec:
     """
     spec = _open_any(folder)
     where = os.path.join(spec.folder, CONFIG_NAME)
+    for module, m in spec.modules.items():
+        leaf = module.rsplit(".", 1)[-1]
+        if m.embedding or leaf in ("lm_head", "embed_out", "output") or leaf.startswith("embed"):
+            raise AdapterFormatError(
+                f"{spec.weights_path}: LoRA on the embedding / lm_head module {module!r} is not supported "
+                "by lfm_engine.serve; merge the adapter into the model instead (lfm-engine merge with "
+                "MODEL+ADAPTER)")
     if spec.modules_to_save or spec.saved:
         raise AdapterFormatError(
             f"{where}: modules_to_save (fully trained extra modules: "
@@ -39,10 +47,4 @@ def open_adapter(folder) -> AdapterSpec:
             "merge the adapter into the model instead (lfm-engine merge with MODEL+ADAPTER)")
     if not spec.modules:
         raise AdapterFormatError(f"{spec.weights_path}: contains no lora_A/lora_B weights")
-    for module in spec.modules:
-        leaf = module.rsplit(".", 1)[-1]
-        if leaf in ("lm_head", "embed_out", "output") or leaf.startswith("embed"):
-            raise AdapterFormatError(
-                f"{spec.weights_path}: LoRA on the embedding / lm_head module {module!r} is not supported "
-                "by lfm_engine.serve")
     return spec
