@@ -416,8 +416,17 @@ class AdapterPool:
         Blocks until the named adapters are resident (loading evicted ones), holds them
         (no eviction) for the duration, and is visible only to this thread.
         """
+        with self.holding(names, timeout=timeout, what="pool.assign()") as names:
+            with self.assign_held(names) as r:
+                yield r
+
+    @contextmanager
+    def holding(self, names: Sequence[Optional[str]], *, timeout: Optional[float] = None,
+                what: str = "pool.holding()") -> Iterator[Tuple[Optional[str], ...]]:
+        """Acquire every named adapter (waiting until resident) for the block; yields the
+        names as a tuple and releases them on exit (also when an acquire fails midway)."""
         if isinstance(names, str) or names is None:
-            raise TypeError("pool.assign() takes a sequence with one adapter name (or None) per batch row")
+            raise TypeError(f"{what} takes a sequence with one adapter name (or None) per batch row")
         names = tuple(names)
         held: List[str] = []
         try:
@@ -427,8 +436,7 @@ class AdapterPool:
                 if n is not None:
                     self.acquire(n, timeout)
                     held.append(n)
-            with self.assign_held(names) as r:
-                yield r
+            yield names
         finally:
             for n in held:
                 self.release(n)

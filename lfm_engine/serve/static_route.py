@@ -108,21 +108,11 @@ class StaticRoute:
     @contextmanager
     def assign(self, names: Sequence[Optional[str]], *, timeout: Optional[float] = None) -> Iterator["_StaticStep"]:
         """Like ``pool.assign(names)`` with exactly ``rows`` names (None pads a row)."""
-        if isinstance(names, str) or names is None:
-            raise TypeError("StaticRoute.assign() takes a sequence with one adapter name (or None) per batch row")
-        names = tuple(names)
-        if len(names) != self.rows:
-            raise ValueError(f"this StaticRoute has {self.rows} rows but assign() got {len(names)} names: "
-                             "pad the batch with None rows")
         pool = self.pool
-        held: List[str] = []
-        try:
-            for n in names:
-                if n is not None and not isinstance(n, str):
-                    raise TypeError(f"adapter names must be str or None, got {type(n).__name__}")
-                if n is not None:
-                    pool.acquire(n, timeout)
-                    held.append(n)
+        with pool.holding(names, timeout=timeout, what="StaticRoute.assign()") as names:
+            if len(names) != self.rows:
+                raise ValueError(f"this StaticRoute has {self.rows} rows but assign() got {len(names)} names: "
+                                 "pad the batch with None rows")
             slots, deltas = pool._resolve_held(names)
             key = self._layout_key()
             if key != self._layout:
@@ -132,9 +122,6 @@ class StaticRoute:
             self._write(slots, deltas)
             with pool._publish_route(_StaticStep(self, names, slots, deltas)) as r:
                 yield r
-        finally:
-            for n in held:
-                pool.release(n)
 
     def capture(self, fn, names: Sequence[Optional[str]], *, warmup: int = 3):
         """Capture ``fn()`` as a CUDA graph under ``assign(names)``; returns (graph, output).
