@@ -353,6 +353,33 @@ def test_delta_apply_matches_decode_then_matmul(codec, dtype, n_in):
     assert_close(yr, want.to(dtype), dtype, **extra)
 
 
+@pytest.mark.parametrize("codec", ["sign1", "int4"])
+@pytest.mark.parametrize("per_slot", [1, 3])
+def test_delta_apply_at_every_simd_level(codec, per_slot):
+    """The decode batch shape (one token per slot) and a few tokens per slot, at every SIMD
+    level of this host: n_out 70 leaves a partial 32-row block whose 6 rows split into the
+    AVX-512 sign1 kernel's 4-row pass and its single-row remainder."""
+    import lfm_engine
+
+    host = lfm_engine.build_info()["simd_host"]
+    levels = {"avx512": ["baseline", "avx2", "avx512"], "avx2": ["baseline", "avx2"]}.get(host, [host])
+    S, n_out, n_in = 5, 70, 256
+    g = torch.Generator().manual_seed(4)
+    opts = {} if codec == "sign1" else {"group_size": 64}
+    deltas = [encode_delta(torch.randn(n_out, n_in, generator=g) * 0.02, codec, **opts) for _ in range(S)]
+    slot = torch.arange(S, dtype=torch.int32).repeat_interleave(per_slot)
+    x = torch.randn(len(slot), n_in, generator=g)
+    want = torch.stack([x[t] @ decode_delta(deltas[int(slot[t])]).T for t in range(len(slot))])
+    try:
+        for level in levels:
+            lfm_engine.set_simd_level(level)
+            y = torch.zeros(len(slot), n_out)
+            delta_apply(x, deltas, slot, y)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, msg=f"level {level}")
+    finally:
+        lfm_engine.set_simd_level(None)
+
+
 def test_delta_apply_errors():
     deltas = [encode_delta(torch.randn(6, 10), "int4", group_size=4) for _ in range(2)]
     x, y = torch.randn(3, 10), torch.zeros(3, 6)

@@ -6,6 +6,8 @@
     pool.load_delta("ft", "ft.lfmd")         # a compressed full fine-tune of the same base
     with pool.assign(["sql", None, "chat"]): # one adapter (or None) per batch row
         logits = model(input_ids).logits
+    sr = pool.static_route(rows=8)           # CUDA-graph friendly: fixed buffers updated in place
+    with sr.assign(names8): graph.replay()   # (static_route.py; sr.capture(fn, names8) captures)
     Engine(model, pool, tokenizer).generate([Request(prompt="...", adapter="sql"), ...])
 """
 from .attach import LoRALinear, attach, detach
@@ -14,9 +16,10 @@ from .engine import Engine, Handle, Request, Result
 from .peft_format import AdapterFormatError, AdapterSpec, open_adapter
 from .pool import AdapterNotReadyError, AdapterPool, Assignment, PoolFullError
 from .route import Route
+from .static_route import StaticRoute
 
 __all__ = [
     "AdapterPool", "PoolFullError", "AdapterNotReadyError", "Assignment", "attach", "detach", "LoRALinear",
     "Engine", "Request", "Result", "Handle", "AdapterFormatError", "AdapterSpec", "open_adapter", "DeltaLoadError",
-    "Route",
+    "Route", "StaticRoute",
 ]

@@ -55,6 +55,7 @@ from .route import Route
 
 if TYPE_CHECKING:
     from lfm_engine.ops.codec import Encoded
+    from .static_route import StaticRoute
 
 # the name ``Assignment`` of earlier versions: what pool.assign() yields
 Assignment = Route
@@ -381,6 +382,12 @@ class AdapterPool:
         """Like assign(), for a caller that already holds a reference on every named adapter
         (try_acquire): no waiting and no new references, and an adapter unloaded meanwhile
         (hidden, its slot kept until the last reference goes) still resolves to its slot."""
+        slots, deltas = self._resolve_held(names)
+        with self._publish_route(Route(self, names, slots, deltas)) as r:
+            yield r
+
+    def _resolve_held(self, names: Sequence[Optional[str]]) -> Tuple[List[int], List[int]]:
+        """(LoRA slot, delta slot) of each name, -1 for none; every name must be held."""
         with self._lock:
             slots, deltas = [], []
             for n in names:
@@ -393,8 +400,14 @@ class AdapterPool:
                     raise RuntimeError(f"assign_held({n!r}) without a reference on a resident adapter")
                 slots.append(-1 if e is None else e.slot)
                 deltas.append(-1 if d is None else d.slot)
-        with self._publish_route(Route(self, names, slots, deltas)) as r:
-            yield r
+        return slots, deltas
+
+    def static_route(self, rows: int, tokens_per_row: int = 1) -> "StaticRoute":
+        """Fixed-shape routing buffers updated in place, for CUDA graphs (static_route.py):
+        ``sr = pool.static_route(8)``; ``with sr.assign(names): model(...)``."""
+        from .static_route import StaticRoute
+
+        return StaticRoute(self, rows, tokens_per_row)
 
     @contextmanager
     def assign(self, names: Sequence[Optional[str]], *, timeout: Optional[float] = None) -> Iterator[Route]:
@@ -403,8 +416,17 @@ class AdapterPool:
         Blocks until the named adapters are resident (loading evicted ones), holds them
         (no eviction) for the duration, and is visible only to this thread.
         """
+        with self.holding(names, timeout=timeout, what="pool.assign()") as names:
+            with self.assign_held(names) as r:
+                yield r
+
+    @contextmanager
+    def holding(self, names: Sequence[Optional[str]], *, timeout: Optional[float] = None,
+                what: str = "pool.holding()") -> Iterator[Tuple[Optional[str], ...]]:
+        """Acquire every named adapter (waiting until resident) for the block; yields the
+        names as a tuple and releases them on exit (also when an acquire fails midway)."""
         if isinstance(names, str) or names is None:
-            raise TypeError("pool.assign() takes a sequence with one adapter name (or None) per batch row")
+            raise TypeError(f"{what} takes a sequence with one adapter name (or None) per batch row")
         names = tuple(names)
         held: List[str] = []
         try:
@@ -414,8 +436,7 @@ class AdapterPool:
                 if n is not None:
                     self.acquire(n, timeout)
                     held.append(n)
-            with self.assign_held(names) as r:
-                yield r
+            yield names
         finally:
             for n in held:
                 self.release(n)

@@ -23,33 +23,75 @@ bool delta_dots_avx512_ok(bool sign1, int64_t in, int64_t group, bool deint) {
 #if defined(__x86_64__)
 #define LFM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
+namespace {
+
+// [Σ v0, Σ v1, Σ v2, Σ v3]: fold 512 -> 128 bits across the four vectors, then within lanes.
+LFM_AVX512 inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xEE));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xEE));
+    // 128-bit lane q holds four partial sums of v_q
+    __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
+}
+
+// Σ_{c: bit c of the row set} x[c] of one row (nw words).
+LFM_AVX512 inline float sign1_masked_sum(const uint16_t* m, const float* x, int64_t nw) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 <= nw; k += 2) {
+        const float* xk = x + 32 * k;
+        a0 = _mm512_mask_add_ps(a0, m[2 * k], a0, _mm512_loadu_ps(xk));
+        a1 = _mm512_mask_add_ps(a1, m[2 * k + 1], a1, _mm512_loadu_ps(xk + 16));
+        a2 = _mm512_mask_add_ps(a2, m[2 * k + 2], a2, _mm512_loadu_ps(xk + 32));
+        a3 = _mm512_mask_add_ps(a3, m[2 * k + 3], a3, _mm512_loadu_ps(xk + 48));
+    }
+    if (k < nw) {
+        a0 = _mm512_mask_add_ps(a0, m[2 * k], a0, _mm512_loadu_ps(x + 32 * k));
+        a1 = _mm512_mask_add_ps(a1, m[2 * k + 1], a1, _mm512_loadu_ps(x + 32 * k + 16));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+}  // namespace
+
 LFM_AVX512 void sign1_block_avx512(const uint32_t* words, int64_t wpr, int64_t nr, const float* row_scale,
                                    const float* xs, const float* xsum, int64_t nt, int64_t in, float* acc) {
+    // little-endian: uint16 2k of a row holds columns 32k..32k+15, 2k+1 the next 16
     const int64_t nw = in / 32;
-    for (int64_t j = 0; j < nr; ++j) {
-        const uint32_t* w = words + j * wpr;
+    int64_t j = 0;
+    for (; j + 4 <= nr; j += 4) {
+        const uint16_t* m0 = reinterpret_cast<const uint16_t*>(words + j * wpr);
+        const uint16_t* m1 = reinterpret_cast<const uint16_t*>(words + (j + 1) * wpr);
+        const uint16_t* m2 = reinterpret_cast<const uint16_t*>(words + (j + 2) * wpr);
+        const uint16_t* m3 = reinterpret_cast<const uint16_t*>(words + (j + 3) * wpr);
         for (int64_t i = 0; i < nt; ++i) {
             const float* x = xs + i * in;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-                   a3 = _mm512_setzero_ps();
-            int64_t k = 0;
-            for (; k + 2 <= nw; k += 2) {
-                const uint32_t w0 = w[k], w1 = w[k + 1];
-                const float* xk = x + 32 * k;
-                a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(w0), a0, _mm512_loadu_ps(xk));
-                a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(w0 >> 16), a1, _mm512_loadu_ps(xk + 16));
-                a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(w1), a2, _mm512_loadu_ps(xk + 32));
-                a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(w1 >> 16), a3, _mm512_loadu_ps(xk + 48));
+            __m512 a0 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(),
+                   b1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(),
+                   a3 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+            for (int64_t k = 0; k < nw; ++k) {
+                const __m512 x0 = _mm512_loadu_ps(x + 32 * k), x1 = _mm512_loadu_ps(x + 32 * k + 16);
+                a0 = _mm512_mask_add_ps(a0, m0[2 * k], a0, x0);
+                b0 = _mm512_mask_add_ps(b0, m0[2 * k + 1], b0, x1);
+                a1 = _mm512_mask_add_ps(a1, m1[2 * k], a1, x0);
+                b1 = _mm512_mask_add_ps(b1, m1[2 * k + 1], b1, x1);
+                a2 = _mm512_mask_add_ps(a2, m2[2 * k], a2, x0);
+                b2 = _mm512_mask_add_ps(b2, m2[2 * k + 1], b2, x1);
+                a3 = _mm512_mask_add_ps(a3, m3[2 * k], a3, x0);
+                b3 = _mm512_mask_add_ps(b3, m3[2 * k + 1], b3, x1);
             }
-            if (k < nw) {
-                const uint32_t w0 = w[k];
-                const float* xk = x + 32 * k;
-                a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(w0), a0, _mm512_loadu_ps(xk));
-                a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(w0 >> 16), a1, _mm512_loadu_ps(xk + 16));
-            }
-            const float neg = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-            acc[i * nr + j] = row_scale[j] * (xsum[i] - 2.0f * neg);
+            alignas(16) float neg[4];
+            _mm_store_ps(neg, reduce4(_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2),
+                                      _mm512_add_ps(a3, b3)));
+            for (int r = 0; r < 4; ++r) acc[i * nr + j + r] = row_scale[j + r] * (xsum[i] - 2.0f * neg[r]);
         }
+    }
+    for (; j < nr; ++j) {
+        const uint16_t* m = reinterpret_cast<const uint16_t*>(words + j * wpr);
+        for (int64_t i = 0; i < nt; ++i)
+            acc[i * nr + j] = row_scale[j] * (xsum[i] - 2.0f * sign1_masked_sum(m, xs + i * in, nw));
     }
 }
 
@@ -79,6 +121,7 @@ LFM_AVX512 void int4_block_avx512(const uint8_t* packed, int64_t bpr, int64_t nr
         }
     }
 }
+
 #else
 void sign1_block_avx512(const uint32_t*, int64_t, int64_t, const float*, const float*, const float*, int64_t, int64_t,
                         float*) {}

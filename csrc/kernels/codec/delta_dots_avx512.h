@@ -1,11 +1,15 @@
 // AVX-512 row-block dot products of delta_apply (codec_cpu.cpp): one slot, a block of
 // output rows, nt tokens. Decoded weights never exist, not even per row:
 //   sign1: dot(row, x) = scale_r · (Σ_c x[c] − 2 Σ_{c: bit set} x[c]); the second sum is one
-//          masked add per 16 columns straight from the sign bits (k-mask), Σx once per token.
+//          masked add per 16 columns straight from the sign bits (k-mask loaded from
+//          memory), Σx once per token. Four rows per pass share each x load and give eight
+//          independent add chains; their four sums are reduced together.
 //   int4:  x de-interleaved (even columns, then odd ones); 16 bytes -> 32 codes per step:
 //          sign-extend bytes to int32, the low nibble by shift-left 28 / arithmetic
 //          shift-right 28, the high one by arithmetic shift-right 4, to float, FMA with x;
-//          one FMA per group applies the group's scale to the group's vector sum.
+//          one FMA per group applies the group's scale to the group's vector sum. (A
+//          vpermps table lookup of the nibbles, 128 codes per 64-byte load, was tried: faster
+//          with the codes in cache, slower streaming from memory on Zen 4; not kept.)
 // Summation order differs from the scalar/AVX2 row dots (fp32 sums in 16 lanes): results
 // agree within float rounding, not bit for bit.
 #pragma once
