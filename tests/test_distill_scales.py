@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from lfm_engine.compress import compress_model, decompress_model, open_container  # noqa: E402
-from lfm_engine.compress.distill import DistillConfig, distill_sign1_scales, read_prompts  # noqa: E402
+from lfm_engine.compress.distill import DistillConfig, distill_sign1_scales, lm_batches, read_prompts  # noqa: E402
 from lfm_engine.ops.codec import decode_delta, encode_delta  # noqa: E402
 
 WORDS = "the a cat dog sat ran on under mat tree big small red blue and then".split()
@@ -57,8 +57,7 @@ def test_distill_lowers_logit_error_keeps_signs(tmp_path, per_tensor):
     ids = [tok(t)["input_ids"] for t in TEXTS]
     bsd = {n: p.detach() for n, p in base.named_parameters()}
     before_w = {n: p.detach().clone() for n, p in ft.named_parameters()}
-    new, rep = distill_sign1_scales(ft, bsd, encs, ids, DistillConfig(TEXTS, steps=30, lr=0.05, batch_size=3),
-                                    pad_id=0)
+    new, rep = distill_sign1_scales(ft, bsd, encs, lm_batches(ids, 3, 0), DistillConfig(TEXTS, steps=30, lr=0.05))
     assert rep.loss_after < 0.9 * rep.loss_before
     assert all(torch.equal(p, before_w[n]) for n, p in ft.named_parameters())  # the teacher is untouched
     changed = 0
@@ -81,7 +80,9 @@ def test_distill_refuses_other_codecs_and_empty_input(tmp_path):
     n = "model.layers.0.mlp.up_proj.weight"
     enc = encode_delta((dict(ft.named_parameters())[n] - bsd[n]).detach(), "int4")
     with pytest.raises(ValueError, match="sign1"):
-        distill_sign1_scales(ft, bsd, {n: enc}, [[3, 4]], DistillConfig(["x"]))
+        distill_sign1_scales(ft, bsd, {n: enc}, lm_batches([[3, 4]], 1, 0), DistillConfig(["x"]))
+    with pytest.raises(ValueError, match="calibration"):
+        lm_batches([], 1, 0)
     with pytest.raises(ValueError, match="calibration"):
         DistillConfig([])
     with pytest.raises(ValueError, match="steps"):

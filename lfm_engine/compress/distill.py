@@ -107,15 +107,28 @@ def tokenize(tok, cfg: DistillConfig) -> list:
     return out
 
 
-def _batch(seqs: Sequence[Sequence[int]], pad: int):
-    """ids [B, T] right-padded, attention mask [B, T] (1 on real tokens)."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
+def lm_batches(calib_ids: Sequence[Sequence[int]], batch_size: int, pad: int) -> list:
+    """Batches for a causal LM: ({"input_ids": [B, T], "attention_mask": [B, T]}, keep [B, T] bool).
+
+    Right-padded; ``keep`` marks the real tokens (the positions whose logits are matched).
+    """
+    if not calib_ids or not all(len(s) for s in calib_ids):
+        raise ValueError("scale distillation: empty calibration input")
+    out = []
+    for i in range(0, len(calib_ids), batch_size):
+        seqs = calib_ids[i:i + batch_size]
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[j, :len(s)] = 1
+        out.append(({"input_ids": ids, "attention_mask": mask}, mask.bool()))
+    return out
+
+
+def _logits(out) -> torch.Tensor:
+    return (out.logits if hasattr(out, "logits") else out).float()
 
 
 def _signs(enc: Encoded) -> torch.Tensor:
@@ -126,15 +139,18 @@ def _signs(enc: Encoded) -> torch.Tensor:
 
 
 def distill_sign1_scales(model: torch.nn.Module, base: Mapping[str, torch.Tensor], encoded: Mapping[str, Encoded],
-                         calib_ids: Sequence[Sequence[int]], cfg: DistillConfig, pad_id: int = 0,
+                         batches: Sequence[tuple], cfg: DistillConfig,
                          progress: Optional[Callable[[str], None]] = None) -> tuple:
     """Train the scales of the sign1 entries ``encoded`` so that the model's logits match.
 
-    model: the fine-tuned model (its own weights are the teacher; it is not modified).
+    model: the fine-tuned model (its own weights are the teacher; it is not modified);
+        ``model(**kwargs)`` returns logits [B, T, V] (or an output with ``.logits``).
     base: {name: base tensor} for every name of ``encoded`` (any float dtype).
     encoded: {parameter name of ``model``: sign1 Encoded}; other codecs are refused.
-    calib_ids: token id lists (see ``tokenize``). Returns ({name: Encoded with the trained
-    scales, same signs and options}, DistillReport).
+    batches: [(kwargs, keep)] with keep [B, T] bool marking the matched positions
+        (``lm_batches`` makes them from token ids). cfg.prompts/chat/batch_size/max_tokens
+        are not used here (they shaped the batches); cfg.steps/lr/seed are.
+    Returns ({name: Encoded with the trained scales, same signs and options}, DistillReport).
     """
     params = dict(model.named_parameters())
     for name, enc in encoded.items():
@@ -145,12 +161,13 @@ def distill_sign1_scales(model: torch.nn.Module, base: Mapping[str, torch.Tensor
         if tuple(params[name].shape) != tuple(enc.shape):
             raise ValueError(f"scale distillation: '{name}' has shape {tuple(params[name].shape)} in the model "
                              f"but {tuple(enc.shape)} in the encoding")
-    if not calib_ids or not all(len(s) for s in calib_ids):
+    if not batches:
         raise ValueError("scale distillation: empty calibration input")
     say = progress or (lambda m: None)
-    batches = [_batch(calib_ids[i:i + cfg.batch_size], pad_id) for i in range(0, len(calib_ids), cfg.batch_size)]
+    was_training = model.training
+    model.eval()
     with torch.no_grad():  # the teacher: the fine-tune itself
-        targets = [model(input_ids=ids, attention_mask=m).logits.float() for ids, m in batches]
+        targets = [_logits(model(**kw))[keep] for kw, keep in batches]
     frozen = {n: (base[n].to(torch.float32).reshape(ref.matrix_shape(e.shape)), _signs(e),
                   e.fields["scales"].to(torch.float32).reshape(-1, 1)) for n, e in encoded.items()}
     mult = {n: torch.ones_like(s0, requires_grad=True) for n, (_, _, s0) in frozen.items()}
@@ -158,17 +175,14 @@ def distill_sign1_scales(model: torch.nn.Module, base: Mapping[str, torch.Tensor
 
     def student_loss(k: int) -> torch.Tensor:
         w = {n: (b + (mult[n] * s0) * sg).reshape(encoded[n].shape) for n, (b, sg, s0) in frozen.items()}
-        ids, m = batches[k]
-        z = torch.func.functional_call(model, w, args=(), kwargs={"input_ids": ids, "attention_mask": m}).logits
-        keep = m.bool()
-        return ((z.float() - targets[k]) ** 2)[keep].mean()
+        kw, keep = batches[k]
+        z = _logits(torch.func.functional_call(model, w, args=(), kwargs=kw))[keep]
+        return ((z - targets[k]) ** 2).mean()
 
     with torch.no_grad():
         before = sum(float(student_loss(k)) for k in range(len(batches))) / len(batches)
     g = torch.Generator().manual_seed(cfg.seed)
     losses = []
-    was_training = model.training
-    model.eval()
     for step in range(cfg.steps):
         k = int(torch.randint(len(batches), (1,), generator=g))
         loss = student_loss(k)

@@ -355,8 +355,8 @@ def _distill_and_write(base, model, model_dir, deferred, cfg, writer, report, co
     lm, tok = ds.load_causal_lm(model_dir)
     encs = {n: e for n, (e, _) in deferred.items()}
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    new, rep = ds.distill_sign1_scales(lm, {n: base.get(n) for n in encs}, encs, ds.tokenize(tok, cfg), cfg,
-                                       pad_id=pad)
+    batches = ds.lm_batches(ds.tokenize(tok, cfg), cfg.batch_size, pad)
+    new, rep = ds.distill_sign1_scales(lm, {n: base.get(n) for n in encs}, encs, batches, cfg)
     del lm
     info = {"steps": cfg.steps, "lr": cfg.lr, "texts": len(cfg.prompts), "loss_before": rep.loss_before,
             "loss_after": rep.loss_after}
