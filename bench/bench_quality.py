@@ -13,6 +13,8 @@ Parts (--parts, default all):
   compress  every codec at its usual settings on each full fine-tune's deltas (the 28
             trained matrices): bits/param, relative error ||d - d^||_F / ||d||_F, the
             fine-tune's task accuracy with base + decoded delta, held-out perplexity.
+            sign1 also with BitDelta's scale distillation (compress/distill.py; calibration:
+            16 training examples of the fine-tune's task, DISTILL settings).
   serve     greedy outputs of every LoRA adapter through lfm_engine's Engine (one mixed
             batch) against PEFT's generate(), token for token.
 
