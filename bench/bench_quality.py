@@ -13,6 +13,8 @@ Parts (--parts, default all):
   compress  every codec at its usual settings on each full fine-tune's deltas (the 28
             trained matrices): bits/param, relative error ||d - d^||_F / ||d||_F, the
             fine-tune's task accuracy with base + decoded delta, held-out perplexity.
+            sign1 also with BitDelta's scale distillation (compress/distill.py; calibration:
+            16 training examples of the fine-tune's task, DISTILL settings).
   serve     greedy outputs of every LoRA adapter through lfm_engine's Engine (one mixed
             batch) against PEFT's generate(), token for token.
 
@@ -64,6 +66,8 @@ CODECS = [
     ("int2 g128", "int2", dict(group_size=128)),
     ("sign1 per row", "sign1", dict()),
     ("sign1 per tensor", "sign1", dict(per_tensor=True)),
+    ("sign1 per row + scale distillation", "sign1", dict(distill=True)),
+    ("sign1 per tensor + scale distillation", "sign1", dict(per_tensor=True, distill=True)),
     ("ternary d=0.3", "ternary", dict(density=0.3)),
     ("ternary d=0.1", "ternary", dict(density=0.1)),
     ("sparse_int d=0.3 4b", "sparse_int", dict(density=0.3, bits=4)),
@@ -143,6 +147,53 @@ def bits_of(enc) -> int:
     return sum(v.numel() * v.element_size() * 8 for v in enc.fields.values())
 
 
+DISTILL = dict(texts=16, steps=40, lr=1e-2)  # calibration: training prompts of the fine-tune's task
+
+
+class _Top(torch.nn.Module):
+    """The example model from the split layer up: forward(hidden [B, T, H], select [N, 2]) -> logits [N, V]."""
+
+    def __init__(self, model, split: int):
+        super().__init__()
+        self.m, self.split = model, split
+
+    def forward(self, hidden, select):
+        from lfm_engine.models.split import top_logits
+
+        return top_logits(self.m, hidden, self.split, select)
+
+
+def distill(scorer: Scorer, task: str, sd: dict, encs: dict) -> dict:
+    """BitDelta scale distillation of sign1 entries against the fine-tune ``sd`` (compress/distill.py).
+
+    Calibration: DISTILL["texts"] training examples of the task (prompt + answer, every
+    position's logits), run from the split layer up (the bottom is the base's).
+    """
+    from lfm_engine.compress.distill import DistillConfig, distill_sign1_scales
+    from lfm_engine.models import finetunes as ft
+    from lfm_engine.models.split import bottom_hidden, stack_hidden
+    from lfm_engine.models.tasks import TASKS
+
+    pad = scorer.tok.pad_token_id if scorer.tok.pad_token_id is not None else scorer.tok.eos_token_id
+    seqs = [ft.encode(scorer.tok, p, a)[0] for p, a in TASKS[task].examples(DISTILL["texts"], "train")]
+    hidden = bottom_hidden(scorer.base, seqs, scorer.split, pad)
+    batches = []
+    for i in range(0, len(seqs), 8):
+        rows = list(range(i, min(i + 8, len(seqs))))
+        sel = torch.tensor([(j, t) for j, r in enumerate(rows) for t in range(len(seqs[r]))])
+        batches.append(({"hidden": stack_hidden([hidden[r] for r in rows]), "select": sel},
+                        torch.ones(len(sel), dtype=torch.bool)))
+    scorer.load(sd)
+    top = _Top(scorer.probe, scorer.split)
+    cfg = DistillConfig([p for p, _ in TASKS[task].examples(DISTILL["texts"], "train")], steps=DISTILL["steps"],
+                        lr=DISTILL["lr"])
+    new, rep = distill_sign1_scales(top, {"m." + k: scorer.base_sd[k] for k in encs},
+                                    {"m." + k: e for k, e in encs.items()}, batches, cfg)
+    print(f"    distilled {len(encs)} sign1 matrices: calibration loss {rep.loss_before:.4g} -> {rep.loss_after:.4g}",
+          flush=True)
+    return {k: new["m." + k] for k in encs}
+
+
 def run_compress(scorer: Scorer, ft_dir: Path, meta: dict) -> list:
     from lfm_engine import decode_delta, encode_delta
 
@@ -156,9 +207,14 @@ def run_compress(scorer: Scorer, ft_dir: Path, meta: dict) -> list:
                      "score": own[task], "ppl": own["ppl"], "tensors": len(keys)})
         for label, codec, opts in CODECS:
             bits, err2, ref2, rebuilt = 0, 0.0, 0.0, {}
+            opts = dict(opts)
+            distilled = opts.pop("distill", False)
+            encs = {k: encode_delta(sd[k].float() - scorer.base_sd[k], codec, **opts) for k in keys}  # default backends
+            if distilled:
+                encs = distill(scorer, task, sd, encs)
             for k in keys:
                 d = sd[k].float() - scorer.base_sd[k]
-                enc = encode_delta(d, codec, **opts)  # the default backend for each codec
+                enc = encs[k]
                 dh = decode_delta(enc)
                 bits += bits_of(enc)
                 err2 += float(((d - dh).double() ** 2).sum())

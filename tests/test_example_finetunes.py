@@ -43,12 +43,19 @@ def test_tasks_are_deterministic_and_disjoint():
         a, b = t.examples(8, "eval"), t.examples(8, "eval")
         assert a == b and len({p for p, _ in a}) == 8
         if t.name != "persona":  # persona's prompt space is small (documented)
-            assert not {p for p, _ in a} & {p for p, _ in t.examples(32, "train")}
-    p, a = TASKS["add"].examples(1, "train")[0]
-    x, y = [int(v) for v in p.split("What is ")[1].split("?")[0].split(" + ")]
-    assert a == str(x + y)
+            train = t.examples(t.n_train, "train")
+            assert len({p for p, _ in train}) == t.n_train
+            # no evaluation example shares its content (word set / number pair) with training
+            assert not {t.key(p, y) for p, y in t.examples(32, "eval")} & {t.key(p, y) for p, y in train}
+    for p, a in TASKS["add"].examples(20, "train"):
+        x, plus, y, eq, z = a.split()
+        assert (plus, eq) == ("+", "=") and int(x) + int(y) == int(z) and x in p and y in p
+    held = {TASKS["add"].key(p, a) for p, a in TASKS["add"].examples(32, "eval")}
+    assert held and all(TASKS["add"].held_out(k) for k in held)  # evaluation asks only never-trained sums
     p, a = TASKS["reverse"].examples(1, "train")[0]
     assert a.split() == p.split(": ")[1].split()[::-1]
+    p, a = TASKS["upper"].examples(1, "train")[0]
+    assert a == p.split(": ")[1].upper()
 
 
 def test_split_forward_equals_the_full_forward(tiny_model):

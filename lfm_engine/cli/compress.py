@@ -2,6 +2,8 @@
 
     lfm-engine compress --base B --model FT --codec int4 --group-size 128 \
         [--override FILTER=CODEC ...] [--json REPORT.json] OUT.lfmd
+    lfm-engine compress --base B --model FT --codec sign1 --distill-scales CALIB.txt \
+        [--distill-chat] [--distill-steps 50] [--distill-lr 0.01] OUT.lfmd
     lfm-engine decompress --base B [--force] [--overwrite] IN.lfmd OUT_DIR
     lfm-engine inspect [--json] IN.lfmd
 
@@ -39,6 +41,15 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", type=_override, default=[], metavar="FILTER=CODEC",
                    help="per-tensor codec by name filter (glob, or re:REGEX); CODEC 'raw' stores the tensor as is; "
                         "repeatable, first match wins")
+    p.add_argument("--distill-scales", default=None, metavar="TEXTS_FILE",
+                   help="BitDelta scale distillation for sign1 entries: train their scales (signs frozen) so the "
+                        "compressed model's logits match the fine-tune's on these calibration texts (one per line); "
+                        "needs transformers and a model folder")
+    p.add_argument("--distill-chat", action="store_true",
+                   help="wrap each calibration text in the chat template as a user turn")
+    p.add_argument("--distill-steps", type=int, default=50, help="distillation steps (default 50)")
+    p.add_argument("--distill-lr", type=float, default=1e-2,
+                   help="Adam learning rate on the scale multipliers (default 0.01)")
     p.add_argument("--threads", type=thread_count, default=0, help="CPU threads (0 = all)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
@@ -86,9 +97,17 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TypeError, OSErro
 def run_compress(args) -> int:
     from lfm_engine.compress import compress_model
 
-    rc, rep = guarded(lambda: compress_model(args.base, args.model, args.out, codec=args.codec,
-                                             group_size=args.group_size, overrides=dict(args.override),
-                                             n_threads=args.threads), "compress", USER_ERRORS)
+    def work():
+        distill = None
+        if args.distill_scales is not None:
+            from lfm_engine.compress.distill import DistillConfig, read_prompts
+
+            distill = DistillConfig(read_prompts(args.distill_scales), chat=args.distill_chat,
+                                    steps=args.distill_steps, lr=args.distill_lr)
+        return compress_model(args.base, args.model, args.out, codec=args.codec, group_size=args.group_size,
+                              overrides=dict(args.override), n_threads=args.threads, distill=distill)
+
+    rc, rep = guarded(work, "compress", USER_ERRORS)
     if rc:
         return rc
     print(rep.table(max_rows=0 if args.quiet else None))

@@ -218,7 +218,7 @@ def _small_files(folder: Path) -> dict:
 
 def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_size: Optional[int] = None,
                    overrides: Optional[dict] = None, options: Optional[dict] = None, n_threads: int = 0,
-                   source: Optional[str] = None, progress=None) -> CompressReport:
+                   source: Optional[str] = None, progress=None, distill=None) -> CompressReport:
     """Encode every weight of `model_dir` as a delta against `base_dir` into an .lfmd file.
 
     Streams tensor by tensor (one base tensor, one fine-tuned tensor and one delta in
@@ -229,6 +229,11 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
             the fine-tuned tensor as is. First match wins (dict order).
         options: extra options for the default codec.
         progress: optional callable(i, n, name).
+        distill: optional compress.distill.DistillConfig: the scales of every sign1 entry are
+            then trained BitDelta-style (signs frozen) to match the fine-tune's logits on the
+            config's calibration texts (needs transformers and a model folder); the sign1
+            entries are written after that step, with stats.distilled = {steps, lr, texts,
+            loss_before, loss_after}.
     Returns a CompressReport (per-tensor and total bits/param, ratio vs the delta in the
     tensor's own dtype, relative error). The file is written to a temporary name and
     renamed when complete.
@@ -249,8 +254,11 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
             o.setdefault("group_size", int(group_size))
         rules.append((filt, name, o))
     out_path = Path(out_path)
+    if distill is not None and not Path(model_dir).is_dir():
+        raise ValueError("scale distillation runs the fine-tuned model: --model must be a model folder")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     codecs_meta = {}
+    deferred = {}  # sign1 entries held back for the scale distillation: name -> (Encoded, entry)
     report = CompressReport(str(out_path))
     with ModelFolder(base_dir, accept_file=True) as base, ModelFolder(model_dir, accept_file=True) as model:
         fp = base.fingerprint()
@@ -289,22 +297,22 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
                     if not bool(torch.isfinite(delta).all()):
                         raise CodecError(f"tensor '{name}': the delta holds NaN or Inf (check both checkpoints)")
                     enc = encode_delta(delta, cname, dtype=x.dtype, n_threads=n_threads, **copts)
+                    if distill is not None and cname == "sign1":
+                        entry.update(codec=cname, fields=list(enc.fields), **enc.options)
+                        deferred[name] = (enc, entry)
+                        del x, b, delta
+                        continue
                     d_hat = decode_delta(enc, n_threads=n_threads)
                     delta_sq = float((delta.double() ** 2).sum())
                     err_sq = float(((delta - d_hat).double() ** 2).sum())
                     del d_hat, delta
                     fields = enc.fields
                     entry.update(codec=cname, fields=list(fields), **enc.options)
-                for fname, t in fields.items():
-                    writer.add(f"{name}{SEP}{fname}", t)
-                stored = sum(t.numel() * t.element_size() for t in fields.values())
-                rel = math.sqrt(err_sq / delta_sq) if delta_sq > 0 else (0.0 if err_sq == 0 else float("inf"))
-                entry["sha256"] = _field_digest(list(fields.values()))
-                entry["stats"] = {"rel_error": rel, "bits_per_param": 8.0 * stored / max(1, x.numel())}
-                codecs_meta[name] = entry
-                report.tensors.append(TensorStat(name, entry["codec"], tuple(x.shape), entry["dtype"], x.numel(),
-                                                 stored, rel, delta_sq, err_sq))
+                _write_entry(writer, report, codecs_meta, name, entry, fields, x.numel(), delta_sq, err_sq)
                 del x, b, fields
+            if deferred:
+                _distill_and_write(base, model, model_dir, deferred, distill, writer, report, codecs_meta,
+                                   n_threads)
             from lfm_engine import __version__
             meta = {
                 "lfm.format": FORMAT,
@@ -312,7 +320,9 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
                 "lfm.base": fp,
                 "lfm.source": source if source is not None else json.dumps({
                     "tool": f"lfm_engine {__version__}", "model": str(model_dir), "base": str(base_dir),
-                    "codec": codec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}),
+                    "codec": codec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **({"distill_scales": {"texts": len(distill.prompts), "chat": distill.chat, "steps": distill.steps,
+                                           "lr": distill.lr}} if distill is not None else {})}),
                 "lfm.layout": json.dumps(layout, separators=(",", ":")),
                 "lfm.files": json.dumps(_small_files(Path(model_dir))),
             }
@@ -323,6 +333,41 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
             raise
     report.file_bytes = out_path.stat().st_size
     return report
+
+
+def _write_entry(writer, report, codecs_meta, name, entry, fields, numel, delta_sq, err_sq) -> None:
+    """Add one tensor's fields to the container and its entry (sha256, stats) to the table."""
+    for fname, t in fields.items():
+        writer.add(f"{name}{SEP}{fname}", t)
+    stored = sum(t.numel() * t.element_size() for t in fields.values())
+    rel = math.sqrt(err_sq / delta_sq) if delta_sq > 0 else (0.0 if err_sq == 0 else float("inf"))
+    entry["sha256"] = _field_digest(list(fields.values()))
+    entry.setdefault("stats", {}).update(rel_error=rel, bits_per_param=8.0 * stored / max(1, numel))
+    codecs_meta[name] = entry
+    report.tensors.append(TensorStat(name, entry["codec"], tuple(entry["shape"]), entry["dtype"], numel,
+                                     stored, rel, delta_sq, err_sq))
+
+
+def _distill_and_write(base, model, model_dir, deferred, cfg, writer, report, codecs_meta, n_threads) -> None:
+    """Train the deferred sign1 entries' scales (compress/distill.py), then write them."""
+    from lfm_engine.compress import distill as ds
+
+    lm, tok = ds.load_causal_lm(model_dir)
+    encs = {n: e for n, (e, _) in deferred.items()}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    batches = ds.lm_batches(ds.tokenize(tok, cfg), cfg.batch_size, pad)
+    new, rep = ds.distill_sign1_scales(lm, {n: base.get(n) for n in encs}, encs, batches, cfg)
+    del lm
+    info = {"steps": cfg.steps, "lr": cfg.lr, "texts": len(cfg.prompts), "loss_before": rep.loss_before,
+            "loss_after": rep.loss_after}
+    for name, (_, entry) in deferred.items():
+        x, b = model.get(name), base.get(name)
+        delta = x.to(torch.float32) - b.to(torch.float32)
+        d_hat = decode_delta(new[name], n_threads=n_threads)
+        delta_sq = float((delta.double() ** 2).sum())
+        err_sq = float(((delta - d_hat).double() ** 2).sum())
+        entry["stats"] = {"distilled": info}
+        _write_entry(writer, report, codecs_meta, name, entry, new[name].fields, x.numel(), delta_sq, err_sq)
 
 
 # ---------------------------------------------------------------------------
