@@ -596,19 +596,11 @@ private:
             load(s, start, len);
             for (int i = 0; i < K_; ++i) {
                 const float* x = s.x.data() + static_cast<int64_t>(i) * kBlock;
-                const uint8_t bit = static_cast<uint8_t>(1u << (i & 7));
-                double t = 0.0, k = 0.0;
-                if (store && mbytes_ == 1 && thr_[i] < 0x100000000ull) {
-                    // DARE, K <= 8: draw, keep, mask bit and sums in one sweep
-                    fill_draws(a_.stream[i], start, len, s.draws.data());
-                    loops_.l1_sums_draws(x, s.draws.data(), static_cast<uint32_t>(thr_[i]), bit, mask_.data() + start,
-                                         len, &t, &k);
-                    tot[blk * K_ + i] = t;
-                    kept[blk * K_ + i] = k;
-                    continue;
-                }
                 keep_flags(i, start, len, x, s);
-                if (store) loops_.or_bit(s.keep.data(), bit, mask_.data() + start * mbytes_ + (i >> 3), mbytes_, len);
+                if (store)
+                    loops_.or_bit(s.keep.data(), static_cast<uint8_t>(1u << (i & 7)),
+                                  mask_.data() + start * mbytes_ + (i >> 3), mbytes_, len);
+                double t = 0.0, k = 0.0;
                 loops_.l1_sums(x, s.keep.data(), len, &t, &k);
                 tot[blk * K_ + i] = t;
                 kept[blk * K_ + i] = k;

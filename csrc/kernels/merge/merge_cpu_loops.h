@@ -77,10 +77,6 @@ struct LoopTable {
     // *tot = sum |x|, *kept = sum over keep of |x|, in float64 with 8 interleaved partial
     // sums combined in a fixed order (vectorizes; the result depends only on the block).
     void (*l1_sums)(const float* x, const uint8_t* keep, int64_t len, double* tot, double* kept);
-    // DARE's norm pass for one model in one sweep: keep = draws[j] < thr; m[j] |= keep ? bit : 0;
-    // the sums of l1_sums (same partial sums, same order, so the same bits).
-    void (*l1_sums_draws)(const float* x, const uint32_t* draws, uint32_t thr, uint8_t bit, uint8_t* m,
-                          int64_t len, double* tot, double* kept);
     // m[j * stride] |= keep[j] ? bit : 0
     void (*or_bit)(const uint8_t* keep, uint8_t bit, uint8_t* m, int64_t stride, int64_t len);
     // mixed /= (|div| < 1e-8 ? 1 : div)
