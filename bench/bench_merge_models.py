@@ -15,7 +15,13 @@ different generators by design, docs/spec/merge.md).
 tensors are read into pinned memory, copied to the GPU on a side stream and merged there by
 the default GPU backend) on the same YAML; "lfm-engine" is the CPU run.
 
-    python bench/bench_merge_models.py [--size full|small] [--methods ties,...] [--devices cpu,cuda] [--json F]
+--size 1b is the ~1B-parameter fixture (~8 GB): generated once into --cache and reused,
+skipped (exit 0, with a message) when the disk is short. --cold evicts the inputs from the
+page cache before every timed run and before the I/O floor, so the floor is the disk's read
+bandwidth and every tool reads from the disk.
+
+    python bench/bench_merge_models.py [--size full|small|1b] [--methods ties,...] [--devices cpu,cuda]
+                                       [--cold] [--cache DIR] [--json F]
 """
 from __future__ import annotations
 
@@ -54,7 +60,13 @@ from benchlib import Report, copy_bandwidth  # noqa: E402
 SIZES = {
     "full": dict(hidden=1024, layers=8, intermediate=2816, vocab=8192, heads=16, kv_heads=16),
     "small": dict(hidden=256, layers=4, intermediate=704, vocab=2048, heads=8, kv_heads=4),
+    # ~1B parameters (issue 12): ~8 GB of bf16 for base + 3 fine-tunes, generated once into
+    # the cache folder (--cache) and reused; skipped when the disk is short
+    "1b": dict(hidden=2048, layers=16, intermediate=5632, vocab=32000, heads=16, kv_heads=16),
 }
+CACHED_SIZES = ("1b",)
+DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                             "lfm_engine", "bench_merge_models")
 METHOD_PARAMS = {
     "ties": [dict(weight=0.4, density=0.5), dict(weight=0.3, density=0.5), dict(weight=0.3, density=0.5)],
     "dare_ties": [dict(weight=0.4, density=0.5), dict(weight=0.3, density=0.5), dict(weight=0.3, density=0.5)],
@@ -73,14 +85,46 @@ METHOD_GLOBALS = {"slerp": {"t": 0.4}}
 RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
+def n_parameters(size: str) -> int:
+    cfg = llama_config(**SIZES[size])
+    h, i, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; mlp; two norms
+    return L * per_layer + 2 * v * h + h
+
+
 def build_fixture(root: str, size: str) -> list:
+    """base + 3 fine-tunes under root; a folder holding a complete fixture (its marker
+    file, written last) is reused as it is."""
+    names = ["base", "ft1", "ft2", "ft3"]
+    paths = [os.path.join(root, n) for n in names]
+    marker = os.path.join(root, "COMPLETE")
+    if os.path.exists(marker):
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
     cfg = llama_config(**SIZES[size])
     base = random_weights(cfg, 0, torch.bfloat16, scale=0.02)
-    paths = [write_model(os.path.join(root, "base"), cfg, base, shards=2)]
+    write_model(paths[0], cfg, base, shards=2)
     for k in range(3):
-        paths.append(write_model(os.path.join(root, f"ft{k + 1}"), cfg, finetune(base, 10 + k, 0.002),
-                                 shards=2))
+        write_model(paths[k + 1], cfg, finetune(base, 10 + k, 0.002), shards=2)
+    with open(marker, "w") as f:
+        f.write(size + "\n")
     return paths
+
+
+def evict(paths: list) -> None:
+    """Drop the files' pages from the page cache (no root needed: fsync, then
+    POSIX_FADV_DONTNEED), so the next read comes from the disk."""
+    for p in paths:
+        files = folder_files(p) if os.path.isdir(p) else [p]
+        for fn in files:
+            fd = os.open(fn, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def timed(cmd: list, env=None) -> dict:
@@ -278,6 +322,11 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default="cpu",
                     help="comma list of cpu, cuda: `lfm-engine merge --device D` for each (default cpu)")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--cache", default=DEFAULT_CACHE,
+                    help=f"where the {', '.join(CACHED_SIZES)} fixture is generated once and reused")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the inputs from the page cache before every timed run and the I/O "
+                         "floor (posix_fadvise DONTNEED): the disk's read bandwidth is then the floor")
     ap.add_argument("--no-fp32-check", action="store_true",
                     help="skip the extra (untimed) mergekit run in fp32 used to check agreement")
     ap.add_argument("--json", default=None)
@@ -310,20 +359,37 @@ def main(argv=None) -> int:
             return 0
     work = args.workdir or tempfile.mkdtemp(prefix="lfm_bench_merge_")
     os.makedirs(work, exist_ok=True)
+    n_params = n_parameters(args.size)
+    cached = args.size in CACHED_SIZES
+    models_dir = os.path.join(args.cache, args.size) if cached else os.path.join(work, "models")
+    fixture_bytes = 4 * 2 * n_params
+    # the fixture (unless cached already), one output of ours and one of mergekit's, 10% spare
+    need = (0 if os.path.exists(os.path.join(models_dir, "COMPLETE")) else fixture_bytes) + 2 * 2 * n_params
+    os.makedirs(models_dir, exist_ok=True)
+    free = min(shutil.disk_usage(models_dir).free, shutil.disk_usage(work).free)
+    if free < 1.1 * need:
+        print(f"bench_merge_models: skipped: the {args.size} fixture needs {need / 1e9:.1f} GB of disk, "
+              f"{free / 1e9:.1f} GB free", file=sys.stderr)
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     try:
         t0 = time.perf_counter()
-        paths = build_fixture(os.path.join(work, "models"), args.size)
-        n_params = sum(t.numel() for t in load_folder(paths[0]).values())
-        print(f"# fixture: {n_params / 1e6:.1f}M parameters x 4 models (bf16), built in "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        base = load_folder(paths[0])
-        fts = [load_folder(p) for p in paths[1:]]
+        paths = build_fixture(models_dir, args.size)
+        print(f"# fixture: {n_params / 1e6:.1f}M parameters x 4 models (bf16), "
+              f"{'in ' + models_dir if cached else 'built'} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         mk_exe = None if args.no_mergekit else shutil.which("mergekit-yaml")
+        # the whole models in memory only to compare outputs with mergekit's; not for the
+        # cached (~1B) fixture, whose four models would not fit next to mergekit's run
+        compare = mk_exe is not None and not cached
+        base = load_folder(paths[0]) if compare else None
+        fts = [load_folder(p) for p in paths[1:]] if compare else None
         cli_mod = "lfm_engine.cli"
         env = dict(os.environ)
         if SOURCE_TREE:  # run the checkout's lfm_engine; an installed one needs no path
             env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
         report = Report(f"lfm-engine merge vs mergekit-yaml ({args.size} fixture, "
+                        f"{'cold page cache, ' if args.cold else ''}"
                         f"{n_params / 1e6:.0f}M params x 4, bf16)", "cpu", copy_bandwidth())
         rss_rows = []
         startup_rows = []
@@ -349,12 +415,16 @@ def main(argv=None) -> int:
             for dev in devices:
                 if dev != devices[0]:
                     shutil.rmtree(out, ignore_errors=True)
+                if args.cold:
+                    evict(paths)
                 runs[dev] = timed([sys.executable, "-m", cli_mod, "merge", cfg_path, out, "--quiet", "--seed", "0"]
                                   + (["--device", "cuda"] if dev == "cuda" else []), env)
             files = folder_files(out)
             out_bytes = sum(os.path.getsize(f) for f in files)
             in_bytes = sum(os.path.getsize(f) for p in paths for f in folder_files(p))
             moved = in_bytes + out_bytes
+            if args.cold:
+                evict(paths)
             floor = io_floor(paths, out_bytes, work)
             report.add(method, "io-floor", floor, moved)
             for dev, run in runs.items():
@@ -364,10 +434,18 @@ def main(argv=None) -> int:
             if mk_exe:
                 out_mk = os.path.join(work, f"mk_{method}")
                 shutil.rmtree(out_mk, ignore_errors=True)
+                if args.cold:
+                    evict(paths)
                 mk = timed([mk_exe, cfg_path, out_mk, "--no-copy-tokenizer", "--quiet",
                             "--random-seed", "0", "--no-write-model-card"])
                 report.add(method, "mergekit", mk["seconds"], moved, rss=mk["rss"])
                 rss_rows.append((method, "mergekit", mk["seconds"], mk["rss"], mk["seconds"] / floor))
+                if not compare:
+                    notes.append(f"{method}: outputs not compared with mergekit's on the {args.size} fixture "
+                                 f"(memory); see the full fixture's agreement")
+                    shutil.rmtree(out_mk, ignore_errors=True)
+                    shutil.rmtree(out, ignore_errors=True)
+                    continue
                 ours_t = load_folder(out)
                 notes.append(f"{method} vs mergekit (dtype bfloat16, its arithmetic in bf16): "
                              f"{agreement(method, ours_t, load_folder(out_mk), base, fts, METHOD_PARAMS[method])}")

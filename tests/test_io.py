@@ -330,3 +330,31 @@ def test_peft_embedding_lora_layout_and_its_errors(tmp_path):
     ]:
         with pytest.raises(AdapterFormatError, match=msg):
             open_adapter(folder(name, tensors))
+
+
+@pytest.mark.parametrize("in_dtype, out_dtype", [("bfloat16", "bfloat16"), ("float32", "float32"),
+                                                 ("bfloat16", "float16"), ("float32", "bfloat16")])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_linear"])
+def test_merge_arrays_counted_counts_the_overflow_it_writes(in_dtype, out_dtype, method):
+    """The kernel counts the NaN/Inf it writes (the runner's overflow check, without a
+    second sweep over the output): one-dtype inputs take the one-sweep path, mixed ones
+    the blockwise path; both must count exactly what the output holds."""
+    from lfm_engine.ops.merge import merge_arrays_counted
+
+    g = torch.Generator().manual_seed(4)
+    n = 5000
+    b = torch.randn(n, generator=g)
+    xs = [b + torch.randn(n, generator=g) for _ in range(2)]
+    xs[0][::7] = b[::7] + 2e5  # past float16's range (even halved by TIES); within bfloat16's
+    dt = D.of(in_dtype)
+    arr = lambda t: as_numpy(t.to(dt.torch))  # noqa: E731
+    kw = dict(density=0.5, seed=1, name="w", weights=[1.0, 1.0])
+    for lam, overflow in ((1.0, out_dtype == "float16"), (1e39, True)):  # 1e39: inf in float32
+        out, n_bad = merge_arrays_counted((arr(b), in_dtype), [(arr(x), in_dtype) for x in xs], method,
+                                          out_dtype=out_dtype, lam=lam, **kw)
+        held = int((~torch.isfinite(as_torch(out, D.of(out_dtype)).float())).sum())
+        assert n_bad == held
+        assert (held > 0) == overflow, (lam, held)
+    out, n_bad = merge_arrays_counted((arr(b), in_dtype), [(arr(x), in_dtype) for x in xs], method,
+                                      out_dtype=out_dtype, backend="reference", **kw)
+    assert n_bad is None  # the torch-run backends do not count

@@ -135,6 +135,33 @@ def test_exactly_k_kept_on_real_shape_bf16():
 
 
 # ---------------------------------------------------------------- randomness
+def _della_rows(cols: int) -> torch.Tensor:
+    """Rows of every kind della_keep_row (csrc/kernels/merge/della_rank.h) meets: smooth
+    values, a few distinct values (ties straddling the bins' ranks), exact zeros, one
+    huge outlier (a wide range: coarse bins), every value equal, zeros and one value
+    (both sorted instead), and a row with most elements tied at one value."""
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randn(cols, generator=g),
+            torch.randint(-6, 7, (cols,), generator=g) / 4.0,
+            torch.where(torch.rand(cols, generator=g) < 0.3, 0.0, torch.randn(cols, generator=g)),
+            torch.cat([torch.randn(cols - 1, generator=g) * 1e-3, torch.tensor([1e30])]),
+            torch.full((cols,), 0.5),
+            torch.where(torch.arange(cols) % 3 == 0, 0.0, -0.25),
+            torch.where(torch.rand(cols, generator=g) < 0.8, 0.125, torch.randn(cols, generator=g))]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("cols", [255, 256, 1000, 4096])
+@pytest.mark.parametrize("density,epsilon", [(0.4, 0.2), (0.5, 0.01), (0.9, 0.09)])
+def test_della_row_histogram_masks_bit_identical(cols, density, epsilon):
+    x = _della_rows(cols)
+    base = torch.zeros_like(x)
+    kw = dict(density=density, epsilon=epsilon, seed=77, name="model.layers.1.mlp.down_proj.weight")
+    got = kept_mask(base, x, "della_linear", **kw)
+    exp = ref_mask(base, x, "della_linear", **kw) & (x != 0)
+    assert torch.equal(got, exp)
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
 def test_random_masks_bit_identical_to_reference(method):
     base, (x,) = make_inputs((37, 211), 1, scale=1.0)

@@ -21,8 +21,10 @@ LFM_API lfm_status lfm_merge(const lfm_tensor* base, const lfm_tensor* models, c
                              const lfm_merge_options* opts, void* stream) {
     return lfm::guard("lfm_merge", [&] {
         lfm::merge::MergeArgs a = lfm::merge::resolve_merge_args(base, models, out, opts);
-        if (out->device == LFM_DEVICE_CUDA)
+        if (out->device == LFM_DEVICE_CUDA) {
+            if (a.n_nonfinite_out) *a.n_nonfinite_out = -1;  // not counted on the GPU (merge.h)
             lfm::merge::merge_cuda(a, stream);
+        }
         else
             lfm::merge::merge_cpu(a);
     });

@@ -190,12 +190,15 @@ void bind_merge(pyb::module_& m) {
             std::vector<const char*> names;
             for (const auto& s : model_names) names.push_back(s.c_str());
             o.model_names = names.empty() ? nullptr : names.data();
+            int64_t n_nonfinite = -1;
+            o.n_nonfinite_out = &n_nonfinite;
             lfm_status st;
             {
                 pyb::gil_scoped_release release;
                 st = lfm_merge(has_base ? &base_v : nullptr, mv.data(), &out_v, &o, reinterpret_cast<void*>(stream));
             }
             check(st);
+            return n_nonfinite;  // NaN/Inf written to out; -1: not counted (CUDA)
         },
         // options are keywords (lfm_merge_options' fields); an omitted one takes the C
         // default (lfm_merge_options_init), so no default is repeated here

@@ -50,6 +50,11 @@ typedef struct lfm_merge_options {
     /* added after ABI 1 (a caller passing the shorter struct_size gets NULL): */
     const char* const* model_names; /* [K] UTF-8 names used in error messages ("model NAME");
                                        NULL = "model <index>" */
+    /* added later still (a struct_size without it: nothing is counted or written): */
+    int64_t* n_nonfinite_out;    /* out: when not NULL, set to the number of NaN/Inf elements
+                                    written to `out` (finite inputs whose merged values overflow
+                                    the output dtype), counted on the CPU while the output is
+                                    written; a CUDA call sets -1 (not counted: check the output) */
 } lfm_merge_options;
 
 LFM_API void lfm_merge_options_init(lfm_merge_options* opts);

@@ -118,8 +118,8 @@ def _merge_tensors_fn():
 
 
 def _merge_arrays_fn():
-    from lfm_engine.ops.merge import merge_arrays
-    return merge_arrays
+    from lfm_engine.ops.merge import merge_arrays_counted
+    return merge_arrays_counted
 
 
 def native_method(method: str) -> bool:
@@ -224,12 +224,15 @@ def _merge_task_numpy(method: str, task: TensorTask, arrays: Dict, seed: int, n_
     kw = task_merge_kwargs(method, task, seed)
     m = kw.pop("method")
     try:
-        out = _merge_arrays_fn()(cut(task.base) if task.base is not None else None,
-                                 [cut(i.info) for i in task.inputs], m, out_dtype=task.dtype,
-                                 n_threads=n_threads, **kw)
+        out, n_bad = _merge_arrays_fn()(cut(task.base) if task.base is not None else None,
+                                        [cut(i.info) for i in task.inputs], m, out_dtype=task.dtype,
+                                        n_threads=n_threads, **kw)
     except ValueError as e:
         raise _named_error(task, e) from None
-    if not dtypes.all_finite(out, task.dtype):
+    # the native kernel counts the NaN/Inf it writes (no second sweep); the torch-run
+    # backends do not (None): check their output here
+    counted = n_bad is not None and n_bad >= 0
+    if (n_bad > 0) if counted else not dtypes.all_finite(out, task.dtype):
         raise _overflow_error(task)
     if reg is None:
         return out

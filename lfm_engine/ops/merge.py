@@ -38,10 +38,13 @@ def _run_native(base, others, out, p: MergeParams, n_threads: int = 0) -> None:
                  _tensor.view(out), p, n_threads, _tensor.current_stream(out))
 
 
-def _call_native(base_view, other_views, out_view, p: MergeParams, n_threads: int, stream: int) -> None:
-    """_C.merge on lfm_tensor views (torch tensors' or numpy arrays', see _tensor.py)."""
+def _call_native(base_view, other_views, out_view, p: MergeParams, n_threads: int, stream: int) -> int:
+    """_C.merge on lfm_tensor views (torch tensors' or numpy arrays', see _tensor.py).
+
+    Returns how many NaN/Inf the kernel wrote to the output (finite inputs whose merged
+    values overflow the output dtype), counted while writing; -1 on CUDA (not counted)."""
     # keywords name lfm_merge_options' fields (include/lfm/merge.h)
-    native().merge(
+    return native().merge(
         base_view, other_views, out_view,
         method=METHOD_CODES[p.method],
         weights=list(p.weights), densities=list(p.densities), gammas=list(p.gammas),
@@ -202,6 +205,16 @@ def merge_arrays(base: Optional[Array], others: Sequence[Array], method: str = "
     the same bits merge_tensors computes. The reference/triton backends (by ``backend``
     or LFM_BACKEND) run through torch.
     """
+    return merge_arrays_counted(base, others, method, out_dtype=out_dtype, n_threads=n_threads,
+                                backend=backend, **params)[0]
+
+
+def merge_arrays_counted(base: Optional[Array], others: Sequence[Array], method: str = "ties", *,
+                         out_dtype, n_threads: int = 0, backend: Optional[str] = None,
+                         **params) -> Tuple[np.ndarray, Optional[int]]:
+    """:func:`merge_arrays`, and how many NaN/Inf it wrote (an overflow of ``out_dtype``;
+    NaN/Inf inputs are refused by name): counted by the native kernel while it writes, so
+    no second sweep over the output; None from the torch-run backends (not counted)."""
     if others is None or len(others) == 0:
         raise ValueError("merge_tensors: no models to merge: `others` is empty")
     p = resolve_merge_params(method, len(others), **params)
@@ -220,10 +233,10 @@ def merge_arrays(base: Optional[Array], others: Sequence[Array], method: str = "
 
         res = merge_tensors(None if b is None else as_torch(*b), [as_torch(x, d) for x, d in xs], method,
                             out_dtype=out_dt.torch, n_threads=n_threads, backend=name_, **params)
-        return as_numpy(res)
+        return as_numpy(res), None
     b = None if b is None else (np.ascontiguousarray(b[0]), b[1])
     xs = [(np.ascontiguousarray(x), d) for x, d in xs]
     out = np.empty(shape, dtype=out_dt.np)
-    _call_native(None if b is None else _tensor.array_view(*b), [_tensor.array_view(x, d) for x, d in xs],
-                 _tensor.array_view(out, out_dt), p, n_threads, 0)
-    return out
+    n_bad = _call_native(None if b is None else _tensor.array_view(*b), [_tensor.array_view(x, d) for x, d in xs],
+                         _tensor.array_view(out, out_dt), p, n_threads, 0)
+    return out, n_bad

@@ -95,6 +95,25 @@ int main(void) {
     st = lfm_merge(&tb, tm, &to, &o, NULL);
     CHECK(st == LFM_STATUS_INVALID_ARGUMENT, "a truncated options struct accepted (status %d)", (int)st);
     o.struct_size = sizeof(o);
+    /* n_nonfinite_out: the NaN/Inf written to out (here lambda pushes every value past
+       float32), counted during the write; an older, shorter struct (without the field) leaves it alone */
+    int64_t n_bad = 12345;
+    o.model_names = NULL;
+    o.n_nonfinite_out = &n_bad;
+    o.lambda = 1e39;
+    st = lfm_merge(&tb, tm, &to, &o, NULL);
+    CHECK(st == LFM_STATUS_OK && n_bad > 0 && n_bad <= N, "overflow not counted: %lld", (long long)n_bad);
+    int64_t expect_bad = 0;
+    for (int i = 0; i < N; ++i) expect_bad += !isfinite(out[i]);
+    CHECK(n_bad == expect_bad, "counted %lld non-finite, out holds %lld", (long long)n_bad, (long long)expect_bad);
+    o.lambda = 1.0;
+    st = lfm_merge(&tb, tm, &to, &o, NULL);
+    CHECK(st == LFM_STATUS_OK && n_bad == 0, "finite result counted %lld", (long long)n_bad);
+    n_bad = 12345;
+    o.struct_size = offsetof(lfm_merge_options, n_nonfinite_out);
+    st = lfm_merge(&tb, tm, &to, &o, NULL);
+    CHECK(st == LFM_STATUS_OK && n_bad == 12345, "a struct without n_nonfinite_out had it written");
+    o.struct_size = sizeof(o);
 
     CHECK(lfm_abi_version() == LFM_ABI_VERSION, "ABI version mismatch");
     CHECK(strstr(lfm_build_info(), "\"abi\"") != NULL, "build info: %s", lfm_build_info());

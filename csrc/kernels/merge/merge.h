@@ -41,6 +41,7 @@ struct MergeArgs {
     const lfm_tensor* base = nullptr;  // nullptr only for linear
     std::vector<const lfm_tensor*> models;
     const lfm_tensor* out = nullptr;
+    int64_t* n_nonfinite_out = nullptr;  // lfm_merge_options.n_nonfinite_out (NULL: not wanted)
 };
 
 // Method table (merge_methods_table.h, generated from lfm_engine/core/merge_registry.py).

@@ -71,6 +71,8 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
         fail(LFM_STATUS_INVALID_ARGUMENT, "options.struct_size is ", opts->struct_size, ", expected ",
              sizeof(lfm_merge_options), " (initialise with lfm_merge_options_init)");
     const bool has_names = opts->struct_size >= offsetof(lfm_merge_options, model_names) + sizeof(opts->model_names);
+    const bool has_count =
+        opts->struct_size >= offsetof(lfm_merge_options, n_nonfinite_out) + sizeof(opts->n_nonfinite_out);
     MergeArgs a;
     a.method = opts->method;
     const MethodRow& row = method_row(a.method);
@@ -90,6 +92,7 @@ MergeArgs resolve_merge_args(const lfm_tensor* base, const lfm_tensor* models, c
     a.seed = opts->seed;
     a.name = opts->tensor_name ? opts->tensor_name : "";
     a.n_threads = opts->n_threads;
+    a.n_nonfinite_out = has_count ? opts->n_nonfinite_out : nullptr;
     check_n_threads(a.n_threads);
 
     a.K = opts->n_models;

@@ -6,8 +6,10 @@
 //     histogram pass over |delta| bit patterns (radix select; non-negative floats order
 //     like their bits), plus a short pass that finds the flat index of the cut-off tie
 //     when only part of the equal values is kept (lower index first, as the spec says);
-//   - DELLA: a mask pass that ranks each row (the rank needs an order within the row)
-//     and stores one keep bit per model and element (ceil(K/8) bytes per element);
+//   - DELLA: a mask pass that decides each row from a histogram of its values, ranking
+//     exactly only the bins where the draw is close to the threshold (della_rank.h; a
+//     radix sort of the row otherwise), and stores one keep bit per model and element
+//     (ceil(K/8) bytes per element);
 //   - rescale "l1": a norm pass giving ||delta||_1 and ||delta'||_1;
 //   - the merge pass: keep rule, weighting, sign consensus, normalisation, output.
 // Determinism: every reduction is made per fixed block (or row) and combined in block
@@ -90,6 +92,7 @@ public:
     }
 
     void run() {
+        if (a_.n_nonfinite_out) *a_.n_nonfinite_out = 0;
         if (n_ == 0) return;
         PhaseTimer timer;
         if (a_.sparsifier == Sparsifier::Magnitude || a_.sparsifier == Sparsifier::MagnitudeOutliers) {
@@ -112,6 +115,7 @@ public:
         }
         merge_pass();
         timer.mark("merge_pass");
+        if (a_.n_nonfinite_out) *a_.n_nonfinite_out = nonfinite_out_.load();
     }
 
 private:
@@ -467,6 +471,9 @@ private:
         parallel_for(rows, a_.n_threads, [&](int64_t row, int) {
             thread_local std::vector<float> b, x;
             thread_local std::vector<uint32_t> keys, idx, keys2, idx2, draws;
+            thread_local std::vector<uint8_t> keep;
+            thread_local DellaRowScratch rs;
+            keep.resize(cols);
             b.resize(cols);
             x.resize(cols);
             keys.resize(cols);
@@ -479,17 +486,20 @@ private:
             for (int i = 0; i < K_; ++i) {
                 load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x.data(), cols);
                 if (loops_.sub_check(x.data(), b.data(), cols)) nonfinite(start, cols);
-                for (int64_t j = 0; j < cols; ++j) {
-                    keys[j] = f32_bits(x[j]) & 0x7fffffffu;
-                    idx[j] = static_cast<uint32_t>(j);
-                }
-                // rank = position in (|delta| bits, column) ascending order: a stable LSD
-                // radix sort on the bits keeps equal values in column order.
-                radix_sort_stable(keys, idx, keys2, idx2, cols);
+                for (int64_t j = 0; j < cols; ++j) keys[j] = f32_bits(x[j]) & 0x7fffffffu;
                 fill_draws(a_.stream[i], start, cols, draws.data());
                 const uint64_t* t = thr[i].data();
                 uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
                 const uint8_t bit = static_cast<uint8_t>(1u << (i & 7));
+                // almost every row: decided from a histogram of its values (della_rank.h)
+                if (loops_.della_keep_row(keys.data(), draws.data(), t, cols, keep.data(), rs)) {
+                    loops_.or_bit(keep.data(), bit, m, mbytes_, cols);
+                    continue;
+                }
+                // rank = position in (|delta| bits, column) ascending order: a stable LSD
+                // radix sort on the bits keeps equal values in column order.
+                for (int64_t j = 0; j < cols; ++j) idx[j] = static_cast<uint32_t>(j);
+                radix_sort_stable(keys, idx, keys2, idx2, cols);
                 for (int64_t r = 0; r < cols; ++r) {
                     const int64_t j = idx[r];
                     if (draws[j] < t[r]) m[j * mbytes_] |= bit;
@@ -668,8 +678,7 @@ private:
                 float* o = s.o.data();
                 loops_.fused_ties(K_, xp, kp, coef.data(), a_.w.data(), factor_.data(), s.b.data(), lam,
                                   inv_div.data(), o, len);
-                char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
-                store_f32(o, a_.out->dtype, dst, len);
+                store_out(o, start, len);
                 return;
             }
             if (!a_.consensus) {
@@ -718,8 +727,7 @@ private:
             }
             float* o = s.o.data();
             loops_.finish(a_.base ? s.b.data() : nullptr, lam, mixed, o, len);
-            char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
-            store_f32(o, a_.out->dtype, dst, len);
+            store_out(o, start, len);
         });
     }
 
@@ -734,7 +742,7 @@ private:
         return true;
     }
 
-    void direct_block(const DirectBlock& proto, Scratch& s, int64_t start, int64_t len) const {
+    void direct_block(const DirectBlock& proto, Scratch& s, int64_t start, int64_t len) {
         DirectBlock d = proto;
         const int64_t esz = static_cast<int64_t>(dtype_size(d.dtype));
         d.base = a_.base ? ptr(a_.base, start) : nullptr;
@@ -760,7 +768,41 @@ private:
             d.hi_j0[i] = all ? -1 : local(c.hi_emin);
             d.hi_j1[i] = all ? static_cast<int32_t>(len) : local(c.hi_emax);
         }
-        if (loops_.merge_direct(d, len)) nonfinite(start, len);
+        const int64_t r = loops_.merge_direct(d, len);
+        if (r < 0) nonfinite(start, len);
+        if (r > 0) nonfinite_out_.fetch_add(r, std::memory_order_relaxed);
+    }
+
+    // Store a float32 output block in the output dtype and count the NaN/Inf written
+    // (lfm_merge_options.n_nonfinite_out).
+    void store_out(const float* o, int64_t start, int64_t len) {
+        char* dst = static_cast<char*>(a_.out->data) + start * static_cast<int64_t>(dtype_size(a_.out->dtype));
+        store_f32(o, a_.out->dtype, dst, len);
+        if (!a_.n_nonfinite_out) return;
+        const lfm_dtype dt = a_.out->dtype;  // f32, bf16 or f16 (merge_args.cpp)
+        const int64_t c = dt == LFM_DTYPE_F32    ? count_nonfinite(dst, 0x7f800000u, 4, len)
+                          : dt == LFM_DTYPE_BF16 ? count_nonfinite(dst, 0x7f80u, 2, len)
+                                                 : count_nonfinite(dst, 0x7c00u, 2, len);
+        if (c) nonfinite_out_.fetch_add(c, std::memory_order_relaxed);
+    }
+
+    // elements of `esize` bytes whose exponent field (mask `e`) is all ones
+    static int64_t count_nonfinite(const char* p, uint32_t e, int esize, int64_t len) {
+        int64_t c = 0;
+        if (esize == 4) {
+            for (int64_t j = 0; j < len; ++j) {
+                uint32_t u;
+                std::memcpy(&u, p + 4 * j, 4);
+                c += (u & e) == e;
+            }
+        } else {
+            for (int64_t j = 0; j < len; ++j) {
+                uint16_t u;
+                std::memcpy(&u, p + 2 * j, 2);
+                c += (u & e) == e;
+            }
+        }
+        return c;
     }
 
     const MergeArgs& a_;
@@ -773,6 +815,7 @@ private:
     std::vector<uint8_t> mask_;
     int64_t mbytes_ = 0;
     bool random_stored_ = false;  // DARE masks kept in mask_ by l1_factors
+    std::atomic<int64_t> nonfinite_out_{0};  // NaN/Inf written to the output
     std::vector<uint8_t> ones_;   // keep flags of an unsparsified model in the fused pass
     const LoopTable& loops_ = merge_loops();  // the active SIMD level's loops
     std::vector<std::unique_ptr<Scratch>> scratch_ =

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/merge/della_rank.h"
 #include "lfm/lfm.h"
 
 namespace lfm::merge {
@@ -92,10 +93,18 @@ struct LoopTable {
     void (*fused_ties)(int K, const float* const* x, const uint8_t* const* keep, const float* coef, const double* w, const double* f, const float* b, float lam, const float* table, float* out, int64_t len);
     // The whole merge pass of one block in one sweep from the input bytes, with the same
     // operations and roundings as load + sub_check + keep + fused_ties / weigh_add + scale
-    // + finish + store (so the same bits): returns 0 when done, 1 when a value is NaN/Inf or
-    // a delta overflows (the output block is then unspecified).
-    int (*merge_direct)(const DirectBlock& d, int64_t len);
-    // Philox4x32-10 words for blocks q0 .. q0 + nblocks - 1 (4 words each) into out.
+    // + finish + store (so the same bits): returns the number of non-finite values written
+    // (an overflow of the output dtype), or -1 when an input is NaN/Inf or a delta
+    // overflows (the output block is then unspecified).
+    int64_t (*merge_direct)(const DirectBlock& d, int64_t len);
+    // DELLA, one row: v[j] = bits(|delta_j|) (< 2^31), draws[j] its Philox words, thr[r] the
+    // keep threshold of rank r (nondecreasing). Writes keep[j] = draws[j] < thr[rank(j)] (0/1,
+    // rank by (v, column)) and returns true; false (keep unspecified) when the row is better
+    // sorted whole: fewer than 256 columns, or one nonzero value (della_rank.h).
+    bool (*della_keep_row)(const uint32_t* v, const uint32_t* draws, const uint64_t* thr, int64_t cols,
+                           uint8_t* keep, DellaRowScratch& s);
+    // Philox4x32-10 words for blocks q0 .. q0 + nblocks - 1 (4 words each) into out
+    // (integer arithmetic: the same words at every level).
     void (*philox_blocks)(uint64_t seed, uint32_t stream, uint64_t q0, int64_t nblocks, uint32_t* out);
 };
 
