@@ -10,6 +10,8 @@ Parts (--parts, default all):
             method; each task's exact-match accuracy of the merged model, the average and
             the normalized average (score / the fine-tune's own score), FusionBench-style;
             plus TALL-masks / EMR (codec "masks": one shared vector + a mask per task).
+            With --mergekit, each config also runs through `mergekit-yaml` (same YAML,
+            float32): its task scores next to ours and the largest weight difference.
   compress  every codec at its usual settings on each full fine-tune's deltas (the 28
             trained matrices): bits/param, relative error ||d - d^||_F / ||d||_F, the
             fine-tune's task accuracy with base + decoded delta, held-out perplexity.
@@ -30,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,7 +98,29 @@ def merge_config(ft_dir: Path, base_dir: Path, spec: dict) -> dict:
     return cfg
 
 
-def run_merges(scorer: Scorer, ft_dir: Path, base_dir: Path, meta: dict, workdir: Path, seed: int) -> list:
+def run_mergekit(mk_exe: str, cfg: dict, workdir: Path, ours: dict, scorer: Scorer) -> dict:
+    """The same config through `mergekit-yaml`: its task scores, its wall time and the
+    largest |ours - mergekit| over all weights (DARE/DELLA draw different masks there)."""
+    import yaml
+
+    cp, out = workdir / "mergekit.yml", workdir / "mergekit_out"
+    cp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    p = subprocess.run([mk_exe, str(cp), str(out), "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True)
+    if p.returncode:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    seconds = time.perf_counter() - t0
+    theirs = read_folder(out)
+    diff = max((float((ours[n].float() - theirs[n].float()).abs().max()) for n in ours if n in theirs), default=0.0)
+    s = scorer.score(theirs, FULL_TASKS)
+    shutil.rmtree(out, ignore_errors=True)
+    return {**s, "merge_s": round(seconds, 2), "max_abs_diff": diff,
+            "missing": sorted(set(ours) ^ set(theirs))[:3]}
+
+
+def run_merges(scorer: Scorer, ft_dir: Path, base_dir: Path, meta: dict, workdir: Path, seed: int,
+               mk_exe: str = None) -> list:
     import lfm_engine
 
     rows = []
@@ -110,10 +135,17 @@ def run_merges(scorer: Scorer, ft_dir: Path, base_dir: Path, meta: dict, workdir
         t0 = time.perf_counter()
         lfm_engine.merge_models(cfg, out, seed=seed, quiet=True, write_model_card=False)
         t_merge = time.perf_counter() - t0
-        s = scorer.score(read_folder(out), FULL_TASKS)
+        merged = read_folder(out)
+        s = scorer.score(merged, FULL_TASKS)
         rows.append({"method": label, **s, "merge_s": round(t_merge, 2), "config": cfg})
         print(f"  {label:34s} " + "  ".join(f"{t} {s[t]:.2f}" for t in FULL_TASKS) + f"  ppl {s['ppl']:.2f}"
               f"  (merge {t_merge:.1f} s)", flush=True)
+        if mk_exe:
+            mk = rows[-1]["mergekit"] = run_mergekit(mk_exe, cfg, workdir, merged, scorer)
+            print(f"  {'  mergekit-yaml':34s} " + (mk["error"] if "error" in mk else
+                  "  ".join(f"{t} {mk[t]:.2f}" for t in FULL_TASKS) + f"  ppl {mk['ppl']:.2f}  (merge "
+                  f"{mk['merge_s']:.1f} s, max |diff| {mk['max_abs_diff']:.2e})"), flush=True)
+        del merged
     if len(MERGES) > 2:  # not in --quick
         rows.extend(run_masks(scorer, ft_dir, meta))
     for r in rows:
@@ -245,6 +277,20 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['method']} | " + " | ".join(f"{r[t]:.2f}" for t in FULL_TASKS)
                          + f" | {r['avg']:.2f} | {r['norm_avg']:.2f} | {ppl} |")
         lines.append("")
+        mk_rows = [r for r in res["merge"] if "mergekit" in r]
+        if mk_rows:
+            lines += ["Same configs through `mergekit-yaml` (float32): task scores ours / mergekit's.", "",
+                      "| method | " + " | ".join(FULL_TASKS) + " | ppl | max abs weight diff | merge s ours / mergekit |",
+                      "|---|" + "---:|" * (len(FULL_TASKS) + 3)]
+            for r in mk_rows:
+                mk = r["mergekit"]
+                if "error" in mk:
+                    lines.append(f"| {r['method']} | mergekit failed: {mk['error']} |")
+                    continue
+                lines.append(f"| {r['method']} | " + " | ".join(f"{r[t]:.2f} / {mk[t]:.2f}" for t in FULL_TASKS)
+                             + f" | {r['ppl']:.2f} / {mk['ppl']:.2f} | {mk['max_abs_diff']:.2e} "
+                             f"| {r['merge_s']:.1f} / {mk['merge_s']:.1f} |")
+            lines.append("")
     if "compress" in res:
         lines += ["| fine-tune | codec | bits/param | rel. err | task acc. | retention | ppl |",
                   "|---|---|---:|---:|---:|---:|---:|"]
@@ -273,7 +319,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="DARE/DELLA seed")
     ap.add_argument("--quick", action="store_true",
                     help="a few rows only (ties and task_arithmetic; int4/sign1 on one fine-tune): `lfm-engine bench --quick`")
+    ap.add_argument("--mergekit", action="store_true",
+                    help="also run every merge config through mergekit-yaml (must be on PATH) and score it")
     args = ap.parse_args(argv)
+    mk_exe = None
+    if args.mergekit:
+        mk_exe = shutil.which("mergekit-yaml") or shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable))
+        if mk_exe is None:
+            print("--mergekit: mergekit-yaml is not installed (pip install mergekit)", file=sys.stderr)
+            return 2
     if not example.is_cached(args.cache_dir):
         print(f"the example model is not cached: {example.FETCH_HINT}", file=sys.stderr)
         return 1
@@ -300,7 +354,7 @@ def main(argv=None) -> int:
     try:
         if "merge" in args.parts:
             print("merging the full fine-tunes (persona, upper, add):", flush=True)
-            res["merge"] = run_merges(scorer, ft_dir, model_dir, meta, work, args.seed)
+            res["merge"] = run_merges(scorer, ft_dir, model_dir, meta, work, args.seed, mk_exe)
         if "compress" in args.parts:
             print("compressing each full fine-tune:", flush=True)
             res["compress"] = run_compress(scorer, ft_dir, meta)
