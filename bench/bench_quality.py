@@ -89,7 +89,8 @@ def merge_config(ft_dir: Path, base_dir: Path, spec: dict) -> dict:
         cfg["base_model"] = str(ft_dir / "full" / a)
         cfg["models"] = [{"model": str(ft_dir / "full" / b)}]
     else:
-        cfg["base_model"] = str(base_dir)
+        if spec["merge_method"] != "linear":  # linear averages the models; mergekit would
+            cfg["base_model"] = str(base_dir)  # also want a weight for a named base
         cfg["models"] = [{"model": str(ft_dir / "full" / t), **({"parameters": dict(spec["per_model"])}
                                                                if spec.get("per_model") else {})}
                          for t in FULL_TASKS]
