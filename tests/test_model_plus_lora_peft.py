@@ -20,23 +20,29 @@ from fixtures_models import load_folder  # noqa: E402
 from merge_cli_helpers import run  # noqa: E402
 
 
+def _base_and_adapter(root, base, lcfg, std):
+    """Save `base` and a PEFT adapter of it (factors ~ N(0, std)) under root/base and
+    root/lora; return (root, PEFT's merge_and_unload state dict)."""
+    base.save_pretrained(str(root / "base"))
+    pm = peft.get_peft_model(copy.deepcopy(base), lcfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, std)
+    pm.save_pretrained(str(root / "lora"))
+    merged = pm.merge_and_unload()
+    return root, {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2lora")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
     base = transformers.GPT2LMHeadModel(cfg).eval()
-    base.save_pretrained(str(root / "base"))
     lcfg = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
                            init_lora_weights=False)
-    pm = peft.get_peft_model(copy.deepcopy(base), lcfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.2)
-    pm.save_pretrained(str(root / "lora"))
-    merged = pm.merge_and_unload()
-    return root, {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    return _base_and_adapter(root, base, lcfg, 0.2)
 
 
 def _changed_copy(src, dst, change: dict):
@@ -88,16 +94,8 @@ def llama_embedding_lora(tmp_path_factory):
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
                                    tie_word_embeddings=False)
     base = transformers.LlamaForCausalLM(cfg).eval()
-    base.save_pretrained(str(root / "base"))
     lcfg = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
-    pm = peft.get_peft_model(copy.deepcopy(base), lcfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.3)
-    pm.save_pretrained(str(root / "lora"))
-    merged = pm.merge_and_unload()
-    return root, {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    return _base_and_adapter(root, base, lcfg, 0.3)
 
 
 def test_embedding_lora_matches_peft_merge_and_unload(llama_embedding_lora, tmp_path):
