@@ -81,20 +81,13 @@ def _retype(text: str, rnd: random.Random) -> str:
         return text
     node = v
     for _ in range(4):
-        if isinstance(node, dict) and node:
-            k = rnd.choice(sorted(node))
-            if rnd.random() < 0.4 or not isinstance(node[k], (dict, list)):
-                node[k] = rnd.choice(WRONG_VALUES)
-                break
-            node = node[k]
-        elif isinstance(node, list) and node:
-            i = rnd.randrange(len(node))
-            if rnd.random() < 0.4 or not isinstance(node[i], (dict, list)):
-                node[i] = rnd.choice(WRONG_VALUES)
-                break
-            node = node[i]
-        else:
+        if not isinstance(node, (dict, list)) or not node:
             break
+        k = rnd.choice(sorted(node)) if isinstance(node, dict) else rnd.randrange(len(node))
+        if rnd.random() < 0.4 or not isinstance(node[k], (dict, list)):
+            node[k] = rnd.choice(WRONG_VALUES)
+            break
+        node = node[k]
     return json.dumps(v)
 
 
