@@ -506,20 +506,20 @@ def _write_side_files(plan: MergePlan, folder: str, out_dtype_name: Optional[str
         src = os.path.join(plan.layout_path, fn)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, fn))
-    copied = 0
-    new_vocab = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
-    if new_vocab:
+    if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:
         # a vocabulary that differs from every input's: written even with --no-copy-tokenizer
         # (as mergekit), since no input tokenizer matches the output's embeddings
         vocab.save(plan.vocabulary, folder)
-        copy_tokenizer, copied = True, 1
-    for fn in TOKENIZER_FILES if copy_tokenizer and not new_vocab else ():
-        src = os.path.join(plan.tokenizer_path, fn)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(folder, fn))
-            copied += 1
-    if copy_tokenizer and not copied:
-        warns.append(f"no tokenizer files found in {plan.tokenizer_path}; the output has none")
+        copy_tokenizer = True  # the output has a tokenizer: a chat template goes with it
+    elif copy_tokenizer:
+        copied = 0
+        for fn in TOKENIZER_FILES:
+            src = os.path.join(plan.tokenizer_path, fn)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(folder, fn))
+                copied += 1
+        if not copied:
+            warns.append(f"no tokenizer files found in {plan.tokenizer_path}; the output has none")
     if plan.config.chat_template is not None:
         if copy_tokenizer:
             chat_template.write(folder, chat_template.resolve(plan.config.chat_template, plan.folders))
