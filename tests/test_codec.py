@@ -244,7 +244,7 @@ def test_reference_errors():
 # C++ kernels vs reference: bit-exact codes and decode
 
 
-NATIVE = ["sign1", "int8", "int4", "int2"]
+NATIVE = ["sign1", "int8", "int4", "int2", "nf4"]
 
 
 @pytest.mark.parametrize("codec", NATIVE)
@@ -353,7 +353,7 @@ def test_delta_apply_matches_decode_then_matmul(codec, dtype, n_in):
     assert_close(yr, want.to(dtype), dtype, **extra)
 
 
-@pytest.mark.parametrize("codec", ["sign1", "int4"])
+@pytest.mark.parametrize("codec", ["sign1", "int4", "nf4"])
 @pytest.mark.parametrize("per_slot", [1, 3])
 def test_delta_apply_at_every_simd_level(codec, per_slot):
     """The decode batch shape (one token per slot) and a few tokens per slot, at every SIMD
@@ -432,7 +432,7 @@ def test_triton_decode_add(triton_env, codec, dtype):
     assert_close(got, want, dtype)
 
 
-@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2"])
+@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_delta_apply(triton_env, codec, dtype):
     dev = triton_env
@@ -451,7 +451,7 @@ def test_triton_delta_apply(triton_env, codec, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2"])
+@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2", "nf4"])
 def test_triton_delta_apply_bf16_gpu(codec):
     """bf16 activations on a GPU: the Triton kernel's tl.dot multiplies bf16 tiles on the tensor
     cores, which the CPU interpreter gets wrong, so only a GPU can check it. Ragged sizes: 37

@@ -9,7 +9,7 @@ from lfm_engine.reference import codec as ref
 from lfm_engine.reference.codec import CodecError
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2", "nf4"])
 @pytest.mark.parametrize("g", [7, 32, 128])
 def test_mse_search_never_loses_to_absmax_per_group(codec, g):
     gen = torch.Generator().manual_seed(3)

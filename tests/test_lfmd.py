@@ -72,7 +72,7 @@ def models(tmp_path):
     return tmp_path, base, ft
 
 
-@pytest.mark.parametrize("codec", ["int4", "sign1", "int8", "lowrank:rank=8", "ternary:density=0.2", "sparse_int",
+@pytest.mark.parametrize("codec", ["int4", "nf4", "sign1", "int8", "lowrank:rank=8", "ternary:density=0.2", "sparse_int",
                                    "lowrank:bands=float16:4+int8:8"])
 def test_roundtrip(models, codec):
     root, base, ft = models

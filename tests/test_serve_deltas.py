@@ -40,7 +40,7 @@ def family(tmp_path_factory):
     base_w = random_weights(CFG, 0)
     base = write_model(str(root / "base"), CFG, base_w, tokenizer=False)
     out = {"base": base}
-    for name, codec, seed in (("s1", "sign1", 11), ("i4", "int4:group_size=32", 12)):
+    for name, codec, seed in (("s1", "sign1", 11), ("i4", "int4:group_size=32", 12), ("n4", "nf4:group_size=32", 15)):
         ft = write_model(str(root / f"ft_{name}"), CFG, _ft_linears(base_w, seed))
         path = str(root / f"{name}.lfmd")
         compress_model(base, ft, path, codec)
@@ -70,15 +70,15 @@ def family(tmp_path_factory):
     return out
 
 
-def _served(family, **kw):
+def _served(family, deltas=("s1", "i4"), **kw):
     model = LlamaForCausalLM.from_pretrained(family["base"]).eval()
     with ModelFolder(family["base"]) as mf:
         fp = mf.fingerprint()
     pool = AdapterPool(capacity=2, base_fingerprint=fp, **kw)
     attach(model, pool)
     pool.load("lora", family["lora"], wait=True)
-    pool.load_delta("s1", family["s1"])
-    pool.load_delta("i4", family["i4"])
+    for name in deltas:
+        pool.load_delta(name, family[name])
     return model, pool
 
 
@@ -87,12 +87,13 @@ def _dense(path):
 
 
 def test_mixed_lora_delta_base_rows_match_dense_references(family):
-    model, pool = _served(family)
+    model, pool = _served(family, deltas=("s1", "i4", "n4"))
     ids = torch.randint(0, CFG["vocab_size"], (5, 7), generator=torch.Generator().manual_seed(0))
-    names = ["s1", "lora", None, "i4", "s1"]
+    names = ["s1", "lora", None, "i4", "n4", "s1"]
+    ids = torch.cat([ids, ids[:1]])
     with torch.no_grad(), pool.assign(names):
         got = model(ids).logits
-    refs = {"s1": _dense(family["s1_dense"]), "i4": _dense(family["i4_dense"]),
+    refs = {"s1": _dense(family["s1_dense"]), "i4": _dense(family["i4_dense"]), "n4": _dense(family["n4_dense"]),
             None: LlamaForCausalLM.from_pretrained(family["base"]).eval()}
     with torch.no_grad():
         for r, n in enumerate(names):

@@ -14,6 +14,11 @@
  *          scales [rows, ceil(cols/g)] = round_to_scale_dtype(absmax(group) / qmax),
  *          qmax = 127 / 7 / 1; q = clamp(rint_half_even(delta / s), -qmax, qmax), 0 if s == 0;
  *          decode: q * s.
+ *   NF4    data uint8 [rows, ceil(cols/2)], low nibble = even c, the nibble is a code
+ *          k in 0..15 of the NF4 code book L (QLoRA's 16 normal-quantile levels in
+ *          [-1, 1], L[7] = 0; docs/spec/codec.md lists them); scales [rows, ceil(cols/g)]
+ *          = round_to_scale_dtype(absmax(group)); k = #{j : delta / s > (L[j] + L[j+1]) / 2},
+ *          7 (zero) if s == 0; decode: L[k] * s.
  * Scales may be f16 (the format's default), f32 or bf16. All arithmetic is fp32.
  */
 #ifndef LFM_CODEC_H
@@ -27,7 +32,8 @@ typedef LFM_ENUM(lfm_codec) {
     LFM_CODEC_SIGN1 = 0,
     LFM_CODEC_INT8 = 1,
     LFM_CODEC_INT4 = 2,
-    LFM_CODEC_INT2 = 3
+    LFM_CODEC_INT2 = 3,
+    LFM_CODEC_NF4 = 4
 } lfm_codec;
 
 typedef struct lfm_codec_options {

@@ -35,7 +35,7 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder (or .safetensors file)")
     p.add_argument("--model", required=True, help="fine-tuned model folder (or .safetensors file)")
     p.add_argument("--codec", default="int4",
-                   help="codec for matrices: sign1, int8, int4, int2, ternary, sparse_int, lowrank; options as "
+                   help="codec for matrices: sign1, int8, int4, int2, nf4, ternary, sparse_int, lowrank; options as "
                         "CODEC:key=value,... e.g. lowrank:rank=32 (default int4)")
     p.add_argument("--group-size", type=int, default=None, help="group size of intN / sparse_int (default 128)")
     p.add_argument("--override", action="append", type=_override, default=[], metavar="FILTER=CODEC",

@@ -243,14 +243,14 @@ def compress_model(base_dir, model_dir, out_path, codec: str = "int4", *, group_
         raise CodecError("compress_model: the 'masks' codec encodes K fine-tunes at once; use encode_delta on a "
                          "stack of deltas")
     dopts.update(options or {})
-    if group_size is not None and dname in ("int8", "int4", "int2", "sparse_int"):
+    if group_size is not None and dname in ("int8", "int4", "int2", "nf4", "sparse_int"):
         dopts.setdefault("group_size", int(group_size))
     rules = []
     for filt, spec in (overrides or {}).items():
         name, o = parse_codec_spec(spec)
         if name == "masks":
             raise CodecError(f"override {filt}={spec}: 'masks' is not available per tensor")
-        if group_size is not None and name in ("int8", "int4", "int2", "sparse_int"):
+        if group_size is not None and name in ("int8", "int4", "int2", "nf4", "sparse_int"):
             o.setdefault("group_size", int(group_size))
         rules.append((filt, name, o))
     out_path = Path(out_path)

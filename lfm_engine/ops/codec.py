@@ -6,14 +6,14 @@
     delta_apply(x, [enc_0, ..., enc_{S-1}], token_slot, y)  # y[t] += x[t] @ decode(enc_slot[t])^T
 
 Codecs, their fields and options are defined in lfm_engine/reference/codec.py (the plain
-torch reference): sign1, int8, int4, int2, ternary, sparse_int, lowrank, masks.
+torch reference): sign1, int8, int4, int2, nf4, ternary, sparse_int, lowrank, masks.
 
 Backends (a visible table per function, see ops/_dispatch.py):
-  cpu        C++ kernels (multi-threaded) for sign1/int8/int4/int2; the other codecs are
+  cpu        C++ kernels (multi-threaded) for sign1/int8/int4/int2/nf4; the other codecs are
              run by their reference implementation (they are dominated by a sort or an SVD
              that torch already does well) and `backend="cpu"` says so in their docstring.
   cuda       CUDA C++ decode-and-add for sign1/intN (when built with nvcc).
-  triton     Triton decode-and-add and delta_apply for sign1/int4/int8/int2 (GPU, or CPU
+  triton     Triton decode-and-add and delta_apply for sign1/int8/int4/int2/nf4 (GPU, or CPU
              tensors under TRITON_INTERPRET=1).
   reference  plain torch.
 
@@ -34,9 +34,10 @@ from lfm_engine.ops._dispatch import default_backends, pick_backend
 from lfm_engine.reference import codec as ref
 from lfm_engine.reference.codec import CODECS, CodecError
 
-NATIVE_CODECS = {"sign1": 0, "int8": 1, "int4": 2, "int2": 3}
+NATIVE_CODECS = {"sign1": 0, "int8": 1, "int4": 2, "int2": 3, "nf4": 4}
 _NATIVE_OPTIONS = {"sign1": {"per_tensor", "scale_dtype"}, "int8": {"group_size", "scale_dtype"},
-                   "int4": {"group_size", "scale_dtype"}, "int2": {"group_size", "scale_dtype"}}
+                   "int4": {"group_size", "scale_dtype"}, "int2": {"group_size", "scale_dtype"},
+                   "nf4": {"group_size", "scale_dtype"}}
 # (intN also take scale_search="absmax" natively; "mse" is encoded by the reference, decoded by any backend)
 
 
@@ -133,7 +134,7 @@ def encode_delta(delta: torch.Tensor, codec: str, *, backend: Optional[str] = No
 
     Args:
         delta: float tensor (float32/float16/bfloat16) on the CPU; NaN/Inf is refused.
-        codec: one of sign1, int8, int4, int2, ternary, sparse_int, lowrank, masks.
+        codec: one of sign1, int8, int4, int2, nf4, ternary, sparse_int, lowrank, masks.
         options: codec options (reference/codec.py): group_size, scale_dtype, per_tensor,
             density, bits, method, rank, energy, factor_dtype, mode, merged_codec, ...
         dtype: dtype recorded as the tensor's original dtype (default: delta.dtype).
@@ -282,7 +283,7 @@ def _check_slots(x, deltas, token_slot, y):
         return None
     codec = deltas[0].codec
     if codec not in NATIVE_CODECS:
-        raise ValueError(f"delta_apply: codec '{codec}' is not supported (sign1, int8, int4, int2); "
+        raise ValueError(f"delta_apply: codec '{codec}' is not supported ({', '.join(NATIVE_CODECS)}); "
                          "a lowrank delta is a LoRA adapter: serve it with the LoRA kernels")
     for i, e in enumerate(deltas):
         if e.codec != codec or e.options != deltas[0].options:
@@ -335,7 +336,7 @@ def delta_apply_packed(x: torch.Tensor, data: list[torch.Tensor], scales: list[t
     """torch.library op behind delta_apply for models (torch.compile / CUDA graphs see a
     mutating op on y): y[t] += alpha * x[t] @ decode(data[s], scales[s])^T, s = token_slot[t].
     data/scales: the codec's fields ("signs"/"q"/"packed" and "scales") per slot; codec:
-    0 sign1, 1 int8, 2 int4, 3 int2. CPU tensors run the C++ kernel, CUDA tensors Triton.
+    0 sign1, 1 int8, 2 int4, 3 int2, 4 nf4. CPU tensors run the C++ kernel, CUDA tensors Triton.
     Arguments are assumed validated (use delta_apply for checked calls)."""
     name = _CODEC_NAMES[int(codec)]
     opts = {"per_tensor": bool(per_tensor)} if name == "sign1" else {"group_size": int(group_size)}
@@ -359,7 +360,7 @@ def delta_apply(x: torch.Tensor, deltas: Sequence[Encoded], token_slot: torch.Te
     """y[t, :] += alpha * x[t, :] @ decode(deltas[token_slot[t]])^T, in place; returns y.
 
     x [T, in], y [T, out] (float32/float16/bfloat16, contiguous), deltas: S Encoded of
-    shape [out, in] with one codec (sign1/int8/int4/int2) and one set of options,
+    shape [out, in] with one codec (sign1/int8/int4/int2/nf4) and one set of options,
     token_slot [T] int32/int64 in [-1, S) (-1: the token has no delta, y[t] unchanged).
     No decoded [out, in] matrix is materialised: the CPU kernel decodes one row block at a
     time into cache-resident scratch, the Triton kernel decodes tiles in registers.

@@ -19,6 +19,8 @@ Bit layouts (all "little-end first": element j of a run goes to the lowest free 
         each nibble is the 4-bit two's complement of q in [-7, 7].
     int2 (uint8 [rows, ceil(cols/4)]): element c -> byte c // 4, bits 2*(c % 4)..+1;
         2-bit two's complement of q in [-1, 1].  Padding nibbles/pairs are 0.
+    nf4 (uint8 [rows, ceil(cols/2)]): int4's nibble layout; each nibble is a code
+        k in 0..15 of the NF4 code book (NF4_LEVELS).
 
 Codecs (fields -> decode):
     sign1    signs, scales[rows] (or [1] with per_tensor=True), fp16 by default:
@@ -29,6 +31,12 @@ Codecs (fields -> decode):
              scale is the one used to quantize, so decode is consistent);
              q = clamp(round_half_even(delta / s), -qmax, qmax)  (s == 0 -> q = 0);
              delta_hat = q * s.
+    nf4      packed (uint8), scales [rows, ceil(cols/g)]: QLoRA's NF4 code book L (16
+             levels in [-1, 1], L[7] = 0) times one scale per group; s = fp16(absmax of
+             the group); k = #{j : delta / s > (L[j] + L[j+1]) / 2} (the nearest level; a
+             value on a midpoint takes the lower one), k = 7 where s == 0;
+             delta_hat = L[k] * s. Same bits as int4 (4 + 16/g per param), 16 levels
+             spaced like normal quantiles instead of 15 equal steps.
     ternary  mask (uint8 bits, flat), signs (uint8 bits of the k kept entries, in flat
              order: 1 = negative), alpha fp32 [1]: keep the k = max(1, floor(d*n)) largest
              |delta| (ties: lower flat index), alpha = mean |delta| over the kept entries;
@@ -68,9 +76,20 @@ from lfm_engine.io import dtypes as _dt
 from lfm_engine.reference.merge import magnitude_mask, random_mask
 from lfm_engine.reference.philox import stream_id
 
-QMAX = {"int8": 127, "int4": 7, "int2": 1}
+# the largest |value| of a code (nf4: its code book spans [-1, 1]); the keys are the
+# group-quantizing codecs (scale per group of g along the input dim)
+QMAX = {"int8": 127, "int4": 7, "int2": 1, "nf4": 1}
 MSE_CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # scale_search="mse": fractions of absmax tried
-BITS = {"int8": 8, "int4": 4, "int2": 2}
+BITS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4}
+# The NF4 code book of QLoRA (Dettmers et al., 2023): 16 levels in [-1, 1] placed at
+# normal quantiles, 8 on the positive side, 7 on the negative side and an exact 0 (code 7).
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982985305786, 0.5626170039176941,
+    0.7229568362236023, 1.0], dtype=torch.float32)
+NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) * 0.5  # float32, as the C++ encoder computes them
+NF4_ZERO = 7
 # the dtypes a codec's scales may be stored in (names and torch types: lfm_engine/io/dtypes.py)
 SCALE_DTYPES = {d.name: d.torch for d in (_dt.FLOAT16, _dt.FLOAT32, _dt.BFLOAT16)}
 
@@ -227,14 +246,28 @@ def decode_sign1(fields: dict, shape, meta: dict) -> torch.Tensor:
 # int8 / int4 / int2, group-wise along cols
 
 
-def _quantize_groups(d: torch.Tensor, qmax: int, g: int, sdt: torch.dtype, what: str, scale_search: str = "absmax"):
+def _codes(v: torch.Tensor, qmax: int, nf4: bool) -> torch.Tensor:
+    """Codes of v = delta / s: clamp(round_half_even(v), -qmax, qmax), or NF4's nearest level."""
+    if nf4:
+        return torch.bucketize(v, NF4_MIDPOINTS)  # #{j : v > midpoint j}
+    return torch.round(v).clamp_(-qmax, qmax)
+
+
+def _values(q: torch.Tensor, nf4: bool) -> torch.Tensor:
+    """float32 value of each code: q itself, or the NF4 code book entry."""
+    return NF4_LEVELS[q.long()] if nf4 else q.to(torch.float32)
+
+
+def _quantize_groups(d: torch.Tensor, qmax: int, g: int, sdt: torch.dtype, what: str, scale_search: str = "absmax",
+                     nf4: bool = False):
     """d [rows, cols] float32 -> (q int32 [rows, cols], scales sdt [rows, ceil(cols/g)]).
 
     scale_search "absmax": s = absmax / qmax (the spec's scale; nothing is clipped).
     "mse": s = c * absmax / qmax for the c in MSE_CLIP_GRID (1.0, 0.95, ..., 0.5) whose
-    rounded scale gives the smallest group error sum (q*s - d)^2 (ties: the larger c), the
-    HQQ/AWQ-style clip search; the few largest entries are then clipped to +-qmax*s.
-    The decoder is the same for both (q * s).
+    rounded scale gives the smallest group error sum (value(q)*s - d)^2 (ties: the larger
+    c), the HQQ/AWQ-style clip search; the few largest entries are then clipped to the
+    largest level. The decoder is the same for both (value(q) * s). nf4: q are NF4 codes
+    (qmax = 1), 7 (zero) where s == 0.
     """
     rows, cols = d.shape
     ng = (cols + g - 1) // g
@@ -251,7 +284,7 @@ def _quantize_groups(d: torch.Tensor, qmax: int, g: int, sdt: torch.dtype, what:
             break
         s = cand.to(torch.float32).unsqueeze(-1)
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        err = (torch.round(padded / safe).clamp_(-qmax, qmax) * s - padded).square().sum(-1)
+        err = (_values(_codes(padded / safe, qmax, nf4), nf4) * s - padded).square().sum(-1)
         if best is None:
             scales, best = cand, err
         else:
@@ -260,15 +293,15 @@ def _quantize_groups(d: torch.Tensor, qmax: int, g: int, sdt: torch.dtype, what:
             best = torch.where(better, err, best)
     s = scales.to(torch.float32).unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(padded / safe).clamp_(-qmax, qmax)
-    q = torch.where(s > 0, q, torch.zeros_like(q))
+    q = _codes(padded / safe, qmax, nf4)
+    q = torch.where(s > 0, q, torch.full_like(q, NF4_ZERO if nf4 else 0))
     return q.reshape(rows, ng * g)[:, :cols].to(torch.int32), scales
 
 
-def _dequantize_groups(q: torch.Tensor, scales: torch.Tensor, g: int) -> torch.Tensor:
+def _dequantize_groups(q: torch.Tensor, scales: torch.Tensor, g: int, nf4: bool = False) -> torch.Tensor:
     rows, cols = q.shape
     s = scales.to(torch.float32).repeat_interleave(g, dim=1)[:, :cols]
-    return q.to(torch.float32) * s
+    return _values(q, nf4) * s
 
 
 def _check_group(group_size) -> int:
@@ -286,7 +319,7 @@ def encode_int(delta: torch.Tensor, codec: str, *, group_size: int = 128, scale_
     g = _check_group(group_size)
     sdt = _scale_dtype(scale_dtype)
     d = as_matrix(check_delta(delta))
-    q, scales = _quantize_groups(d, QMAX[codec], g, sdt, codec, scale_search)
+    q, scales = _quantize_groups(d, QMAX[codec], g, sdt, codec, scale_search, nf4=codec == "nf4")
     meta = {"group_size": g, "scale_dtype": str(sdt).replace("torch.", "")}
     if codec == "int8":
         return {"q": q.to(torch.int8), "scales": scales}, meta
@@ -304,7 +337,9 @@ def decode_int(fields: dict, shape, meta: dict, codec: str) -> torch.Tensor:
         per = 8 // BITS[codec]
         packed = _need(fields, "packed", torch.uint8, (rows, (cols + per - 1) // per), codec)
         q = unpack_int(packed, BITS[codec], cols)
-    return _dequantize_groups(q, scales, g).reshape(shape)
+        if codec == "nf4":
+            q = q.to(torch.int32) & 15  # unsigned codes
+    return _dequantize_groups(q, scales, g, nf4=codec == "nf4").reshape(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -612,7 +647,7 @@ def decode_masks(fields: dict, shape, meta: dict, task: Optional[int] = None) ->
 # ---------------------------------------------------------------------------
 # dispatch by codec name
 
-CODECS = ("sign1", "int8", "int4", "int2", "ternary", "sparse_int", "lowrank", "masks")
+CODECS = ("sign1", "int8", "int4", "int2", "nf4", "ternary", "sparse_int", "lowrank", "masks")
 
 
 def encode(delta: torch.Tensor, codec: str, **options) -> tuple[dict, dict]:

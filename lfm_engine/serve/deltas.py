@@ -11,7 +11,7 @@ dense Δ is ever built. Rows with a LoRA or no adapter are untouched by this ter
 
 Decisions (written down in docs/spec/serving.md "Compressed fine-tunes"):
   * Served: the deltas of attached linears (param "<module>.weight") with codec sign1,
-    int8, int4 or int2; "zero" entries (unchanged tensors) add nothing. Anything else the
+    int8, int4, int2 or nf4; "zero" entries (unchanged tensors) add nothing. Anything else the
     fine-tune changed (norms, embeddings, biases, lm_head, other codecs) cannot be served
     as a per-row term of a linear; the load is refused naming the first such tensor unless
     ``skip_unsupported=True`` (those tensors are then served at their base value and

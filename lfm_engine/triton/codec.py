@@ -3,7 +3,8 @@
 Layouts are those of include/lfm/codec.h / reference/codec.py (sign1 words are passed as
 int32: only single bits are extracted, so the sign of the word does not matter).
 
-decode_add:  out[r, c] = base[r, c] + alpha * q[r, c] * s[r, c // g]   (fp32 math)
+decode_add:  out[r, c] = base[r, c] + alpha * q[r, c] * s[r, c // g]   (fp32 math; for nf4
+  q is the code book entry of the nibble, read from a 16-float table on the device)
 delta_apply: y[t, :] += alpha * x[t, :] @ W_slot(t)^T, W decoded tile by tile in registers:
   tokens are grouped by slot on the host (a stable sort), each program takes a tile of
   BLOCK_T tokens of one slot and BLOCK_N output rows, and loops over the input dim in
@@ -18,11 +19,23 @@ import torch
 import triton
 import triton.language as tl
 
-CODE = {"sign1": 0, "int8": 1, "int4": 2, "int2": 3}
+CODE = {"sign1": 0, "int8": 1, "int4": 2, "int2": 3, "nf4": 4}
+_BOOKS: dict = {}  # device -> the NF4 code book as a float32 tensor
+
+
+def _book(device) -> torch.Tensor:
+    """The NF4 code book (reference/codec.py NF4_LEVELS) on `device`, made once per device."""
+    key = str(device)
+    t = _BOOKS.get(key)
+    if t is None:
+        from lfm_engine.reference.codec import NF4_LEVELS
+
+        t = _BOOKS[key] = NF4_LEVELS.to(device)
+    return t
 
 
 @triton.jit
-def _decode_tile(data_ptr, scale_ptr, rows, cols, row_stride, n_groups, group,
+def _decode_tile(data_ptr, scale_ptr, book_ptr, rows, cols, row_stride, n_groups, group,
                  CODEC: tl.constexpr, PER_TENSOR: tl.constexpr):
     """q * s for a tile given by broadcastable index tensors rows [R, 1], cols [1, C]."""
     if CODEC == 0:
@@ -40,6 +53,9 @@ def _decode_tile(data_ptr, scale_ptr, rows, cols, row_stride, n_groups, group,
             b = tl.load(data_ptr + rows * row_stride + cols // 2).to(tl.int32)
             v = (b >> ((cols % 2) * 4)) & 15
             q = (v - ((v >> 3) << 4)).to(tl.float32)
+        elif CODEC == 4:
+            b = tl.load(data_ptr + rows * row_stride + cols // 2).to(tl.int32)
+            q = tl.load(book_ptr + ((b >> ((cols % 2) * 4)) & 15))
         else:
             b = tl.load(data_ptr + rows * row_stride + cols // 4).to(tl.int32)
             v = (b >> ((cols % 4) * 2)) & 3
@@ -49,7 +65,7 @@ def _decode_tile(data_ptr, scale_ptr, rows, cols, row_stride, n_groups, group,
 
 
 @triton.jit
-def _decode_add_kernel(data_ptr, scale_ptr, base_ptr, out_ptr, n_rows, n_cols, row_stride, n_groups, group, alpha,
+def _decode_add_kernel(data_ptr, scale_ptr, book_ptr, base_ptr, out_ptr, n_rows, n_cols, row_stride, n_groups, group, alpha,
                        CODEC: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_BASE: tl.constexpr, UNIT: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -59,7 +75,7 @@ def _decode_add_kernel(data_ptr, scale_ptr, base_ptr, out_ptr, n_rows, n_cols, r
     m = (r < n_rows) & (c < n_cols)
     rr = tl.where(m, r, 0)
     cc = tl.where(m, c, 0)
-    d = _decode_tile(data_ptr, scale_ptr, rr, cc, row_stride, n_groups, group, CODEC, PER_TENSOR)
+    d = _decode_tile(data_ptr, scale_ptr, book_ptr, rr, cc, row_stride, n_groups, group, CODEC, PER_TENSOR)
     if not UNIT:
         d = alpha * d
     if HAS_BASE:
@@ -95,13 +111,13 @@ def decode_add_triton(enc, base, out, alpha: float = 1.0) -> None:
     grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
     if rows == 0 or cols == 0:
         return
-    _decode_add_kernel[grid](data, scales, base if base is not None else out, out, rows, cols, row_stride, ng, g,
+    _decode_add_kernel[grid](data, scales, _book(out.device), base if base is not None else out, out, rows, cols, row_stride, ng, g,
                              float(alpha), CODEC=CODE[enc.codec], PER_TENSOR=bool(enc.options.get("per_tensor")),
                              HAS_BASE=base is not None, UNIT=float(alpha) == 1.0, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
 
 
 @triton.jit
-def _delta_apply_kernel(x_ptr, y_ptr, data_ptr, scale_ptr, tile_slot_ptr, tile_start_ptr, tile_count_ptr, order_ptr,
+def _delta_apply_kernel(x_ptr, y_ptr, data_ptr, scale_ptr, book_ptr, tile_slot_ptr, tile_start_ptr, tile_count_ptr, order_ptr,
                         n_in, n_out, row_stride, slot_data_stride, slot_scale_stride, n_groups, group, alpha,
                         CODEC: tl.constexpr, PER_TENSOR: tl.constexpr, FP32_DOT: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -125,7 +141,7 @@ def _delta_apply_kernel(x_ptr, y_ptr, data_ptr, scale_ptr, tile_slot_ptr, tile_s
         kk = tl.where(kmask, k, 0)
         xt = tl.load(x_ptr + tok[:, None].to(tl.int64) * n_in + k[None, :], mask=tmask[:, None] & kmask[None, :],
                      other=0.0)
-        w = _decode_tile(d_ptr, s_ptr, nn[:, None], kk[None, :], row_stride, n_groups, group, CODEC, PER_TENSOR)
+        w = _decode_tile(d_ptr, s_ptr, book_ptr, nn[:, None], kk[None, :], row_stride, n_groups, group, CODEC, PER_TENSOR)
         w = tl.where(kmask[None, :], w, 0.0)
         if FP32_DOT:
             acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
@@ -169,7 +185,7 @@ def delta_apply_triton(x, deltas, token_slot, y, alpha: float = 1.0) -> None:
     tc = torch.tensor(tile_count, dtype=torch.int32, device=dev)
     order = order.to(torch.int32)
     grid = (len(tile_slot), triton.cdiv(n_out, BLOCK_N))
-    _delta_apply_kernel[grid](x, y, data, scales, ts, tst, tc, order, n_in, n_out, row_stride,
+    _delta_apply_kernel[grid](x, y, data, scales, _book(dev), ts, tst, tc, order, n_in, n_out, row_stride,
                               data[0].numel(), scales[0].numel(), ng, g, float(alpha),
                               CODEC=CODE[codec], PER_TENSOR=bool(deltas[0].options.get("per_tensor")),
                               FP32_DOT=x.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

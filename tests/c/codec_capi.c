@@ -47,6 +47,20 @@ int main(void) {
         nrm += (double)delta[i] * delta[i];
     }
     CHECK(sqrt(err / nrm) < 0.15, "int4 round-trip error");
+    /* nf4: same layout, NF4 code book values */
+    opt.codec = LFM_CODEC_NF4;
+    CHECK(lfm_codec_encode(&d, &p, &s, &opt, NULL) == LFM_STATUS_OK, "encode nf4");
+    CHECK(lfm_codec_decode(&p, &s, &b, &o, &opt, NULL) == LFM_STATUS_OK, "decode nf4");
+    err = 0;
+    for (int i = 0; i < ROWS * COLS; ++i) {
+        double e = (out[i] - base[i]) - delta[i];
+        err += e * e;
+    }
+    CHECK(sqrt(err / nrm) < 0.15, "nf4 round-trip error");
+    opt.codec = (lfm_codec)5;
+    CHECK(lfm_codec_decode(&p, &s, &b, &o, &opt, NULL) == LFM_STATUS_INVALID_ARGUMENT, "codec 5 refused");
+    opt.codec = LFM_CODEC_INT4;
+    CHECK(lfm_codec_encode(&d, &p, &s, &opt, NULL) == LFM_STATUS_OK, "encode int4 again");
     /* wrong scales shape -> SHAPE_MISMATCH with a message naming scales */
     int64_t bad[2] = {ROWS, 1};
     lfm_tensor sb;

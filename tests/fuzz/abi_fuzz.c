@@ -234,7 +234,7 @@ static void fuzz_codec(int which) {
     int64_t rows = 1 + rnd(4), cols = 1 + rnd(16), gs = 1 + rnd(8);
     lfm_codec_options o;
     lfm_codec_options_init(&o);
-    int32_t codec = any_code(3);
+    int32_t codec = any_code(4);
     memcpy(&o.codec, &codec, sizeof codec);
     o.group_size = chance(90) ? gs : (chance(50) ? 0 : INT64_MAX);
     o.per_tensor = rnd(2);

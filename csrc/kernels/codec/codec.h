@@ -14,17 +14,45 @@
 namespace lfm::codec {
 
 // Element layout helpers shared by the CPU and CUDA kernels.
-LFM_HD int codec_bits(lfm_codec c) { return c == LFM_CODEC_INT8 ? 8 : c == LFM_CODEC_INT4 ? 4 : c == LFM_CODEC_INT2 ? 2 : 1; }
+LFM_HD int codec_bits(lfm_codec c) {
+    return c == LFM_CODEC_INT8 ? 8 : (c == LFM_CODEC_INT4 || c == LFM_CODEC_NF4) ? 4 : c == LFM_CODEC_INT2 ? 2 : 1;
+}
+// Largest |value| of a code: INTn's qmax; NF4's code book spans [-1, 1]; sign1 +-1.
 LFM_HD int codec_qmax(lfm_codec c) { return c == LFM_CODEC_INT8 ? 127 : c == LFM_CODEC_INT4 ? 7 : 1; }
 // Units (bytes for INTn, uint32 words for SIGN1) per row of packed data.
 LFM_HD int64_t packed_cols(lfm_codec c, int64_t cols) {
     switch (c) {
         case LFM_CODEC_SIGN1: return (cols + 31) / 32;
         case LFM_CODEC_INT8: return cols;
-        case LFM_CODEC_INT4: return (cols + 1) / 2;
+        case LFM_CODEC_INT4:
+        case LFM_CODEC_NF4: return (cols + 1) / 2;
         default: return (cols + 3) / 4;
     }
 }
+
+// The NF4 code book (QLoRA, docs/spec/codec.md): the value of code k = 0..15, ascending,
+// L[0] = -1, L[7] = 0, L[15] = 1. A switch, so host and device code share one table.
+LFM_HD float nf4_level(int k) {
+    switch (k & 15) {
+        case 0: return -1.0f;
+        case 1: return -0.6961928009986877f;
+        case 2: return -0.5250730514526367f;
+        case 3: return -0.39491748809814453f;
+        case 4: return -0.28444138169288635f;
+        case 5: return -0.18477343022823334f;
+        case 6: return -0.09105003625154495f;
+        case 7: return 0.0f;
+        case 8: return 0.07958029955625534f;
+        case 9: return 0.16093020141124725f;
+        case 10: return 0.24611230194568634f;
+        case 11: return 0.33791524171829224f;
+        case 12: return 0.44070982985305786f;
+        case 13: return 0.5626170039176941f;
+        case 14: return 0.7229568362236023f;
+        default: return 1.0f;
+    }
+}
+constexpr int kNf4Zero = 7;  // the code of 0.0 (what an all-zero group encodes to)
 
 struct CodecArgs {
     lfm_codec codec = LFM_CODEC_INT4;

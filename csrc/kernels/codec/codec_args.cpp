@@ -31,6 +31,7 @@ const char* codec_name(lfm_codec c) {
         case LFM_CODEC_INT8: return "int8";
         case LFM_CODEC_INT4: return "int4";
         case LFM_CODEC_INT2: return "int2";
+        case LFM_CODEC_NF4: return "nf4";
     }
     return "?";
 }
@@ -42,7 +43,7 @@ void read_options(const lfm_codec_options* opts, lfm_codec* codec, int64_t* grou
         fail(LFM_STATUS_INVALID_ARGUMENT, "options.struct_size is ", opts->struct_size, ", expected >= ",
              sizeof(lfm_codec_options), " (initialise with lfm_codec_options_init)");
     int c = static_cast<int>(opts->codec);
-    if (c < 0 || c > 3) fail(LFM_STATUS_INVALID_ARGUMENT, "unknown codec code ", c);
+    if (c < 0 || c > 4) fail(LFM_STATUS_INVALID_ARGUMENT, "unknown codec code ", c);
     *codec = opts->codec;
     *group = opts->group_size;
     if (*codec != LFM_CODEC_SIGN1 && *group < 1)

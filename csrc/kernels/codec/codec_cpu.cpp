@@ -52,6 +52,7 @@ struct Luts {
     float sign[256][8];
     float i2[256][4];
     float i4[256][2];
+    float nf4[256][2];  // NF4 code book values of the two nibbles
     Luts() {
         for (int b = 0; b < 256; ++b) {
             for (int j = 0; j < 8; ++j) sign[b][j] = ((b >> j) & 1) ? -1.0f : 1.0f;
@@ -62,6 +63,7 @@ struct Luts {
             for (int j = 0; j < 2; ++j) {
                 const int v = (b >> (4 * j)) & 15;
                 i4[b][j] = static_cast<float>(v - ((v >> 3) << 4));
+                nf4[b][j] = nf4_level(v);
             }
         }
     }
@@ -90,11 +92,13 @@ LFM_ALWAYS_INLINE void unpack_row(lfm_codec codec, const void* data_row, int64_t
             for (int64_t c = 0; c < cols; ++c) q[c] = static_cast<float>(p[c]);
             break;
         }
-        case LFM_CODEC_INT4: {
+        case LFM_CODEC_INT4:
+        case LFM_CODEC_NF4: {
             const uint8_t* p = static_cast<const uint8_t*>(data_row);
+            const float(*t)[2] = codec == LFM_CODEC_NF4 ? L.nf4 : L.i4;
             const int64_t pairs = cols / 2;
-            for (int64_t i = 0; i < pairs; ++i) std::memcpy(q + 2 * i, L.i4[p[i]], 2 * sizeof(float));
-            if (cols & 1) q[cols - 1] = L.i4[p[pairs]][0];
+            for (int64_t i = 0; i < pairs; ++i) std::memcpy(q + 2 * i, t[p[i]], 2 * sizeof(float));
+            if (cols & 1) q[cols - 1] = t[p[pairs]][0];
             break;
         }
         case LFM_CODEC_INT2: {
@@ -248,45 +252,47 @@ LFM_ALWAYS_INLINE float dot_groups_body(const float* x, const float* q, const fl
     return total;
 }
 
-// int4 codes against a token whose x is stored de-interleaved (even elements, then odd
-// ones): byte i holds elements 2i (low nibble) and 2i+1 (high nibble), so both operands
-// are contiguous and the byte -> float conversions vectorise like int8's.
+// The values of a byte's two nibbles: int4 two's complement, or NF4 code book entries.
+template <bool NF4>
+LFM_ALWAYS_INLINE float nib_lo(uint8_t b) {
+    if constexpr (NF4) return luts().nf4[b][0];
+    else return static_cast<float>(nibble_lo(b));
+}
+template <bool NF4>
+LFM_ALWAYS_INLINE float nib_hi(uint8_t b) {
+    if constexpr (NF4) return luts().nf4[b][1];
+    else return static_cast<float>(nibble_hi(b));
+}
+
+// int4 / nf4 codes against a token whose x is stored de-interleaved (even elements, then
+// odd ones): byte i holds elements 2i (low nibble) and 2i+1 (high nibble), so both
+// operands are contiguous and the byte -> float conversions vectorise like int8's.
+template <bool NF4>
 LFM_ALWAYS_INLINE float dot_int4_deint_body(const float* xe, const float* xo, const uint8_t* p, int64_t nb) {
     float acc[16] = {0};
     int64_t i = 0;
     for (; i + 16 <= nb; i += 16)
-        for (int j = 0; j < 16; ++j) {
-            const int8_t b = static_cast<int8_t>(p[i + j]);
-            const float lo = static_cast<float>(nibble_lo(static_cast<uint8_t>(b)));
-            const float hi = static_cast<float>(nibble_hi(static_cast<uint8_t>(b)));
-            acc[j] += xe[i + j] * lo + xo[i + j] * hi;
-        }
+        for (int j = 0; j < 16; ++j) acc[j] += xe[i + j] * nib_lo<NF4>(p[i + j]) + xo[i + j] * nib_hi<NF4>(p[i + j]);
     float tail = 0.0f;
-    for (; i < nb; ++i) {
-        const int8_t b = static_cast<int8_t>(p[i]);
-        tail += xe[i] * static_cast<float>(nibble_lo(static_cast<uint8_t>(b))) + xo[i] * static_cast<float>(nibble_hi(static_cast<uint8_t>(b)));
-    }
+    for (; i < nb; ++i) tail += xe[i] * nib_lo<NF4>(p[i]) + xo[i] * nib_hi<NF4>(p[i]);
     float s = 0.0f;
     for (int j = 0; j < 16; ++j) s += acc[j];
     return s + tail;
 }
 
-// Row r of one slot against nt tokens: out[i] = row . x_i. With deint (int4, even group
-// and even n) xs holds each token as [x_even (n/2) | x_odd (n/2)].
-LFM_ALWAYS_INLINE void row_dots_body(lfm_codec codec, const void* data_row, const float* sc, int64_t n, int64_t group,
-                                     const float* xs, int64_t nt, float* q, float* out, int64_t out_stride,
-                                     bool deint) {
-    if (deint) {
-        const uint8_t* p = static_cast<const uint8_t*>(data_row);
+// One row of de-interleaved int4 / nf4 codes against nt tokens (see row_dots_body).
+template <bool NF4>
+LFM_ALWAYS_INLINE void row_dots_deint(const uint8_t* p, const float* sc, int64_t n, int64_t group, const float* xs,
+                                      int64_t nt, float* q, float* out, int64_t out_stride) {
+    {
         const int64_t half = n / 2, gb = group / 2;
         if (nt >= 3) {
             // Several tokens: unpack the row once, de-interleaved like x, then plain dots.
             float* qe = q;
             float* qo = q + half;
             for (int64_t i = 0; i < half; ++i) {
-                const int8_t b = static_cast<int8_t>(p[i]);
-                qe[i] = static_cast<float>(nibble_lo(static_cast<uint8_t>(b)));
-                qo[i] = static_cast<float>(nibble_hi(static_cast<uint8_t>(b)));
+                qe[i] = nib_lo<NF4>(p[i]);
+                qo[i] = nib_hi<NF4>(p[i]);
             }
             for (int64_t i = 0; i < nt; ++i) {
                 const float* xe = xs + i * n;
@@ -305,9 +311,21 @@ LFM_ALWAYS_INLINE void row_dots_body(lfm_codec codec, const void* data_row, cons
             const float* xo = xe + half;
             float total = 0.0f;
             for (int64_t b0 = 0, gi = 0; b0 < half; b0 += gb, ++gi)
-                total += sc[gi] * dot_int4_deint_body(xe + b0, xo + b0, p + b0, std::min(gb, half - b0));
+                total += sc[gi] * dot_int4_deint_body<NF4>(xe + b0, xo + b0, p + b0, std::min(gb, half - b0));
             out[i * out_stride] = total;
         }
+    }
+}
+
+// Row r of one slot against nt tokens: out[i] = row . x_i. With deint (int4 / nf4, even
+// group and even n) xs holds each token as [x_even (n/2) | x_odd (n/2)].
+LFM_ALWAYS_INLINE void row_dots_body(lfm_codec codec, const void* data_row, const float* sc, int64_t n, int64_t group,
+                                     const float* xs, int64_t nt, float* q, float* out, int64_t out_stride,
+                                     bool deint) {
+    if (deint) {
+        const uint8_t* p = static_cast<const uint8_t*>(data_row);
+        if (codec == LFM_CODEC_NF4) row_dots_deint<true>(p, sc, n, group, xs, nt, q, out, out_stride);
+        else row_dots_deint<false>(p, sc, n, group, xs, nt, q, out, out_stride);
         return;
     }
     if (codec == LFM_CODEC_SIGN1) {
@@ -415,16 +433,33 @@ LFM_ALWAYS_INLINE void quantize_group_body(const float* buf, int64_t g0, int64_t
     }
 }
 
+// NF4: code k = #{j : v > midpoint j} of the sorted code book (nearest level, a value on
+// a midpoint takes the lower one), v = buf / s.
+LFM_ALWAYS_INLINE void quantize_nf4_group_body(const float* buf, int64_t g0, int64_t g1, float s, int8_t* qb) {
+    float mid[15];
+    for (int j = 0; j < 15; ++j) mid[j] = (nf4_level(j) + nf4_level(j + 1)) * 0.5f;
+    for (int64_t c = g0; c < g1; ++c) {
+        const float v = buf[c] / s;  // a true division, like the reference
+        int k = 0;
+        for (int j = 0; j < 15; ++j) k += v > mid[j] ? 1 : 0;
+        qb[c] = static_cast<int8_t>(k);
+    }
+}
+
 struct EncodeFns {
     RowStats (*sign1_row)(const float*, int64_t, uint32_t*, int64_t);
     float (*absmax)(const float*, int64_t, int64_t, bool*);
     void (*quantize)(const float*, int64_t, int64_t, float, float, int8_t*);
+    void (*quantize_nf4)(const float*, int64_t, int64_t, float, int8_t*);
 };
 
 RowStats sign1_row_base(const float* b, int64_t c, uint32_t* w, int64_t pc) { return sign1_row_body(b, c, w, pc); }
 float absmax_base(const float* b, int64_t g0, int64_t g1, bool* f) { return group_absmax_body(b, g0, g1, f); }
 void quantize_base(const float* b, int64_t g0, int64_t g1, float s, float m, int8_t* q) {
     quantize_group_body(b, g0, g1, s, m, q);
+}
+void quantize_nf4_base(const float* b, int64_t g0, int64_t g1, float s, int8_t* q) {
+    quantize_nf4_group_body(b, g0, g1, s, q);
 }
 #if defined(__x86_64__)
 __attribute__((target("avx2"))) RowStats sign1_row_avx2(const float* b, int64_t c, uint32_t* w, int64_t pc) {
@@ -437,13 +472,16 @@ __attribute__((target("avx2"))) void quantize_avx2(const float* b, int64_t g0, i
                                                    int8_t* q) {
     quantize_group_body(b, g0, g1, s, m, q);
 }
+__attribute__((target("avx2"))) void quantize_nf4_avx2(const float* b, int64_t g0, int64_t g1, float s, int8_t* q) {
+    quantize_nf4_group_body(b, g0, g1, s, q);
+}
 #endif
 
 EncodeFns pick_encode() {
 #if defined(__x86_64__)
-    if (cpu_has_avx2()) return {sign1_row_avx2, absmax_avx2, quantize_avx2};
+    if (cpu_has_avx2()) return {sign1_row_avx2, absmax_avx2, quantize_avx2, quantize_nf4_avx2};
 #endif
-    return {sign1_row_base, absmax_base, quantize_base};
+    return {sign1_row_base, absmax_base, quantize_base, quantize_nf4_base};
 }
 
 }  // namespace
@@ -460,9 +498,10 @@ void encode_cpu(const CodecArgs& a) {
     std::vector<RowError> errs(static_cast<size_t>(n_tasks));
     const size_t in_es = dtype_size(a.delta->dtype);
     const lfm_dtype sdt = a.scales->dtype;
+    const bool nf4 = a.codec == LFM_CODEC_NF4;
     const int qmax = codec_qmax(a.codec);
     const int64_t pc = packed_cols(a.codec, cols);
-    const float fmax = static_cast<float>(qmax);
+    const float fmax = static_cast<float>(qmax);  // NF4: 1, the code book's max |level|
     const EncodeFns fns = pick_encode();
 
     parallel_for(n_tasks, a.n_threads, [&](int64_t task, int slot) {
@@ -495,15 +534,17 @@ void encode_cpu(const CodecArgs& a) {
                     return;
                 }
                 store_one(sdt, a.scales->data, r * a.n_groups + gi, s);
-                if (s > 0.0f)
+                if (s > 0.0f && nf4)
+                    fns.quantize_nf4(buf, g0, g1, s, qb);
+                else if (s > 0.0f)
                     fns.quantize(buf, g0, g1, s, fmax, qb);
                 else
-                    std::memset(qb + g0, 0, static_cast<size_t>(g1 - g0));
+                    std::memset(qb + g0, nf4 ? kNf4Zero : 0, static_cast<size_t>(g1 - g0));
             }
             uint8_t* dst = static_cast<uint8_t*>(a.data->data) + r * pc;
             if (a.codec == LFM_CODEC_INT8) {
                 std::memcpy(dst, qb, static_cast<size_t>(cols));
-            } else if (a.codec == LFM_CODEC_INT4) {
+            } else if (a.codec == LFM_CODEC_INT4 || nf4) {
                 qb[cols] = 0;
                 for (int64_t i = 0; i < pc; ++i)
                     dst[i] = static_cast<uint8_t>((qb[2 * i] & 0xF) | ((qb[2 * i + 1] & 0xF) << 4));
@@ -606,8 +647,8 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
     for (int64_t i = 0; i < n_active; ++i)
         load_f32(static_cast<const char*>(a.x->data) + order[static_cast<size_t>(i)] * in * static_cast<int64_t>(x_es),
                  a.x->dtype, xs.data() + i * in, in);
-    // int4 with even sizes: store each token de-interleaved (see dot_int4_deint_body).
-    const bool deint = a.codec == LFM_CODEC_INT4 && a.group % 2 == 0 && in % 2 == 0;
+    // int4 / nf4 with even sizes: store each token de-interleaved (see dot_int4_deint_body).
+    const bool deint = (a.codec == LFM_CODEC_INT4 || a.codec == LFM_CODEC_NF4) && a.group % 2 == 0 && in % 2 == 0;
     if (deint) {
         std::vector<float> tmp(static_cast<size_t>(in));
         for (int64_t i = 0; i < n_active; ++i) {
@@ -675,7 +716,7 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
                                    xs.data() + t0 * in, xsum.data() + t0, nt, in, acc);
             else
                 int4_block_avx512(reinterpret_cast<const uint8_t*>(data) + r0 * pc, pc, nr, bsc, a.group,
-                                  xs.data() + t0 * in, nt, in, acc);
+                                  xs.data() + t0 * in, nt, in, acc, a.codec == LFM_CODEC_NF4);
         }
         for (int64_t r = wide ? r1 : r0; r < r1; ++r) {
             load_f32(scales + (sign1 && a.per_tensor ? 0 : r * ns_row) * static_cast<int64_t>(s_es), a.scale_dtype, sc,

@@ -1,4 +1,4 @@
-// CUDA fused decode-and-add for sign1 / int8 / int4 / int2 (layouts: include/lfm/codec.h).
+// CUDA fused decode-and-add for sign1 / int8 / int4 / int2 / nf4 (layouts: include/lfm/codec.h).
 //
 // out[r, c] = base[r, c] + alpha * q[r, c] * s(r, c)   (fp32 math, one rounding to out's dtype)
 // One thread handles kVec consecutive elements of one row (a packed byte / word run), so
@@ -46,6 +46,9 @@ __device__ __forceinline__ float code_at(const void* data_row, int64_t c) {
         const int b = static_cast<const uint8_t*>(data_row)[c >> 1];
         const int v = (b >> ((c & 1) * 4)) & 15;
         return static_cast<float>(v - ((v >> 3) << 4));
+    } else if constexpr (CODEC == LFM_CODEC_NF4) {
+        const int b = static_cast<const uint8_t*>(data_row)[c >> 1];
+        return nf4_level((b >> ((c & 1) * 4)) & 15);
     } else {
         const int b = static_cast<const uint8_t*>(data_row)[c >> 2];
         const int v = (b >> ((c & 3) * 2)) & 3;
@@ -106,6 +109,7 @@ void decode_cuda(const CodecArgs& a, void* stream) {
         case LFM_CODEC_INT8: LFM_LAUNCH(LFM_CODEC_INT8); break;
         case LFM_CODEC_INT4: LFM_LAUNCH(LFM_CODEC_INT4); break;
         case LFM_CODEC_INT2: LFM_LAUNCH(LFM_CODEC_INT2); break;
+        case LFM_CODEC_NF4: LFM_LAUNCH(LFM_CODEC_NF4); break;
     }
 #undef LFM_LAUNCH
     check_cuda(cudaGetLastError(), "codec decode kernel launch");

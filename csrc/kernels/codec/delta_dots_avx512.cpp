@@ -2,6 +2,7 @@
 #include "kernels/codec/delta_dots_avx512.h"
 
 #include "core/cpu_features.h"
+#include "kernels/codec/codec.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -95,9 +96,15 @@ LFM_AVX512 void sign1_block_avx512(const uint32_t* words, int64_t wpr, int64_t n
     }
 }
 
-LFM_AVX512 void int4_block_avx512(const uint8_t* packed, int64_t bpr, int64_t nr, const float* scales,
-                                  int64_t group, const float* xs, int64_t nt, int64_t in, float* acc) {
+// NF4: vpermps picks the code book entry by the low 4 bits of each lane, so the low nibble
+// needs no masking and the high one a logical shift by 4.
+template <bool NF4>
+LFM_AVX512 void int4_block_impl(const uint8_t* packed, int64_t bpr, int64_t nr, const float* scales,
+                                int64_t group, const float* xs, int64_t nt, int64_t in, float* acc) {
     const int64_t half = in / 2, gb = group / 2, ng = (in + group - 1) / group;
+    alignas(64) float book[16];
+    for (int k = 0; k < 16; ++k) book[k] = nf4_level(k);
+    const __m512 lut = _mm512_load_ps(book);
     for (int64_t j = 0; j < nr; ++j) {
         const uint8_t* p = packed + j * bpr;
         const float* sc = scales + j * ng;
@@ -110,8 +117,14 @@ LFM_AVX512 void int4_block_avx512(const uint8_t* packed, int64_t bpr, int64_t nr
                 __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
                 for (int64_t b = b0; b < b1; b += 16) {
                     const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b)));
-                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
-                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
+                    __m512 lo, hi;
+                    if constexpr (NF4) {
+                        lo = _mm512_permutexvar_ps(v, lut);
+                        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+                    } else {
+                        lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
+                        hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
+                    }
                     s0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xe + b), s0);
                     s1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xo + b), s1);
                 }
@@ -122,11 +135,17 @@ LFM_AVX512 void int4_block_avx512(const uint8_t* packed, int64_t bpr, int64_t nr
     }
 }
 
+void int4_block_avx512(const uint8_t* packed, int64_t bpr, int64_t nr, const float* scales, int64_t group,
+                       const float* xs, int64_t nt, int64_t in, float* acc, bool nf4) {
+    if (nf4) int4_block_impl<true>(packed, bpr, nr, scales, group, xs, nt, in, acc);
+    else int4_block_impl<false>(packed, bpr, nr, scales, group, xs, nt, in, acc);
+}
+
 #else
 void sign1_block_avx512(const uint32_t*, int64_t, int64_t, const float*, const float*, const float*, int64_t, int64_t,
                         float*) {}
 void int4_block_avx512(const uint8_t*, int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t,
-                       float*) {}
+                       float*, bool) {}
 #endif
 
 }  // namespace lfm::codec

@@ -4,7 +4,7 @@
 //          masked add per 16 columns straight from the sign bits (k-mask loaded from
 //          memory), Σx once per token. Four rows per pass share each x load and give eight
 //          independent add chains; their four sums are reduced together.
-//   int4:  x de-interleaved (even columns, then odd ones); 16 bytes -> 32 codes per step:
+//   int4 / nf4:  x de-interleaved (even columns, then odd ones); 16 bytes -> 32 codes per step:
 //          sign-extend bytes to int32, the low nibble by shift-left 28 / arithmetic
 //          shift-right 28, the high one by arithmetic shift-right 4, to float, FMA with x;
 //          one FMA per group applies the group's scale to the group's vector sum. (A
@@ -26,8 +26,9 @@ bool delta_dots_avx512_ok(bool sign1, int64_t in, int64_t group, bool deint);
 void sign1_block_avx512(const uint32_t* words, int64_t wpr, int64_t nr, const float* row_scale, const float* xs,
                         const float* xsum, int64_t nt, int64_t in, float* acc);
 //   packed: int4 bytes of row r0 ([nr, in/2], row stride bpr bytes); scales [nr, in/group] fp32;
-//   xs: each token de-interleaved ([x_even | x_odd], in floats per token).
+//   xs: each token de-interleaved ([x_even | x_odd], in floats per token);
+//   nf4: the nibbles are NF4 codes (values from the code book by vpermps), else int4.
 void int4_block_avx512(const uint8_t* packed, int64_t bpr, int64_t nr, const float* scales, int64_t group,
-                       const float* xs, int64_t nt, int64_t in, float* acc);
+                       const float* xs, int64_t nt, int64_t in, float* acc, bool nf4);
 
 }  // namespace lfm::codec
