@@ -1,7 +1,7 @@
 """Benchmark of the task-vector codecs (docs/spec/codec.md, issue "Task-vector compression").
 
 Three tables, one run:
- 1. throughput: encode and fused decode-and-add of sign1/int8/int4/int2 (C++ kernels)
+ 1. throughput: encode and fused decode-and-add of sign1/int8/int4/int2/nf4 (C++ kernels)
     vs the plain-torch reference, GB/s and fraction of this machine's copy bandwidth
     measured in the same run. Bytes counted: encode = delta read + codes/scales written;
     decode-and-add = codes/scales + base read + output written.
@@ -34,6 +34,7 @@ import torch
 
 from benchlib import Report, copy_bandwidth, device_name, time_fn
 from lfm_engine.ops.codec import decode_add, decode_delta, delta_apply, encode_delta
+from lfm_engine.reference.codec import NF4_LEVELS
 
 
 def structured_delta(rows, cols, rank=16, outliers=0.002, noise=0.3, seed=0, dtype=torch.float32):
@@ -71,7 +72,7 @@ def throughput(n: int, threads: int, rep: Report) -> None:
     base = torch.randn(n, n).to(torch.bfloat16)
     out = torch.empty_like(base)
     t_copy = interleaved({"copy": lambda: out.copy_(base)})["copy"]
-    for codec in ("sign1", "int8", "int4", "int2"):
+    for codec in ("sign1", "int8", "int4", "int2", "nf4"):
         opts = {} if codec == "sign1" else {"group_size": 128}
         enc = encode_delta(delta, codec, **opts)
         fb = enc.nbytes
@@ -92,7 +93,7 @@ def throughput(n: int, threads: int, rep: Report) -> None:
 
 def torch_decode_add(enc, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = base + decode(enc) in plain torch ops on base's device (the GPU baseline): the
-    same float32 arithmetic as our kernels, one rounding to out's dtype. sign1/int8/int4/int2."""
+    same float32 arithmetic as our kernels, one rounding to out's dtype. sign1/int8/int4/int2/nf4."""
     rows, cols = base.shape
     dev = base.device
     f = enc.fields
@@ -107,11 +108,14 @@ def torch_decode_add(enc, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor
         if enc.codec == "int8":
             q = f["q"].float()
         else:
-            nbits = {"int4": 4, "int2": 2}[enc.codec]
+            nbits = {"int4": 4, "int2": 2, "nf4": 4}[enc.codec]
             shifts = torch.arange(8 // nbits, device=dev, dtype=torch.int32) * nbits
             u = (f["packed"].to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << nbits) - 1)
             u = u.reshape(rows, -1)[:, :cols]
-            q = torch.where(u >= (1 << (nbits - 1)), u - (1 << nbits), u).float()
+            if enc.codec == "nf4":
+                q = NF4_LEVELS.to(dev)[u.long()]
+            else:
+                q = torch.where(u >= (1 << (nbits - 1)), u - (1 << nbits), u).float()
         d = q * f["scales"].float().repeat_interleave(g, dim=1)[:, :cols]
     return out.copy_(base.float() + d)
 
@@ -125,7 +129,7 @@ def throughput_gpu(n: int, rep: Report, reps: int = 20) -> None:
     base = torch.randn(n, n).to(torch.bfloat16).cuda()
     out = torch.empty_like(base)
     backends = (["cuda"] if native_has_cuda() else []) + (["triton"] if triton_importable() else [])
-    for codec in ("sign1", "int8", "int4", "int2"):
+    for codec in ("sign1", "int8", "int4", "int2", "nf4"):
         opts = {} if codec == "sign1" else {"group_size": 128}
         e = encode_delta(delta, codec, **opts)
         enc = Encoded(e.codec, e.shape, e.dtype, {k: v.cuda() for k, v in e.fields.items()}, e.options)
@@ -149,6 +153,7 @@ def quality(rows: int, cols: int) -> list:
     cases = [
         ("sign1", {}), ("sign1", {"per_tensor": True}),
         ("int8", {"group_size": 128}), ("int4", {"group_size": 128}), ("int4", {"group_size": 32}),
+        ("nf4", {"group_size": 128}), ("nf4", {"group_size": 128, "scale_search": "mse"}),
         ("int2", {"group_size": 128}), ("int2", {"group_size": 32}),
         ("ternary", {"density": 0.1}), ("ternary", {"density": 0.3}),
         ("sparse_int", {"density": 0.1, "bits": 8}), ("sparse_int", {"density": 0.3, "bits": 4}),
@@ -178,7 +183,7 @@ def serving(n: int, slots: int, tokens: int, threads: int, rep: Report, dtype=to
     x = torch.randn(tokens, n, generator=g).to(dtype)
     slot = (torch.arange(tokens) % slots).to(torch.int32)
     deltas_f = [structured_delta(n, n, seed=20 + s) for s in range(slots)]
-    for codec in ("sign1", "int4"):
+    for codec in ("sign1", "int4", "nf4"):
         opts = {} if codec == "sign1" else {"group_size": 128}
         encs = [encode_delta(d, codec, **opts) for d in deltas_f]
         full = [decode_add(e, w_base) for e in encs]  # the S dense fine-tuned models (same math)

@@ -65,6 +65,8 @@ CODECS = [
     ("int4 g32", "int4", dict(group_size=32)),
     ("int4 g128", "int4", dict(group_size=128)),
     ("int4 g128 scale_search=mse", "int4", dict(group_size=128, scale_search="mse")),
+    ("nf4 g128", "nf4", dict(group_size=128)),
+    ("nf4 g128 scale_search=mse", "nf4", dict(group_size=128, scale_search="mse")),
     ("int2 g32", "int2", dict(group_size=32)),
     ("int2 g128", "int2", dict(group_size=128)),
     ("sign1 per row", "sign1", dict()),
@@ -318,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=None, help="write the tables as Markdown here")
     ap.add_argument("--workdir", default=None, help="folder for merged models (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0, help="DARE/DELLA seed")
+    ap.add_argument("--codecs", nargs="+", default=None, metavar="PREFIX",
+                    help="compress part: only the codec rows whose label starts with one of these (e.g. nf4 int4)")
     ap.add_argument("--quick", action="store_true",
                     help="a few rows only (ties and task_arithmetic; int4/sign1 on one fine-tune): `lfm-engine bench --quick`")
     ap.add_argument("--mergekit", action="store_true",
@@ -342,8 +346,12 @@ def main(argv=None) -> int:
     res = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "load_before": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "finetunes": {k: v for k, v in meta.items() if isinstance(v, dict) and "ppl" in v}}
+    global MERGES, CODECS, COMPRESS_TASKS
+    if args.codecs:
+        CODECS = [c for c in CODECS if c[0].startswith(tuple(args.codecs))]
+        if not CODECS:
+            ap.error(f"--codecs {' '.join(args.codecs)} matches no codec row")
     if args.quick:
-        global MERGES, CODECS, COMPRESS_TASKS
         MERGES = [m for m in MERGES if m[0].startswith(("ties", "task_arithmetic λ=1"))]
         CODECS = [c for c in CODECS if c[0] in ("int4 g128", "sign1 per row")]
         COMPRESS_TASKS = FULL_TASKS[-1:]
