@@ -8,7 +8,7 @@ codebook (its fixed-point iteration: boundaries at midpoints, levels at the cond
 means). Sample figures: ||d - Q(d)||_F / ||d||_F on a 1024x4096 Gaussian matrix with one
 fp16 scale per group of 128, chosen per group by a grid search on the group's squared
 error (41 factors of absmax in [0.5, 1.3]), next to the int4 codec itself (15 levels,
-absmax/7 and scale_search="mse"). About a minute on one core.
+absmax/7 and scale_search="mse") and the nf4 codec (NF4 code book, absmax and "mse"). About a minute on one core.
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def main() -> None:
     torch.manual_seed(0)
     d = torch.randn(1024, 4096)
     rel = lambda q: float((q - d).norm() / d.norm())  # noqa: E731
-    for opts in (dict(group_size=128), dict(group_size=128, scale_search="mse")):
-        print(f"sample      int4 {opts}: rel. err {rel(decode_delta(encode_delta(d, 'int4', **opts))):.4f}")
+    for codec in ("int4", "nf4"):
+        for opts in (dict(group_size=128), dict(group_size=128, scale_search="mse")):
+            print(f"sample      {codec} {opts}: rel. err {rel(decode_delta(encode_delta(d, codec, **opts))):.4f}")
     for label, levels in (("16-level midrise codebook", torch.arange(16, **f64) - 7.5), ("Lloyd-Max codebook", lm)):
         print(f"sample      {label}, g128, per-group scale search: rel. err {rel(codebook_quantize(d, levels)):.4f}")
 
