@@ -252,15 +252,17 @@ LFM_ALWAYS_INLINE float dot_groups_body(const float* x, const float* q, const fl
     return total;
 }
 
-// The values of a byte's two nibbles: int4 two's complement, or NF4 code book entries.
+// The values of a byte's two nibbles: int4 two's complement, or NF4 code book entries
+// (book = luts().nf4, fetched once by the caller: no static-init guard in the hot loop).
+using Book = const float (*)[2];
 template <bool NF4>
-LFM_ALWAYS_INLINE float nib_lo(uint8_t b) {
-    if constexpr (NF4) return luts().nf4[b][0];
+LFM_ALWAYS_INLINE float nib_lo(Book book, uint8_t b) {
+    if constexpr (NF4) return book[b][0];
     else return static_cast<float>(nibble_lo(b));
 }
 template <bool NF4>
-LFM_ALWAYS_INLINE float nib_hi(uint8_t b) {
-    if constexpr (NF4) return luts().nf4[b][1];
+LFM_ALWAYS_INLINE float nib_hi(Book book, uint8_t b) {
+    if constexpr (NF4) return book[b][1];
     else return static_cast<float>(nibble_hi(b));
 }
 
@@ -268,13 +270,15 @@ LFM_ALWAYS_INLINE float nib_hi(uint8_t b) {
 // odd ones): byte i holds elements 2i (low nibble) and 2i+1 (high nibble), so both
 // operands are contiguous and the byte -> float conversions vectorise like int8's.
 template <bool NF4>
-LFM_ALWAYS_INLINE float dot_int4_deint_body(const float* xe, const float* xo, const uint8_t* p, int64_t nb) {
+LFM_ALWAYS_INLINE float dot_int4_deint_body(Book book, const float* xe, const float* xo, const uint8_t* p,
+                                            int64_t nb) {
     float acc[16] = {0};
     int64_t i = 0;
     for (; i + 16 <= nb; i += 16)
-        for (int j = 0; j < 16; ++j) acc[j] += xe[i + j] * nib_lo<NF4>(p[i + j]) + xo[i + j] * nib_hi<NF4>(p[i + j]);
+        for (int j = 0; j < 16; ++j)
+            acc[j] += xe[i + j] * nib_lo<NF4>(book, p[i + j]) + xo[i + j] * nib_hi<NF4>(book, p[i + j]);
     float tail = 0.0f;
-    for (; i < nb; ++i) tail += xe[i] * nib_lo<NF4>(p[i]) + xo[i] * nib_hi<NF4>(p[i]);
+    for (; i < nb; ++i) tail += xe[i] * nib_lo<NF4>(book, p[i]) + xo[i] * nib_hi<NF4>(book, p[i]);
     float s = 0.0f;
     for (int j = 0; j < 16; ++j) s += acc[j];
     return s + tail;
@@ -284,36 +288,35 @@ LFM_ALWAYS_INLINE float dot_int4_deint_body(const float* xe, const float* xo, co
 template <bool NF4>
 LFM_ALWAYS_INLINE void row_dots_deint(const uint8_t* p, const float* sc, int64_t n, int64_t group, const float* xs,
                                       int64_t nt, float* q, float* out, int64_t out_stride) {
-    {
-        const int64_t half = n / 2, gb = group / 2;
-        if (nt >= 3) {
-            // Several tokens: unpack the row once, de-interleaved like x, then plain dots.
-            float* qe = q;
-            float* qo = q + half;
-            for (int64_t i = 0; i < half; ++i) {
-                qe[i] = nib_lo<NF4>(p[i]);
-                qo[i] = nib_hi<NF4>(p[i]);
-            }
-            for (int64_t i = 0; i < nt; ++i) {
-                const float* xe = xs + i * n;
-                const float* xo = xe + half;
-                float total = 0.0f;
-                for (int64_t b0 = 0, gi = 0; b0 < half; b0 += gb, ++gi) {
-                    const int64_t len = std::min(gb, half - b0);
-                    total += sc[gi] * (dot_body(xe + b0, qe + b0, len) + dot_body(xo + b0, qo + b0, len));
-                }
-                out[i * out_stride] = total;
-            }
-            return;
+    const Book book = NF4 ? luts().nf4 : nullptr;
+    const int64_t half = n / 2, gb = group / 2;
+    if (nt >= 3) {
+        // Several tokens: unpack the row once, de-interleaved like x, then plain dots.
+        float* qe = q;
+        float* qo = q + half;
+        for (int64_t i = 0; i < half; ++i) {
+            qe[i] = nib_lo<NF4>(book, p[i]);
+            qo[i] = nib_hi<NF4>(book, p[i]);
         }
         for (int64_t i = 0; i < nt; ++i) {
             const float* xe = xs + i * n;
             const float* xo = xe + half;
             float total = 0.0f;
-            for (int64_t b0 = 0, gi = 0; b0 < half; b0 += gb, ++gi)
-                total += sc[gi] * dot_int4_deint_body<NF4>(xe + b0, xo + b0, p + b0, std::min(gb, half - b0));
+            for (int64_t b0 = 0, gi = 0; b0 < half; b0 += gb, ++gi) {
+                const int64_t len = std::min(gb, half - b0);
+                total += sc[gi] * (dot_body(xe + b0, qe + b0, len) + dot_body(xo + b0, qo + b0, len));
+            }
             out[i * out_stride] = total;
         }
+        return;
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+        const float* xe = xs + i * n;
+        const float* xo = xe + half;
+        float total = 0.0f;
+        for (int64_t b0 = 0, gi = 0; b0 < half; b0 += gb, ++gi)
+            total += sc[gi] * dot_int4_deint_body<NF4>(book, xe + b0, xo + b0, p + b0, std::min(gb, half - b0));
+        out[i * out_stride] = total;
     }
 }
 
