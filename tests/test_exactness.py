@@ -54,7 +54,8 @@ def _grid_models(shape, dtype, k=3, seed=0):
     deltas = [steps[torch.randint(0, len(steps), shape, generator=g)] for _ in range(k)]
     # exact cancellations: model 1 mirrors model 0 on a third of the elements
     mirror = torch.rand(shape, generator=g) < 0.33
-    deltas[1] = torch.where(mirror, -deltas[0] * 3, deltas[1])  # 0.3 d + 0.1 (-3 d): ~0 or exactly 0
+    if k > 1:
+        deltas[1] = torch.where(mirror, -deltas[0] * 3, deltas[1])  # 0.3 d + 0.1 (-3 d): ~0 or exactly 0
     return base, [(base.float() + d).to(dtype) for d in deltas]
 
 
@@ -162,3 +163,36 @@ def test_bracket_miss_falls_back_exactly():
         assert torch.equal(_bits(o), _bits(outs[LEVELS[0]])), level
     ref = merge_tensors(base, models, "ties", backend="reference", **kw)
     assert_close(outs[LEVELS[0]], ref.float(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
+def test_election_merge_pass_every_k_and_a_ragged_tail(method, k, dtype):
+    """The one-sweep election merge (AVX-512 intrinsics for K <= 4, the generic loop above):
+    K from 1 to 5, an element count that is not a multiple of 16 (the tail), the same bits
+    at every level and the same count of outputs that overflow the dtype."""
+    from lfm_engine.io.safetensors import as_numpy
+    from lfm_engine.ops.merge import merge_arrays_counted
+
+    shape = (601, 509)
+    base, models = _grid_models(shape, dtype, k=k, seed=k)
+    big = torch.zeros(shape, dtype=torch.bool)
+    big[5, :40] = True  # deltas that push the bf16/f32 output past its largest finite value
+    fmax = torch.finfo(dtype).max
+    base = torch.where(big, torch.tensor(fmax * 0.75, dtype=dtype), base)
+    models = [torch.where(big, torch.tensor(fmax, dtype=dtype), m) for m in models]
+    kw = dict(METHOD_KW[method], weights=[0.3, 0.1, 0.7, 0.5, 0.2][:k], lam=3.0)  # lambda 3: b + 3 * 0.25 max
+    dt = str(dtype)[6:]
+    outs = {}
+    for level in LEVELS:
+        lfm_engine.set_simd_level(level)
+        out, n_bad = merge_arrays_counted((as_numpy(base), dt), [(as_numpy(m), dt) for m in models], method,
+                                          out_dtype=dt, **kw)
+        outs[level] = (out, n_bad)
+    first, n_first = outs[LEVELS[0]]
+    for level, (o, n_bad) in outs.items():
+        assert o.tobytes() == first.tobytes(), f"{method} K={k} differs between {LEVELS[0]} and {level}"
+        assert n_bad == n_first, (level, n_bad, n_first)
+    # the overflow really happened and was counted (breadcrumbs drops those largest deltas)
+    assert n_first > 0 or method == "breadcrumbs_ties"
