@@ -432,7 +432,7 @@ def test_triton_decode_add(triton_env, codec, dtype):
     assert_close(got, want, dtype)
 
 
-@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2", "nf4"])
+@pytest.mark.parametrize("codec", NATIVE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_delta_apply(triton_env, codec, dtype):
     dev = triton_env
@@ -451,7 +451,7 @@ def test_triton_delta_apply(triton_env, codec, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("codec", ["sign1", "int4", "int8", "int2", "nf4"])
+@pytest.mark.parametrize("codec", NATIVE)
 def test_triton_delta_apply_bf16_gpu(codec):
     """bf16 activations on a GPU: the Triton kernel's tl.dot multiplies bf16 tiles on the tensor
     cores, which the CPU interpreter gets wrong, so only a GPU can check it. Ragged sizes: 37
