@@ -11,7 +11,7 @@ Families:
                 k_hist, k_tie_count, k_tie_locate do their work (the racecheck case)
   lora          shrink, expand and apply, token and segment slot maps, mixed ranks (0 too),
                 garbage in the rank padding, an output column slice
-  codec         decode-and-add of sign1/int8/int4/int2 (per-row and per-tensor sign1,
+  codec         decode-and-add of sign1/int8/int4/int2/nf4 (per-row and per-tensor sign1,
                 alpha != 1) and decode without a base
 Every case runs the device backend ("cuda" on --device cuda, "cpu" on --device cpu) and
 compares it with the CPU kernel on CPU copies of the inputs, so a kernel that reads or
@@ -140,7 +140,7 @@ def run_lora(case, backend, device):
 
 def codec_cases():
     for codec, opts in [("sign1", {}), ("sign1", {"per_tensor": True}), ("int8", {"group_size": 64}),
-                        ("int4", {"group_size": 64}), ("int2", {"group_size": 32})]:
+                        ("int4", {"group_size": 64}), ("int2", {"group_size": 32}), ("nf4", {"group_size": 64})]:
         for dtype in DTYPES:
             yield f"codec {codec} {opts} {str(dtype)[6:]}", (codec, opts, dtype)
 
