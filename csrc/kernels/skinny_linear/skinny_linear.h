@@ -1,6 +1,7 @@
 // Skinny-M linear y = x W^T (+ b) for M <= 16 (docs/spec/skinny_linear.md): torch-free launcher.
 //
-// Plan: x is converted once into a compact fp32 [M, K] block (at most 16 x K floats, so it
+// Plan: x is converted once into an fp32 [M, K] block (bf16 x with bf16 W on AVX512_BF16:
+// kept bf16 for vdpbf16ps) (at most 16 x K floats, so it
 // stays in L1/L2 for the whole call); the N output rows are split into tasks for the thread
 // pool; inside a task a pass reads R rows of W once and does R x M fused multiply-adds per
 // 16 weights (AVX-512) / 8 weights (AVX2), keeping the R x M partial sums in registers.
@@ -47,5 +48,11 @@ void rows_avx2(const float* xs, int64_t ldx, int64_t M, int64_t K, const void* w
 bool avx512_ok(lfm_dtype w_dt);
 void rows_avx512(const float* xs, int64_t ldx, int64_t M, int64_t K, const void* w, lfm_dtype w_dt, int64_t n0, int64_t n1,
                  float* out, int64_t ldo);
+
+// bf16 x and bf16 W on a CPU with AVX512_BF16 (vdpbf16ps) at the AVX-512 level: x stays bf16
+// in xs16 [M, ldx16] (ldx16 >= K rounded up to 32, zero past K); out as rows_*, ldo == M.
+bool avx512_bf16_dot_ok(lfm_dtype x_dt, lfm_dtype w_dt);
+void rows_avx512_bf16_dot(const uint16_t* xs16, int64_t ldx16, int64_t M, int64_t K, const void* w, int64_t n0,
+                          int64_t n1, float* out);
 
 }  // namespace lfm::skinny

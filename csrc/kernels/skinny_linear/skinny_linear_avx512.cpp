@@ -139,6 +139,77 @@ const Fn* table_for() {
     return table<D>(std::make_integer_sequence<int, static_cast<int>(kMaxM)>{});
 }
 
+// ---- bf16 x and bf16 W: vdpbf16ps (AVX512_BF16), 32 columns per instruction ----------------
+// Both operands stay bf16 (no widening): one instruction does the 32 multiply-adds of a
+// 32-column step into 16 fp32 lanes (pairs of adjacent columns), half the instructions of the
+// fp32 path. xs16 is a bf16 block [M, ldx16] whose columns K .. ldx16-1 are zero, so the K
+// tail only masks the W load.
+#define LFM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+template <int MB, int R>
+LFM_AVX512BF16 inline void pass_dot(const uint16_t* w, int64_t K, int64_t k0, int64_t k1, const uint16_t* xs,
+                                    int64_t ldx, float* out) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        __m512i wv[R];
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            wv[r] = _mm512_loadu_si512(w + r * K + k);
+            _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+        }
+#pragma GCC unroll 16
+        for (int m = 0; m < MB; ++m) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + m * ldx + k);
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) acc[r * MB + m] = _mm512_dpbf16_ps(acc[r * MB + m], (__m512bh)wv[r], xv);
+        }
+    }
+    if (k < k1) {
+        const __mmask32 tail = static_cast<__mmask32>((1ull << (k1 - k)) - 1ull);
+        __m512i wv[R];
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(tail, w + r * K + k);
+#pragma GCC unroll 16
+        for (int m = 0; m < MB; ++m) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + m * ldx + k);  // zero past K
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) acc[r * MB + m] = _mm512_dpbf16_ps(acc[r * MB + m], (__m512bh)wv[r], xv);
+        }
+    }
+    constexpr __mmask16 used = static_cast<__mmask16>((1u << (R * MB)) - 1u);
+    const __m512 sums = reduce16(acc);
+    _mm512_mask_storeu_ps(out, used, _mm512_add_ps(_mm512_maskz_loadu_ps(used, out), sums));
+}
+
+template <int MB>
+LFM_AVX512BF16 void rows_dot_mb(const uint16_t* w, int64_t K, const uint16_t* xs, int64_t ldx, int64_t n0,
+                                int64_t n1, float* out) {
+    constexpr int R = rows_per_pass(MB);
+    const int64_t kb = 2 * k_block(MB);  // bf16 x: twice the columns in the same bytes
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t k1 = std::min(K, k0 + kb);
+        int64_t n = n0;
+        for (; n + R <= n1; n += R) pass_dot<MB, R>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB);
+        for (; n < n1; ++n) pass_dot<MB, 1>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB);
+    }
+}
+
+using DotFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*);
+
+template <int... I>
+const DotFn* dot_table(std::integer_sequence<int, I...>) {
+    static const DotFn t[] = {rows_dot_mb<I + 1>...};
+    return t;
+}
+
+bool host_bf16_dot() {
+    static const bool v = __builtin_cpu_supports("avx512bf16");
+    return v;
+}
+
 }  // namespace
 
 bool avx512_ok(lfm_dtype w_dt) {
@@ -152,9 +223,21 @@ void rows_avx512(const float* xs, int64_t ldx, int64_t M, int64_t K, const void*
     t[M - 1](w, K, xs, ldx, n0, n1, out);  // ldo == M (see skinny_linear.h)
 }
 
+bool avx512_bf16_dot_ok(lfm_dtype x_dt, lfm_dtype w_dt) {
+    return cpu_has_avx512f() && x_dt == LFM_DTYPE_BF16 && w_dt == LFM_DTYPE_BF16 && host_bf16_dot();
+}
+
+void rows_avx512_bf16_dot(const uint16_t* xs16, int64_t ldx16, int64_t M, int64_t K, const void* w, int64_t n0,
+                          int64_t n1, float* out) {
+    dot_table(std::make_integer_sequence<int, static_cast<int>(kMaxM)>{})[M - 1](
+        static_cast<const uint16_t*>(w), K, xs16, ldx16, n0, n1, out);
+}
+
 #else  // not x86-64: never selected (avx512_ok is false)
 
 bool avx512_ok(lfm_dtype) { return false; }
+bool avx512_bf16_dot_ok(lfm_dtype, lfm_dtype) { return false; }
+void rows_avx512_bf16_dot(const uint16_t*, int64_t, int64_t, int64_t, const void*, int64_t, int64_t, float*) {}
 void rows_avx512(const float* xs, int64_t ldx, int64_t M, int64_t K, const void* w, lfm_dtype w_dt, int64_t n0, int64_t n1,
                  float* out, int64_t ldo) {
     rows_baseline(xs, ldx, M, K, w, w_dt, n0, n1, out, ldo);

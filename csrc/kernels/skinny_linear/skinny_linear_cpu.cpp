@@ -1,6 +1,7 @@
 // Skinny-M linear on the CPU: the driver (x to fp32, tasks over N, bias, rounding) and the
 // baseline row kernel. See skinny_linear.h for the plan.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "core/cpu_features.h"
@@ -55,17 +56,29 @@ void rows_baseline(const float* xs, int64_t ldx, int64_t M, int64_t K, const voi
 void skinny_linear_cpu(const Args& a) {
     const int64_t M = a.M, N = a.N, K = a.K;
     if (M == 0 || N == 0) return;
-    // x -> compact fp32 [M, K]: read once, then hot in cache for every row pass (and y may
-    // alias x: the kernel never reads x after the first store).
+    // x is copied once into a block that stays hot in cache for every row pass (so y may
+    // alias x: x is never read after the first store). bf16 x and W with vdpbf16ps: x stays
+    // bf16 (row stride padded like xs below, zero past K); otherwise fp32.
+    const bool dot = avx512_bf16_dot_ok(a.x_dt, a.w_dt);
+    std::vector<uint16_t> x16buf;
+    uint16_t* xs16 = nullptr;
+    const int64_t ldx16 = (K + 31) / 32 * 32 + 32;
+    if (dot) {
+        x16buf.assign(static_cast<size_t>(M * ldx16 + 32), 0);
+        xs16 = x16buf.data() + ((64 - reinterpret_cast<uintptr_t>(x16buf.data()) % 64) % 64) / sizeof(uint16_t);
+        for (int64_t m = 0; m < M; ++m)
+            std::memcpy(xs16 + m * ldx16, static_cast<const uint16_t*>(a.x) + m * a.x_ld, static_cast<size_t>(K) * 2);
+    }
     // Rows of xs are 64 bytes longer than K rounded up to 16 floats: with a power-of-two row
     // length (K = 1024: 4 KiB) the M rows would all fall into the same L1 set and evict each
     // other (measured: M = 16 at K = 1024 ran 7x slower than M = 8).
     const int64_t ldx = (K + 15) / 16 * 16 + 16;
     // 64-byte aligned, so no 16-float load of x straddles two cache lines
-    std::vector<float> xbuf(static_cast<size_t>(M * ldx + 16));
-    float* xs = xbuf.data() + ((64 - reinterpret_cast<uintptr_t>(xbuf.data()) % 64) % 64) / sizeof(float);
+    std::vector<float> xbuf(dot ? 0 : static_cast<size_t>(M * ldx + 16));
+    float* xs =
+        dot ? nullptr : xbuf.data() + ((64 - reinterpret_cast<uintptr_t>(xbuf.data()) % 64) % 64) / sizeof(float);
     const size_t xes = dtype_size(a.x_dt);
-    for (int64_t m = 0; m < M; ++m)
+    for (int64_t m = 0; m < M && !dot; ++m)
         load_f32(static_cast<const char*>(a.x) + static_cast<size_t>(m * a.x_ld) * xes, a.x_dt, xs + m * ldx, K);
     std::vector<float> bias;
     if (a.bias) {
@@ -82,7 +95,10 @@ void skinny_linear_cpu(const Args& a) {
         float tile[kMaxM * kMaxRows];  // [row][m], M floats per output row
         float row[kMaxRows];
         std::fill(tile, tile + M * cnt, 0.0f);
-        if (K > 0) rows(xs, ldx, M, K, a.w, a.w_dt, n0, n1, tile, M);
+        if (K > 0 && dot)
+            rows_avx512_bf16_dot(xs16, ldx16, M, K, a.w, n0, n1, tile);
+        else if (K > 0)
+            rows(xs, ldx, M, K, a.w, a.w_dt, n0, n1, tile, M);
         for (int64_t m = 0; m < M; ++m) {
             for (int64_t j = 0; j < cnt; ++j) row[j] = tile[j * M + m];
             if (a.bias)
