@@ -90,7 +90,10 @@ LFM_AVX512 inline void pass(const typename D::T* w, int64_t K, int64_t k0, int64
         }
 #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m) {
-            const __m512 xv = _mm512_loadu_ps(xs + m * ldx + k);
+            __m512 xv = _mm512_loadu_ps(xs + m * ldx + k);
+            // keep x in a register: GCC otherwise folds the load into each of the R FMAs,
+            // R loads of the same x where one does (the load ports are the tighter limit)
+            if constexpr (R > 1) asm("" : "+v"(xv));
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
         }
