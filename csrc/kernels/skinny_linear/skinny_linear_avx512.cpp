@@ -1,13 +1,14 @@
 // AVX-512 row kernel of the skinny-M linear (see skinny_linear.h).
 //
-// One pass: R rows of W x MB rows of x. Per 16 columns it loads R weight vectors (bf16 by a
-// zero-extend + shift, fp16 by vcvtph2ps) and MB x vectors, and does R x MB FMAs into
-// R x MB register accumulators (R x MB <= 16, so with the R + 1 loaded vectors everything
-// stays in the 32 zmm registers). K goes by in blocks (k_block) so the M rows of x stay in
-// L1; the K tail is a masked load. Blocking breaks W's rows into short segments the
-// hardware prefetcher does not follow, so each pass prefetches the next pass's rows (the
-// 56 projections of the served fixture at M = 8: 51 -> 38-42 ms, 1 thread). At the end of a block the R x MB accumulators are summed
-// across lanes together (reduce16) and added to the tile. M > 16 never reaches here (kMaxM).
+// One pass: R rows of W x MB rows of x. Per step (16 columns; 32 for the bf16-dot policy)
+// it loads R weight vectors (bf16 by a zero-extend + shift, fp16 by vcvtph2ps) and MB x
+// vectors, and does R x MB multiply-adds into R x MB register accumulators (R x MB <= 16,
+// so with the R + 1 loaded vectors everything stays in the 32 zmm registers). K goes by in
+// blocks (k_block) so the M rows of x stay in L1; the K tail is a masked load. Blocking
+// breaks W's rows into short segments the hardware prefetcher does not follow, so each pass
+// prefetches the next pass's rows (the 56 projections of the served fixture at M = 8:
+// 51 -> 38-42 ms, 1 thread). At the end of a block the R x MB accumulators are summed across
+// lanes together (reduce16) and added to the tile. M > 16 never reaches here (kMaxM).
 #include "kernels/skinny_linear/skinny_linear.h"
 
 #include <algorithm>
@@ -26,12 +27,23 @@ namespace lfm::skinny {
 
 namespace {
 
-struct F32 {
+// Pass policies: W's element type T, x's element type X, columns per step kStep, and per
+// step the W load (full / masked tail), the x load and the multiply-accumulate.
+struct FmaF32X {  // x as fp32, one FMA per 16 columns
+    using X = float;
+    using V = __m512;
+    using Mask = __mmask16;
+    static constexpr int kStep = 16;
+    LFM_AVX512 static __m512 xload(const X* p) { return _mm512_loadu_ps(p); }
+    LFM_AVX512 static __m512 xload(const X* p, Mask k) { return _mm512_maskz_loadu_ps(k, p); }
+    LFM_AVX512 static __m512 mac(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+struct F32 : FmaF32X {
     using T = float;
     LFM_AVX512 static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
     LFM_AVX512 static __m512 load(const T* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 };
-struct BF16 {
+struct BF16 : FmaF32X {
     using T = uint16_t;
     LFM_AVX512 static __m512 widen(__m256i h) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -39,12 +51,29 @@ struct BF16 {
     LFM_AVX512 static __m512 load(const T* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
     LFM_AVX512 static __m512 load(const T* p, __mmask16 k) { return widen(_mm256_maskz_loadu_epi16(k, p)); }
 };
-struct F16 {
+struct F16 : FmaF32X {
     using T = uint16_t;
     LFM_AVX512 static __m512 load(const T* p) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
     LFM_AVX512 static __m512 load(const T* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+};
+
+// bf16 x and bf16 W with vdpbf16ps (AVX512_BF16): both operands stay bf16; one instruction
+// does the 32 multiply-adds of a 32-column step into 16 fp32 lanes (adjacent column pairs),
+// half the instructions of the fp32 path and no widening. x's block is zero past K.
+#define LFM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+struct BF16Dot {
+    using T = uint16_t;
+    using X = uint16_t;
+    using V = __m512i;
+    using Mask = __mmask32;
+    static constexpr int kStep = 32;
+    LFM_AVX512 static V load(const T* p) { return _mm512_loadu_si512(p); }
+    LFM_AVX512 static V load(const T* p, Mask k) { return _mm512_maskz_loadu_epi16(k, p); }
+    LFM_AVX512 static V xload(const X* p) { return _mm512_loadu_si512(p); }
+    LFM_AVX512 static V xload(const X* p, Mask k) { return _mm512_maskz_loadu_epi16(k, p); }
+    LFM_AVX512BF16 static __m512 mac(__m512 acc, V w, V x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
 };
 
 // Rows of W per pass for MB rows of x: R x MB accumulators, at most 16, at least 8 where
@@ -72,15 +101,18 @@ LFM_AVX512 inline __m512 reduce16(const __m512* v) {
 }
 
 // out[r * MB + m] += dot over columns [k0, k1) of (W row r, x row m), r < R, m < MB.
+// Compiled with the AVX512_BF16 target for every policy (BF16Dot's mac needs it); the
+// other policies emit no bf16 instruction, so they run on any AVX-512 CPU.
 template <class D, int MB, int R>
-LFM_AVX512 inline void pass(const typename D::T* w, int64_t K, int64_t k0, int64_t k1, const float* xs,
-                            int64_t ldx, float* out) {
+LFM_AVX512BF16 inline void pass(const typename D::T* w, int64_t K, int64_t k0, int64_t k1,
+                                const typename D::X* xs, int64_t ldx, float* out) {
+    constexpr int S = D::kStep;
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     int64_t k = k0;
-    for (; k + 16 <= k1; k += 16) {
-        __m512 wv[R];
+    for (; k + S <= k1; k += S) {
+        typename D::V wv[R];
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
             wv[r] = D::load(w + r * K + k);
@@ -90,24 +122,24 @@ LFM_AVX512 inline void pass(const typename D::T* w, int64_t K, int64_t k0, int64
         }
 #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m) {
-            __m512 xv = _mm512_loadu_ps(xs + m * ldx + k);
+            typename D::V xv = D::xload(xs + m * ldx + k);
             // keep x in a register: GCC otherwise folds the load into each of the R FMAs,
             // R loads of the same x where one does (the load ports are the tighter limit)
             if constexpr (R > 1) asm("" : "+v"(xv));
 #pragma GCC unroll 16
-            for (int r = 0; r < R; ++r) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
+            for (int r = 0; r < R; ++r) acc[r * MB + m] = D::mac(acc[r * MB + m], wv[r], xv);
         }
     }
     if (k < k1) {
-        const __mmask16 tail = static_cast<__mmask16>((1u << (k1 - k)) - 1u);
-        __m512 wv[R];
+        const auto tail = static_cast<typename D::Mask>((1ull << (k1 - k)) - 1ull);
+        typename D::V wv[R];
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) wv[r] = D::load(w + r * K + k, tail);
 #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m) {
-            const __m512 xv = _mm512_maskz_loadu_ps(tail, xs + m * ldx + k);
+            const typename D::V xv = D::xload(xs + m * ldx + k, tail);
 #pragma GCC unroll 16
-            for (int r = 0; r < R; ++r) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
+            for (int r = 0; r < R; ++r) acc[r * MB + m] = D::mac(acc[r * MB + m], wv[r], xv);
         }
     }
     constexpr __mmask16 used = static_cast<__mmask16>((1u << (R * MB)) - 1u);
@@ -116,11 +148,13 @@ LFM_AVX512 inline void pass(const typename D::T* w, int64_t K, int64_t k0, int64
 }
 
 template <class D, int MB>
-LFM_AVX512 void rows_mb(const void* wp, int64_t K, const float* xs, int64_t ldx, int64_t n0, int64_t n1,
-                        float* out) {
+LFM_AVX512BF16 void rows_mb(const void* wp, int64_t K, const void* xp, int64_t ldx, int64_t n0, int64_t n1,
+                            float* out) {
     constexpr int R = rows_per_pass(MB);
     const typename D::T* w = static_cast<const typename D::T*>(wp);
-    const int64_t kb = k_block(MB);
+    const typename D::X* xs = static_cast<const typename D::X*>(xp);
+    // the same bytes of x per block: twice the columns when x is bf16 (a multiple of kStep)
+    const int64_t kb = k_block(MB) * static_cast<int64_t>(sizeof(float) / sizeof(typename D::X));
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t k1 = std::min(K, k0 + kb);
         int64_t n = n0;
@@ -129,7 +163,7 @@ LFM_AVX512 void rows_mb(const void* wp, int64_t K, const float* xs, int64_t ldx,
     }
 }
 
-using Fn = void (*)(const void*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+using Fn = void (*)(const void*, int64_t, const void*, int64_t, int64_t, int64_t, float*);
 
 template <class D, int... I>
 const Fn* table(std::integer_sequence<int, I...>) {
@@ -140,72 +174,6 @@ const Fn* table(std::integer_sequence<int, I...>) {
 template <class D>
 const Fn* table_for() {
     return table<D>(std::make_integer_sequence<int, static_cast<int>(kMaxM)>{});
-}
-
-// ---- bf16 x and bf16 W: vdpbf16ps (AVX512_BF16), 32 columns per instruction ----------------
-// Both operands stay bf16 (no widening): one instruction does the 32 multiply-adds of a
-// 32-column step into 16 fp32 lanes (pairs of adjacent columns), half the instructions of the
-// fp32 path. xs16 is a bf16 block [M, ldx16] whose columns K .. ldx16-1 are zero, so the K
-// tail only masks the W load.
-#define LFM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-
-template <int MB, int R>
-LFM_AVX512BF16 inline void pass_dot(const uint16_t* w, int64_t K, int64_t k0, int64_t k1, const uint16_t* xs,
-                                    int64_t ldx, float* out) {
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    int64_t k = k0;
-    for (; k + 32 <= k1; k += 32) {
-        __m512i wv[R];
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-            wv[r] = _mm512_loadu_si512(w + r * K + k);
-            _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
-        }
-#pragma GCC unroll 16
-        for (int m = 0; m < MB; ++m) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + m * ldx + k);
-#pragma GCC unroll 16
-            for (int r = 0; r < R; ++r) acc[r * MB + m] = _mm512_dpbf16_ps(acc[r * MB + m], (__m512bh)wv[r], xv);
-        }
-    }
-    if (k < k1) {
-        const __mmask32 tail = static_cast<__mmask32>((1ull << (k1 - k)) - 1ull);
-        __m512i wv[R];
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(tail, w + r * K + k);
-#pragma GCC unroll 16
-        for (int m = 0; m < MB; ++m) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + m * ldx + k);  // zero past K
-#pragma GCC unroll 16
-            for (int r = 0; r < R; ++r) acc[r * MB + m] = _mm512_dpbf16_ps(acc[r * MB + m], (__m512bh)wv[r], xv);
-        }
-    }
-    constexpr __mmask16 used = static_cast<__mmask16>((1u << (R * MB)) - 1u);
-    const __m512 sums = reduce16(acc);
-    _mm512_mask_storeu_ps(out, used, _mm512_add_ps(_mm512_maskz_loadu_ps(used, out), sums));
-}
-
-template <int MB>
-LFM_AVX512BF16 void rows_dot_mb(const uint16_t* w, int64_t K, const uint16_t* xs, int64_t ldx, int64_t n0,
-                                int64_t n1, float* out) {
-    constexpr int R = rows_per_pass(MB);
-    const int64_t kb = 2 * k_block(MB);  // bf16 x: twice the columns in the same bytes
-    for (int64_t k0 = 0; k0 < K; k0 += kb) {
-        const int64_t k1 = std::min(K, k0 + kb);
-        int64_t n = n0;
-        for (; n + R <= n1; n += R) pass_dot<MB, R>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB);
-        for (; n < n1; ++n) pass_dot<MB, 1>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB);
-    }
-}
-
-using DotFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*);
-
-template <int... I>
-const DotFn* dot_table(std::integer_sequence<int, I...>) {
-    static const DotFn t[] = {rows_dot_mb<I + 1>...};
-    return t;
 }
 
 bool host_bf16_dot() {
@@ -232,8 +200,7 @@ bool avx512_bf16_dot_ok(lfm_dtype x_dt, lfm_dtype w_dt) {
 
 void rows_avx512_bf16_dot(const uint16_t* xs16, int64_t ldx16, int64_t M, int64_t K, const void* w, int64_t n0,
                           int64_t n1, float* out) {
-    dot_table(std::make_integer_sequence<int, static_cast<int>(kMaxM)>{})[M - 1](
-        static_cast<const uint16_t*>(w), K, xs16, ldx16, n0, n1, out);
+    table_for<BF16Dot>()[M - 1](w, K, xs16, ldx16, n0, n1, out);
 }
 
 #else  // not x86-64: never selected (avx512_ok is false)
