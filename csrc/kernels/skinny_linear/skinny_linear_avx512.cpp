@@ -78,7 +78,7 @@ struct BF16Dot {
 
 // Rows of W per pass for MB rows of x: R x MB accumulators, at most 16, at least 8 where
 // possible (independent FMA chains cover the FMA latency).
-constexpr int rows_per_pass(int mb) { return mb == 1 ? 8 : mb <= 4 ? 4 : mb <= 8 ? 2 : 1; }
+constexpr int rows_per_pass(int mb) { return mb == 1 ? 8 : mb <= 4 ? 4 : 2; }  // mb > 8: two halves
 
 // Columns of x per block: the M rows' block stays at or under 16 KiB, half of L1, while W
 // streams past it (M = 8 and 16 at K = 1024 without blocking ran at half the FMA rate).
@@ -100,12 +100,12 @@ LFM_AVX512 inline __m512 reduce16(const __m512* v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
 }
 
-// out[r * MB + m] += dot over columns [k0, k1) of (W row r, x row m), r < R, m < MB.
+// out[r * ldo + m] += dot over columns [k0, k1) of (W row r, x row m), r < R, m < MB.
 // Compiled with the AVX512_BF16 target for every policy (BF16Dot's mac needs it); the
 // other policies emit no bf16 instruction, so they run on any AVX-512 CPU.
 template <class D, int MB, int R>
 LFM_AVX512BF16 inline void pass(const typename D::T* w, int64_t K, int64_t k0, int64_t k1,
-                                const typename D::X* xs, int64_t ldx, float* out) {
+                                const typename D::X* xs, int64_t ldx, float* out, int64_t ldo) {
     constexpr int S = D::kStep;
     __m512 acc[16];
 #pragma GCC unroll 16
@@ -142,15 +142,21 @@ LFM_AVX512BF16 inline void pass(const typename D::T* w, int64_t K, int64_t k0, i
             for (int r = 0; r < R; ++r) acc[r * MB + m] = D::mac(acc[r * MB + m], wv[r], xv);
         }
     }
-    constexpr __mmask16 used = static_cast<__mmask16>((1u << (R * MB)) - 1u);
     const __m512 sums = reduce16(acc);
-    _mm512_mask_storeu_ps(out, used, _mm512_add_ps(_mm512_maskz_loadu_ps(used, out), sums));
+    if (ldo == MB) {  // the R x MB sums are contiguous in the tile
+        constexpr __mmask16 used = static_cast<__mmask16>((1u << (R * MB)) - 1u);
+        _mm512_mask_storeu_ps(out, used, _mm512_add_ps(_mm512_maskz_loadu_ps(used, out), sums));
+    } else {
+        alignas(64) float t[16];
+        _mm512_store_ps(t, sums);
+        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < MB; ++m) out[r * ldo + m] += t[r * MB + m];
+    }
 }
 
 template <class D, int MB>
 LFM_AVX512BF16 void rows_mb(const void* wp, int64_t K, const void* xp, int64_t ldx, int64_t n0, int64_t n1,
                             float* out) {
-    constexpr int R = rows_per_pass(MB);
     const typename D::T* w = static_cast<const typename D::T*>(wp);
     const typename D::X* xs = static_cast<const typename D::X*>(xp);
     // the same bytes of x per block: twice the columns when x is bf16 (a multiple of kStep)
@@ -158,8 +164,21 @@ LFM_AVX512BF16 void rows_mb(const void* wp, int64_t K, const void* xp, int64_t l
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t k1 = std::min(K, k0 + kb);
         int64_t n = n0;
-        for (; n + R <= n1; n += R) pass<D, MB, R>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB);
-        for (; n < n1; ++n) pass<D, MB, 1>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB);
+        if constexpr (MB <= 8) {
+            constexpr int R = rows_per_pass(MB);
+            for (; n + R <= n1; n += R) pass<D, MB, R>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB, MB);
+        } else {
+            // 9..16 rows of x: two passes of 8 and MB - 8 rows over the same 2 rows of W (the
+            // second finds them in L1): 10 loads per 16 multiply-adds instead of 17 with R = 1
+            constexpr int MB2 = MB - 8, R = 2;
+            static_assert(R * MB2 <= 16);
+            for (; n + R <= n1; n += R) {
+                float* o = out + (n - n0) * MB;
+                pass<D, 8, R>(w + n * K, K, k0, k1, xs, ldx, o, MB);
+                pass<D, MB2, R>(w + n * K, K, k0, k1, xs + 8 * ldx, ldx, o + 8, MB);
+            }
+        }
+        for (; n < n1; ++n) pass<D, MB, 1>(w + n * K, K, k0, k1, xs, ldx, out + (n - n0) * MB, MB);
     }
 }
 
