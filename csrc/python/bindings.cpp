@@ -7,6 +7,7 @@ void bind_common(pyb::module_& m);
 void bind_merge(pyb::module_& m);
 void bind_lora(pyb::module_& m);
 void bind_codec(pyb::module_& m);
+void bind_skinny_linear(pyb::module_& m);
 }  // namespace lfm::py
 
 PYBIND11_MODULE(_C, m) {
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
     lfm::py::bind_merge(m);
     lfm::py::bind_lora(m);
     lfm::py::bind_codec(m);
+    lfm::py::bind_skinny_linear(m);
 }

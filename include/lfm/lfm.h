@@ -116,5 +116,6 @@ LFM_API lfm_status lfm_set_simd(const char* level);
 #include "lfm/merge.h"
 #include "lfm/lora.h"
 #include "lfm/codec.h"
+#include "lfm/skinny_linear.h"
 
 #endif /* LFM_LFM_H */

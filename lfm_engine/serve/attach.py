@@ -15,7 +15,10 @@ one fused kernel call. The hot path per linear is one thread-local read and one 
 x: [rows, seq, H_in] (or any [..., H_in] whose leading size is a multiple of the rows),
 s_t = the slot of token t's row, -1 (base only) for rows assigned None.
 Without an active assignment, or when no loaded adapter targets the module, the layer is
-the base layer (bit for bit).
+the base layer (bit for bit). Inside an active assignment, a call with at most 16 tokens on
+the CPU computes base(x) of a plain nn.Linear with the skinny-M kernel (ops/skinny_linear.py:
+the weight is read once for all tokens; results within fp32 rounding of torch's, spec in
+docs/spec/skinny_linear.md); ``pool.skinny_base = False`` or LFM_SKINNY_LINEAR=0 turns that off.
 
 Module names are the model's ``named_modules()`` names (plus an optional ``prefix``); they
 must equal the adapter's module names after PEFT's ``base_model.model.`` prefix is dropped,
@@ -35,6 +38,10 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from lfm_engine.ops.skinny_linear import MAX_M as _SKINNY_MAX_M
+from lfm_engine.ops.skinny_linear import _NATIVE_OK as _SKINNY_OK
+from lfm_engine.ops.skinny_linear import linear_rows
 
 from .pool import AdapterPool
 
@@ -66,6 +73,9 @@ class LoRALinear(nn.Module):
         object.__setattr__(self, "_pool", pool)  # not a submodule: no state_dict entries
         object.__setattr__(self, "_local", pool._local)
         object.__setattr__(self, "group", None)  # tuple of LoRALinear sharing the input (attach)
+        # the skinny base path needs exactly nn.Linear's math (subclasses, e.g. quantized
+        # linears, keep their own forward) and a built kernel
+        object.__setattr__(self, "_skinny", type(base) is nn.Linear and _SKINNY_OK and self.in_features > 0)
 
     @property
     def pool(self) -> AdapterPool:
@@ -83,11 +93,26 @@ class LoRALinear(nn.Module):
         return f"key={self.key!r}, in_features={self.in_features}, out_features={self.out_features}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         route = getattr(self._local, "route", None)
         if route is None or not route.active:
-            return y
-        return route.apply(self, x, y)
+            return self.base(x)
+        return route.apply(self, x, self._base_forward(x))
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x); for a small decode batch on the CPU (at most skinny MAX_M tokens) a plain
+        nn.Linear's matmul runs in the skinny-M kernel, which reads the weight once for all
+        tokens (a platform GEMM costs ~2x its one-token call at 8 tokens). Everything else,
+        and grad mode, hooks on the base, or pool.skinny_base = False, is base(x) itself."""
+        if self._skinny and self._pool.skinny_base and not torch.is_grad_enabled():
+            base = self.base
+            w = base.weight
+            if (x.device.type == "cpu" and x.dtype == w.dtype and x.numel() <= _SKINNY_MAX_M * self.in_features
+                    and w.is_contiguous() and not base._forward_hooks and not base._forward_pre_hooks):
+                x2 = x.reshape(-1, self.in_features)
+                if x2.stride(-1) != 1:
+                    x2 = x2.contiguous()
+                return linear_rows(x2, w, base.bias).reshape(*x.shape[:-1], self.out_features)
+        return self.base(x)
 
 
 def _selected(name: str, target_modules) -> bool:

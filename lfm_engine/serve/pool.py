@@ -39,6 +39,7 @@ fine-tunes, .lfmd deltas (`load_delta`, deltas.py); a batch may mix both and bas
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -124,11 +125,15 @@ class AdapterPool:
         delta_capacity: most compressed fine-tunes (.lfmd deltas) resident at once.
         base_fingerprint: lfm.base fingerprint of the served base model (ModelFolder.fingerprint
             of its folder); deltas made against another base are refused. None: not checked.
+        skinny_base: inside ``assign(...)``, compute the base matmul of each attached nn.Linear
+            with the skinny-M kernel (ops/skinny_linear.py) when the call has at most 16 tokens
+            on the CPU (attach.py). None (default): on unless the environment sets
+            LFM_SKINNY_LINEAR=0. The attribute of the same name can be changed later.
     """
 
     def __init__(self, capacity: int = 8, device="cpu", dtype: torch.dtype = torch.float32, *,
                  max_bytes: Optional[int] = None, max_rank: Optional[int] = None, delta_capacity: int = 16,
-                 base_fingerprint: Optional[str] = None):
+                 base_fingerprint: Optional[str] = None, skinny_base: Optional[bool] = None):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"AdapterPool capacity must be an int >= 1, got {capacity!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -153,6 +158,9 @@ class AdapterPool:
         self._deltas = DeltaStore(int(delta_capacity))
         self._delta_plans: Dict[tuple, tuple] = {}  # route.py: delta_apply call plans across steps
         self.base_fingerprint = base_fingerprint
+        if skinny_base is None:
+            skinny_base = os.environ.get("LFM_SKINNY_LINEAR", "1").strip() not in ("0", "false", "off", "no")
+        self.skinny_base = bool(skinny_base)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.counters = dict(loads=0, evictions=0, load_failures=0, table_shrinks=0)
 

@@ -275,6 +275,21 @@ static void fuzz_codec(int which) {
     }
 }
 
+static void fuzz_skinny(void) {
+    int64_t M = rnd(5) == 0 ? LFM_SKINNY_LINEAR_MAX_M + rnd(3) : 1 + rnd(4), N = 1 + rnd(6), K = 1 + rnd(20);
+    int64_t xs[2] = {M, K}, ws[2] = {N, K}, bs[1] = {N}, ys[2] = {M, N};
+    if (chance(10)) ws[1] = K + 1; /* mismatched K */
+    lfm_tensor* x = make_view(2, xs, rnd(3));
+    lfm_tensor* w = make_view(2, ws, rnd(3));
+    lfm_tensor* b = chance(40) ? NULL : make_view(1, bs, rnd(3));
+    lfm_tensor* y = make_view(2, ys, rnd(3));
+    lfm_skinny_linear_options o;
+    lfm_skinny_linear_options_init(&o);
+    o.n_threads = chance(90) ? rnd(3) : -1;
+    if (chance(5)) o.struct_size = (size_t)rnd(16);
+    note(lfm_skinny_linear(x, w, b, y, chance(20) ? NULL : &o), "lfm_skinny_linear");
+}
+
 static void fuzz_misc(void) {
     lfm_tensor t;
     int64_t shape[LFM_MAX_DIMS];
@@ -305,13 +320,14 @@ int main(int argc, char** argv) {
     g_state = argc > 2 ? strtoull(argv[2], NULL, 10) : 1;
     lfm_set_num_threads(2);
     for (long c = 0; c < cases; ++c) {
-        switch (rnd(8)) {
+        switch (rnd(9)) {
             case 0: case 1: fuzz_merge(); break;
             case 2: fuzz_lora(0); break;
             case 3: fuzz_lora(1); break;
             case 4: fuzz_lora(2); break;
             case 5: fuzz_codec(rnd(3)); break;
             case 6: fuzz_codec(rnd(2)); break;
+            case 7: fuzz_skinny(); break;
             default: fuzz_misc(); break;
         }
         free_all();
