@@ -196,3 +196,25 @@ def test_election_merge_pass_every_k_and_a_ragged_tail(method, k, dtype):
         assert n_bad == n_first, (level, n_bad, n_first)
     # the overflow really happened and was counted (breadcrumbs drops those largest deltas)
     assert n_first > 0 or method == "breadcrumbs_ties"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_one_value_bracket_keeps_the_lowest_flat_indices(dtype, n_threads):
+    """Every |delta| equal (random signs): the sampled bracket is one value, the scan keeps
+    only tie counts, and the cut's tie is found by rereading one block. The spec's tie rule
+    (lower flat index wins) then says exactly which elements a TIES merge of one model keeps:
+    the first floor(d * n) in flat order."""
+    shape = (600, 512)  # over the sample-and-bracket threshold
+    n = shape[0] * shape[1]
+    g = torch.Generator().manual_seed(7)
+    base = (torch.randint(-63, 64, shape, generator=g).float() / 64).to(dtype)  # |b| < 1: b +- 2^-8 exact
+    sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+    x = (base.float() + sign / 256).to(dtype)
+    assert bool(((x.float() - base.float()).abs() == 1 / 256).all())
+    for d in (0.3, 0.77):
+        k = int(d * n)
+        out = merge_tensors(base, [x], "ties", density=d, n_threads=n_threads)
+        keep = torch.arange(n).reshape(shape) < k
+        want = torch.where(keep, x, base)
+        assert torch.equal(_bits(out), _bits(want)), (d, int((out != want).sum()))

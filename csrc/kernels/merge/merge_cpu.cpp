@@ -53,6 +53,11 @@ struct Query {
     int64_t c_lt = 0, c_eq = 0;
     bool sampled = false;           // answered by sample_select: tie_idx holds every tie
     std::vector<int64_t> tie_idx;   // flat indices of the elements equal to value, ascending
+    // sample_select with a one-value bracket (lo == hi, common with bf16 deltas): every
+    // candidate is a tie, so only their count per block is kept (eq_blk) and the one tie a
+    // cut needs is found by rescanning its block (tie_in_block), instead of tie_idx
+    bool single = false;
+    std::vector<int64_t> eq_blk;
 };
 
 // Where a cut needs the flat index of the ordinal-th tie of `value` in model `model`.
@@ -220,11 +225,35 @@ private:
 
     // *target = flat index of the ordinal-th tie of q.value: known already for sampled
     // queries, else requested from find_ties.
-    static void tie_at(const Query& q, int64_t ordinal, int64_t* target, std::vector<TieRequest>& ties) {
-        if (q.sampled)
+    void tie_at(const Query& q, int64_t ordinal, int64_t* target, std::vector<TieRequest>& ties) const {
+        if (q.sampled && q.single)
+            *target = tie_in_block(q, ordinal);
+        else if (q.sampled)
             *target = q.tie_idx[static_cast<size_t>(ordinal)];
         else
             ties.push_back(TieRequest{q.model, q.value, ordinal, target});
+    }
+
+    // Flat index of the ordinal-th element of model q.model whose |delta| bits equal
+    // q.value, from the per-block tie counts of a one-value bracket: one block reread.
+    int64_t tie_in_block(const Query& q, int64_t ordinal) const {
+        for (int64_t blk = 0; blk < nblocks_; ++blk) {
+            const int64_t c = q.eq_blk[static_cast<size_t>(blk)];
+            if (ordinal >= c) {
+                ordinal -= c;
+                continue;
+            }
+            const int64_t start = blk * kBlock, len = block_len(blk);
+            std::vector<float> b(static_cast<size_t>(len)), x(static_cast<size_t>(len));
+            load_f32(ptr(a_.base, start), a_.base->dtype, b.data(), len);
+            load_f32(ptr(a_.models[q.model], start), a_.models[q.model]->dtype, x.data(), len);
+            for (int64_t j = 0; j < len; ++j)  // the same float32 difference as the bracket scan
+                if ((f32_bits(x[static_cast<size_t>(j)] - b[static_cast<size_t>(j)]) & 0x7fffffffu) == q.value &&
+                    ordinal-- == 0)
+                    return start + j;
+            break;
+        }
+        fail(LFM_STATUS_INTERNAL, "sample select lost a tie (model ", q.model, ")");
     }
 
     // Sample-select. From evenly spread runs of each model's |delta| (deterministic), take a
@@ -276,7 +305,9 @@ private:
             int64_t e;
         };
         std::vector<std::vector<Cand>> cands(static_cast<size_t>(nblocks_) * nq);
-        std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0);
+        std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0), inside(below.size(), 0);
+        std::vector<char> single(static_cast<size_t>(nq));
+        for (int qi = 0; qi < nq; ++qi) single[static_cast<size_t>(qi)] = lo[qi] == hi[qi];
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
         parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
@@ -299,8 +330,10 @@ private:
                 int64_t nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi],
                                                   cj, cv, &nb, &bad, len);
                 if (nc >= 0) {
-                    out.resize(static_cast<size_t>(nc));
-                    for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{cv[c], start + cj[c]};
+                    if (!single[qi]) {
+                        out.resize(static_cast<size_t>(nc));
+                        for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{cv[c], start + cj[c]};
+                    }
                 } else {
                     if (!(loaded >> m & 1u)) {
                         load_f32(ptr(a_.models[m], start), a_.models[m]->dtype, x, len);
@@ -308,12 +341,15 @@ private:
                         loaded |= uint64_t(1) << m;
                     }
                     nc = loops_.bracket(x, lo[qi], hi[qi], cj, &nb, len);
-                    out.resize(static_cast<size_t>(nc));
-                    for (int64_t c = 0; c < nc; ++c)
-                        out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
+                    if (!single[qi]) {
+                        out.resize(static_cast<size_t>(nc));
+                        for (int64_t c = 0; c < nc; ++c)
+                            out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
+                    }
                 }
                 below[static_cast<size_t>(blk) * nq + qi] = nb;
-                total[qi].fetch_add(static_cast<int64_t>(out.size()), std::memory_order_relaxed);
+                inside[static_cast<size_t>(blk) * nq + qi] = nc;
+                total[qi].fetch_add(nc, std::memory_order_relaxed);
             }
             if (bad) nonfinite(start, len);
         });
@@ -323,31 +359,46 @@ private:
             if (total[qi].load() > cap) return;
             Query& q = queries[qi];
             const int64_t pos = q.pos;
+            const int64_t nc = total[qi].load();
             int64_t nbelow = 0;
-            std::vector<Cand> all;
-            all.reserve(static_cast<size_t>(total[qi].load()));
-            for (int64_t blk = 0; blk < nblocks_; ++blk) {
-                nbelow += below[static_cast<size_t>(blk) * nq + qi];
-                auto& c = cands[static_cast<size_t>(blk) * nq + qi];
-                all.insert(all.end(), c.begin(), c.end());
-            }
-            const int64_t nc = static_cast<int64_t>(all.size());
+            for (int64_t blk = 0; blk < nblocks_; ++blk) nbelow += below[static_cast<size_t>(blk) * nq + qi];
             if (pos < nbelow || pos >= nbelow + nc) return;  // the bracket missed
-            // The pos-th value by a linear-time selection on a copy of the values; the
-            // candidates are in flat order, so the ties come out in the order the spec needs.
+            if (single[static_cast<size_t>(qi)]) {  // every candidate equals lo: the answer is lo
+                q.value = lo[qi];
+                q.c_lt = nbelow;
+                q.c_eq = nc;
+                q.single = true;
+                q.eq_blk.resize(static_cast<size_t>(nblocks_));
+                for (int64_t blk = 0; blk < nblocks_; ++blk)
+                    q.eq_blk[static_cast<size_t>(blk)] = inside[static_cast<size_t>(blk) * nq + qi];
+                q.sampled = true;
+                return;
+            }
+            // The pos-th value by a linear-time selection on a copy of the values (the
+            // per-block candidate lists are read in place, never concatenated: that copy
+            // and per-tie push_backs cost ~10x the selection itself).
             std::vector<uint32_t> vals(static_cast<size_t>(nc));
-            for (int64_t c = 0; c < nc; ++c) vals[static_cast<size_t>(c)] = all[static_cast<size_t>(c)].v;
+            int64_t o = 0;
+            for (int64_t blk = 0; blk < nblocks_; ++blk)
+                for (const Cand& c : cands[static_cast<size_t>(blk) * nq + qi]) vals[static_cast<size_t>(o++)] = c.v;
             auto nth = vals.begin() + (pos - nbelow);
             std::nth_element(vals.begin(), nth, vals.end());
-            q.value = *nth;
-            int64_t lt = 0;
-            q.tie_idx.clear();
-            for (const Cand& c : all) {
-                lt += c.v < q.value;
-                if (c.v == q.value) q.tie_idx.push_back(c.e);
+            const uint32_t value = *nth;
+            q.value = value;
+            int64_t lt = 0, eq = 0;
+            for (const uint32_t v : vals) {  // order-free counts, on the permuted copy
+                lt += v < value;
+                eq += v == value;
             }
+            // the ties' flat indices in flat order (blocks in order, each block's list in
+            // element order), as the spec's tie rule needs
+            q.tie_idx.resize(static_cast<size_t>(eq));
+            int64_t t = 0;
+            for (int64_t blk = 0; blk < nblocks_; ++blk)
+                for (const Cand& c : cands[static_cast<size_t>(blk) * nq + qi])
+                    if (c.v == value) q.tie_idx[static_cast<size_t>(t++)] = c.e;
             q.c_lt = nbelow + lt;
-            q.c_eq = static_cast<int64_t>(q.tie_idx.size());
+            q.c_eq = eq;
             q.sampled = true;
             if (tt.on)
                 std::fprintf(stderr, "[lfm merge]     query %d: %lld candidates\n", static_cast<int>(qi),
