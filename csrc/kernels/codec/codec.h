@@ -19,6 +19,9 @@ LFM_HD int codec_bits(lfm_codec c) {
 }
 // Largest |value| of a code: INTn's qmax; NF4's code book spans [-1, 1]; sign1 +-1.
 LFM_HD int codec_qmax(lfm_codec c) { return c == LFM_CODEC_INT8 ? 127 : c == LFM_CODEC_INT4 ? 7 : 1; }
+// Scales per row of an INTn / NF4 row of cols elements: ceil(cols / group), without the
+// overflow of (cols + group - 1) for a huge group (any group >= 1 is valid: one scale a row).
+LFM_HD int64_t groups_per_row(int64_t cols, int64_t group) { return cols / group + (cols % group != 0 ? 1 : 0); }
 // Units (bytes for INTn, uint32 words for SIGN1) per row of packed data.
 LFM_HD int64_t packed_cols(lfm_codec c, int64_t cols) {
     switch (c) {

@@ -78,7 +78,7 @@ void check_payload(const lfm_tensor* data, const lfm_tensor* scales, lfm_codec c
     if (codec == LFM_CODEC_SIGN1)
         ns = per_tensor ? 1 : rows;
     else
-        ns = rows * ((cols + group - 1) / group);
+        ns = rows * groups_per_row(cols, group);
     if (numel(*scales) != ns)
         fail(LFM_STATUS_SHAPE_MISMATCH, what, "scales have shape ", shape_str(*scales), " but ", ns,
              " scales are needed (", codec_name(codec), ", ", rows, " x ", cols,
@@ -99,7 +99,7 @@ CodecArgs resolve_encode_args(const lfm_tensor* delta, const lfm_tensor* data, c
     matrix_view(*delta, &a.rows, &a.cols);
     check_payload(data, scales, a.codec, a.rows, a.cols, a.group, a.per_tensor, "");
     check_device(*data, LFM_DEVICE_CPU, "data");
-    a.n_groups = a.codec == LFM_CODEC_SIGN1 ? 0 : (a.cols + a.group - 1) / a.group;
+    a.n_groups = a.codec == LFM_CODEC_SIGN1 ? 0 : groups_per_row(a.cols, a.group);
     a.delta = delta;
     a.data = data;
     a.scales = scales;
@@ -133,7 +133,7 @@ CodecArgs resolve_decode_args(const lfm_tensor* data, const lfm_tensor* scales, 
                 fail(LFM_STATUS_INVALID_ARGUMENT, "base and out overlap partially (they may only be the same memory)");
         }
     }
-    a.n_groups = a.codec == LFM_CODEC_SIGN1 ? 0 : (a.cols + a.group - 1) / a.group;
+    a.n_groups = a.codec == LFM_CODEC_SIGN1 ? 0 : groups_per_row(a.cols, a.group);
     a.data = data;
     a.scales = scales;
     a.base = base;
@@ -187,7 +187,7 @@ DeltaApplyArgs resolve_delta_apply_args(const lfm_tensor* x, const lfm_tensor* d
         if (s < -1 || s >= n_slots)
             fail(LFM_STATUS_OUT_OF_RANGE, "token_slot[", t, "] = ", s, " is outside [-1, ", n_slots, ")");
     }
-    a.n_groups = a.codec == LFM_CODEC_SIGN1 ? 0 : (a.in + a.group - 1) / a.group;
+    a.n_groups = a.codec == LFM_CODEC_SIGN1 ? 0 : groups_per_row(a.in, a.group);
     a.x = x;
     a.y = y;
     a.token_slot = token_slot;

@@ -101,7 +101,7 @@ LFM_AVX512 void sign1_block_avx512(const uint32_t* words, int64_t wpr, int64_t n
 template <bool NF4>
 LFM_AVX512 void int4_block_impl(const uint8_t* packed, int64_t bpr, int64_t nr, const float* scales,
                                 int64_t group, const float* xs, int64_t nt, int64_t in, float* acc) {
-    const int64_t half = in / 2, gb = group / 2, ng = (in + group - 1) / group;
+    const int64_t half = in / 2, gb = group / 2, ng = groups_per_row(in, group);
     alignas(64) float book[16];
     for (int k = 0; k < 16; ++k) book[k] = nf4_level(k);
     const __m512 lut = _mm512_load_ps(book);
