@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-SUITE_ORDER = ["merge", "merge_gpu", "lora", "codec", "merge_models", "serve", "quality"]
+SUITE_ORDER = ["merge", "merge_gpu", "lora", "skinny_linear", "codec", "merge_models", "serve", "quality"]
 
 # Arguments per size. None = the suite's own defaults.
 PRESETS: Dict[str, Dict[str, Optional[List[str]]]] = {
@@ -49,6 +49,7 @@ PRESETS: Dict[str, Dict[str, Optional[List[str]]]] = {
         "merge": ["--shapes", "1024x1024", "--reps", "2"],
         "merge_gpu": ["--shapes", "4096x4096", "--reps", "5"],
         "lora": ["--hidden", "1024", "--tokens", "1,16,64", "--prefill", "128x4", "--reps", "3"],
+        "skinny_linear": ["--quick"],
         "codec": ["--size", "1024", "--quality-shape", "256", "1024", "--slots", "4", "--tokens", "8"],
         "merge_models": ["--size", "small", "--methods", "ties", "--no-fp32-check"],
         "serve": ["--quick"],
@@ -64,6 +65,7 @@ BASELINES = {
     "merge": ["torch-multipass"],
     "merge_gpu": ["torch-multipass"],
     "lora": ["torch-per-adapter", "torch-gather-bmm"],
+    "skinny_linear": ["torch-linear"],
     "codec": ["torch reference", "separate models", "decode+matmul"],
     "merge_models": ["mergekit"],
     "serve": ["peft"],
