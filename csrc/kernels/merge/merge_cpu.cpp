@@ -55,7 +55,7 @@ struct Query {
     std::vector<int64_t> tie_idx;   // flat indices of the elements equal to value, ascending
     // sample_select with a one-value bracket (lo == hi, common with bf16 deltas): every
     // candidate is a tie, so only their count per block is kept (eq_blk) and the one tie a
-    // cut needs is found by rescanning its block (tie_in_block), instead of tie_idx
+    // cut needs is found by rereading its block (locate_tie), instead of tie_idx
     bool single = false;
     std::vector<int64_t> eq_blk;
 };
@@ -225,35 +225,13 @@ private:
 
     // *target = flat index of the ordinal-th tie of q.value: known already for sampled
     // queries, else requested from find_ties.
-    void tie_at(const Query& q, int64_t ordinal, int64_t* target, std::vector<TieRequest>& ties) const {
+    void tie_at(const Query& q, int64_t ordinal, int64_t* target, std::vector<TieRequest>& ties) {
         if (q.sampled && q.single)
-            *target = tie_in_block(q, ordinal);
+            *target = locate_tie(q.model, q.value, ordinal, q.eq_blk.data(), 1);
         else if (q.sampled)
             *target = q.tie_idx[static_cast<size_t>(ordinal)];
         else
             ties.push_back(TieRequest{q.model, q.value, ordinal, target});
-    }
-
-    // Flat index of the ordinal-th element of model q.model whose |delta| bits equal
-    // q.value, from the per-block tie counts of a one-value bracket: one block reread.
-    int64_t tie_in_block(const Query& q, int64_t ordinal) const {
-        for (int64_t blk = 0; blk < nblocks_; ++blk) {
-            const int64_t c = q.eq_blk[static_cast<size_t>(blk)];
-            if (ordinal >= c) {
-                ordinal -= c;
-                continue;
-            }
-            const int64_t start = blk * kBlock, len = block_len(blk);
-            std::vector<float> b(static_cast<size_t>(len)), x(static_cast<size_t>(len));
-            load_f32(ptr(a_.base, start), a_.base->dtype, b.data(), len);
-            load_f32(ptr(a_.models[q.model], start), a_.models[q.model]->dtype, x.data(), len);
-            for (int64_t j = 0; j < len; ++j)  // the same float32 difference as the bracket scan
-                if ((f32_bits(x[static_cast<size_t>(j)] - b[static_cast<size_t>(j)]) & 0x7fffffffu) == q.value &&
-                    ordinal-- == 0)
-                    return start + j;
-            break;
-        }
-        fail(LFM_STATUS_INTERNAL, "sample select lost a tie (model ", q.model, ")");
     }
 
     // Sample-select. From evenly spread runs of each model's |delta| (deterministic), take a
@@ -477,28 +455,29 @@ private:
                 counts[static_cast<size_t>(blk) * nr + r] = loops_.count_equal_abs(x, reqs[r].value, len);
             }
         });
-        for (size_t r = 0; r < nr; ++r) {
-            TieRequest& q = reqs[r];
-            int64_t cum = 0;
-            bool found = false;
-            for (int64_t blk = 0; blk < nblocks_ && !found; ++blk) {
-                const int64_t c = counts[static_cast<size_t>(blk) * nr + r];
-                if (cum + c > q.ordinal) {
-                    Scratch& s = scratch(0);
-                    const int64_t len = block_len(blk);
-                    load(s, blk * kBlock, len, q.model);
-                    const float* x = s.x.data() + static_cast<int64_t>(q.model) * kBlock;
-                    for (int64_t j = 0; j < len; ++j)
-                        if ((f32_bits(x[j]) & 0x7fffffffu) == q.value && cum++ == q.ordinal) {
-                            *q.target = blk * kBlock + j;
-                            found = true;
-                            break;
-                        }
-                }
-                cum += c;
+        for (size_t r = 0; r < nr; ++r)
+            *reqs[r].target = locate_tie(reqs[r].model, reqs[r].value, reqs[r].ordinal, counts.data() + r, nr);
+    }
+
+    // Flat index of the ordinal-th element (flat order) of `model` whose |delta| bits equal
+    // `value`, given how many such elements each block holds (counts[blk * stride]): only
+    // the block holding it is reread.
+    int64_t locate_tie(int model, uint32_t value, int64_t ordinal, const int64_t* counts, size_t stride) {
+        int64_t cum = 0;
+        for (int64_t blk = 0; blk < nblocks_; ++blk) {
+            const int64_t c = counts[static_cast<size_t>(blk) * stride];
+            if (cum + c > ordinal) {
+                Scratch& s = scratch(0);
+                const int64_t len = block_len(blk);
+                load(s, blk * kBlock, len, model);
+                const float* x = s.x.data() + static_cast<int64_t>(model) * kBlock;
+                for (int64_t j = 0; j < len; ++j)
+                    if ((f32_bits(x[j]) & 0x7fffffffu) == value && cum++ == ordinal) return blk * kBlock + j;
+                break;
             }
-            if (!found) fail(LFM_STATUS_INTERNAL, "radix select lost a tie (model ", q.model, ")");
+            cum += c;
         }
+        fail(LFM_STATUS_INTERNAL, "selection lost a tie (model ", model, ")");
     }
 
     // ---- random draws --------------------------------------------------------------
