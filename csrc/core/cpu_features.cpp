@@ -29,6 +29,15 @@ bool host_f16c() {
 #endif
 }
 
+bool host_avx512bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+    static const bool v = __builtin_cpu_supports("avx512bf16");
+    return v;
+#else
+    return false;
+#endif
+}
+
 bool host_avx512() {
 #if defined(__x86_64__) || defined(_M_X64)
     static const bool v = host_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -143,6 +152,7 @@ bool cpu_has_avx2() {
 }
 bool cpu_has_f16c() { return cpu_has_avx2() && host_f16c(); }
 bool cpu_has_avx512f() { return simd_level() == SimdLevel::Avx512 && host_avx512(); }
+bool cpu_has_avx512bf16() { return cpu_has_avx512f() && host_avx512bf16(); }
 const char* cpu_simd_level() { return simd_level_name(simd_level()); }
 
 }  // namespace lfm

@@ -25,6 +25,7 @@ void check_simd_env();
 bool cpu_has_avx2();     // AVX2 + FMA
 bool cpu_has_f16c();     // AVX2 level and F16C
 bool cpu_has_avx512f();  // AVX-512 level
+bool cpu_has_avx512bf16();  // AVX-512 level and AVX512_BF16 (vdpbf16ps)
 const char* cpu_simd_level();  // simd_level_name(simd_level())
 
 }  // namespace lfm

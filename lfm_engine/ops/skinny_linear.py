@@ -33,7 +33,6 @@ from lfm_engine.ops._dispatch import default_backends, pick_backend
 from lfm_engine.reference.skinny_linear import skinny_linear_reference
 
 MAX_M = 16  # = LFM_SKINNY_LINEAR_MAX_M (include/lfm/skinny_linear.h); checked at import below
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _native(x2, weight, bias, y, n_threads):
@@ -94,7 +93,7 @@ def _check(x, weight, bias):
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
+        if t.dtype not in _tensor.FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
         if t.device.type != "cpu":
             raise ValueError(f"{op}: {name} is on {t.device}; the skinny kernel runs on the CPU only "

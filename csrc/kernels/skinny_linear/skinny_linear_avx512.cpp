@@ -195,11 +195,6 @@ const Fn* table_for() {
     return table<D>(std::make_integer_sequence<int, static_cast<int>(kMaxM)>{});
 }
 
-bool host_bf16_dot() {
-    static const bool v = __builtin_cpu_supports("avx512bf16");
-    return v;
-}
-
 }  // namespace
 
 bool avx512_ok(lfm_dtype w_dt) {
@@ -214,7 +209,7 @@ void rows_avx512(const float* xs, int64_t ldx, int64_t M, int64_t K, const void*
 }
 
 bool avx512_bf16_dot_ok(lfm_dtype x_dt, lfm_dtype w_dt) {
-    return cpu_has_avx512f() && x_dt == LFM_DTYPE_BF16 && w_dt == LFM_DTYPE_BF16 && host_bf16_dot();
+    return cpu_has_avx512bf16() && x_dt == LFM_DTYPE_BF16 && w_dt == LFM_DTYPE_BF16;
 }
 
 void rows_avx512_bf16_dot(const uint16_t* xs16, int64_t ldx16, int64_t M, int64_t K, const void* w, int64_t n0,

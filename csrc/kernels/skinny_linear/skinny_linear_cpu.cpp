@@ -24,6 +24,12 @@ RowsFn pick_rows(lfm_dtype w_dt) {
     return rows_baseline;
 }
 
+// The first 64-byte-aligned element of v (v holds 64 bytes of slack for it).
+template <class T>
+T* aligned64(std::vector<T>& v) {
+    return v.data() + ((64 - reinterpret_cast<uintptr_t>(v.data()) % 64) % 64) / sizeof(T);
+}
+
 // Rows per task: about four tasks per worker so dynamic scheduling evens out a busy core,
 // a multiple of 8 (every kernel's row pass divides it), at most kMaxRows.
 int64_t rows_per_task(int64_t N, int workers) {
@@ -65,7 +71,7 @@ void skinny_linear_cpu(const Args& a) {
     const int64_t ldx16 = (K + 31) / 32 * 32 + 32;
     if (dot) {
         x16buf.assign(static_cast<size_t>(M * ldx16 + 32), 0);
-        xs16 = x16buf.data() + ((64 - reinterpret_cast<uintptr_t>(x16buf.data()) % 64) % 64) / sizeof(uint16_t);
+        xs16 = aligned64(x16buf);
         for (int64_t m = 0; m < M; ++m)
             std::memcpy(xs16 + m * ldx16, static_cast<const uint16_t*>(a.x) + m * a.x_ld, static_cast<size_t>(K) * 2);
     }
@@ -75,8 +81,7 @@ void skinny_linear_cpu(const Args& a) {
     const int64_t ldx = (K + 15) / 16 * 16 + 16;
     // 64-byte aligned, so no 16-float load of x straddles two cache lines
     std::vector<float> xbuf(dot ? 0 : static_cast<size_t>(M * ldx + 16));
-    float* xs =
-        dot ? nullptr : xbuf.data() + ((64 - reinterpret_cast<uintptr_t>(xbuf.data()) % 64) % 64) / sizeof(float);
+    float* xs = dot ? nullptr : aligned64(xbuf);
     const size_t xes = dtype_size(a.x_dt);
     for (int64_t m = 0; m < M && !dot; ++m)
         load_f32(static_cast<const char*>(a.x) + static_cast<size_t>(m * a.x_ld) * xes, a.x_dt, xs + m * ldx, K);
