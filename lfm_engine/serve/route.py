@@ -181,14 +181,7 @@ class Route:
                     self.pool._delta_plans.clear()
                 self.pool._delta_plans[ck] = (dslots, calls)
             self._dcalls[(key, n)] = calls
-        from lfm_engine._native import native
-
-        xv, yv = _view(x2), _view(y2)
-        for (code, g, per_tensor, _sdt), dv, sv, _d, _s, ts in calls:
-            if x2.device.type == "cpu":
-                native().delta_apply(xv, dv, sv, _view(ts), yv, code, g, per_tensor, 1.0, 0)
-            else:
-                torch.ops.lfm.delta_apply_packed(x2, _d, _s, ts, y2, code, g, per_tensor, 1.0)
+        run_delta_calls(calls, x2, y2)
 
     def _apply_plain(self, lin, t, dslots, x2, y, n) -> torch.Tensor:
         """One op per term, no caches: what torch.compile traces, and the grad-mode path
@@ -210,6 +203,22 @@ class Route:
                 tsd = torch.where(self.row_delta == s, 0, -1).to(torch.int32).repeat_interleave(n // self.rows)
                 code, g, per_tensor, _ = m.sig
                 torch.ops.lfm.delta_apply_packed(xd, [m.data], [m.scales], tsd, delta, code, g, per_tensor, 1.0)
+
+
+def run_delta_calls(calls, x2: torch.Tensor, y2: torch.Tensor) -> None:
+    """y2 += each planned delta_apply call's term (deltas.delta_calls: (signature, data
+    views, scale views, data, scales, token map)). Eager CPU calls go straight to the C ABI
+    with the prepared views (torch.library's dispatch costs tens of microseconds a call);
+    CUDA tensors, and what torch.compile traces, go through the registered op."""
+    if x2.device.type == "cpu" and not torch.compiler.is_compiling():
+        from lfm_engine._native import native
+
+        xv, yv = _view(x2), _view(y2)
+        for (code, g, per_tensor, _sdt), dv, sv, _d, _s, ts in calls:
+            native().delta_apply(xv, dv, sv, _view(ts), yv, code, g, per_tensor, 1.0, 0)
+    else:
+        for (code, g, per_tensor, _sdt), _dv, _sv, data, scales, ts in calls:
+            torch.ops.lfm.delta_apply_packed(x2, data, scales, ts, y2, code, g, per_tensor, 1.0)
 
 
 def _join(preps):

@@ -42,9 +42,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lfm_engine._tensor import view as _view
 from lfm_engine.ops.lora import lora_apply, lora_apply_prepared
-from .route import Route
+from .route import Route, run_delta_calls
 
 
 class StaticRoute:
@@ -196,10 +195,4 @@ class _StaticStep(Route):
                 lora_apply_prepared(x2, t.prepared(), ts, out, [0])
             else:
                 lora_apply(x2, t.A, t.B, ts, t.ranks, t.scales, out, validate=False)
-        for (code, g, per_tensor, _sdt), dv, sv, data, scales, tmap in calls or ():
-            if cpu_native:
-                from lfm_engine._native import native
-
-                native().delta_apply(_view(x2), dv, sv, _view(tmap), _view(out), code, g, per_tensor, 1.0, 0)
-            else:
-                torch.ops.lfm.delta_apply_packed(x2, data, scales, tmap, out, code, g, per_tensor, 1.0)
+        run_delta_calls(calls or (), x2, out)
