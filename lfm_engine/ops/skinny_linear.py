@@ -35,14 +35,10 @@ from lfm_engine.reference.skinny_linear import skinny_linear_reference
 MAX_M = 16  # = LFM_SKINNY_LINEAR_MAX_M (include/lfm/skinny_linear.h); checked at import below
 
 
-def _native(x2, weight, bias, y, n_threads):
-    native().skinny_linear(_tensor.view(x2), _tensor.view(weight), None if bias is None else _tensor.view(bias),
-                           _tensor.view(y), n_threads)
-
-
 def _run_native(x2, weight, bias, n_threads):
     y = torch.empty((x2.shape[0], weight.shape[0]), dtype=x2.dtype)
-    _native(x2, weight, bias, y, n_threads)
+    native().skinny_linear(_tensor.view(x2), _tensor.view(weight), None if bias is None else _tensor.view(bias),
+                           _tensor.view(y), n_threads)
     return y
 
 
