@@ -81,15 +81,15 @@ def read_prompts(path) -> list:
     return prompts
 
 
-def load_causal_lm(model_dir):
-    """(model, tokenizer) of a transformers causal LM folder, float32, eval mode."""
+def load_causal_lm(model_dir, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a transformers causal LM folder, in dtype, eval mode."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise ValueError("scale distillation runs the model with transformers, which is not installed "
+        raise ValueError("running a model folder needs transformers, which is not installed "
                          "(pip install 'lfm_engine[example]')") from None
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model, tok
 

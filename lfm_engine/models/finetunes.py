@@ -72,12 +72,10 @@ def is_built(folder: os.PathLike) -> bool:
 
 
 def load_base(model_dir, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of the base folder, eval mode (compress/distill.py loads them)."""
+    from lfm_engine.compress.distill import load_causal_lm
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model.eval()
-    return model, tok
+    return load_causal_lm(model_dir, dtype)
 
 
 def encode(tok, prompt: str, answer: str) -> Tuple[List[int], int]:
