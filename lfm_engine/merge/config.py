@@ -43,7 +43,6 @@ mergekit does) and, failing that, against the folder of the YAML file.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -192,7 +191,7 @@ def check_setting(value, where: str, errors: List[str]) -> None:
             for k in ent:
                 if k not in ("filter", "value"):
                     errors.append(f"{where}[{i}]: unknown key '{k}'"
-                                  + _suggest(k, ("filter", "value")))
+                                  + vocab_config.suggest(k, ("filter", "value")))
             if "value" not in ent:
                 errors.append(f"{where}[{i}]: missing 'value'")
             else:
@@ -244,16 +243,11 @@ def lookup(name: str, levels: Sequence[Optional[dict]], tensor_name: str, t: flo
 
 # --------------------------------------------------------------------------- parsing
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [c for c in choices if c != word], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _check_keys(mapping: dict, allowed, where: str, errors: List[str]) -> None:
     """Report every key of `mapping` outside `allowed` as '<where>.<key>: unknown key'."""
     for k in mapping:
         if k not in allowed:
-            errors.append(f"{where}.{k}: unknown key" + _suggest(k, allowed))
+            errors.append(f"{where}.{k}: unknown key" + vocab_config.suggest(k, allowed))
 
 
 def _resolve_path(ref: str, origin_dir: Optional[str]) -> str:
@@ -345,7 +339,7 @@ def _check_params(params, where: str, level: str, st: _Parse) -> dict:
             else:
                 known = sorted(allowed) or ["(none)"]
                 st.errors.append(f"{where}.{k}: unknown parameter for method '{method}'"
-                                 + _suggest(k, set(inp) | set(sh) | KNOWN_PARAMS)
+                                 + vocab_config.suggest(k, set(inp) | set(sh) | KNOWN_PARAMS)
                                  + f" (accepted here: {', '.join(known)})")
             continue
         v = coerce_numbers(v)
@@ -443,12 +437,12 @@ def _check_top(raw: dict, st: _Parse) -> None:
         if k in _UNSUPPORTED_TOP:
             st.errors.append(f"{k}: {_UNSUPPORTED_TOP[k]}")
         elif k not in _TOP_KEYS:
-            st.errors.append(f"{k}: unknown key" + _suggest(k, _TOP_KEYS + tuple(_UNSUPPORTED_TOP)))
+            st.errors.append(f"{k}: unknown key" + vocab_config.suggest(k, _TOP_KEYS + tuple(_UNSUPPORTED_TOP)))
     method = raw.get("merge_method")
     if method is None:
         st.errors.append("merge_method: missing (one of: " + ", ".join(ALL_METHODS) + ")")
     elif not isinstance(method, str) or method not in ALL_METHODS:
-        st.errors.append(f"merge_method: unknown method '{method}'" + _suggest(method, ALL_METHODS)
+        st.errors.append(f"merge_method: unknown method '{method}'" + vocab_config.suggest(method, ALL_METHODS)
                          + " (supported: " + ", ".join(ALL_METHODS) + ")")
         method = None
     st.method = method
@@ -461,7 +455,7 @@ def _parse_dtypes(raw: dict, errors: List[str]) -> Dict[str, Optional[str]]:
         if v is None:
             dtypes[key] = None
         elif not isinstance(v, str) or v.lower() not in DTYPES:
-            errors.append(f"{key}: unknown dtype {v!r}" + _suggest(str(v), DTYPES)
+            errors.append(f"{key}: unknown dtype {v!r}" + vocab_config.suggest(str(v), DTYPES)
                           + " (use bfloat16, float16 or float32)")
             dtypes[key] = None
         else:

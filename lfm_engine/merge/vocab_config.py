@@ -69,8 +69,10 @@ class TokenizerSpec:
         return self.source not in SOURCES
 
 
-def _suggest(word, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+def suggest(word, choices) -> str:
+    """" (did you mean 'x'?)" for the closest other choice, or "": the hint of every unknown
+    key or name in a merge config (config.py uses it too; this module is the lower one)."""
+    close = difflib.get_close_matches(str(word), [c for c in choices if c != word], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -100,7 +102,7 @@ def parse(raw: dict, errors: List[str]) -> Optional[TokenizerSpec]:
         return None
     for k in tsec:
         if k not in SECTION_KEYS:
-            errors.append(f"tokenizer.{k}: unknown key" + _suggest(k, SECTION_KEYS)
+            errors.append(f"tokenizer.{k}: unknown key" + suggest(k, SECTION_KEYS)
                           + f" (known: {', '.join(SECTION_KEYS)})")
     src = _source(tsec.get("source", "union"), "tokenizer.source", errors)
     spec = TokenizerSpec(src or "union", "tokenizer.source")
@@ -138,7 +140,7 @@ def _rule(token: str, rule, where: str, errors: List[str]) -> Optional[TokenRule
     n = len(errors)
     for k in rule:
         if k not in RULE_KEYS:
-            errors.append(f"{where}.{k}: unknown key" + _suggest(k, RULE_KEYS)
+            errors.append(f"{where}.{k}: unknown key" + suggest(k, RULE_KEYS)
                           + f" (known: {', '.join(RULE_KEYS)})")
     force = rule.get("force", False)
     if not isinstance(force, bool):
@@ -153,13 +155,13 @@ def _token_source(value, where: str, errors: List[str]) -> Optional[TokenSource]
     if isinstance(value, dict) and "kind" in value:
         kind = value["kind"]
         if kind not in KINDS:
-            errors.append(f"{where}.kind: unknown kind {kind!r}" + _suggest(kind, KINDS)
+            errors.append(f"{where}.kind: unknown kind {kind!r}" + suggest(kind, KINDS)
                           + f" (known: {', '.join(KINDS)}; or give a model as the source)")
             return None
         allowed = ("kind",) if kind == "zero" else ("kind", "model", "token", "token_id")
         bad = [k for k in value if k not in allowed]
         for k in bad:
-            errors.append(f"{where}.{k}: unknown key for kind {kind}" + _suggest(k, allowed))
+            errors.append(f"{where}.{k}: unknown key for kind {kind}" + suggest(k, allowed))
         if kind == "zero":
             return None if bad else TokenSource("zero")
         ref = _model_ref(value.get("model"), f"{where}.model", errors)
