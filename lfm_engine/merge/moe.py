@@ -34,6 +34,7 @@ from lfm_engine.merge import config as C
 from lfm_engine.merge import lora_ref
 from lfm_engine.merge import moe_arch as A
 from lfm_engine.merge.moe_gates import GATE_MODES, PROMPT_MODES
+from lfm_engine.merge.vocab_config import suggest
 from lfm_engine.merge.outdir import staged_output
 from lfm_engine.merge.yaml_load import YamlLimitError, load_documents
 
@@ -146,7 +147,7 @@ def _parse(path: str):
     errors: List[str] = []
     for k in raw:
         if k not in TOP_KEYS:
-            errors.append(f"{k}: unknown key" + C._suggest(k, TOP_KEYS))
+            errors.append(f"{k}: unknown key" + suggest(k, TOP_KEYS))
     arch = raw.get("architecture")
     if arch is not None and (not isinstance(arch, str) or not arch):
         errors.append(f"architecture: expected a name such as mixtral or qwen, got {arch!r}")
@@ -156,7 +157,7 @@ def _parse(path: str):
         errors.append("tokenizer_source/tokenizer: only the base model's tokenizer is supported")
     mode = raw.get("gate_mode", "hidden")
     if mode not in GATE_MODES:
-        errors.append(f"gate_mode: unknown mode {mode!r}" + C._suggest(str(mode), GATE_MODES)
+        errors.append(f"gate_mode: unknown mode {mode!r}" + suggest(str(mode), GATE_MODES)
                       + f" (one of: {', '.join(GATE_MODES)})")
         mode = "random"
     dtype = raw.get("out_dtype") or raw.get("dtype")
