@@ -14,8 +14,10 @@ Cases:
   decode layers    the same step through the decoder stack only (no lm_head), where the LoRA share is larger
   generate         `--seqs` requests, `--prompt` prompt tokens, `--new` greedy tokens each:
                    lfm/base through Engine (continuous batching), peft through model.generate(adapter_names=...)
-"LoRA overhead" = time(provider) / time(base) - 1. GB/s counts the weights read once per step
-(base weights + the distinct active adapters' A/B).
+"LoRA overhead" = time(provider) / time(base) - 1, from the medians, from the minimums, and
+"paired": the median over rounds of the ratio within a round (the steadiest on a shared
+machine). GB/s counts the weights read once per step (base weights + the distinct active
+adapters' A/B).
 
     python bench/bench_serve.py [--quick] [--json out.json]
 """
@@ -149,7 +151,10 @@ def main(argv=None) -> int:
                         times[(p, k)].append(dt)
     for p, (_f, _l, lb) in providers.items():
         for k, case, nb in ((0, "decode step", base_bytes + lb), (1, "decode layers (no lm_head)", layer_bytes + lb)):
-            rep.add(case, p, statistics.median(times[(p, k)]), nb, min_s=min(times[(p, k)]))
+            # paired: the median over rounds of this provider's time over the base's in the
+            # same round (back to back), which cancels the slow drifts of a shared machine
+            paired = statistics.median(x / b - 1 for x, b in zip(times[(p, k)], times[("base", k)]))
+            rep.add(case, p, statistics.median(times[(p, k)]), nb, min_s=min(times[(p, k)]), paired=paired)
 
     if not a.no_generate:
         gen_results = {}
@@ -184,7 +189,8 @@ def main(argv=None) -> int:
     print(rep.table(baseline="base"))
     # On a shared machine the median moves with other people's load; the minimum over the
     # interleaved rounds is the steadier estimate of the unloaded time, so both are shown.
-    print(f"{'case':<34} {'provider':<16} {'overhead(med)':>14} {'overhead(min)':>14} {'tokens/s':>10}")
+    print(f"{'case':<34} {'provider':<16} {'overhead(med)':>14} {'overhead(min)':>14} {'paired(med)':>12} "
+          f"{'tokens/s':>10}")
     base_r = {r.case: r for r in rep.rows if r.provider == "base"}
     for r in rep.rows:
         if r.provider == "base":
@@ -195,8 +201,9 @@ def main(argv=None) -> int:
         tps = r.extra.get("tokens_per_s")
         r.extra["lora_overhead"] = ov
         r.extra["lora_overhead_min"] = ovm
+        pr = r.extra.get("paired")
         print(f"{r.case:<34} {r.provider:<16} {100 * ov:13.1f}% {100 * ovm:13.1f}% "
-              f"{'' if tps is None else f'{tps:10.1f}'}")
+              f"{'' if pr is None else f'{100 * pr:11.1f}%'} {'' if tps is None else f'{tps:10.1f}'}")
     print(f"# load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     rep.write_json(a.json)
     shutil.rmtree(tmp, ignore_errors=True)

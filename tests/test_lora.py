@@ -154,6 +154,59 @@ def test_cpu_thread_count_invariant(dtype):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_slot", [1, 2, 3])
+@pytest.mark.parametrize("H_in,H_out", [(1024, 1024), (1030, 70), (2816, 1029)])
+def test_cpu_decode_tiles(dtype, per_slot, H_in, H_out):
+    """Mixed decode: 1, 2 or 3 tokens per adapter (the four-row shrink and the token-pair
+    expand), ranks that are not multiples of four, interleaved rows, H tails, 16 slots (one
+    whole expand run per tile) and 5 slots (split runs)."""
+    for n_slots in (16, 5):
+        ranks = [16, 6, 3, 5, 16][:n_slots] if n_slots == 5 else [16, 6, 3, 5] * 4
+        gen = torch.Generator().manual_seed(per_slot * 7 + H_in)
+        R = max(ranks)
+        A, B = make_tables(n_slots, R, H_in, H_out, dtype, ranks, gen)
+        T = n_slots * per_slot
+        x = torch.randn(T, H_in, generator=gen).to(dtype)
+        ts = (torch.arange(T) % n_slots).to(torch.int32)  # rows of one adapter far apart
+        ts[1] = -1
+        rk = torch.tensor(ranks, dtype=torch.int32)
+        sc = torch.rand(n_slots, generator=gen) + 0.5
+        y0 = torch.randn(T, H_out, generator=gen).to(dtype)
+        y = y0.clone()
+        lora_apply(x, A, B, ts, rk, sc, y)
+        yr = lora_apply_reference(x, A, B, ts, rk, sc, y0.clone())
+        assert_close(y, yr, dtype)
+        assert torch.equal(y[1], y0[1])
+        u = lora_shrink(x, A, ts, rk)
+        assert_close(u, lora_shrink_reference(x, A, ts, rk), torch.float32, atol=2e-5, rtol=2e-5)
+
+
+@needs_native
+def test_prepared_shrink_expand_equal_public_ops():
+    """lora_shrink_prepared / lora_expand_prepared (the served group path) give the public ops' bits."""
+    from lfm_engine.ops.lora import lora_expand_prepared, lora_prepare, lora_shrink_prepared
+    from lfm_engine.serve.route import _join
+
+    gen = torch.Generator().manual_seed(9)
+    tabs = [make_tables(4, 8, 96, w, torch.float32, [8, 3, 0, 5], gen) for w in (40, 24)]
+    rk = torch.tensor([8, 3, 0, 5], dtype=torch.int32)
+    sc = torch.tensor([1.0, 2.0, 0.5, 0.25])
+    x = torch.randn(6, 96, generator=gen)
+    ts = torch.tensor([0, 1, -1, 3, 1, 0], dtype=torch.int32)
+    preps = [lora_prepare(A, B, rk, sc) for A, B in tabs]
+    u = poison(torch.empty(2, 6, 8))
+    lora_shrink_prepared(x, _join(preps), ts, u)
+    assert torch.equal(u, lora_shrink(x, [A for A, _ in tabs], ts, [rk, rk]))
+    for i, (A, B) in enumerate(tabs):
+        y0 = torch.randn(6, B.shape[1], generator=gen)
+        y, ye = y0.clone(), y0.clone()
+        lora_expand_prepared(u[i], preps[i], ts, y, [0])
+        lora_expand(u[i], B, ts, rk, sc, ye)
+        assert torch.equal(y, ye)
+
+
 # ---- multi-slice and segment form (every CPU backend) ----------------------------------------
 
 CPU_BACKENDS = ["reference"] + (["cpu"] if native_ready() else [])

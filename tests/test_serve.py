@@ -99,6 +99,12 @@ def test_mixed_batch_matches_peft_prefill_and_decode(arch, tmp_path):
         pm.load_adapter(paths[n], adapter_name=n)
     pm.eval()
     ours, pool = _ours(base, paths)
+    # both group paths of route.py run here: q/k/v tables of different widths (a: q, v r=4;
+    # b: k r=8) are computed per member, gate/up (b and c on both) share one shrink
+    if arch == "llama":
+        widths = lambda leaves: {pool._tables[f"model.layers.0.{leaf}"].r_max for leaf in leaves}  # noqa: E731
+        assert len(widths(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])) > 1
+        assert len(widths(["mlp.gate_proj", "mlp.up_proj"])) == 1
     names = ["a", None, "b", "c", "a"]
     peft_names = [n or "__base__" for n in names]
     g = torch.Generator().manual_seed(1)

@@ -46,6 +46,16 @@ LFM_API const char* lfm_version(void) { return LFM_VERSION_STRING; }
 
 LFM_API int lfm_abi_version(void) { return LFM_ABI_VERSION; }
 
+namespace {
+const char* pool_name() noexcept {
+    try {
+        return lfm::thread_pool_name();
+    } catch (...) {  // a bad LFM_THREAD_POOL: the kernels report it
+        return "invalid LFM_THREAD_POOL";
+    }
+}
+}  // namespace
+
 LFM_API const char* lfm_build_info(void) {
     // rebuilt on each call: the active SIMD level can change (lfm_set_simd)
     thread_local std::string info;
@@ -57,7 +67,7 @@ LFM_API const char* lfm_build_info(void) {
         ", \"cuda\": false",
 #endif
         ", \"cuda_archs\": \"", LFM_CUDA_ARCHS, "\", \"simd\": \"", lfm::cpu_simd_level(), "\", \"simd_host\": \"",
-        lfm::simd_level_name(lfm::host_simd_level()), "\"}");
+        lfm::simd_level_name(lfm::host_simd_level()), "\", \"thread_pool\": \"", pool_name(), "\"}");
     return info.c_str();
 }
 

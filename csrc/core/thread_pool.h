@@ -5,6 +5,7 @@
 // per-worker scratch. Tasks are taken dynamically, so kernels must make results
 // independent of which worker ran which task (they reduce per task, in task order).
 // The first exception thrown by fn is re-thrown in the caller after all workers stop.
+// Workers: OpenMP threads when built with OpenMP (LFM_THREAD_POOL=own picks the own pool).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -22,5 +23,9 @@ void check_n_threads(int n);
 // How many worker slots parallel_for will use for these arguments (for sizing scratch).
 int plan_workers(int64_t n_tasks, int max_workers);
 void parallel_for(int64_t n_tasks, int max_workers, const std::function<void(int64_t, int)>& fn);
+// Which workers run parallel_for: "openmp" (the default when built with OpenMP: the process's
+// libgomp team, shared with torch), "own" (a pool of condition-variable threads;
+// LFM_THREAD_POOL=own, or no OpenMP), "serial" (in a forked child).
+const char* thread_pool_name();
 
 }  // namespace lfm

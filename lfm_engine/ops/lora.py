@@ -628,6 +628,43 @@ def lora_apply_prepared(x: torch.Tensor, prepared: tuple, token_slot: torch.Tens
         _impl_apply(x, As, Bs, token_slot, None, None, rk, sc, y, offsets, be, False, 0)
 
 
+def lora_shrink_prepared(x: torch.Tensor, prepared: tuple, token_slot: torch.Tensor, u: torch.Tensor) -> None:
+    """lora_shrink into a caller-owned u, for a serving loop that validated everything once.
+
+    x [T, H_in] row-contiguous, prepared: `lora_prepare` bundles (concatenated slice-wise for
+    a multi-slice call; every slice with the same R_max), u float32 [n_slices, T, R_max]
+    contiguous (fully overwritten). Same result as lora_shrink(x, [A...], token_slot, [ranks...]).
+    """
+    Av, _Bv, rv, _sv, As, _Bs, rk, _sc = prepared
+    dev = x.device.type
+    be = _default_backends()[dev] if dev in ("cpu", "cuda") else "reference"
+    if be in ("cpu", "cuda") and not _compiling():
+        native().lora_shrink(_tensor.view(x), Av, rv, _tensor.view(token_slot), None, None, _tensor.view(u), 0, 0,
+                             _tensor.current_stream(x))
+    else:
+        u.copy_(lora_shrink(x, As, token_slot, rk, backend=be, validate=False))
+
+
+def lora_expand_prepared(u: torch.Tensor, prepared: tuple, token_slot: torch.Tensor, y: torch.Tensor,
+                         offsets: List[int]) -> None:
+    """lora_expand for a serving loop that validated everything once: no argument checks.
+
+    u float32 [T, R_max] ([n_slices, T, R_max] for a multi-slice bundle) contiguous, y
+    [T, H_y] contiguous (updated in place), offsets: the column offset of each slice in y.
+    Same result as lora_expand(u, [B...], token_slot, [ranks...], [scales...], y, offsets).
+    """
+    _Av, Bv, rv, sv, _As, Bs, rk, sc = prepared
+    dev = y.device.type
+    be = _default_backends()[dev] if dev in ("cpu", "cuda") else "reference"
+    if be in ("cpu", "cuda") and not _compiling():
+        native().lora_expand(_tensor.view(u), Bv, rv, sv, offsets, _tensor.view(token_slot), None, None,
+                             _tensor.view(y), 0, 0, _tensor.current_stream(y))
+    else:
+        lora_expand(u, Bs if len(Bs) > 1 else Bs[0], token_slot, rk if len(rk) > 1 else rk[0],
+                    sc if len(sc) > 1 else sc[0], y, offsets if len(offsets) > 1 else offsets[0], backend=be,
+                    validate=False)
+
+
 def lora_apply_slices(x, slices: Sequence, token_slot=None, ranks=None, scales=None, y=None, *, seg_start=None,
                       seg_slot=None, backend: Optional[str] = None, validate: bool = True, n_threads: int = 0):
     """lora_apply with a list of (A, B, y_col_offset) triples (fused qkv / gate_up in one launch)."""
@@ -641,4 +678,4 @@ def lora_apply_slices(x, slices: Sequence, token_slot=None, ranks=None, scales=N
 
 
 __all__ = ["lora_shrink", "lora_expand", "lora_apply", "lora_apply_slices", "lora_prepare", "lora_apply_prepared",
-           "BACKENDS"]
+           "lora_shrink_prepared", "lora_expand_prepared", "BACKENDS"]

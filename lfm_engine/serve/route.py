@@ -13,9 +13,10 @@ activation belongs to row t // seq). Per step (not per linear) the route caches:
     is at least GEMM_MIN_TOKENS long (prefill, or a batch sharing few adapters) the LoRA term
     runs as two platform GEMMs per run (addmm), otherwise as one grouped lora_apply kernel;
   * the fused calls of projections that share an input: q/k/v and gate/up are attached as
-    a group, and the first member called computes the LoRA terms of the whole group in one
-    multi-slice kernel call into a scratch [T, ΣH_out]; the others add their slice (found by
-    identity of x, so a group called on different inputs is computed per member);
+    a group; the first member called computes u = x·Aᵀ of the whole group in one multi-slice
+    shrink call (u fp32 [members, T, R]), and each member's expand then adds its term straight
+    into its own output (u found by identity of x, so a group called on different inputs, or
+    whose tables differ in width, is computed per member);
   * the delta_apply calls of each module (one per codec signature present in the batch).
 
 LoRA term (ops/lora.py): y[t] += scale[s] · (x[t] · A[s][:r]ᵀ) · B[s][:, :r]ᵀ, s = slot of t.
@@ -31,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lfm_engine._tensor import view as _view
-from lfm_engine.ops.lora import lora_apply, lora_apply_prepared
+from lfm_engine.ops.lora import lora_apply, lora_apply_prepared, lora_expand_prepared, lora_shrink_prepared
 from .deltas import delta_calls
 
 # runs this long (prefill-size segments) go to the platform GEMM: the per-adapter matmul
@@ -149,21 +150,21 @@ class Route:
         if hit is None or hit[0] is not x or lin.key not in hit[2]:
             members = [(m, self._tables.get(m.key)) for m in g]
             members = [(m, t) for m, t in members if t is not None]
-            width = sum(m.out_features for m, _ in members)
-            # fp32 scratch: y is rounded once, when the slice is added
-            z = torch.zeros(n, width, dtype=torch.float32, device=y2.device)
-            offs, o = {}, 0
-            preps = []
-            for m, t in members:
-                offs[m.key] = o
-                preps.append(t.prepared())
-                o += m.out_features
-            lora_apply_prepared(x2, _join(preps), self.token_slot(tuple(x.shape[:-1])), z, list(offs.values()))
-            hit = (x, z, offs)
+            if len({t.r_max for _, t in members}) != 1:
+                # tables of different widths cannot share one u: this member alone
+                t = self._tables[lin.key]
+                lora_apply_prepared(x2, t.prepared(), self.token_slot(tuple(x.shape[:-1])), y2, [0])
+                return
+            # the group's shrink in one call (x read once for all members); each member's
+            # expand then adds straight into its own output (no scratch, no slice adds)
+            preps = {m.key: t.prepared() for m, t in members}
+            u = torch.empty(len(members), n, members[0][1].r_max, dtype=torch.float32, device=y2.device)
+            lora_shrink_prepared(x2, _join(list(preps.values())), self.token_slot(tuple(x.shape[:-1])), u)
+            hit = (x, u, {k: (i, p) for i, (k, p) in enumerate(preps.items())})
             self._group_out[id(g)] = hit
-        _, z, offs = hit
-        o = offs[lin.key]
-        y2.add_(z[:, o:o + lin.out_features])
+        _, u, idx = hit
+        i, prep = idx[lin.key]
+        lora_expand_prepared(u[i], prep, self.token_slot(tuple(x.shape[:-1])), y2, [0])
 
     def _apply_deltas(self, key, dslots, x2, y2, n) -> None:
         calls = self._dcalls.get((key, n))

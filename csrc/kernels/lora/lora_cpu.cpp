@@ -45,9 +45,14 @@ constexpr int64_t kXTile = 64 << 10;
 constexpr int64_t kMinK = 512;     // smallest H_in chunk when splitting for parallelism
 constexpr int64_t kNChunk = 256;   // H_out columns per expand item
 constexpr int64_t kTargetItems = 32;
+// The shrink splits H_in (partial sums reduced afterwards) only below this many items: a
+// split cuts every A row into pieces, which costs streaming speed (a mixed decode step's
+// 16 one-adapter tiles stream whole rows instead).
+constexpr int64_t kShrinkTargetItems = 16;
 // Waking a worker costs microseconds (more on a loaded machine): small steps run on fewer
 // threads, one per this many bytes streamed. Results do not depend on it.
 constexpr int64_t kBytesPerWorker = 256 << 10;
+enum ScratchBuf { kXs, kARow, kSAcc, kBt, kBRow, kEAcc, kYBuf, kC, kScratchBufs };
 
 int size_workers(int64_t items, int64_t bytes, int n_threads) {
     const int cap = n_threads > 0 ? n_threads : get_num_threads();
@@ -84,14 +89,17 @@ void axpy_rows_portable(const float* c, const float* bt, int64_t ldb, int r, int
     }
 }
 
-// out[o] = dot(c[0..rp), bf[o * ld .. + rp)) for o < n (rp a multiple of 8, c zero-padded)
-void gemv_rows_portable(const float* bf, int64_t ld, int64_t n, int rp, const float* c, float* out) {
-    for (int64_t o = 0; o < n; ++o) {
-        const float* b = bf + o * ld;
-        float s = 0.f;
-        for (int j = 0; j < rp; ++j) s += c[j] * b[j];
-        out[o] = s;
-    }
+// out[q * ldo + o] = dot(c[q * ldc .. + rp), bf[o * ld .. + rp)) for o < n, q < nq
+// (rp a multiple of 8, c zero-padded)
+void gemv_rows_portable(const float* bf, int64_t ld, int64_t n, int rp, const float* c, int64_t ldc, int nq,
+                        float* out, int64_t ldo) {
+    for (int q = 0; q < nq; ++q)
+        for (int64_t o = 0; o < n; ++o) {
+            const float* b = bf + o * ld;
+            float s = 0.f;
+            for (int j = 0; j < rp; ++j) s += c[q * ldc + j] * b[j];
+            out[q * ldo + o] = s;
+        }
 }
 
 #ifdef LFM_LORA_X86
@@ -106,12 +114,14 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
 // Load 8 elements of a row in its storage dtype as fp32 (conversion stays in registers, so
 // A is streamed straight from memory into the FMAs, with no fp32 copy of the row).
 struct LdF32 {
+    static constexpr int kBytes = 4;
     __attribute__((target("avx2,fma"))) static __m256 ld(const void* p, int64_t k) {
         return _mm256_loadu_ps(static_cast<const float*>(p) + k);
     }
     static float one(const void* p, int64_t k) { return static_cast<const float*>(p)[k]; }
 };
 struct LdBF16 {
+    static constexpr int kBytes = 2;
     __attribute__((target("avx2,fma"))) static __m256 ld(const void* p, int64_t k) {
         const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + k));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -119,6 +129,7 @@ struct LdBF16 {
     static float one(const void* p, int64_t k) { return bf16_to_f32(static_cast<const uint16_t*>(p)[k]); }
 };
 struct LdF16 {
+    static constexpr int kBytes = 2;
     __attribute__((target("avx2,fma,f16c"))) static __m256 ld(const void* p, int64_t k) {
         return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + k)));
     }
@@ -214,6 +225,46 @@ __attribute__((target("avx2,fma,f16c"))) void dot2_tile_avx2(const void* a0, con
     }
 }
 
+// Four A rows x NT (1..3) tokens per pass, for the few-token groups of a mixed decode
+// batch (one or two tokens per adapter), where the one-row kernel waits on memory: an A row
+// of 1024 fp32 is exactly one 4 KiB page, and the hardware prefetchers stop at page
+// boundaries. Four rows in flight give four streams, and the next four rows (`pf`, the
+// same offsets one group further) are prefetched while these are summed.
+// out[q * NT + i] = dot(a[q][0..n), xs[i][0..n)).
+template <typename L, int NT>
+__attribute__((target("avx2,fma,f16c"))) void dot4_few_avx2(const char* a, int64_t row_bytes, const char* pf,
+                                                            const float* const* xs, int64_t n, float* out) {
+    __m256 s[4][NT];
+    for (int q = 0; q < 4; ++q)
+        for (int i = 0; i < NT; ++i) s[q][i] = _mm256_setzero_ps();
+    const int64_t n8 = n & ~int64_t(7);
+    constexpr int64_t kLine = 64 / L::kBytes;  // elements per cache line
+    for (int64_t k = 0; k < n8; k += 8) {
+        if (k % kLine == 0)
+            for (int q = 0; q < 4; ++q) _mm_prefetch(pf + q * row_bytes + k * L::kBytes, _MM_HINT_T0);
+        __m256 xv[NT];
+        for (int i = 0; i < NT; ++i) xv[i] = _mm256_loadu_ps(xs[i] + k);
+        for (int q = 0; q < 4; ++q) {
+            const __m256 va = L::ld(a + q * row_bytes, k);
+            for (int i = 0; i < NT; ++i) s[q][i] = _mm256_fmadd_ps(va, xv[i], s[q][i]);
+        }
+    }
+    for (int q = 0; q < 4; ++q)
+        for (int i = 0; i < NT; ++i) {
+            float r = hsum256(s[q][i]);
+            for (int64_t k = n8; k < n; ++k) r += L::one(a + q * row_bytes, k) * xs[i][k];
+            out[q * NT + i] = r;
+        }
+}
+
+template <typename L>
+void dot4_few(const char* a, int64_t row_bytes, const char* pf, const float* const* xs, int nt, int64_t n,
+              float* out) {
+    if (nt == 1) dot4_few_avx2<L, 1>(a, row_bytes, pf, xs, n, out);
+    else if (nt == 2) dot4_few_avx2<L, 2>(a, row_bytes, pf, xs, n, out);
+    else dot4_few_avx2<L, 3>(a, row_bytes, pf, xs, n, out);
+}
+
 // Four tokens share each load of the transposed B tile: acc[q * ldacc + o] =
 // sum_j c[q * ldc + j] * bt[j * ldb + o], q < 4 (16 columns per pass, eight FMA chains).
 __attribute__((target("avx2,fma"))) void axpy4_rows_avx2(const float* c, int64_t ldc, const float* bt, int64_t ldb,
@@ -284,27 +335,48 @@ __attribute__((target("avx2,fma"))) void axpy_rows_avx2(const float* c, const fl
     }
 }
 
-// Eight rows at a time: eight FMA chains, then one hadd tree gives eight dots at once.
-__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* bf, int64_t ld, int64_t n, int rp,
-                                                       const float* c, float* out) {
+// Four B rows x NQ (1 or 2) tokens per step: each B row is loaded once for both tokens of
+// a pair (mixed decode groups have one or two tokens per adapter), and one hadd tree gives
+// four dots per token. A B tile of r = 16 fp32 spans four 4 KiB pages, where the hardware
+// prefetchers stop, so the rows kPfRows ahead are prefetched.
+template <int NQ>
+__attribute__((target("avx2,fma"))) void gemv_rows_avx2_nq(const float* bf, int64_t ld, int64_t n, int rp,
+                                                          const float* c, int64_t ldc, float* out, int64_t ldo) {
+    constexpr int64_t kPfRows = 64;
     int64_t o = 0;
-    for (; o + 8 <= n; o += 8) {
-        __m256 s[8];
-        for (int q = 0; q < 8; ++q) s[q] = _mm256_setzero_ps();
+    for (; o + 4 <= n; o += 4) {
+        for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(bf + (o + kPfRows + q) * ld), _MM_HINT_T0);
+        __m256 s[NQ][4];
+        for (int t = 0; t < NQ; ++t)
+            for (int q = 0; q < 4; ++q) s[t][q] = _mm256_setzero_ps();
         for (int j = 0; j < rp; j += 8) {
-            const __m256 cj = _mm256_loadu_ps(c + j);
-            for (int q = 0; q < 8; ++q) s[q] = _mm256_fmadd_ps(_mm256_loadu_ps(bf + (o + q) * ld + j), cj, s[q]);
+            __m256 cj[NQ];
+            for (int t = 0; t < NQ; ++t) cj[t] = _mm256_loadu_ps(c + t * ldc + j);
+            for (int q = 0; q < 4; ++q) {
+                const __m256 b = _mm256_loadu_ps(bf + (o + q) * ld + j);
+                for (int t = 0; t < NQ; ++t) s[t][q] = _mm256_fmadd_ps(b, cj[t], s[t][q]);
+            }
         }
-        const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
-        const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
-        _mm256_storeu_ps(out + o, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
-                                                _mm256_permute2f128_ps(t0, t1, 0x31)));
+        for (int t = 0; t < NQ; ++t) {
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s[t][0], s[t][1]), _mm256_hadd_ps(s[t][2], s[t][3]));
+            _mm_storeu_ps(out + t * ldo + o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        }
     }
-    for (; o < n; ++o) {
-        __m256 v = _mm256_setzero_ps();
-        for (int j = 0; j < rp; j += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(bf + o * ld + j), _mm256_loadu_ps(c + j), v);
-        out[o] = hsum256(v);
-    }
+    for (; o < n; ++o)
+        for (int t = 0; t < NQ; ++t) {
+            __m256 v = _mm256_setzero_ps();
+            for (int j = 0; j < rp; j += 8)
+                v = _mm256_fmadd_ps(_mm256_loadu_ps(bf + o * ld + j), _mm256_loadu_ps(c + t * ldc + j), v);
+            out[t * ldo + o] = hsum256(v);
+        }
+}
+
+__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* bf, int64_t ld, int64_t n, int rp,
+                                                       const float* c, int64_t ldc, int nq, float* out,
+                                                       int64_t ldo) {
+    int q = 0;
+    for (; q + 2 <= nq; q += 2) gemv_rows_avx2_nq<2>(bf, ld, n, rp, c + q * ldc, ldc, out + q * ldo, ldo);
+    if (q < nq) gemv_rows_avx2_nq<1>(bf, ld, n, rp, c + q * ldc, ldc, out + q * ldo, ldo);
 }
 
 __attribute__((target("avx2,fma"))) void add_avx2(float* y, const float* d, int64_t n) {
@@ -325,17 +397,20 @@ void add_portable(float* y, const float* d, int64_t n) {
 
 using DotFn = void (*)(const void*, const float* const*, int, int64_t, float*);
 using Dot2Fn = void (*)(const void*, const void*, const float* const*, int, int64_t, float*, float*);
+using Dot4FewFn = void (*)(const char*, int64_t, const char*, const float* const*, int, int64_t, float*);
 
 struct Kernels {
     // dot_tile[dtype of A] when the row is read in place (AVX2); nullptr = convert the row first
     DotFn dot_direct[3] = {nullptr, nullptr, nullptr};
     Dot2Fn dot2_direct[3] = {nullptr, nullptr, nullptr};
+    Dot4FewFn dot4_few_direct[3] = {nullptr, nullptr, nullptr};  // 1..3 tokens
     void (*axpy4_rows)(const float*, int64_t, const float*, int64_t, int, int64_t, float*, int64_t) =
         axpy4_rows_portable;
     void (*dot_tile)(const float*, const float* const*, int, int64_t, float*) = dot_tile_portable;
     void (*axpy_rows)(const float*, const float*, int64_t, int, int64_t, float*) = axpy_rows_portable;
     void (*add)(float*, const float*, int64_t) = add_portable;
-    void (*gemv_rows)(const float*, int64_t, int64_t, int, const float*, float*) = gemv_rows_portable;
+    void (*gemv_rows)(const float*, int64_t, int64_t, int, const float*, int64_t, int, float*, int64_t) =
+        gemv_rows_portable;
     Kernels() {
 #ifdef LFM_LORA_X86
         if (cpu_has_avx2()) {
@@ -343,9 +418,12 @@ struct Kernels {
             dot_direct[LFM_DTYPE_BF16] = dot_tile_avx2<LdBF16>;
             dot2_direct[LFM_DTYPE_F32] = dot2_tile_avx2<LdF32>;
             dot2_direct[LFM_DTYPE_BF16] = dot2_tile_avx2<LdBF16>;
+            dot4_few_direct[LFM_DTYPE_F32] = dot4_few<LdF32>;
+            dot4_few_direct[LFM_DTYPE_BF16] = dot4_few<LdBF16>;
             if (cpu_has_f16c()) {
                 dot_direct[LFM_DTYPE_F16] = dot_tile_avx2<LdF16>;
                 dot2_direct[LFM_DTYPE_F16] = dot2_tile_avx2<LdF16>;
+                dot4_few_direct[LFM_DTYPE_F16] = dot4_few<LdF16>;
             }
             axpy4_rows = axpy4_rows_avx2;
             axpy_rows = axpy_rows_avx2;
@@ -419,9 +497,15 @@ inline const char* at(const void* base, lfm_dtype dt, int64_t idx) {
 
 // ---- shrink: U[slice][t][0..r) = x[t] . A[s, j, :] (U row stride ldR, slice stride T*ldR) ----
 
-struct ShrinkScratch {
-    std::vector<float> xs, arow, acc;
-};
+// Per-thread scratch, kept across calls: the pool's threads are persistent, and a fresh
+// (zero-filled, page-faulted) 256 KiB buffer per call and worker cost more than a decode
+// step's whole LoRA term on small shapes. Grown on demand, never shrunk.
+float* scratch(int which, int64_t n) {
+    thread_local std::vector<float> bufs[kScratchBufs];
+    auto& b = bufs[which];
+    if (b.size() < static_cast<size_t>(n)) b.resize(static_cast<size_t>(n));
+    return b.data();
+}
 
 void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
     const int64_t T = a.T, H_in = a.H_in;
@@ -431,8 +515,8 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
     // Split H_in only when items are scarce (decided from shapes, not threads: determinism).
     const int64_t base_items = n_tiles * n_sl;
     int64_t nk = 1;
-    if (base_items < kTargetItems)
-        nk = std::min((kTargetItems + base_items - 1) / base_items, std::max<int64_t>(1, H_in / kMinK));
+    if (base_items < kShrinkTargetItems)
+        nk = std::min((kShrinkTargetItems + base_items - 1) / base_items, std::max<int64_t>(1, H_in / kMinK));
     const int64_t kc = ((H_in + nk - 1) / nk + 7) & ~int64_t(7);
     nk = (H_in + kc - 1) / kc;
     int64_t Rmax = 0;
@@ -446,17 +530,9 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
             bytes += (rank_of(sl, tl.slot) * static_cast<int64_t>(dtype_size(sl.a_dt)) +
                       (tl.end - tl.begin) * static_cast<int64_t>(dtype_size(a.x_dt))) * H_in;
     const int workers = size_workers(base_items * nk, bytes, a.n_threads);
-    std::vector<std::unique_ptr<ShrinkScratch>> scratch(static_cast<size_t>(workers));
     const Kernels& K = kernels();
 
-    parallel_for(base_items * nk, workers, [&](int64_t item, int w) {
-        auto& sp = scratch[static_cast<size_t>(w)];
-        if (!sp) {
-            sp = std::make_unique<ShrinkScratch>();
-            sp->xs.resize(static_cast<size_t>(kXTile));
-            sp->arow.resize(static_cast<size_t>(kXTile));
-            sp->acc.resize(static_cast<size_t>(kTileS * Rmax));
-        }
+    parallel_for(base_items * nk, workers, [&](int64_t item, int) {
         const int64_t kchunk = item % nk;
         const int64_t ti = (item / nk) % n_tiles;
         const int si = static_cast<int>(item / nk / n_tiles);
@@ -466,7 +542,7 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
         if (r == 0) return;
         const int nt = static_cast<int>(tile.end - tile.begin);
         const int32_t* toks = p.order.data() + tile.begin;
-        float* acc = sp->acc.data();  // acc[i * r + j]
+        float* acc = scratch(kSAcc, kTileS * Rmax);  // acc[i * r + j]
         std::fill(acc, acc + nt * r, 0.f);
         const int64_t k0 = kchunk * kc, k1 = std::min(H_in, k0 + kc);
         float col[kTileS];
@@ -479,7 +555,7 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
                 if (a.x_dt == LFM_DTYPE_F32) {
                     xp[i] = static_cast<const float*>(a.x) + idx;
                 } else {
-                    float* d = sp->xs.data() + i * ksub;
+                    float* d = scratch(kXs, kXTile) + i * ksub;
                     load_f32(at(a.x, a.x_dt, idx), a.x_dt, d, n);
                     xp[i] = d;
                 }
@@ -500,6 +576,20 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
                     }
                 }
             }
+            const Dot4FewFn few = sl.a_dt <= LFM_DTYPE_BF16 ? K.dot4_few_direct[sl.a_dt] : nullptr;
+            if (few && nt < 4) {  // four rows at a time (see dot4_few_avx2)
+                const int64_t row_bytes = H_in * static_cast<int64_t>(dtype_size(sl.a_dt));
+                float o4[4 * 3];
+                for (; j + 4 <= r; j += 4) {
+                    const char* a0 = at(sl.A, sl.a_dt, (row0 + j) * H_in + kb);
+                    // prefetch the next four rows, or the last rows of the slot again (no
+                    // read past this slot's r rows)
+                    const char* pf = j + 8 <= r ? a0 + 4 * row_bytes : a0;
+                    few(a0, row_bytes, pf, xp, nt, n, o4);
+                    for (int q = 0; q < 4; ++q)
+                        for (int i = 0; i < nt; ++i) acc[i * r + j + q] += o4[q * nt + i];
+                }
+            }
             for (; j < r; ++j) {
                 const int64_t aidx = (row0 + j) * H_in + kb;
                 for (int i = 0; i < nt; ++i) col[i] = 0.f;
@@ -510,8 +600,9 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
                     if (sl.a_dt == LFM_DTYPE_F32) {
                         arow = static_cast<const float*>(sl.A) + aidx;
                     } else {
-                        load_f32(at(sl.A, sl.a_dt, aidx), sl.a_dt, sp->arow.data(), n);
-                        arow = sp->arow.data();
+                        float* buf = scratch(kARow, kXTile);
+                        load_f32(at(sl.A, sl.a_dt, aidx), sl.a_dt, buf, n);
+                        arow = buf;
                     }
                     K.dot_tile(arow, xp, nt, n, col);
                 }
@@ -546,18 +637,25 @@ void shrink_into(const LoraArgs& a, const Plan& p, float* U, int64_t ldR) {
 
 // ---- expand: y[t, off + o] += scale[s] * sum_j U[slice][t][j] * B[s, o, j] -----------------
 
-struct ExpandScratch {
-    std::vector<float> bt, brow, acc, ybuf, c;
-};
-
 void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) {
     const int64_t T = a.T;
     const int n_sl = static_cast<int>(a.slices.size());
     const int64_t n_tiles = static_cast<int64_t>(p.expand_tiles.size());
     if (n_tiles == 0) return;
+    // An item is a run of consecutive kNChunk column chunks of one (slice, tile): each worker
+    // then streams long contiguous stretches of B (a decode tile's B[s] is read once, and
+    // chunk-sized items would hand alternate 16 KiB pieces of it to alternate workers).
+    // Runs are as long as the item count allows (>= kTargetItems items when the chunks
+    // allow it); a column's result does not depend on the run it is in.
+    const int64_t base_items = n_tiles * n_sl;
+    const int64_t runs_per = base_items >= kTargetItems ? 1 : (kTargetItems + base_items - 1) / base_items;
     std::vector<int64_t> first_item(static_cast<size_t>(n_sl) + 1, 0);  // items per slice vary with H_out
-    for (int si = 0; si < n_sl; ++si)
-        first_item[si + 1] = first_item[si] + n_tiles * ((a.slices[si].H_out + kNChunk - 1) / kNChunk);
+    std::vector<int64_t> run_len(static_cast<size_t>(n_sl), 1);          // chunks per item
+    for (int si = 0; si < n_sl; ++si) {
+        const int64_t n_chunks = (a.slices[si].H_out + kNChunk - 1) / kNChunk;
+        run_len[si] = std::max<int64_t>(1, (n_chunks + runs_per - 1) / runs_per);
+        first_item[si + 1] = first_item[si] + n_tiles * ((n_chunks + run_len[si] - 1) / run_len[si]);
+    }
     const int64_t n_items = first_item[n_sl];
     if (n_items == 0) return;
     int64_t Rmax = 0;
@@ -568,26 +666,11 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             bytes += (rank_of(sl, tl.slot) * static_cast<int64_t>(dtype_size(sl.b_dt)) +
                       2 * (tl.end - tl.begin) * static_cast<int64_t>(dtype_size(a.y_dt))) * sl.H_out;
     const int workers = size_workers(n_items, bytes, a.n_threads);
-    std::vector<std::unique_ptr<ExpandScratch>> scratch(static_cast<size_t>(workers));
     const Kernels& K = kernels();
+    const int64_t Rp = (Rmax + 7) & ~int64_t(7);
 
-    parallel_for(n_items, workers, [&](int64_t item, int w) {
-        auto& sp = scratch[static_cast<size_t>(w)];
-        if (!sp) {
-            sp = std::make_unique<ExpandScratch>();
-            sp->bt.resize(static_cast<size_t>(Rmax * kNChunk));
-            sp->brow.resize(static_cast<size_t>(((Rmax + 7) & ~int64_t(7)) * kNChunk));
-            sp->acc.resize(static_cast<size_t>(4 * kNChunk));
-            sp->ybuf.resize(static_cast<size_t>(kNChunk));
-            sp->c.resize(static_cast<size_t>(kTileE * ((Rmax + 7) & ~int64_t(7))));
-        }
-        int si = 0;
-        while (item >= first_item[si + 1]) ++si;
-        const Slice& sl = a.slices[static_cast<size_t>(si)];
-        const int64_t local = item - first_item[si];
-        const int64_t n_chunks = (sl.H_out + kNChunk - 1) / kNChunk;
-        const int64_t chunk = local % n_chunks;
-        const Tile& tile = p.expand_tiles[static_cast<size_t>(local / n_chunks)];
+    // y[t, off + o] for the tile's tokens and the columns of one chunk
+    auto chunk_body = [&](const Slice& sl, int si, const Tile& tile, int64_t chunk) {
         const int r = rank_of(sl, tile.slot);
         if (r == 0) return;
         const int64_t o0 = chunk * kNChunk, n = std::min(kNChunk, sl.H_out - o0);
@@ -601,11 +684,12 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             bf = static_cast<const float*>(sl.B) + bidx0;  // read in place
             ld = sl.R;
         } else if (r == sl.R && rp == r) {
-            load_f32(at(sl.B, sl.b_dt, bidx0), sl.b_dt, sp->brow.data(), n * r);  // one bulk conversion
-            bf = sp->brow.data();
+            float* buf = scratch(kBRow, Rp * kNChunk);
+            load_f32(at(sl.B, sl.b_dt, bidx0), sl.b_dt, buf, n * r);  // one bulk conversion
+            bf = buf;
             ld = r;
         } else {  // a lower rank than R_max: read only the first r entries of each row
-            float* d = sp->brow.data();
+            float* d = scratch(kBRow, Rp * kNChunk);
             for (int64_t o = 0; o < n; ++o) {
                 load_f32(at(sl.B, sl.b_dt, bidx0 + o * sl.R), sl.b_dt, d + o * rp, r);
                 for (int j = r; j < rp; ++j) d[o * rp + j] = 0.f;
@@ -614,14 +698,14 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             ld = rp;
         }
         const bool transposed = nt >= 4;  // a transposed tile pays off when several tokens share it
-        float* bt = sp->bt.data();
+        float* bt = transposed ? scratch(kBt, Rmax * kNChunk) : nullptr;
         if (transposed)
             for (int64_t o = 0; o < n; ++o)
                 for (int j = 0; j < r; ++j) bt[j * kNChunk + o] = bf[o * ld + j];
         const float scale = sl.scales[tile.slot];
         const int64_t ldc = rp;
-        float* c = sp->c.data();      // [kTileE][rp] scaled u rows
-        float* acc = sp->acc.data();  // [4][kNChunk] deltas of the current token quad
+        float* c = scratch(kC, kTileE * Rp);        // [kTileE][rp] scaled u rows
+        float* acc = scratch(kEAcc, 4 * kNChunk);  // [4][kNChunk] deltas of the current token quad
         for (int i = 0; i < nt; ++i) {
             const float* ut = U + (si * T + p.order[static_cast<size_t>(tile.begin + i)]) * ldR;
             for (int j = 0; j < r; ++j) c[i * ldc + j] = scale * ut[j];
@@ -631,13 +715,10 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
             const int nq = std::min(4, nt - i0);
             if (transposed && nq == 4) {
                 K.axpy4_rows(c + i0 * ldc, ldc, bt, kNChunk, r, n, acc, kNChunk);
+            } else if (transposed) {
+                for (int q = 0; q < nq; ++q) K.axpy_rows(c + (i0 + q) * ldc, bt, kNChunk, r, n, acc + q * kNChunk);
             } else {
-                for (int q = 0; q < nq; ++q) {
-                    if (transposed)
-                        K.axpy_rows(c + (i0 + q) * ldc, bt, kNChunk, r, n, acc + q * kNChunk);
-                    else
-                        K.gemv_rows(bf, ld, n, rp, c + (i0 + q) * ldc, acc + q * kNChunk);
-                }
+                K.gemv_rows(bf, ld, n, rp, c + i0 * ldc, ldc, nq, acc, kNChunk);
             }
             for (int q = 0; q < nq; ++q) {  // y = round(y + delta), once per element
                 const int64_t t = p.order[static_cast<size_t>(tile.begin + i0 + q)];
@@ -647,12 +728,26 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
                     K.add(static_cast<float*>(a.y) + yidx, d, n);
                 } else {
                     char* yp = static_cast<char*>(a.y) + yidx * static_cast<int64_t>(dtype_size(a.y_dt));
-                    load_f32(yp, a.y_dt, sp->ybuf.data(), n);
-                    K.add(sp->ybuf.data(), d, n);
-                    store_f32(sp->ybuf.data(), a.y_dt, yp, n);
+                    float* yb = scratch(kYBuf, kNChunk);
+                    load_f32(yp, a.y_dt, yb, n);
+                    K.add(yb, d, n);
+                    store_f32(yb, a.y_dt, yp, n);
                 }
             }
         }
+    };
+
+    parallel_for(n_items, workers, [&](int64_t item, int) {
+        int si = 0;
+        while (item >= first_item[si + 1]) ++si;
+        const Slice& sl = a.slices[static_cast<size_t>(si)];
+        const int64_t local = item - first_item[si];
+        const int64_t n_chunks = (sl.H_out + kNChunk - 1) / kNChunk;
+        const int64_t n_runs = (n_chunks + run_len[si] - 1) / run_len[si];
+        const int64_t run = local % n_runs;
+        const Tile& tile = p.expand_tiles[static_cast<size_t>(local / n_runs)];
+        const int64_t c1 = std::min(n_chunks, (run + 1) * run_len[si]);
+        for (int64_t chunk = run * run_len[si]; chunk < c1; ++chunk) chunk_body(sl, si, tile, chunk);
     });
 }
 
