@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads for every provider (0: torch's default); set LFM_NUM_THREADS "
                          "to the same value for our kernels")
+    ap.add_argument("--pool-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of our adapter pool's tables (the model stays fp32; bf16 halves the adapter "
+                         "bytes and rounds A and B to bf16)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
 
     rep = Report("bench_serve: mixed-adapter decode and generation", device_name(a.device), copy_bandwidth(a.device))
     print(f"# model: llama hidden {a.hidden}, {a.layers} layers, inter {a.intermediate}, vocab {a.vocab}, fp32; "
-          f"{a.adapters} adapters r={a.rank} on {len(proj)} projections; {a.seqs} sequences, ctx {a.ctx}",
+          f"{a.adapters} adapters r={a.rank} on {len(proj)} projections ({a.pool_dtype} pool); {a.seqs} sequences, "
+          f"ctx {a.ctx}",
           flush=True)
 
     # Three copies of one base model: plain, PEFT-wrapped, ours. Each provider keeps its own
@@ -105,11 +109,13 @@ def main(argv=None) -> int:
         pm.add_adapter(n, lcfg)
     pm.eval()
     pm.save_pretrained(tmp, selected_adapters=names)
-    one = sum(p.numel() * p.element_size() for n, p in pm.named_parameters() if f".{names[0]}." in n)
-    lora_bytes = one * len(set(rows))
+    pool_dtype = getattr(torch, a.pool_dtype)
+    one = sum(p.numel() for n, p in pm.named_parameters() if f".{names[0]}." in n)
+    lora_bytes = one * pool_dtype.itemsize * len(set(rows))  # ours
+    peft_bytes = one * 4 * len(set(rows))
 
     ours = copy.deepcopy(model)
-    pool = AdapterPool(capacity=a.adapters, device=dev, dtype=torch.float32)
+    pool = AdapterPool(capacity=a.adapters, device=dev, dtype=pool_dtype)
     attach(ours, pool)
     for f in [pool.load(n, os.path.join(tmp, n)) for n in names]:
         f.result()
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
         "lfm": (with_pool(lambda ids, c: ours(ids, cache=c, use_cache=True)),
                 with_pool(lambda ids, c: ours.model(ids, cache=c, use_cache=True)), lora_bytes),
         "peft": (lambda ids, c: pm(input_ids=ids, cache=c, use_cache=True, adapter_names=rows),
-                 lambda ids, c: _peft_layers(pm, ids, c, rows), lora_bytes),
+                 lambda ids, c: _peft_layers(pm, ids, c, rows), peft_bytes),
     }
     if a.no_peft:
         del providers["peft"]
