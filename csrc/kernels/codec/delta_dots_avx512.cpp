@@ -59,14 +59,19 @@ LFM_AVX512 inline float sign1_masked_sum(const uint16_t* m, const float* x, int6
 
 LFM_AVX512 void sign1_block_avx512(const uint32_t* words, int64_t wpr, int64_t nr, const float* row_scale,
                                    const float* xs, const float* xsum, int64_t nt, int64_t in, float* acc) {
-    // little-endian: uint16 2k of a row holds columns 32k..32k+15, 2k+1 the next 16
+    // word k of a row holds columns 32k..32k+31 (bit c = column 32k + c): its low half masks
+    // the first 16 lanes, its high half the next 16. Each word goes into a mask register
+    // with one 32-bit load and the high half comes out with a mask shift: GCC otherwise
+    // loads every 16-bit half into a GPR and moves it across (2 µops per mask), which
+    // measured 0.54 masked adds per cycle on Zen 4 against 0.72 this way (same adds, same
+    // order, same bits).
     const int64_t nw = in / 32;
     int64_t j = 0;
     for (; j + 4 <= nr; j += 4) {
-        const uint16_t* m0 = reinterpret_cast<const uint16_t*>(words + j * wpr);
-        const uint16_t* m1 = reinterpret_cast<const uint16_t*>(words + (j + 1) * wpr);
-        const uint16_t* m2 = reinterpret_cast<const uint16_t*>(words + (j + 2) * wpr);
-        const uint16_t* m3 = reinterpret_cast<const uint16_t*>(words + (j + 3) * wpr);
+        const uint32_t* m0 = words + j * wpr;
+        const uint32_t* m1 = m0 + wpr;
+        const uint32_t* m2 = m1 + wpr;
+        const uint32_t* m3 = m2 + wpr;
         for (int64_t i = 0; i < nt; ++i) {
             const float* x = xs + i * in;
             __m512 a0 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(),
@@ -74,14 +79,18 @@ LFM_AVX512 void sign1_block_avx512(const uint32_t* words, int64_t wpr, int64_t n
                    a3 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
             for (int64_t k = 0; k < nw; ++k) {
                 const __m512 x0 = _mm512_loadu_ps(x + 32 * k), x1 = _mm512_loadu_ps(x + 32 * k + 16);
-                a0 = _mm512_mask_add_ps(a0, m0[2 * k], a0, x0);
-                b0 = _mm512_mask_add_ps(b0, m0[2 * k + 1], b0, x1);
-                a1 = _mm512_mask_add_ps(a1, m1[2 * k], a1, x0);
-                b1 = _mm512_mask_add_ps(b1, m1[2 * k + 1], b1, x1);
-                a2 = _mm512_mask_add_ps(a2, m2[2 * k], a2, x0);
-                b2 = _mm512_mask_add_ps(b2, m2[2 * k + 1], b2, x1);
-                a3 = _mm512_mask_add_ps(a3, m3[2 * k], a3, x0);
-                b3 = _mm512_mask_add_ps(b3, m3[2 * k + 1], b3, x1);
+                const __mmask32 w0 = _cvtu32_mask32(m0[k]);
+                const __mmask32 w1 = _cvtu32_mask32(m1[k]);
+                const __mmask32 w2 = _cvtu32_mask32(m2[k]);
+                const __mmask32 w3 = _cvtu32_mask32(m3[k]);
+                a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(w0), a0, x0);
+                b0 = _mm512_mask_add_ps(b0, static_cast<__mmask16>(_kshiftri_mask32(w0, 16)), b0, x1);
+                a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(w1), a1, x0);
+                b1 = _mm512_mask_add_ps(b1, static_cast<__mmask16>(_kshiftri_mask32(w1, 16)), b1, x1);
+                a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(w2), a2, x0);
+                b2 = _mm512_mask_add_ps(b2, static_cast<__mmask16>(_kshiftri_mask32(w2, 16)), b2, x1);
+                a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(w3), a3, x0);
+                b3 = _mm512_mask_add_ps(b3, static_cast<__mmask16>(_kshiftri_mask32(w3, 16)), b3, x1);
             }
             alignas(16) float neg[4];
             _mm_store_ps(neg, reduce4(_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2),
