@@ -140,7 +140,7 @@ def _served_model(dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lfm_engine.ops.codec import encode_delta
-    from lfm_engine.serve import AdapterPool, attach
+    from lfm_engine.serve import AdapterPool, LoRALinear, attach
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -149,7 +149,7 @@ def _served_model(dtype=torch.float32):
     pool = AdapterPool(capacity=1, delta_capacity=3, dtype=dtype)
     attach(model, pool)
     g = torch.Generator().manual_seed(1)
-    lin = {n: m.base for n, m in model.named_modules() if hasattr(m, "base")}
+    lin = {n: m.base for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     for k, codec in enumerate(("sign1", "int4", "sign1")):
         opts = {"group_size": 32} if codec == "int4" else {}
         pool.add_delta(f"d{k}", {n: encode_delta(0.02 * torch.randn(m.weight.shape, generator=g), codec, **opts)
@@ -234,3 +234,36 @@ def test_compile_records_the_kernel_without_graph_breaks():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@needs_transformers
+def test_output_embedding_uses_the_kernel_inside_assignments(monkeypatch):
+    """attach() wraps lm_head in a SkinnyHead: no adapter terms, the skinny base matmul inside
+    an active assignment, the base layer bit for bit outside; detach() puts it back."""
+    from lfm_engine.serve import LoRALinear, detach
+    from lfm_engine.serve.attach import SkinnyHead
+
+    model, pool = _served_model()
+    assert isinstance(model.lm_head, SkinnyHead)
+    mod = sys.modules["lfm_engine.serve.attach"]
+    shapes = []
+    real = mod.linear_rows
+    monkeypatch.setattr(mod, "linear_rows", lambda x, w, b: shapes.append(tuple(w.shape)) or real(x, w, b))
+    ids = torch.randint(0, 96, (4, 1), generator=torch.Generator().manual_seed(5))
+    head = model.lm_head.base
+    with torch.no_grad():
+        with pool.assign(["d0", None, "d1", "d2"]):
+            on = model(ids).logits
+        assert (96, 64) in shapes  # the head's weight went through the kernel
+        pool.skinny_base = False
+        with pool.assign(["d0", None, "d1", "d2"]):
+            off = model(ids).logits
+        pool.skinny_base = True
+        torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+        shapes.clear()
+        plain = model(ids).logits  # no assignment: torch's lm_head
+        assert not shapes
+        h = model.model(ids).last_hidden_state
+        assert torch.equal(plain, head(h))
+    n_lin = sum(isinstance(m, LoRALinear) for m in model.modules())
+    assert detach(model) == n_lin and model.lm_head is head

@@ -20,6 +20,9 @@ the CPU computes base(x) of a plain nn.Linear with the skinny-M kernel (ops/skin
 the weight is read once for all tokens; results within fp32 rounding of torch's, spec in
 docs/spec/skinny_linear.md); ``pool.skinny_base = False`` or LFM_SKINNY_LINEAR=0 turns that off.
 
+The output embedding (lm_head, when it is a plain nn.Linear on the CPU) is wrapped in a
+`SkinnyHead`: no adapter terms, only the same skinny base matmul inside an assignment.
+
 Module names are the model's ``named_modules()`` names (plus an optional ``prefix``); they
 must equal the adapter's module names after PEFT's ``base_model.model.`` prefix is dropped,
 which is the case when `model` is the same class PEFT wrapped (e.g. LlamaForCausalLM).
@@ -99,20 +102,55 @@ class LoRALinear(nn.Module):
         return route.apply(self, x, self._base_forward(x))
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x); for a small decode batch on the CPU (at most skinny MAX_M tokens) a plain
-        nn.Linear's matmul runs in the skinny-M kernel, which reads the weight once for all
-        tokens (a platform GEMM costs ~2x its one-token call at 8 tokens). Everything else,
-        and grad mode, hooks on the base, or pool.skinny_base = False, is base(x) itself."""
-        if self._skinny and self._pool.skinny_base and not torch.is_grad_enabled():
-            base = self.base
-            w = base.weight
-            if (x.device.type == "cpu" and x.dtype == w.dtype and x.numel() <= _SKINNY_MAX_M * self.in_features
-                    and w.is_contiguous() and not base._forward_hooks and not base._forward_pre_hooks):
-                x2 = x.reshape(-1, self.in_features)
-                if x2.stride(-1) != 1:
-                    x2 = x2.contiguous()
-                return linear_rows(x2, w, base.bias).reshape(*x.shape[:-1], self.out_features)
-        return self.base(x)
+        return _base_forward(self, x)
+
+
+class SkinnyHead(nn.Module):
+    """The output embedding (lm_head) of an attached model. It gets no adapter terms (attach()
+    gives it no LoRA tables), but inside an active assignment its small-batch matmul runs in
+    the skinny-M kernel like the attached linears' base matmul: at a decode batch of 8 rows
+    torch's GEMM reads the vocab x hidden weight at about half the speed of one row.
+    Outside an assignment it is the base layer, bit for bit."""
+
+    def __init__(self, base: nn.Linear, pool: AdapterPool):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        object.__setattr__(self, "_pool", pool)
+        object.__setattr__(self, "_local", pool._local)
+        object.__setattr__(self, "_skinny", _SKINNY_OK and self.in_features > 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = getattr(self._local, "route", None)
+        if route is None or not route.active:
+            return self.base(x)
+        return _base_forward(self, x)
+
+
+def _base_forward(lin, x: torch.Tensor) -> torch.Tensor:
+    """base(x) of a wrapper (LoRALinear, SkinnyHead); for a small decode batch on the CPU (at
+    most skinny MAX_M tokens) a plain nn.Linear's matmul runs in the skinny-M kernel, which
+    reads the weight once for all tokens (a platform GEMM costs ~2x its one-token call at 8
+    tokens). Everything else, and grad mode, hooks on the base, or pool.skinny_base = False,
+    is base(x) itself."""
+    if lin._skinny and lin._pool.skinny_base and not torch.is_grad_enabled():
+        base = lin.base
+        w = base.weight
+        if (x.device.type == "cpu" and x.dtype == w.dtype and x.numel() <= _SKINNY_MAX_M * lin.in_features
+                and w.is_contiguous() and not base._forward_hooks and not base._forward_pre_hooks):
+            x2 = x.reshape(-1, lin.in_features)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return linear_rows(x2, w, base.bias).reshape(*x.shape[:-1], lin.out_features)
+    return lin.base(x)
 
 
 def _selected(name: str, target_modules) -> bool:
@@ -138,7 +176,7 @@ def attach(model: nn.Module, pool: AdapterPool, *, target_modules: Union[None, s
             out_emb = None
     chosen: Dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
+        if isinstance(mod, (LoRALinear, SkinnyHead)):
             raise ValueError(f"model already has LoRALinear modules ({name}); call detach(model) first")
         if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or mod is out_emb:
             continue
@@ -163,6 +201,14 @@ def attach(model: nn.Module, pool: AdapterPool, *, target_modules: Union[None, s
         wrapped[name] = LoRALinear(mod, pool, prefix + name)
         setattr(parent, leaf, wrapped[name])
     _make_groups(wrapped)
+    # the output embedding: no adapter tables, but the skinny base matmul inside assignments
+    if type(out_emb) is nn.Linear and out_emb.weight.device.type == "cpu" and _SKINNY_OK:
+        for name, mod in model.named_modules():
+            if mod is out_emb:
+                parent_name, _, leaf = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, leaf, SkinnyHead(out_emb, pool))
+                break
     return [prefix + n for n in chosen]
 
 
@@ -181,12 +227,13 @@ def _make_groups(wrapped: Dict[str, LoRALinear]) -> None:
 
 
 def detach(model: nn.Module) -> int:
-    """Put the original linears back; returns how many were restored."""
+    """Put the original linears back (and the output embedding); returns how many attached
+    linears were restored."""
     n = 0
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoRALinear):
+        if isinstance(mod, (LoRALinear, SkinnyHead)):
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, mod.base)
-            n += 1
+            n += isinstance(mod, LoRALinear)
     return n
