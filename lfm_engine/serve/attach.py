@@ -65,17 +65,16 @@ def _features(m: nn.Module):
     return w.shape[0], w.shape[1]
 
 
-class LoRALinear(nn.Module):
-    """A base linear plus the per-row LoRA of its pool (see the module docstring)."""
+class _PoolLinear(nn.Module):
+    """A base linear bound to a pool (not a submodule: no state_dict entries), with the
+    skinny-M base matmul inside an active assignment (`_base_forward`)."""
 
-    def __init__(self, base: nn.Module, pool: AdapterPool, key: str):
+    def __init__(self, base: nn.Module, pool: AdapterPool):
         super().__init__()
         self.base = base
-        self.key = key
         self.in_features, self.out_features = _features(base)
-        object.__setattr__(self, "_pool", pool)  # not a submodule: no state_dict entries
+        object.__setattr__(self, "_pool", pool)
         object.__setattr__(self, "_local", pool._local)
-        object.__setattr__(self, "group", None)  # tuple of LoRALinear sharing the input (attach)
         # the skinny base path needs exactly nn.Linear's math (subclasses, e.g. quantized
         # linears, keep their own forward) and a built kernel
         object.__setattr__(self, "_skinny", type(base) is nn.Linear and _SKINNY_OK and self.in_features > 0)
@@ -92,6 +91,18 @@ class LoRALinear(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return self.base.bias
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _base_forward(self, x)
+
+
+class LoRALinear(_PoolLinear):
+    """A base linear plus the per-row LoRA of its pool (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, pool: AdapterPool, key: str):
+        super().__init__(base, pool)
+        self.key = key
+        object.__setattr__(self, "group", None)  # tuple of LoRALinear sharing the input (attach)
+
     def extra_repr(self) -> str:
         return f"key={self.key!r}, in_features={self.in_features}, out_features={self.out_features}"
 
@@ -101,38 +112,19 @@ class LoRALinear(nn.Module):
             return self.base(x)
         return route.apply(self, x, self._base_forward(x))
 
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _base_forward(self, x)
 
-
-class SkinnyHead(nn.Module):
+class SkinnyHead(_PoolLinear):
     """The output embedding (lm_head) of an attached model. It gets no adapter terms (attach()
     gives it no LoRA tables), but inside an active assignment its small-batch matmul runs in
     the skinny-M kernel like the attached linears' base matmul: at a decode batch of 8 rows
     torch's GEMM reads the vocab x hidden weight at about half the speed of one row.
     Outside an assignment it is the base layer, bit for bit."""
 
-    def __init__(self, base: nn.Linear, pool: AdapterPool):
-        super().__init__()
-        self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        object.__setattr__(self, "_pool", pool)
-        object.__setattr__(self, "_local", pool._local)
-        object.__setattr__(self, "_skinny", _SKINNY_OK and self.in_features > 0)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base.bias
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = getattr(self._local, "route", None)
         if route is None or not route.active:
             return self.base(x)
-        return _base_forward(self, x)
+        return self._base_forward(x)
 
 
 def _base_forward(lin, x: torch.Tensor) -> torch.Tensor:
