@@ -156,8 +156,9 @@ enum class Backend { Serial, Own, OpenMP };
 std::atomic<bool> g_forked{false};
 
 Backend backend() {
+    static const bool fork_hook = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); }) == 0;
+    (void)fork_hook;  // registered once, before the choice below (which may throw and retry)
     static const Backend chosen = [] {
-        pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
         const char* s = std::getenv("LFM_THREAD_POOL");
         const std::string v = s ? s : "";
         if (v == "own") return Backend::Own;
