@@ -607,6 +607,12 @@ def lora_prepare(A, B, ranks, scales) -> tuple:
             [A], [B], [ranks], [scales])
 
 
+def _prepared_backend(t: torch.Tensor) -> str:
+    """The backend of the *_prepared calls: the device's default, "reference" elsewhere."""
+    dev = t.device.type
+    return _default_backends()[dev] if dev in ("cpu", "cuda") else "reference"
+
+
 def lora_apply_prepared(x: torch.Tensor, prepared: tuple, token_slot: torch.Tensor, y: torch.Tensor,
                         offsets: List[int]) -> None:
     """lora_apply for a serving loop that validated everything once: no argument checks.
@@ -617,8 +623,7 @@ def lora_apply_prepared(x: torch.Tensor, prepared: tuple, token_slot: torch.Tens
     lora_apply(x, [A...], [B...], token_slot, [ranks...], [scales...], y, offsets).
     """
     Av, Bv, rv, sv, As, Bs, rk, sc = prepared
-    dev = x.device.type
-    be = _default_backends()[dev] if dev in ("cpu", "cuda") else "reference"
+    be = _prepared_backend(x)
     if _compiling():
         torch.ops.lfm.lora_apply(x, As, Bs, token_slot, None, None, rk, sc, y, offsets, be, False, 0)
     elif be in ("cpu", "cuda"):
@@ -636,8 +641,7 @@ def lora_shrink_prepared(x: torch.Tensor, prepared: tuple, token_slot: torch.Ten
     contiguous (fully overwritten). Same result as lora_shrink(x, [A...], token_slot, [ranks...]).
     """
     Av, _Bv, rv, _sv, As, _Bs, rk, _sc = prepared
-    dev = x.device.type
-    be = _default_backends()[dev] if dev in ("cpu", "cuda") else "reference"
+    be = _prepared_backend(x)
     if be in ("cpu", "cuda") and not _compiling():
         native().lora_shrink(_tensor.view(x), Av, rv, _tensor.view(token_slot), None, None, _tensor.view(u), 0, 0,
                              _tensor.current_stream(x))
@@ -654,8 +658,7 @@ def lora_expand_prepared(u: torch.Tensor, prepared: tuple, token_slot: torch.Ten
     Same result as lora_expand(u, [B...], token_slot, [ranks...], [scales...], y, offsets).
     """
     _Av, Bv, rv, sv, _As, Bs, rk, sc = prepared
-    dev = y.device.type
-    be = _default_backends()[dev] if dev in ("cpu", "cuda") else "reference"
+    be = _prepared_backend(y)
     if be in ("cpu", "cuda") and not _compiling():
         native().lora_expand(_tensor.view(u), Bv, rv, sv, offsets, _tensor.view(token_slot), None, None,
                              _tensor.view(y), 0, 0, _tensor.current_stream(y))

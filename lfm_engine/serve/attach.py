@@ -167,10 +167,14 @@ def attach(model: nn.Module, pool: AdapterPool, *, target_modules: Union[None, s
         except Exception:  # some models raise NotImplementedError
             out_emb = None
     chosen: Dict[str, nn.Module] = {}
+    head_name = None
     for name, mod in model.named_modules():
         if isinstance(mod, (LoRALinear, SkinnyHead)):
             raise ValueError(f"model already has LoRALinear modules ({name}); call detach(model) first")
-        if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or mod is out_emb:
+        if out_emb is not None and mod is out_emb:
+            head_name = name
+            continue
+        if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)):
             continue
         if name.rsplit(".", 1)[-1] in exclude or not _selected(name, target_modules):
             continue
@@ -188,20 +192,19 @@ def attach(model: nn.Module, pool: AdapterPool, *, target_modules: Union[None, s
     pool.register_modules({prefix + n: _features(m) for n, m in chosen.items()})
     wrapped: Dict[str, LoRALinear] = {}
     for name, mod in chosen.items():
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         wrapped[name] = LoRALinear(mod, pool, prefix + name)
-        setattr(parent, leaf, wrapped[name])
+        _replace(model, name, wrapped[name])
     _make_groups(wrapped)
     # the output embedding: no adapter tables, but the skinny base matmul inside assignments
-    if type(out_emb) is nn.Linear and out_emb.weight.device.type == "cpu" and _SKINNY_OK:
-        for name, mod in model.named_modules():
-            if mod is out_emb:
-                parent_name, _, leaf = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, leaf, SkinnyHead(out_emb, pool))
-                break
+    if head_name is not None and type(out_emb) is nn.Linear and out_emb.weight.device.type == "cpu" and _SKINNY_OK:
+        _replace(model, head_name, SkinnyHead(out_emb, pool))
     return [prefix + n for n in chosen]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` of `model` is."""
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
 def _make_groups(wrapped: Dict[str, LoRALinear]) -> None:
@@ -224,8 +227,6 @@ def detach(model: nn.Module) -> int:
     n = 0
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (LoRALinear, SkinnyHead)):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, mod.base)
+            _replace(model, name, mod.base)
             n += isinstance(mod, LoRALinear)
     return n

@@ -137,14 +137,14 @@ class Route:
                     if sc != 0.0:
                         y2[t0:t1].addmm_(x2[t0:t1] @ t.A[s].t(), t.B[s].t(), alpha=sc)
             elif lin.group is not None:
-                self._apply_group(lin, x, x2, y2, n)
+                self._apply_group(lin, x, x2, y2, n, self.token_slot(lead))
             else:
                 lora_apply_prepared(x2, t.prepared(), self.token_slot(lead), y2, [0])
         if dslots:
             self._apply_deltas(lin.key, dslots, x2, y2, n)
         return y
 
-    def _apply_group(self, lin, x, x2, y2, n) -> None:
+    def _apply_group(self, lin, x, x2, y2, n, ts) -> None:
         g = lin.group
         hit = self._group_out.get(id(g))
         if hit is None or hit[0] is not x or lin.key not in hit[2]:
@@ -153,18 +153,18 @@ class Route:
             if len({t.r_max for _, t in members}) != 1:
                 # tables of different widths cannot share one u: this member alone
                 t = self._tables[lin.key]
-                lora_apply_prepared(x2, t.prepared(), self.token_slot(tuple(x.shape[:-1])), y2, [0])
+                lora_apply_prepared(x2, t.prepared(), ts, y2, [0])
                 return
             # the group's shrink in one call (x read once for all members); each member's
             # expand then adds straight into its own output (no scratch, no slice adds)
             preps = {m.key: t.prepared() for m, t in members}
             u = torch.empty(len(members), n, members[0][1].r_max, dtype=torch.float32, device=y2.device)
-            lora_shrink_prepared(x2, _join(list(preps.values())), self.token_slot(tuple(x.shape[:-1])), u)
+            lora_shrink_prepared(x2, _join(list(preps.values())), ts, u)
             hit = (x, u, {k: (i, p) for i, (k, p) in enumerate(preps.items())})
             self._group_out[id(g)] = hit
         _, u, idx = hit
         i, prep = idx[lin.key]
-        lora_expand_prepared(u[i], prep, self.token_slot(tuple(x.shape[:-1])), y2, [0])
+        lora_expand_prepared(u[i], prep, ts, y2, [0])
 
     def _apply_deltas(self, key, dslots, x2, y2, n) -> None:
         calls = self._dcalls.get((key, n))

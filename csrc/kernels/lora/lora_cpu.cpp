@@ -19,7 +19,6 @@
 // stays in cache between the two phases.
 #include <algorithm>
 #include <cstring>
-#include <memory>
 
 #include "core/cpu_features.h"
 #include "core/dtype.h"
