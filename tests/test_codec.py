@@ -282,6 +282,29 @@ def test_native_options_and_threads(codec):
     assert_close(x1, xr)
 
 
+@pytest.mark.parametrize("codec", ["sign1", "int4"])
+def test_delta_apply_same_bits_for_any_thread_count(codec):
+    # the work is split into runs of (slot, 32-row block) items that depend on the thread
+    # count; each row's result must not (ragged out, slots with 0..3 tokens, 1024-wide rows
+    # so the AVX-512 row blocks run where the host has them)
+    g = torch.Generator().manual_seed(3)
+    opts = {"group_size": 128} if codec == "int4" else {}
+    deltas = [encode_delta(torch.randn(1093, 1024, generator=g) * 0.01, codec, **opts) for _ in range(5)]
+    x = torch.randn(9, 1024, generator=g)
+    ts = torch.tensor([0, 2, -1, 2, 4, 0, 2, 1, -1], dtype=torch.int32)
+    y0 = torch.randn(9, 1093, generator=g)
+    outs = []
+    for n in (1, 2, 3, 7):
+        y = y0.clone()
+        delta_apply(x, deltas, ts, y, n_threads=n)
+        outs.append(y)
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
+    want = y0.clone()
+    delta_apply(x, deltas, ts, want, backend="reference")
+    assert_close(outs[0], want, atol=1e-4, rtol=1e-4)
+
+
 def test_decode_add_in_place():
     d = torch.randn(20, 256) * 0.01
     e = encode_delta(d, "int4")

@@ -227,4 +227,15 @@ void parallel_for(int64_t n_tasks, int max_workers, const std::function<void(int
     Pool::get().run(n_tasks, w, fn);
 }
 
+void parallel_for_runs(int64_t n_items, int max_workers, const std::function<void(int64_t, int)>& fn) {
+    if (n_items <= 0) return;
+    const int w = plan_workers(n_items, max_workers);
+    const int64_t runs = std::min<int64_t>(n_items, static_cast<int64_t>(w) * kRunsPerWorker);
+    const int64_t len = (n_items + runs - 1) / runs;
+    parallel_for((n_items + len - 1) / len, w, [&](int64_t t, int slot) {
+        const int64_t end = std::min(n_items, (t + 1) * len);
+        for (int64_t i = t * len; i < end; ++i) fn(i, slot);
+    });
+}
+
 }  // namespace lfm

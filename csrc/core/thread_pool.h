@@ -23,6 +23,13 @@ void check_n_threads(int n);
 // How many worker slots parallel_for will use for these arguments (for sizing scratch).
 int plan_workers(int64_t n_tasks, int max_workers);
 void parallel_for(int64_t n_tasks, int max_workers, const std::function<void(int64_t, int)>& fn);
+// parallel_for over items laid out one after another in memory (blocks of a stream): the
+// tasks are contiguous runs of items (about kRunsPerWorker per worker), and fn(item, slot)
+// is called for each item of a run in order. Items handed out one by one give each worker
+// every other few KiB of every stream, and the hardware prefetchers (which stop at each
+// 4 KiB page) restart on every item. Slots are < plan_workers(n_items, max_workers).
+constexpr int64_t kRunsPerWorker = 8;
+void parallel_for_runs(int64_t n_items, int max_workers, const std::function<void(int64_t, int)>& fn);
 // Which workers run parallel_for: "openmp" (the default when built with OpenMP: the process's
 // libgomp team, shared with torch), "own" (a pool of condition-variable threads;
 // LFM_THREAD_POOL=own, or no OpenMP), "serial" (in a forked child).

@@ -670,19 +670,10 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
     std::vector<int64_t> task_slot;
     for (int64_t s = 0; s < S; ++s)
         if (count[static_cast<size_t>(s + 1)] > count[static_cast<size_t>(s)]) task_slot.push_back(s);
-    // A task is a run of consecutive row blocks of one slot, as long as the task count
-    // allows (>= kDeltaTargetTasks tasks when the blocks allow it): each worker then streams
-    // long contiguous stretches of the slot's codes. One-block tasks handed out in turn gave
-    // each worker every other 4-16 KiB of the stream, where the hardware prefetchers (which
-    // stop at 4 KiB pages) restart on every task: 2 threads ran sign1 no faster than 1.
-    // A row's result does not depend on the run it is in.
-    constexpr int64_t kDeltaTargetTasks = 16;
-    const int64_t n_slots_active = static_cast<int64_t>(task_slot.size());
-    const int64_t runs_per_slot = std::min(blocks, (kDeltaTargetTasks + n_slots_active - 1) / n_slots_active);
-    const int64_t run_blocks = (blocks + runs_per_slot - 1) / runs_per_slot;
-    const int64_t runs = (blocks + run_blocks - 1) / run_blocks;  // per slot
-    const int64_t n_tasks = n_slots_active * runs;
-    const int workers = plan_workers(n_tasks, a.n_threads);
+    // Items are (slot, row block) in slot-major order, so a run of items (parallel_for_runs)
+    // streams a contiguous stretch of one slot's codes.
+    const int64_t n_items = static_cast<int64_t>(task_slot.size()) * blocks;
+    const int workers = plan_workers(n_items, a.n_threads);
     const bool sign1 = a.codec == LFM_CODEC_SIGN1;
     const int64_t ns_row = sign1 ? 1 : a.n_groups;
     const int64_t pc = packed_cols(a.codec, in);
@@ -707,8 +698,9 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
         std::vector<float>(static_cast<size_t>(2 * in + ns_row + rb * max_tok + rb + rb * ns_row)));
     const RowDotsFn row_dots = pick_row_dots();
 
-    auto run_block = [&](int64_t s, int64_t block, int wslot) {
-        const int64_t r0 = block * rb, r1 = std::min(out, r0 + rb), nr = r1 - r0;
+    parallel_for_runs(n_items, a.n_threads, [&](int64_t item, int wslot) {
+        const int64_t s = task_slot[static_cast<size_t>(item / blocks)];
+        const int64_t r0 = (item % blocks) * rb, r1 = std::min(out, r0 + rb), nr = r1 - r0;
         const int64_t t0 = count[static_cast<size_t>(s)], nt = count[static_cast<size_t>(s + 1)] - t0;
         float* q = scratch[static_cast<size_t>(wslot)].data();
         float* sc = q + 2 * in;
@@ -745,11 +737,6 @@ void delta_apply_cpu(const DeltaApplyArgs& a) {
             for (int64_t j = 0; j < nr; ++j) yrow[j] += a.alpha * acc[i * nr + j];
             store_f32(yrow, a.y->dtype, yp, nr);
         }
-    };
-    parallel_for(n_tasks, a.n_threads, [&](int64_t task, int wslot) {
-        const int64_t s = task_slot[static_cast<size_t>(task / runs)];
-        const int64_t b0 = (task % runs) * run_blocks, b1 = std::min(blocks, b0 + run_blocks);
-        for (int64_t b = b0; b < b1; ++b) run_block(s, b, wslot);
     });
 }
 

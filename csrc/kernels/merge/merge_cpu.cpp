@@ -288,7 +288,7 @@ private:
         for (int qi = 0; qi < nq; ++qi) single[static_cast<size_t>(qi)] = lo[qi] == hi[qi];
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
-        parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
+        parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             float* b = s.b.data();
@@ -392,7 +392,7 @@ private:
         std::vector<std::vector<uint32_t>> hist(static_cast<size_t>(workers));
         auto hist_pass = [&](bool low) {
             for (auto& h : hist) h.assign(static_cast<size_t>(nq) * 65536, 0);
-            parallel_for(nblocks_, workers, [&](int64_t blk, int slot) {
+            parallel_for_runs(nblocks_, workers, [&](int64_t blk, int slot) {
                 Scratch& s = scratch(slot);
                 const int64_t len = block_len(blk);
                 load(s, blk * kBlock, len);
@@ -446,7 +446,7 @@ private:
     void find_ties(std::vector<TieRequest>& reqs) {
         const size_t nr = reqs.size();
         std::vector<int64_t> counts(static_cast<size_t>(nblocks_) * nr, 0);
-        parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
+        parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t len = block_len(blk);
             load(s, blk * kBlock, len);
@@ -498,7 +498,7 @@ private:
         // keep threshold per (model, rank), merge_plan.h
         std::vector<std::vector<uint64_t>> thr(static_cast<size_t>(K_));
         for (int i = 0; i < K_; ++i) thr[i] = della_thresholds(cols, a_.d[i], a_.eps[i]);
-        parallel_for(rows, a_.n_threads, [&](int64_t row, int) {
+        parallel_for_runs(rows, a_.n_threads, [&](int64_t row, int) {
             thread_local std::vector<float> b, x;
             thread_local std::vector<uint32_t> keys, idx, keys2, idx2, draws;
             thread_local std::vector<uint8_t> keep;
@@ -620,7 +620,7 @@ private:
             mbytes_ = (K_ + 7) / 8;
             mask_.assign(static_cast<size_t>(n_) * mbytes_, 0);
         }
-        parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
+        parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             load(s, start, len);
@@ -680,7 +680,7 @@ private:
             proto.normalize = a_.normalize;
             proto.lam = lam;
         }
-        parallel_for(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
+        parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             if (direct) return direct_block(proto, s, start, len);
