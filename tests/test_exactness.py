@@ -139,12 +139,14 @@ def test_unrunnable_level_is_an_error():
 
 def test_bracket_miss_falls_back_exactly():
     """The magnitude cut is bracketed from a sample of evenly spread runs of 16 elements
-    (2^14 runs); here the sampled runs hold the large deltas and the rest small ones, so
-    the bracket (among the large values) misses the true cut (among the small ones, which
-    take 5 magnitudes, so thousands tie there and the lower index wins): the radix
-    fallback must give the exact, level-independent answer."""
+    (S = n / 16 sampled elements, clamped to [2^14, 2^18]: merge_cpu.cpp sample_select);
+    here the sampled runs hold the large deltas and the rest small ones, so the bracket
+    (among the large values) misses the true cut (among the small ones, which take 5
+    magnitudes, so thousands tie there and the lower index wins): the radix fallback must
+    give the exact, level-independent answer."""
     n = 1 << 19
-    stride = n // (1 << 14)
+    sample = min(max(n // 16 // 16 * 16, 1 << 14), 1 << 18)
+    stride = n // (sample // 16)
     g = torch.Generator().manual_seed(5)
     in_run = (torch.arange(n) % stride) < 16
     base = torch.zeros(n)

@@ -40,7 +40,8 @@ namespace {
 constexpr int64_t kBlock = 4096;          // elements per task; a multiple of 4 (Philox blocks)
 constexpr int kMaxHistWorkers = 16;       // caps per-worker histogram memory
 constexpr int64_t kSampleMinN = 1 << 18;  // below this the radix passes are cheap enough
-constexpr int64_t kSampleSize = 1 << 18;  // sample of |delta| that brackets a quantile
+constexpr int64_t kSampleSize = 1 << 18;  // largest sample of |delta| that brackets a quantile
+constexpr int64_t kSampleMin = 1 << 14;   // smallest (n_ / 16 in between)
 constexpr int64_t kSampleRun = 16;        // the sample is made of runs of contiguous elements
 // A radix-select query (merge_plan.h's CutQuery) and its answer.
 struct Query {
@@ -243,40 +244,48 @@ private:
     void sample_select(std::vector<Query>& queries) {
         const int nq = static_cast<int>(queries.size());
         PhaseTimer tt;
-        // kSampleSize / kSampleRun runs of kSampleRun contiguous elements, evenly spread
-        // (n_ >= kSampleMinN >= kSampleSize, so runs never overlap): whole cache lines
-        // instead of one scattered load per sampled element
-        const int64_t S = kSampleSize, runs = S / kSampleRun;
+        // S / kSampleRun runs of kSampleRun contiguous elements, evenly spread (S <= n_ / 16,
+        // so runs never overlap): whole cache lines instead of one scattered load per sampled
+        // element. S follows n_ (n_ / 16, between kSampleMin and kSampleSize): a tensor of a
+        // few million elements does not need the quarter-million-element sample of a large
+        // one, whose gathering and selection cost ~15 ms per tensor on one core whatever n_.
+        // A smaller sample only widens the bracket (the answer is exact either way).
+        const int64_t S = std::clamp<int64_t>(n_ / 16 / kSampleRun * kSampleRun, kSampleMin, kSampleSize);
+        const int64_t runs = S / kSampleRun;
         const int64_t stride = n_ / runs;
         const int64_t cap = std::max<int64_t>(n_ / 16, 4096);
-        std::vector<std::vector<uint32_t>> sample(static_cast<size_t>(K_));
         std::vector<uint32_t> lo(nq), hi(nq);
-        for (int qi = 0; qi < nq; ++qi) {
-            const int m = queries[qi].model;
-            auto& smp = sample[static_cast<size_t>(m)];
-            if (smp.empty()) {
-                smp.resize(static_cast<size_t>(S));
-                float xv[kSampleRun], bv[kSampleRun];
-                for (int64_t r = 0; r < runs; ++r) {
-                    const int64_t e = r * stride;
-                    load_f32(ptr(a_.models[m], e), a_.models[m]->dtype, xv, kSampleRun);
-                    load_f32(ptr(a_.base, e), a_.base->dtype, bv, kSampleRun);
-                    for (int64_t k = 0; k < kSampleRun; ++k)
-                        smp[static_cast<size_t>(r * kSampleRun + k)] = f32_bits(xv[k] - bv[k]) & 0x7fffffffu;
-                }
+        // one task per model: its sample, then the bracket of each of its queries in query
+        // order (nth_element reorders the model's sample, so a model's queries stay serial)
+        std::vector<int> models;
+        for (const Query& q : queries)
+            if (std::find(models.begin(), models.end(), q.model) == models.end()) models.push_back(q.model);
+        parallel_for(static_cast<int64_t>(models.size()), a_.n_threads, [&](int64_t mi, int) {
+            const int m = models[static_cast<size_t>(mi)];
+            std::vector<uint32_t> smp(static_cast<size_t>(S));
+            float xv[kSampleRun], bv[kSampleRun];
+            for (int64_t r = 0; r < runs; ++r) {
+                const int64_t e = r * stride;
+                load_f32(ptr(a_.models[m], e), a_.models[m]->dtype, xv, kSampleRun);
+                load_f32(ptr(a_.base, e), a_.base->dtype, bv, kSampleRun);
+                for (int64_t k = 0; k < kSampleRun; ++k)
+                    smp[static_cast<size_t>(r * kSampleRun + k)] = f32_bits(xv[k] - bv[k]) & 0x7fffffffu;
             }
-            const int64_t pos = queries[qi].pos;
-            const double qf = static_cast<double>(pos) / static_cast<double>(n_);
-            const int64_t at = static_cast<int64_t>(qf * S);
-            // the sampled quantile's position has standard deviation sqrt(S q (1-q)): 5 of them
-            const int64_t margin = static_cast<int64_t>(5.0 * std::sqrt(S * qf * (1.0 - qf))) + 16;
-            // the two order statistics by linear-time selection (no sort of the sample)
-            const int64_t ilo = at - margin, ihi = at + margin;
-            if (ilo > 0) std::nth_element(smp.begin(), smp.begin() + ilo, smp.end());
-            lo[qi] = ilo <= 0 ? 0u : smp[static_cast<size_t>(ilo)];
-            if (ihi < S - 1) std::nth_element(smp.begin() + std::max<int64_t>(ilo + 1, 0), smp.begin() + ihi, smp.end());
-            hi[qi] = ihi >= S - 1 ? 0xffffffffu : smp[static_cast<size_t>(ihi)];
-        }
+            for (int qi = 0; qi < nq; ++qi) {
+                if (queries[qi].model != m) continue;
+                const int64_t pos = queries[qi].pos;
+                const double qf = static_cast<double>(pos) / static_cast<double>(n_);
+                const int64_t at = static_cast<int64_t>(qf * S);
+                // the sampled quantile's position has standard deviation sqrt(S q (1-q)): 5 of them
+                const int64_t margin = static_cast<int64_t>(5.0 * std::sqrt(S * qf * (1.0 - qf))) + 16;
+                // the two order statistics by linear-time selection (no sort of the sample)
+                const int64_t ilo = at - margin, ihi = at + margin;
+                if (ilo > 0) std::nth_element(smp.begin(), smp.begin() + ilo, smp.end());
+                lo[qi] = ilo <= 0 ? 0u : smp[static_cast<size_t>(ilo)];
+                if (ihi < S - 1) std::nth_element(smp.begin() + std::max<int64_t>(ilo + 1, 0), smp.begin() + ihi, smp.end());
+                hi[qi] = ihi >= S - 1 ? 0xffffffffu : smp[static_cast<size_t>(ihi)];
+            }
+        });
         tt.mark("    sampling");
         struct Cand {
             uint32_t v;
