@@ -2,6 +2,7 @@
 and the torch-free `lfm-engine merge` path built on them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,8 +22,8 @@ from fixtures_models import llama_config, load_folder, make_family, random_weigh
 from lfm_engine.io import dtypes as D  # noqa: E402
 from lfm_engine.io.model_folder import CheckpointError, ModelFolder  # noqa: E402
 from lfm_engine.io.peft import AdapterFormatError, open_adapter  # noqa: E402
-from lfm_engine.io.safetensors import (SafetensorsFile, SafetensorsWriter, as_numpy, as_torch,  # noqa: E402
-                                       read_tensor_infos)
+from lfm_engine.io.safetensors import (SafetensorsFile, SafetensorsFormatError, SafetensorsWriter,  # noqa: E402
+                                       as_numpy, as_torch, map_array, read_array, read_tensor_infos)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +72,37 @@ def test_reader_returns_raw_numpy_and_torch_views(tmp_path):
         assert f.read("i").tolist() == [0, 1, 2, 3]
         with pytest.raises(KeyError, match="no tensor named 'y'"):
             f.read("y")
+
+
+def test_map_array_equals_read_array_and_checks_the_file_size(tmp_path):
+    """The merge's default reader maps each tensor (copy-on-write, so writes never reach the
+    file); a file shorter than its header says is a named error, not a fault on access."""
+    path = tmp_path / "m.safetensors"
+    save_file({"b": torch.randn(33, 7).to(torch.bfloat16), "f": torch.randn(5000), "i": torch.arange(9),
+               "e": torch.zeros(0, 4), "h": torch.randn(3).half()}, str(path))
+    infos, _ = read_tensor_infos(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, info in infos.items():
+            m, r = map_array(info, fd), read_array(info, fd)
+            assert m.dtype == r.dtype and m.shape == r.shape and np.array_equal(m, r), name
+        before = path.read_bytes()
+        m = map_array(infos["f"], fd)
+        m[:] = 0
+        assert path.read_bytes() == before
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(data[:-64])  # the header still names the last tensor's full extent
+    last = max(infos.values(), key=lambda i: i.start + i.nbytes)
+    fd = os.open(short, os.O_RDONLY)
+    try:
+        info = dataclasses.replace(last, file=str(short))
+        with pytest.raises(SafetensorsFormatError, match="unexpected end of file"):
+            map_array(info, fd)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("planned", [True, False])
@@ -358,3 +390,21 @@ def test_merge_arrays_counted_counts_the_overflow_it_writes(in_dtype, out_dtype,
     out, n_bad = merge_arrays_counted((arr(b), in_dtype), [(arr(x), in_dtype) for x in xs], method,
                                       out_dtype=out_dtype, backend="reference", **kw)
     assert n_bad is None  # the torch-run backends do not count
+
+
+def test_merge_read_modes_give_the_same_output_and_a_bad_mode_is_named(bf16_family, tmp_path):
+    paths = bf16_family
+    cfg = {"merge_method": "ties", "base_model": paths[0],
+           "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.6}} for p in paths[1:]]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    outs = {}
+    for mode in ("mmap", "pread", "bogus"):
+        p = subprocess.run([sys.executable, "-m", "lfm_engine", "merge", "c.yml", f"out_{mode}", "--quiet"],
+                           capture_output=True, text=True, cwd=str(tmp_path), env=dict(env, LFM_MERGE_READ=mode))
+        outs[mode] = p
+    assert outs["mmap"].returncode == 0 and outs["pread"].returncode == 0, outs["mmap"].stderr + outs["pread"].stderr
+    a, b = load_folder(str(tmp_path / "out_mmap")), load_folder(str(tmp_path / "out_pread"))
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert outs["bogus"].returncode != 0 and "LFM_MERGE_READ='bogus'" in outs["bogus"].stderr
+    assert not (tmp_path / "out_bogus").exists()

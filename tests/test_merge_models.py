@@ -500,7 +500,7 @@ def test_read_ahead_is_bounded(family, tmp_path, monkeypatch):
     cfg = {"merge_method": "task_arithmetic", "base_model": paths[0],
            "models": [{"model": q, "parameters": {"weight": 0.3}} for q in paths[1:]]}
     reads, ahead = [], []
-    real_read, real_merge = merge_runner.read_array, merge_runner.merge_task
+    real_read, real_merge = merge_runner.cpu_reader(), merge_runner.merge_task
 
     def counting_read(info, fd=None, **kw):
         reads.append(info.name)
@@ -515,7 +515,7 @@ def test_read_ahead_is_bounded(family, tmp_path, monkeypatch):
         merged.append(task.name)
         return real_merge(method, task, *a, **k)
     merged = []
-    monkeypatch.setattr(merge_runner, "read_array", counting_read)
+    monkeypatch.setattr(merge_runner, "cpu_reader", lambda: counting_read)
     monkeypatch.setattr(merge_runner, "merge_task", slow_merge)
     merge_models(cfg, tmp_path / "out", quiet=True)
     assert len(merged) == 30 and max(ahead) >= 1

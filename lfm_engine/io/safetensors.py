@@ -30,6 +30,7 @@ aligned. :class:`ShardedWriter` splits a planned model into shards of at most
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -48,7 +49,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 SAMPLES_PER_TENSOR = 64
 
-__all__ = ["TensorInfo", "SafetensorsFile", "SafetensorsFormatError", "read_array", "read_tensor",
+__all__ = ["TensorInfo", "SafetensorsFile", "SafetensorsFormatError", "read_array", "map_array", "read_tensor",
            "as_torch", "as_numpy",
            "array_bytes", "SafetensorsWriter", "save_tensors", "ShardLayout", "plan_shards", "ShardedWriter",
            "parse_size", "SAFE_INDEX", "SAFE_SINGLE"]
@@ -85,6 +86,27 @@ def read_array(info: TensorInfo, fd: Optional[int] = None, out=None) -> np.ndarr
     finally:
         if own:
             os.close(fd)
+
+
+def map_array(info: TensorInfo, fd: int) -> np.ndarray:
+    """The tensor of ``info`` as an array over a private mapping of its bytes in the file
+    (no read into a fresh buffer: the pages come from the page cache when the kernel first
+    touches them, and the mapping goes when the array does). Copy-on-write, so the file is
+    never written. Falls back to :func:`read_array` when the tensor's offset is not a
+    multiple of its element size. Raises SafetensorsFormatError when the file is shorter
+    than its header says (checked here: a mapping past the end would fault on access).
+    A file truncated by another process *while* mapped ends the process with SIGBUS, as
+    with any memory-mapped loader (safetensors' own included); read_array does not."""
+    end = info.start + info.nbytes
+    if end > os.fstat(fd).st_size:
+        raise SafetensorsFormatError(f"{info.file}: unexpected end of file reading '{info.name}'")
+    if info.nbytes == 0 or info.start % info.dtype.itemsize:
+        return read_array(info, fd)
+    a0 = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, end - a0, access=mmap.ACCESS_COPY, offset=a0)
+    # the array holds the mapping alive (frombuffer keeps a reference to its buffer)
+    buf = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.start - a0)
+    return buf.view(info.dtype.np).reshape(info.shape)
 
 
 def read_tensor(info: TensorInfo, fd: Optional[int] = None):
