@@ -332,7 +332,8 @@ def _overflow_error(task: TensorTask) -> ValueError:
 def cpu_reader():
     """How the CPU merge reads its inputs, from LFM_MERGE_READ: "mmap" (the default:
     map_array, each tensor mapped from the page cache: no copy into fresh buffers, whose
-    page zeroing and copy cost ~20 % of a 120M-parameter merge on 2 cores) or "pread"
+    page zeroing and copy cost 7-20 % of a 120M-parameter merge's wall time on 2 cores,
+    bench/RESULTS.md session 5) or "pread"
     (read_array: positional reads into new arrays, immune to another process truncating an
     input during the merge)."""
     mode = os.environ.get("LFM_MERGE_READ", "mmap").strip().lower()
