@@ -160,8 +160,8 @@ def test_cpu_thread_count_invariant(dtype):
 @pytest.mark.parametrize("H_in,H_out", [(1024, 1024), (1030, 70), (2816, 1029)])
 def test_cpu_decode_tiles(dtype, per_slot, H_in, H_out):
     """Mixed decode: 1, 2 or 3 tokens per adapter (the four-row shrink and the token-pair
-    expand), ranks that are not multiples of four, interleaved rows, H tails, 16 slots (one
-    whole expand run per tile) and 5 slots (split runs)."""
+    expand), ranks that are not multiples of four, interleaved rows, H tails, 16 slots and 5
+    slots (the expand's runs of column chunks then end inside a tile or span two)."""
     for n_slots in (16, 5):
         ranks = [16, 6, 3, 5, 16][:n_slots] if n_slots == 5 else [16, 6, 3, 5] * 4
         gen = torch.Generator().manual_seed(per_slot * 7 + H_in)

@@ -43,7 +43,6 @@ constexpr int kTileE = 128;        // tokens per expand item (they share one tra
 constexpr int64_t kXTile = 64 << 10;
 constexpr int64_t kMinK = 512;     // smallest H_in chunk when splitting for parallelism
 constexpr int64_t kNChunk = 256;   // H_out columns per expand item
-constexpr int64_t kTargetItems = 32;
 // The shrink splits H_in (partial sums reduced afterwards) only below this many items: a
 // split cuts every A row into pieces, which costs streaming speed (a mixed decode step's
 // 16 one-adapter tiles stream whole rows instead).
@@ -641,20 +640,14 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
     const int n_sl = static_cast<int>(a.slices.size());
     const int64_t n_tiles = static_cast<int64_t>(p.expand_tiles.size());
     if (n_tiles == 0) return;
-    // An item is a run of consecutive kNChunk column chunks of one (slice, tile): each worker
-    // then streams long contiguous stretches of B (a decode tile's B[s] is read once, and
-    // chunk-sized items would hand alternate 16 KiB pieces of it to alternate workers).
-    // Runs are as long as the item count allows (>= kTargetItems items when the chunks
-    // allow it); a column's result does not depend on the run it is in.
-    const int64_t base_items = n_tiles * n_sl;
-    const int64_t runs_per = base_items >= kTargetItems ? 1 : (kTargetItems + base_items - 1) / base_items;
+    // An item is one kNChunk column chunk of one (slice, tile), in (slice, tile, chunk) order,
+    // handed out in contiguous runs (parallel_for_runs): each worker then streams long
+    // stretches of B (a decode tile's B[s] is read once, and chunks handed out in turn would
+    // give alternate 16 KiB pieces of it to alternate workers). A column's result does not
+    // depend on the run it is in.
     std::vector<int64_t> first_item(static_cast<size_t>(n_sl) + 1, 0);  // items per slice vary with H_out
-    std::vector<int64_t> run_len(static_cast<size_t>(n_sl), 1);          // chunks per item
-    for (int si = 0; si < n_sl; ++si) {
-        const int64_t n_chunks = (a.slices[si].H_out + kNChunk - 1) / kNChunk;
-        run_len[si] = std::max<int64_t>(1, (n_chunks + runs_per - 1) / runs_per);
-        first_item[si + 1] = first_item[si] + n_tiles * ((n_chunks + run_len[si] - 1) / run_len[si]);
-    }
+    for (int si = 0; si < n_sl; ++si)
+        first_item[si + 1] = first_item[si] + n_tiles * ((a.slices[si].H_out + kNChunk - 1) / kNChunk);
     const int64_t n_items = first_item[n_sl];
     if (n_items == 0) return;
     int64_t Rmax = 0;
@@ -736,17 +729,13 @@ void expand_from(const LoraArgs& a, const Plan& p, const float* U, int64_t ldR) 
         }
     };
 
-    parallel_for(n_items, workers, [&](int64_t item, int) {
+    parallel_for_runs(n_items, workers, [&](int64_t item, int) {
         int si = 0;
         while (item >= first_item[si + 1]) ++si;
         const Slice& sl = a.slices[static_cast<size_t>(si)];
         const int64_t local = item - first_item[si];
         const int64_t n_chunks = (sl.H_out + kNChunk - 1) / kNChunk;
-        const int64_t n_runs = (n_chunks + run_len[si] - 1) / run_len[si];
-        const int64_t run = local % n_runs;
-        const Tile& tile = p.expand_tiles[static_cast<size_t>(local / n_runs)];
-        const int64_t c1 = std::min(n_chunks, (run + 1) * run_len[si]);
-        for (int64_t chunk = run * run_len[si]; chunk < c1; ++chunk) chunk_body(sl, si, tile, chunk);
+        chunk_body(sl, si, p.expand_tiles[static_cast<size_t>(local / n_chunks)], local % n_chunks);
     });
 }
 
