@@ -74,6 +74,7 @@ struct Scratch {
     std::vector<double> s64, div;  // elected-sign sums; divisors (K > 8 only), float64
     std::vector<uint8_t> keep, keepk;
     std::vector<uint32_t> draws, cand_v;
+    std::vector<uint32_t> qpos, qval;  // per query of the selection scan: candidates' positions, values
 };
 
 // LFM_PROFILE=1 prints the time of each pass to stderr (for tuning; off by default).
@@ -287,19 +288,20 @@ private:
             }
         });
         tt.mark("    sampling");
-        struct Cand {
-            uint32_t v;
-            int64_t e;
-        };
         std::vector<std::vector<Cand>> cands(static_cast<size_t>(nblocks_) * nq);
         std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0), inside(below.size(), 0);
         std::vector<char> single(static_cast<size_t>(nq));
         for (int qi = 0; qi < nq; ++qi) single[static_cast<size_t>(qi)] = lo[qi] == hi[qi];
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
+        // one sweep over the block for every query when the dtypes allow (delta_bracket_many)
+        bool many = nq <= kMaxBracketQueries;
+        for (const lfm_tensor* m : a_.models) many = many && m->dtype == a_.base->dtype;
         parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
+            if (many && bracket_many(queries, lo, hi, single, cap, total, cands, below, inside, s, blk, start, len))
+                return;
             float* b = s.b.data();
             load_f32(ptr(a_.base, start), a_.base->dtype, b, len);
             uint32_t bad = loops_.check_finite(b, len);
@@ -392,6 +394,60 @@ private:
                              static_cast<long long>(nc));
         });
         tt.mark("    finalize");
+    }
+
+    struct Cand {
+        uint32_t v;
+        int64_t e;
+    };
+
+    // The scan of sample_select for one block, every query still in play in one
+    // delta_bracket_many sweep; false when the loops cannot (dtype), nothing done.
+    bool bracket_many(const std::vector<Query>& queries, const std::vector<uint32_t>& lo,
+                      const std::vector<uint32_t>& hi, const std::vector<char>& single, int64_t cap,
+                      std::vector<std::atomic<int64_t>>& total, std::vector<std::vector<Cand>>& cands,
+                      std::vector<int64_t>& below, std::vector<int64_t>& inside, Scratch& s, int64_t blk,
+                      int64_t start, int64_t len) {
+        const int nq = static_cast<int>(queries.size());
+        int act[kMaxBracketQueries];
+        const void* xs[kMaxBracketQueries];
+        uint32_t alo[kMaxBracketQueries], ahi[kMaxBracketQueries];
+        uint32_t* ps[kMaxBracketQueries];
+        uint32_t* vs[kMaxBracketQueries];
+        int64_t cnt[kMaxBracketQueries], bel[kMaxBracketQueries];
+        if (s.qpos.empty()) {
+            s.qpos.resize(static_cast<size_t>(nq) * kBlock);
+            s.qval.resize(static_cast<size_t>(nq) * kBlock);
+        }
+        int na = 0;
+        for (int qi = 0; qi < nq; ++qi) {
+            if (total[qi].load(std::memory_order_relaxed) > cap) continue;  // overflowed: radix
+            act[na] = qi;
+            xs[na] = ptr(a_.models[queries[qi].model], start);
+            alo[na] = lo[qi];
+            ahi[na] = hi[qi];
+            ps[na] = s.qpos.data() + static_cast<int64_t>(na) * kBlock;
+            vs[na] = s.qval.data() + static_cast<int64_t>(na) * kBlock;
+            ++na;
+        }
+        uint32_t bad = 0;
+        if (!loops_.delta_bracket_many(na, xs, ptr(a_.base, start), a_.base->dtype, alo, ahi, ps, vs, cnt, bel, &bad,
+                                       len))
+            return false;
+        for (int a = 0; a < na; ++a) {
+            const int qi = act[a];
+            const int64_t nc = cnt[a];
+            if (!single[static_cast<size_t>(qi)]) {
+                auto& out = cands[static_cast<size_t>(blk) * nq + qi];
+                out.resize(static_cast<size_t>(nc));
+                for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{vs[a][c], start + ps[a][c]};
+            }
+            below[static_cast<size_t>(blk) * nq + qi] = bel[a];
+            inside[static_cast<size_t>(blk) * nq + qi] = nc;
+            total[qi].fetch_add(nc, std::memory_order_relaxed);
+        }
+        if (bad) nonfinite(start, len);
+        return true;
     }
 
     void run_queries(std::vector<Query>& queries) {
@@ -790,6 +846,16 @@ private:
                          a_.sparsifier == Sparsifier::MagnitudeOutliers;
         // flat index bounds made block-local and clamped to [-1, len] (as cut_keep does)
         auto local = [&](int64_t e) { return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(e - start, -1), len)); };
+        // The keep rule this block needs (DirectBlock::KeepRule): every model kept whole ->
+        // kKeepAll; every boundary value's index range covering the whole block or none of
+        // it -> kKeepRange, the bound made inclusive or exclusive for the block (the values
+        // are integers: v > lo is v >= lo + 1); otherwise (the block holding a boundary's
+        // first or last index) the full cut.
+        bool every_all = true, range = true;
+        uint32_t rlo[8], rhi[8];
+        const int32_t last = static_cast<int32_t>(len) - 1;
+        auto whole = [&](int32_t j0, int32_t j1) { return j0 <= 0 && j1 >= last; };
+        auto empty = [&](int32_t j0, int32_t j1) { return j1 < 0 || j0 > last || j0 > j1; };
         for (int i = 0; i < K_; ++i) {
             d.x[i] = ptr(a_.models[i], start);
             if (!cut) {
@@ -806,6 +872,27 @@ private:
             d.lo_j1[i] = all ? static_cast<int32_t>(len) : local(c.lo_emax);
             d.hi_j0[i] = all ? -1 : local(c.hi_emin);
             d.hi_j1[i] = all ? static_cast<int32_t>(len) : local(c.hi_emax);
+            every_all = every_all && all;
+            rlo[i] = d.lo_v[i];
+            rhi[i] = d.hi_v[i];
+            if (all || c.none) continue;  // already a plain range
+            const bool lo_in = whole(d.lo_j0[i], d.lo_j1[i]), hi_in = whole(d.hi_j0[i], d.hi_j1[i]);
+            if (!(lo_in || empty(d.lo_j0[i], d.lo_j1[i])) || !(hi_in || empty(d.hi_j0[i], d.hi_j1[i]))) {
+                range = false;
+                continue;
+            }
+            const bool none = (!lo_in && rlo[i] == 0xffffffffu) || (!hi_in && rhi[i] == 0u);
+            rlo[i] = none ? 1u : lo_in ? rlo[i] : rlo[i] + 1u;
+            rhi[i] = none ? 0u : hi_in ? rhi[i] : rhi[i] - 1u;
+        }
+        if (!cut) {
+            d.keep_rule = DirectBlock::kKeepBytes;
+        } else if (every_all) {
+            d.keep_rule = DirectBlock::kKeepAll;
+        } else if (range) {
+            d.keep_rule = DirectBlock::kKeepRange;
+            std::copy(rlo, rlo + K_, d.lo_v);
+            std::copy(rhi, rhi + K_, d.hi_v);
         }
         const int64_t r = loops_.merge_direct(d, len);
         if (r < 0) nonfinite(start, len);

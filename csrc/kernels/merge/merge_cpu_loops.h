@@ -16,6 +16,10 @@ namespace lfm::merge {
 // One block of the merge pass, straight from the input bytes (merge_direct): every model,
 // the base and the output share one dtype (bf16 or f32), K <= 8, and the election, when
 // there is one, is the weighted one with the agreement-pattern table.
+// delta_bracket_many's limits: queries per sweep (two per model for K <= 8) and elements
+constexpr int kMaxBracketQueries = 16;
+constexpr int64_t kMaxBracketLen = 4096;
+
 struct DirectBlock {
     int K = 0;
     lfm_dtype dtype = LFM_DTYPE_F32;  // of the base, every model and the output
@@ -27,6 +31,13 @@ struct DirectBlock {
     const uint8_t* keep[8] = {};
     uint32_t lo_v[8] = {}, hi_v[8] = {};
     int32_t lo_j0[8] = {}, lo_j1[8] = {}, hi_j0[8] = {}, hi_j1[8] = {};
+    // How much of the keep rule this block needs (merge_cpu.cpp decides per block; the
+    // result is the same either way, the simpler rules only skip work):
+    //   kKeepBytes: keep[i]; kKeepCut: the full cut above; kKeepRange: lo_v <= v <= hi_v
+    //   alone (no boundary value has its index range inside this block); kKeepAll: every
+    //   element of every model is kept (no sparsifier).
+    enum KeepRule : int { kKeepBytes, kKeepCut, kKeepRange, kKeepAll };
+    KeepRule keep_rule = kKeepCut;
     bool consensus = false;  // TIES election (weighted, table) or the plain weighted sum
     const float* coef = nullptr;   // [K] fp32(w_i * f_i)
     const double* w = nullptr;     // [K] election weights (consensus)
@@ -53,7 +64,18 @@ struct LoopTable {
     // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 or float32 x (float16
     // returns -1: the caller materialises its float32 deltas); vals (len elements, scratch)
     // ends with the |delta| bits of candidate pos[c] at c. *bad is set when a delta is NaN/Inf.
+    // When lo == hi only the counts are computed (pos and vals are left unspecified): the
+    // caller needs no candidates for a one-value bracket.
     int64_t (*delta_bracket)(const void* x, lfm_dtype dt, const float* b, uint32_t lo, uint32_t hi, uint32_t* pos, uint32_t* vals, int64_t* below, uint32_t* bad, int64_t len);
+    // delta_bracket for nq queries over one block in one sweep, the base read from its bytes
+    // (bf16 or f32, the dtype of the base and of every x[q]): query q brackets delta =
+    // fp32(x[q]) - fp32(base) with [lo[q], hi[q]], writing count[q], below[q] and (lo < hi)
+    // its candidates to pos[q] / vals[q] (len elements of scratch each). *bad is set when the
+    // base or a delta is NaN/Inf. Returns false, doing nothing, for another dtype, more than
+    // kMaxBracketQueries queries or more than kMaxBracketLen elements.
+    bool (*delta_bracket_many)(int nq, const void* const* x, const void* base, lfm_dtype dt, const uint32_t* lo,
+                               const uint32_t* hi, uint32_t* const* pos, uint32_t* const* vals, int64_t* count,
+                               int64_t* below, uint32_t* bad, int64_t len);
     // number of j with |x[j]| bits == v
     int64_t (*count_equal_abs)(const float* x, uint32_t v, int64_t len);
     // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
