@@ -4,7 +4,7 @@ K fine-tuned 7B-layer tensors (bf16) merged into their base with each method:
   ours        lfm_engine.merge_tensors(backend="cpu"), all cores
   torch       lfm_engine.baselines.torch_merge (mergekit's way: stacked deltas, topk, ...)
 Bytes: one pass reads base + K models and writes the output,
-(K+1)*n*2 + n*2 for bf16. The kernel makes `passes` read passes (see PASSES); the
+(K+1)*n*2 + n*2 for bf16 (linear has no base: K*n*2 + n*2). The kernel makes `passes` read passes (see PASSES); the
 "% copy" column divides the bytes of one pass by the time; "per pass" divides all the
 bytes the kernel streams, which is what the floor is made of.
 
@@ -64,16 +64,17 @@ def main(argv=None) -> int:
         others = [(base.float() + 0.01 * torch.randn(shape, generator=g)).to(torch.bfloat16)
                   for _ in range(args.k)]
         n = base.numel()
-        one_pass = (args.k + 1) * n * 2 + n * 2
         for method in args.methods.split(","):
             kw = method_kwargs(method)
             b = None if method == "linear" else base
+            n_in = args.k + (b is not None)  # linear reads no base
+            one_pass = n_in * n * 2 + n * 2
             case = f"{method} {shape_s}"
             out = torch.empty(shape, dtype=torch.bfloat16)
             t = time_fn(lambda: merge_tensors(b, others, method, name="w", out=out, **kw), reps=args.reps)
             passes = PASSES[method]
             rep.add(case, "ours-cpu", t, one_pass, passes=passes,
-                    per_pass_gbps=((args.k + 1) * n * 2 * passes + n * 2) / t / 1e9)
+                    per_pass_gbps=(n_in * n * 2 * passes + n * 2) / t / 1e9)
             if not args.no_torch:
                 p = resolve_merge_params(method, args.k, name="w", **kw)
                 tt = time_fn(lambda: merge_tensors_torch_multipass(b, others, p), reps=max(1, args.reps - 1),
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
             if args.cpu_time:
                 ct = _cpu_time(lambda: merge_tensors(b, others, method, name="w", out=out, n_threads=1, **kw),
                                args.reps)
-                cpu_rows.append((case, passes, ct, (args.k + 1) * n * 2 * passes + n * 2))
+                cpu_rows.append((case, passes, ct, n_in * n * 2 * passes + n * 2))
             print(f"  done {case}", file=sys.stderr, flush=True)
     # This VM's copy speed drifts by +-20 % within minutes: measure it again after the
     # kernels and divide by the faster of the two (the conservative figure).

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,6 +199,47 @@ def test_election_merge_pass_every_k_and_a_ragged_tail(method, k, dtype):
         assert n_bad == n_first, (level, n_bad, n_first)
     # the overflow really happened and was counted (breadcrumbs drops those largest deltas)
     assert n_first > 0 or method == "breadcrumbs_ties"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "dare_linear", "breadcrumbs"])
+def test_weighted_sum_merge_pass_every_k_and_a_ragged_tail(method, k, dtype):
+    """The one-sweep weighted-sum merge (AVX-512 intrinsics for any K <= 8, the generic
+    loop elsewhere) under each keep rule (everything, drawn bytes, the magnitude cut): the
+    same bits at every level, the same count of outputs that overflow the dtype, and the
+    reference's values."""
+    from lfm_engine.io.safetensors import as_numpy
+    from lfm_engine.ops.merge import merge_arrays_counted
+
+    shape = (601, 509)
+    base, models = _grid_models(shape, dtype, k=k, seed=10 + k)
+    big = torch.zeros(shape, dtype=torch.bool)
+    big[7, :33] = True
+    fmax = torch.finfo(dtype).max
+    if method != "linear":  # b + lam * delta past the largest finite value
+        base = torch.where(big, torch.tensor(fmax * 0.75, dtype=dtype), base)
+        models = [torch.where(big, torch.tensor(fmax, dtype=dtype), m) for m in models]
+    weights = [0.3, 0.1, 0.7, 0.5, 0.2, 0.9, 0.4, 0.6][:k]
+    kw = dict(METHOD_KW[method], weights=weights, name="model.layers.0.mlp.up_proj.weight")  # DARE's draws
+    if method != "linear":
+        kw["lam"] = 5.0  # b + 5 * 0.3 * 0.25 max overflows even for K = 1
+    dt = str(dtype)[6:]
+    b = None if method == "linear" else (as_numpy(base), dt)
+    outs = {}
+    for level in LEVELS:
+        lfm_engine.set_simd_level(level)
+        outs[level] = merge_arrays_counted(b, [(as_numpy(m), dt) for m in models], method, out_dtype=dt, **kw)
+    first, n_first = outs[LEVELS[0]]
+    for level, (o, n_bad) in outs.items():
+        assert o.tobytes() == first.tobytes(), f"{method} K={k} differs between {LEVELS[0]} and {level}"
+        assert n_bad == n_first, (level, n_bad, n_first)
+    assert n_first > 0 or method in ("linear", "breadcrumbs")  # breadcrumbs drops the largest deltas
+    ref = merge_tensors(None if method == "linear" else base, models, method, backend="reference", **kw)
+    got = torch.from_numpy(first.view(np.int16)).view(torch.bfloat16) if dtype == torch.bfloat16 \
+        else torch.from_numpy(first)
+    finite = torch.isfinite(ref.to(dtype)) & torch.isfinite(got)
+    assert_close(got[finite], ref.to(dtype)[finite], dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
