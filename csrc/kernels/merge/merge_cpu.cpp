@@ -702,9 +702,11 @@ private:
             mbytes_ = (K_ + 7) / 8;
             mask_.assign(static_cast<size_t>(n_) * mbytes_, 0);
         }
-        // DARE with K <= 8 and one dtype (bf16 or f32): one sweep per model and block from
-        // the input bytes where the SIMD level has it (loops_.dare_l1_block)
-        bool one_sweep = store && mbytes_ == 1 && a_.base;
+        // DARE (drawing its masks) or DELLA (reading them) with K <= 8 and one dtype (bf16 or
+        // f32): one sweep per model and block from the input bytes where the SIMD level has
+        // it (loops_.l1_block)
+        const bool della = a_.sparsifier == Sparsifier::Della;
+        bool one_sweep = (store || della) && mbytes_ == 1 && a_.base;
         for (const lfm_tensor* m : a_.models) one_sweep = one_sweep && a_.base && m->dtype == a_.base->dtype;
         parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
@@ -715,13 +717,13 @@ private:
                 for (; i < K_; ++i) {
                     const uint64_t t = thr_[i];
                     uint32_t* dr = nullptr;
-                    if (t < 0x100000000ull) {
+                    if (!della && t < 0x100000000ull) {
                         dr = s.draws.data();
                         fill_draws(a_.stream[i], start, len, dr);
                     }
-                    if (!loops_.dare_l1_block(ptr(a_.models[i], start), ptr(a_.base, start), a_.base->dtype, dr,
-                                              static_cast<uint32_t>(t), mask_.data() + start, static_cast<uint8_t>(1u << i),
-                                              &tot[blk * K_ + i], &kept[blk * K_ + i], &bad, len))
+                    if (!loops_.l1_block(ptr(a_.models[i], start), ptr(a_.base, start), a_.base->dtype, dr,
+                                         static_cast<uint32_t>(t), mask_.data() + start, static_cast<uint8_t>(1u << i),
+                                         della, &tot[blk * K_ + i], &kept[blk * K_ + i], &bad, len))
                         break;  // not at this level: the same for every model
                 }
                 if (bad) nonfinite(start, len);

@@ -126,7 +126,7 @@ namespace {
         name, &ns::sub_check, &ns::check_finite, &ns::cut_keep, &ns::bracket, &ns::delta_bracket,     \
             &ns::delta_bracket_many, \
             &ns::count_equal_abs, &ns::draws_below, &ns::weigh, &ns::weigh_add, &ns::elect_add64,         \
-            &ns::sign_of, &ns::agree_add_bits, &ns::agree_add_div, &ns::scale_by_table, &ns::l1_sums, &ns::dare_l1_block, \
+            &ns::sign_of, &ns::agree_add_bits, &ns::agree_add_div, &ns::scale_by_table, &ns::l1_sums, &ns::l1_block, \
             &ns::or_bit, &ns::divide_guarded, &ns::finish, &ns::scale, &ns::fused_ties, \
             &ns::merge_direct, &ns::della_keep_row, philox                                              \
     }

@@ -99,14 +99,15 @@ struct LoopTable {
     // *tot = sum |x|, *kept = sum over keep of |x|, in float64 with 8 interleaved partial
     // sums combined in a fixed order (vectorizes; the result depends only on the block).
     void (*l1_sums)(const float* x, const uint8_t* keep, int64_t len, double* tot, double* kept);
-    // DARE's norm pass for one model over one block in one sweep from the input bytes (bf16 or
-    // f32, base and x alike): keep = draws[j] < thr (draws == nullptr: every element kept),
-    // m[j] |= keep ? bit : 0, and *tot / *kept = what l1_sums gives for delta = fp32(x) -
-    // fp32(base) and those keep flags (same lanes, same order: the same bits); *bad is set
-    // when the base or a delta is NaN/Inf. Returns false, doing nothing, for another dtype
-    // or where the level has no such sweep (the caller then takes the separate loops).
-    bool (*dare_l1_block)(const void* x, const void* base, lfm_dtype dt, const uint32_t* draws, uint32_t thr,
-                          uint8_t* m, uint8_t bit, double* tot, double* kept, uint32_t* bad, int64_t len);
+    // The L1 norm pass for one model over one block in one sweep from the input bytes (bf16 or
+    // f32, base and x alike). The keep flags: read_mask (DELLA's stored masks): keep = m[j] &
+    // bit; else (DARE) keep = draws[j] < thr (draws == nullptr: every element kept) and
+    // m[j] |= keep ? bit : 0. *tot / *kept = what l1_sums gives for delta = fp32(x) -
+    // fp32(base) and those flags (same lanes, same order: the same bits); *bad is set when
+    // the base or a delta is NaN/Inf. Returns false, doing nothing, for another dtype or
+    // where the level has no such sweep (the caller then takes the separate loops).
+    bool (*l1_block)(const void* x, const void* base, lfm_dtype dt, const uint32_t* draws, uint32_t thr, uint8_t* m,
+                     uint8_t bit, bool read_mask, double* tot, double* kept, uint32_t* bad, int64_t len);
     // m[j * stride] |= keep[j] ? bit : 0
     void (*or_bit)(const uint8_t* keep, uint8_t bit, uint8_t* m, int64_t stride, int64_t len);
     // mixed /= (|div| < 1e-8 ? 1 : div)
