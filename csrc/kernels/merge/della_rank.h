@@ -8,7 +8,8 @@
 // element (thr[first] > draw: kept whatever the rank; thr[last] <= draw: dropped). Only
 // the bins where some draw falls between the two ends are ranked exactly (their members
 // sorted by (value, column), or taken in column order when their values are all equal,
-// as in tie-heavy bf16 deltas). Same decisions as a full sort.
+// as in tie-heavy bf16 deltas, or, when only a few draws are undecided, each of those
+// members' rank counted among the bin's members). Same decisions as a full sort.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -21,8 +22,9 @@ struct DellaRowScratch {
     std::vector<uint32_t> first;   // [bins] rank of the bin's first element
     std::vector<uint64_t> tlo, thi;  // [bins] thr at the bin's first and last rank
     std::vector<uint8_t> unsure;     // [cols] the draw lies between its bin's two thresholds
-    std::vector<uint8_t> straddle;   // [bins] some draw lies between the bin's two thresholds
+    std::vector<uint32_t> straddle;  // [bins] members whose draw lies between the bin's two thresholds
     std::vector<uint32_t> mem, fill;  // [cols] columns grouped by bin; [bins] scatter cursors
+    std::vector<uint32_t> mval;       // [cols] the value of mem's column
     std::vector<uint64_t> keys;       // (value << 32 | column) of one bin being ranked
 };
 
