@@ -242,6 +242,26 @@ def test_weighted_sum_merge_pass_every_k_and_a_ragged_tail(method, k, dtype):
     assert_close(got[finite], ref.to(dtype)[finite], dtype)
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_sample_select_with_mixed_input_dtypes(method):
+    """Over 2^18 elements the selection brackets from a sample; models whose dtype differs
+    from the base's (here bf16 base, f32 / bf16 / f16 models) take the per-model scan over
+    float32 scratch instead of the one sweep from the bytes: the same bits at every level
+    and the reference's values."""
+    base, models = _grid_models((600, 512), torch.bfloat16, k=3, seed=21)
+    models = [models[0].float(), models[1], models[2].to(torch.float16)]
+    kw = dict(METHOD_KW[method], weights=WEIGHTS, name="model.layers.0.mlp.up_proj.weight")
+    outs = {}
+    for level in LEVELS:
+        lfm_engine.set_simd_level(level)
+        outs[level] = merge_tensors(base, models, method, **kw)
+    first = outs[LEVELS[0]]
+    for level, o in outs.items():
+        assert torch.equal(_bits(o), _bits(first)), f"{method} differs between {LEVELS[0]} and {level}"
+    ref = merge_tensors(base, models, method, backend="reference", **kw)
+    assert_close(first, ref.to(first.dtype), first.dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_one_value_bracket_keeps_the_lowest_flat_indices(dtype, n_threads):
