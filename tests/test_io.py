@@ -267,6 +267,7 @@ def test_model_plus_lora_applies_modules_to_save(tmp_path):
 # ----------------------------------------------------------------------------- torch-free merge
 
 _TORCH_IMPORT = re.compile(r"\|\s+torch(\.|$)", re.M)
+_TRITON_IMPORT = re.compile(r"\|\s+triton(\.|$)", re.M)
 
 
 def _run_cli(args, tmp_path):
@@ -302,6 +303,8 @@ def test_cpu_merge_never_imports_torch_and_matches_the_torch_path(bf16_family, t
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     log = _run_cli(["merge", "c.yml", "out", "--quiet", "--seed", "7", "--out-shard-size", "20KB"], tmp_path)
     assert not _TORCH_IMPORT.search(log), "lfm-engine merge imported torch on the CPU path"
+    # nor Triton (probing it for the CUDA default cost 0.13 s of every merge)
+    assert not _TRITON_IMPORT.search(log), "lfm-engine merge imported triton on the CPU path"
     got = load_folder(str(tmp_path / "out"))
     base, fts = load_folder(paths[0]), [load_folder(p) for p in paths[1:]]
     for n, b in base.items():

@@ -177,7 +177,8 @@ def merge_tensors(
     dt = _tensor.parse_dtype(out_dtype) or ref.dtype
     _check_out_dtype(dt)
     # default: the C++ kernel on the CPU; on a GPU the CUDA kernel when built, else Triton
-    name_ = pick_backend("merge_tensors", BACKENDS, ref.device, backend, default_backends(BACKENDS))
+    name_ = pick_backend("merge_tensors", BACKENDS, ref.device, backend,
+                         default_backends(BACKENDS, device_type=ref.device.type))
     # The kernels take contiguous inputs; a strided view is copied here (documented cost).
     xs = [x.contiguous() for x in xs]
     b = b.contiguous() if b is not None else None
@@ -227,7 +228,7 @@ def merge_arrays_counted(base: Optional[Array], others: Sequence[Array], method:
     out_dt = _dt.of(out_dtype)
     _check_out_dtype(out_dt)
     shape = tuple((b or xs[0])[0].shape)
-    name_ = pick_backend("merge_tensors", BACKENDS, CPU_DEVICE, backend, default_backends(BACKENDS))
+    name_ = pick_backend("merge_tensors", BACKENDS, CPU_DEVICE, backend, default_backends(BACKENDS, device_type="cpu"))
     if name_ != "cpu":
         from lfm_engine.io.safetensors import as_numpy, as_torch
 
