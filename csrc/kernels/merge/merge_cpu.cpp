@@ -707,7 +707,7 @@ private:
         // it (loops_.l1_block)
         const bool della = a_.sparsifier == Sparsifier::Della;
         bool one_sweep = (store || della) && mbytes_ == 1 && a_.base;
-        for (const lfm_tensor* m : a_.models) one_sweep = one_sweep && a_.base && m->dtype == a_.base->dtype;
+        for (const lfm_tensor* m : a_.models) one_sweep = one_sweep && m->dtype == a_.base->dtype;
         parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
