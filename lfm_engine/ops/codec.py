@@ -226,7 +226,7 @@ def _pick_decode(enc: Encoded, device: torch.device, backend: Optional[str]) -> 
             raise ValueError(f"decode: backend '{backend}' has no kernel for codec '{enc.codec}' "
                              f"(kernels exist for {', '.join(NATIVE_CODECS)}); use backend='reference'")
         return "reference"
-    return pick_backend("decode", DECODE_BACKENDS, device, backend, default_backends(DECODE_BACKENDS))
+    return pick_backend("decode", DECODE_BACKENDS, device, backend, default_backends(DECODE_BACKENDS, device_type=device.type))
 
 
 def decode_delta(enc: Encoded, *, out_dtype=torch.float32, device=None, backend: Optional[str] = None,
@@ -372,7 +372,7 @@ def delta_apply(x: torch.Tensor, deltas: Sequence[Encoded], token_slot: torch.Te
         return y
     if not y.is_contiguous():
         raise ValueError("delta_apply: y must be contiguous (it is updated in place)")
-    name = pick_backend("delta_apply", APPLY_BACKENDS, x.device, backend, default_backends(APPLY_BACKENDS))
+    name = pick_backend("delta_apply", APPLY_BACKENDS, x.device, backend, default_backends(APPLY_BACKENDS, device_type=x.device.type))
     if name in ("cpu", "triton") and n_threads == 0 and (name == "cpu") == (x.device.type == "cpu"):
         # through the registered torch op (what a compiled model records)
         args = [_native_args(e) for e in deltas]

@@ -122,7 +122,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     x may be any strided view (it is read once into an fp32 block).
     """
     M = _check(x, weight, bias)
-    name = pick_backend("skinny_linear", BACKENDS, x.device, backend, default_backends(BACKENDS, _NATIVE_OK))
+    name = pick_backend("skinny_linear", BACKENDS, x.device, backend, default_backends(BACKENDS, _NATIVE_OK, device_type=x.device.type))
     x2 = x.reshape(M, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()

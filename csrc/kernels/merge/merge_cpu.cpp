@@ -336,10 +336,7 @@ private:
                 int64_t nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi],
                                                   cj, cv, &nb, &bad, len);
                 if (nc >= 0) {
-                    if (!single[qi]) {
-                        out.resize(static_cast<size_t>(nc));
-                        for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{cv[c], start + cj[c]};
-                    }
+                    if (!single[qi]) keep_cands(out, cv, cj, nc, start);
                 } else {
                     if (!(loaded >> m & 1u)) {
                         load_f32(ptr(a_.models[m], start), a_.models[m]->dtype, x, len);
@@ -418,6 +415,13 @@ private:
         int64_t e;
     };
 
+    // A block's nc bracket candidates (values, block-local positions) as (value, flat index).
+    static void keep_cands(std::vector<Cand>& out, const uint32_t* vals, const uint32_t* pos, int64_t nc,
+                           int64_t start) {
+        out.resize(static_cast<size_t>(nc));
+        for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{vals[c], start + pos[c]};
+    }
+
     // The scan of sample_select for one block, every query still in play in one
     // delta_bracket_many sweep; false when the loops cannot (dtype), nothing done.
     bool bracket_many(const std::vector<Query>& queries, const std::vector<uint32_t>& lo,
@@ -454,11 +458,7 @@ private:
         for (int a = 0; a < na; ++a) {
             const int qi = act[a];
             const int64_t nc = cnt[a];
-            if (!single[static_cast<size_t>(qi)]) {
-                auto& out = cands[static_cast<size_t>(blk) * nq + qi];
-                out.resize(static_cast<size_t>(nc));
-                for (int64_t c = 0; c < nc; ++c) out[static_cast<size_t>(c)] = Cand{vs[a][c], start + ps[a][c]};
-            }
+            if (!single[static_cast<size_t>(qi)]) keep_cands(cands[static_cast<size_t>(blk) * nq + qi], vs[a], ps[a], nc, start);
             below[static_cast<size_t>(blk) * nq + qi] = bel[a];
             inside[static_cast<size_t>(blk) * nq + qi] = nc;
             total[qi].fetch_add(nc, std::memory_order_relaxed);
