@@ -17,6 +17,7 @@
 // bit-identical for any number of threads.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <ctime>
 #include <cstdio>
 #include <cstdlib>
@@ -81,11 +82,15 @@ struct Scratch {
 struct PhaseTimer {
     bool on = std::getenv("LFM_PROFILE") != nullptr;
     std::clock_t t = std::clock();  // CPU time: meaningful on a busy machine with one thread
+    std::chrono::steady_clock::time_point w = std::chrono::steady_clock::now();  // wall: shows serial parts
     void mark(const char* what) {
         if (!on) return;
         std::clock_t now = std::clock();
-        std::fprintf(stderr, "[lfm merge] %-12s %8.2f ms cpu\n", what, 1e3 * double(now - t) / CLOCKS_PER_SEC);
+        const auto wnow = std::chrono::steady_clock::now();
+        std::fprintf(stderr, "[lfm merge] %-12s %8.2f ms cpu %8.2f ms wall\n", what, 1e3 * double(now - t) / CLOCKS_PER_SEC,
+                     std::chrono::duration<double, std::milli>(wnow - w).count());
         t = now;
+        w = wnow;
     }
 };
 
@@ -572,11 +577,19 @@ private:
         std::memcpy(draws, words.data() + (start & 3), static_cast<size_t>(len) * 4);
     }
 
+    // ---- stored masks (DARE's draws, DELLA's ranks) ---------------------------------
+    // Left uninitialised here: each parallel task zeroes its own range before setting
+    // bits, so the first touch of ~n bytes is spread over the threads instead of one
+    // serial memset (~10 ms of DARE's 11008x4096 norm pass on two threads).
+    void alloc_mask() {
+        mbytes_ = (K_ + 7) / 8;
+        mask_.reset(new uint8_t[static_cast<size_t>(n_ * mbytes_)]);
+    }
+
     // ---- DELLA masks ---------------------------------------------------------------
     void della_masks() {
         const int64_t rows = a_.rows, cols = a_.cols;
-        mbytes_ = (K_ + 7) / 8;
-        mask_.assign(static_cast<size_t>(n_) * mbytes_, 0);
+        alloc_mask();
         // keep threshold per (model, rank), merge_plan.h
         std::vector<std::vector<uint64_t>> thr(static_cast<size_t>(K_));
         for (int i = 0; i < K_; ++i) thr[i] = della_thresholds(cols, a_.d[i], a_.eps[i]);
@@ -594,6 +607,7 @@ private:
             idx2.resize(cols);
             draws.resize(cols);
             const int64_t start = row * cols;
+            std::memset(mask_.get() + start * mbytes_, 0, static_cast<size_t>(cols * mbytes_));
             load_f32(ptr(a_.base, start), a_.base->dtype, b.data(), cols);
             for (int i = 0; i < K_; ++i) {
                 load_f32(ptr(a_.models[i], start), a_.models[i]->dtype, x.data(), cols);
@@ -601,7 +615,7 @@ private:
                 for (int64_t j = 0; j < cols; ++j) keys[j] = f32_bits(x[j]) & 0x7fffffffu;
                 fill_draws(a_.stream[i], start, cols, draws.data());
                 const uint64_t* t = thr[i].data();
-                uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
+                uint8_t* m = mask_.get() + start * mbytes_ + (i >> 3);
                 const uint8_t bit = static_cast<uint8_t>(1u << (i & 7));
                 // almost every row: decided from a histogram of its values (della_rank.h)
                 if (loops_.della_keep_row(keys.data(), draws.data(), t, cols, keep.data(), rs)) {
@@ -683,7 +697,7 @@ private:
     }
 
     void mask_bits(int i, int64_t start, int64_t len, uint8_t* k) const {
-        const uint8_t* m = mask_.data() + start * mbytes_ + (i >> 3);
+        const uint8_t* m = mask_.get() + start * mbytes_ + (i >> 3);
         const int sh = i & 7;
         if (mbytes_ == 1) {  // K <= 8: contiguous bytes, so the loop vectorizes
             for (int64_t j = 0; j < len; ++j) k[j] = (m[j] >> sh) & 1u;
@@ -698,10 +712,7 @@ private:
         // DARE: keep the drawn masks (ceil(K/8) bytes per element) so the merge pass
         // reads them instead of drawing again (Philox is most of DARE's cost).
         const bool store = a_.sparsifier == Sparsifier::Random;
-        if (store) {
-            mbytes_ = (K_ + 7) / 8;
-            mask_.assign(static_cast<size_t>(n_) * mbytes_, 0);
-        }
+        if (store) alloc_mask();
         // DARE (drawing its masks) or DELLA (reading them) with K <= 8 and one dtype (bf16 or
         // f32): one sweep per model and block from the input bytes where the SIMD level has
         // it (loops_.l1_block)
@@ -711,6 +722,7 @@ private:
         parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
+            if (store) std::memset(mask_.get() + start * mbytes_, 0, static_cast<size_t>(len * mbytes_));
             if (one_sweep) {
                 uint32_t bad = 0;
                 int i = 0;
@@ -722,7 +734,7 @@ private:
                         fill_draws(a_.stream[i], start, len, dr);
                     }
                     if (!loops_.l1_block(ptr(a_.models[i], start), ptr(a_.base, start), a_.base->dtype, dr,
-                                         static_cast<uint32_t>(t), mask_.data() + start, static_cast<uint8_t>(1u << i),
+                                         static_cast<uint32_t>(t), mask_.get() + start, static_cast<uint8_t>(1u << i),
                                          della, &tot[blk * K_ + i], &kept[blk * K_ + i], &bad, len))
                         break;  // not at this level: the same for every model
                 }
@@ -735,7 +747,7 @@ private:
                 keep_flags(i, start, len, x, s);
                 if (store)
                     loops_.or_bit(s.keep.data(), static_cast<uint8_t>(1u << (i & 7)),
-                                  mask_.data() + start * mbytes_ + (i >> 3), mbytes_, len);
+                                  mask_.get() + start * mbytes_ + (i >> 3), mbytes_, len);
                 double t = 0.0, k = 0.0;
                 loops_.l1_sums(x, s.keep.data(), len, &t, &k);
                 tot[blk * K_ + i] = t;
@@ -979,7 +991,7 @@ private:
     std::vector<Cut> cuts_;
     std::vector<double> factor_;
     std::vector<uint64_t> thr_;
-    std::vector<uint8_t> mask_;
+    std::unique_ptr<uint8_t[]> mask_;  // bit i of byte e * mbytes_ + i / 8: model i keeps e
     int64_t mbytes_ = 0;
     bool random_stored_ = false;  // DARE masks kept in mask_ by l1_factors
     std::atomic<int64_t> nonfinite_out_{0};  // NaN/Inf written to the output
