@@ -282,3 +282,66 @@ def test_one_value_bracket_keeps_the_lowest_flat_indices(dtype, n_threads):
         keep = torch.arange(n).reshape(shape) < k
         want = torch.where(keep, x, base)
         assert torch.equal(_bits(out), _bits(want)), (d, int((out != want).sum()))
+
+
+def _three_magnitude_model(dtype, seed=11):
+    """One model whose |delta| takes three values: 1/256 (about 60 % of the elements),
+    2/256 (40 elements) and 3/256 (about 40 %), random signs. Returns base, x and the count
+    of each magnitude."""
+    shape = (600, 512)  # over the sample-and-bracket threshold
+    n = shape[0] * shape[1]
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randint(-63, 64, shape, generator=g).float() / 64).to(dtype)  # |b| < 1: b +- k/256 exact
+    mag = torch.where(torch.rand(shape, generator=g) < 0.4, 3.0, 1.0).flatten()
+    small = torch.nonzero(mag == 1.0).flatten()
+    mag[small[torch.randperm(len(small), generator=g)[:40]]] = 2.0
+    mag = mag.reshape(shape)
+    sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+    x = (base.float() + sign * mag / 256).to(dtype)
+    assert bool(((x.float() - base.float()).abs() == mag / 256).all())
+    return base, x, mag, {m: int((mag == m).sum()) for m in (1.0, 2.0, 3.0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_two_value_bracket_answers_at_either_end_and_between(dtype, n_threads):
+    """A cut next to the boundary between two heavily tied magnitudes: the sampled bracket
+    is [1/256, 3/256], whose ends are only counted and whose inside (the 40 elements at
+    2/256) is collected. The k-th largest is then the upper end, the value in between or
+    the lower end, by k; each case must keep exactly the spec's elements (every larger
+    |delta|, then the equal ones by lower flat index) at every SIMD level."""
+    base, x, mag, count = _three_magnitude_model(dtype)
+    n = x.numel()
+    flat_mag = mag.flatten()
+    for k, kth in ((count[3.0] - 100, 3.0), (count[3.0] + 20, 2.0), (count[3.0] + 40 + 100, 1.0)):
+        d = (k + 0.5) / n  # floor(d * n) == k
+        above = flat_mag > kth
+        ties = torch.nonzero(flat_mag == kth).flatten()[: k - int(above.sum())]
+        keep = above.clone()
+        keep[ties] = True
+        want = torch.where(keep.reshape(x.shape), x, base)
+        for level in LEVELS:
+            lfm_engine.set_simd_level(level)
+            out = merge_tensors(base, [x], "ties", density=d, n_threads=n_threads)
+            assert torch.equal(_bits(out), _bits(want)), (level, kth, int((out != want).sum()))
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_two_value_bracket_breadcrumbs_matches_reference(method):
+    """breadcrumbs' two cuts (drop the top gamma, keep the next density) on the same three
+    magnitudes, the lower cut next to the 1/256 | 3/256 boundary: same bits at every level,
+    the reference's values."""
+    base, x, _, count = _three_magnitude_model(torch.bfloat16, seed=12)
+    n = x.numel()
+    gamma = 0.01
+    density = (count[3.0] + 20 - int(gamma * n)) / n  # the lower cut lands among the 2/256 values
+    kw = dict(density=density, gamma=gamma, weights=[0.3, 0.7], name="w")
+    outs = {}
+    for level in LEVELS:
+        lfm_engine.set_simd_level(level)
+        outs[level] = merge_tensors(base, [x, x], method, **kw)  # two models, same deltas
+    first = outs[LEVELS[0]]
+    for level, o in outs.items():
+        assert torch.equal(_bits(o), _bits(first)), level
+    ref = merge_tensors(base, [x, x], method, backend="reference", **kw)
+    assert_close(first, ref.to(first.dtype), first.dtype)

@@ -55,10 +55,11 @@ struct Query {
     int64_t c_lt = 0, c_eq = 0;
     bool sampled = false;           // answered by sample_select: tie_idx holds every tie
     std::vector<int64_t> tie_idx;   // flat indices of the elements equal to value, ascending
-    // sample_select with a one-value bracket (lo == hi, common with bf16 deltas): every
-    // candidate is a tie, so only their count per block is kept (eq_blk) and the one tie a
-    // cut needs is found by rereading its block (locate_tie), instead of tie_idx
-    bool single = false;
+    // sample_select answered by an end of its bracket (lo or hi, the heavily tied values
+    // of bf16 deltas), whose elements are counted per block, not collected: only the count
+    // of each block is kept (eq_blk), and the one tie a cut needs is found by rereading its
+    // block (locate_tie), instead of tie_idx
+    bool counted = false;
     std::vector<int64_t> eq_blk;
 };
 
@@ -233,7 +234,7 @@ private:
     // *target = flat index of the ordinal-th tie of q.value: known already for sampled
     // queries, else requested from find_ties.
     void tie_at(const Query& q, int64_t ordinal, int64_t* target, std::vector<TieRequest>& ties) {
-        if (q.sampled && q.single)
+        if (q.sampled && q.counted)
             *target = locate_tie(q.model, q.value, ordinal, q.eq_blk.data(), 1);
         else if (q.sampled)
             *target = q.tie_idx[static_cast<size_t>(ordinal)];
@@ -243,10 +244,11 @@ private:
 
     // Sample-select. From evenly spread runs of each model's |delta| (deterministic), take a
     // bracket [lo, hi] of values around the sampled quantile; one pass counts the elements
-    // below lo and collects those inside the bracket (value, flat index). When the answer
-    // falls inside, sorting the few candidates gives the exact value and every tie's
-    // index (collected in flat order, sorted stably). A miss, or a bracket holding more
-    // than n/16 elements, leaves the query for the radix passes. Exact either way.
+    // below lo, equal to lo and equal to hi, and collects those strictly between (value,
+    // flat index). An answer at an end is known from the counts; one strictly inside from
+    // a selection on the few candidates, with every tie's index (collected in flat order).
+    // A miss, or more than n/16 candidates, leaves the query for the radix passes. Exact
+    // either way.
     void sample_select(std::vector<Query>& queries) {
         const int nq = static_cast<int>(queries.size());
         PhaseTimer tt;
@@ -311,9 +313,7 @@ private:
         });
         tt.mark("    sampling");
         std::vector<std::vector<Cand>> cands(static_cast<size_t>(nblocks_) * nq);
-        std::vector<int64_t> below(static_cast<size_t>(nblocks_) * nq, 0), inside(below.size(), 0);
-        std::vector<char> single(static_cast<size_t>(nq));
-        for (int qi = 0; qi < nq; ++qi) single[static_cast<size_t>(qi)] = lo[qi] == hi[qi];
+        std::vector<BracketCounts> counts(static_cast<size_t>(nblocks_) * nq);  // per (block, query)
         std::vector<std::atomic<int64_t>> total(static_cast<size_t>(nq));
         for (auto& t : total) t.store(0);
         // one sweep over the block for every query when the dtypes allow (delta_bracket_many)
@@ -322,7 +322,7 @@ private:
         parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
-            if (many && bracket_many(queries, lo, hi, single, cap, total, cands, below, inside, s, blk, start, len))
+            if (many && bracket_many(queries, lo, hi, cap, total, cands, counts, s, blk, start, len))
                 return;
             float* b = s.b.data();
             load_f32(ptr(a_.base, start), a_.base->dtype, b, len);
@@ -337,26 +337,22 @@ private:
                 uint32_t* cv = s.cand_v.data();
                 // bf16/f32 bracketed straight from their bytes (once per query: re-reading a
                 // block that is in cache is cheaper than materialising float32 deltas)
-                int64_t nb = 0;
+                BracketCounts& n = counts[static_cast<size_t>(blk) * nq + qi];
                 int64_t nc = loops_.delta_bracket(ptr(a_.models[m], start), a_.models[m]->dtype, b, lo[qi], hi[qi],
-                                                  cj, cv, &nb, &bad, len);
+                                                  cj, cv, &n, &bad, len);
                 if (nc >= 0) {
-                    if (!single[qi]) keep_cands(out, cv, cj, nc, start);
+                    keep_cands(out, cv, cj, nc, start);
                 } else {
                     if (!(loaded >> m & 1u)) {
                         load_f32(ptr(a_.models[m], start), a_.models[m]->dtype, x, len);
                         bad |= loops_.sub_check(x, b, len);
                         loaded |= uint64_t(1) << m;
                     }
-                    nc = loops_.bracket(x, lo[qi], hi[qi], cj, &nb, len);
-                    if (!single[qi]) {
-                        out.resize(static_cast<size_t>(nc));
-                        for (int64_t c = 0; c < nc; ++c)
-                            out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
-                    }
+                    nc = loops_.bracket(x, lo[qi], hi[qi], cj, &n, len);
+                    out.resize(static_cast<size_t>(nc));
+                    for (int64_t c = 0; c < nc; ++c)
+                        out[static_cast<size_t>(c)] = Cand{f32_bits(x[cj[c]]) & 0x7fffffffu, start + cj[c]};
                 }
-                below[static_cast<size_t>(blk) * nq + qi] = nb;
-                inside[static_cast<size_t>(blk) * nq + qi] = nc;
                 total[qi].fetch_add(nc, std::memory_order_relaxed);
             }
             if (bad) nonfinite(start, len);
@@ -368,20 +364,27 @@ private:
             Query& q = queries[qi];
             const int64_t pos = q.pos;
             const int64_t nc = total[qi].load();
-            int64_t nbelow = 0;
-            for (int64_t blk = 0; blk < nblocks_; ++blk) nbelow += below[static_cast<size_t>(blk) * nq + qi];
-            if (pos < nbelow || pos >= nbelow + nc) return;  // the bracket missed
-            if (single[static_cast<size_t>(qi)]) {  // every candidate equals lo: the answer is lo
-                q.value = lo[qi];
-                q.c_lt = nbelow;
-                q.c_eq = nc;
-                q.single = true;
+            int64_t nbelow = 0, nlo = 0, nhi = 0;
+            for (int64_t blk = 0; blk < nblocks_; ++blk) {
+                const BracketCounts& n = counts[static_cast<size_t>(blk) * nq + qi];
+                nbelow += n.below;
+                nlo += n.at_lo;
+                nhi += n.at_hi;
+            }
+            if (pos < nbelow || pos >= nbelow + nlo + nc + nhi) return;  // the bracket missed
+            // the answer at an end of the bracket: its value, counts and ties per block known
+            auto at_end = [&](uint32_t value, int64_t c_lt, int64_t c_eq, int64_t BracketCounts::*per_block) {
+                q.value = value;
+                q.c_lt = c_lt;
+                q.c_eq = c_eq;
+                q.counted = true;
                 q.eq_blk.resize(static_cast<size_t>(nblocks_));
                 for (int64_t blk = 0; blk < nblocks_; ++blk)
-                    q.eq_blk[static_cast<size_t>(blk)] = inside[static_cast<size_t>(blk) * nq + qi];
+                    q.eq_blk[static_cast<size_t>(blk)] = counts[static_cast<size_t>(blk) * nq + qi].*per_block;
                 q.sampled = true;
-                return;
-            }
+            };
+            if (pos < nbelow + nlo) return at_end(lo[qi], nbelow, nlo, &BracketCounts::at_lo);
+            if (pos >= nbelow + nlo + nc) return at_end(hi[qi], nbelow + nlo + nc, nhi, &BracketCounts::at_hi);
             // The pos-th value by a linear-time selection on a copy of the values (the
             // per-block candidate lists are read in place, never concatenated: that copy
             // and per-tie push_backs cost ~10x the selection itself).
@@ -389,7 +392,7 @@ private:
             int64_t o = 0;
             for (int64_t blk = 0; blk < nblocks_; ++blk)
                 for (const Cand& c : cands[static_cast<size_t>(blk) * nq + qi]) vals[static_cast<size_t>(o++)] = c.v;
-            auto nth = vals.begin() + (pos - nbelow);
+            auto nth = vals.begin() + (pos - nbelow - nlo);
             std::nth_element(vals.begin(), nth, vals.end());
             const uint32_t value = *nth;
             q.value = value;
@@ -405,7 +408,7 @@ private:
             for (int64_t blk = 0; blk < nblocks_; ++blk)
                 for (const Cand& c : cands[static_cast<size_t>(blk) * nq + qi])
                     if (c.v == value) q.tie_idx[static_cast<size_t>(t++)] = c.e;
-            q.c_lt = nbelow + lt;
+            q.c_lt = nbelow + nlo + lt;
             q.c_eq = eq;
             q.sampled = true;
             if (tt.on)
@@ -430,17 +433,17 @@ private:
     // The scan of sample_select for one block, every query still in play in one
     // delta_bracket_many sweep; false when the loops cannot (dtype), nothing done.
     bool bracket_many(const std::vector<Query>& queries, const std::vector<uint32_t>& lo,
-                      const std::vector<uint32_t>& hi, const std::vector<char>& single, int64_t cap,
-                      std::vector<std::atomic<int64_t>>& total, std::vector<std::vector<Cand>>& cands,
-                      std::vector<int64_t>& below, std::vector<int64_t>& inside, Scratch& s, int64_t blk,
-                      int64_t start, int64_t len) {
+                      const std::vector<uint32_t>& hi, int64_t cap, std::vector<std::atomic<int64_t>>& total,
+                      std::vector<std::vector<Cand>>& cands, std::vector<BracketCounts>& counts, Scratch& s,
+                      int64_t blk, int64_t start, int64_t len) {
         const int nq = static_cast<int>(queries.size());
         int act[kMaxBracketQueries];
         const void* xs[kMaxBracketQueries];
         uint32_t alo[kMaxBracketQueries], ahi[kMaxBracketQueries];
         uint32_t* ps[kMaxBracketQueries];
         uint32_t* vs[kMaxBracketQueries];
-        int64_t cnt[kMaxBracketQueries], bel[kMaxBracketQueries];
+        int64_t cnt[kMaxBracketQueries];
+        BracketCounts bn[kMaxBracketQueries];
         if (s.qpos.empty()) {
             s.qpos.resize(static_cast<size_t>(nq) * kBlock);
             s.qval.resize(static_cast<size_t>(nq) * kBlock);
@@ -457,15 +460,14 @@ private:
             ++na;
         }
         uint32_t bad = 0;
-        if (!loops_.delta_bracket_many(na, xs, ptr(a_.base, start), a_.base->dtype, alo, ahi, ps, vs, cnt, bel, &bad,
+        if (!loops_.delta_bracket_many(na, xs, ptr(a_.base, start), a_.base->dtype, alo, ahi, ps, vs, cnt, bn, &bad,
                                        len))
             return false;
         for (int a = 0; a < na; ++a) {
             const int qi = act[a];
             const int64_t nc = cnt[a];
-            if (!single[static_cast<size_t>(qi)]) keep_cands(cands[static_cast<size_t>(blk) * nq + qi], vs[a], ps[a], nc, start);
-            below[static_cast<size_t>(blk) * nq + qi] = bel[a];
-            inside[static_cast<size_t>(blk) * nq + qi] = nc;
+            keep_cands(cands[static_cast<size_t>(blk) * nq + qi], vs[a], ps[a], nc, start);
+            counts[static_cast<size_t>(blk) * nq + qi] = bn[a];
             total[qi].fetch_add(nc, std::memory_order_relaxed);
         }
         if (bad) nonfinite(start, len);

@@ -20,6 +20,15 @@ namespace lfm::merge {
 constexpr int kMaxBracketQueries = 16;
 constexpr int64_t kMaxBracketLen = 4096;
 
+// What a bracket scan over [lo, hi] counts on v = |delta| bits: v < lo, v == lo and
+// v == hi (lo < hi only; with lo == hi the value is counted once, in at_lo). Only the
+// values strictly between lo and hi are collected as candidates: the two ends are the
+// heavily tied values of bf16 deltas, and counting them instead of collecting them keeps
+// a bracket whose ends are two such values as cheap as a one-value one.
+struct BracketCounts {
+    int64_t below = 0, at_lo = 0, at_hi = 0;
+};
+
 struct DirectBlock {
     int K = 0;
     lfm_dtype dtype = LFM_DTYPE_F32;  // of the base, every model and the output
@@ -58,24 +67,23 @@ struct LoopTable {
     // Magnitude cut on v = |x[j]| bits at flat index e = start + j: keep iff lo_v <= v <= hi_v,
     // where v == lo_v also needs e in [lo_emin, lo_emax] and v == hi_v needs e in [hi_emin, hi_emax].
     void (*cut_keep)(const float* x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax, uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* keep, int64_t len);
-    // For v = |x[j]| bits: *below = #(v < lo); writes the j with lo <= v <= hi to pos (in
-    // order) and returns how many (branch-free compaction).
-    int64_t (*bracket)(const float* x, uint32_t lo, uint32_t hi, uint32_t* pos, int64_t* below, int64_t len);
+    // For v = |x[j]| bits: adds to *n (BracketCounts) and writes the j with lo < v < hi to
+    // pos (in order), returning how many.
+    int64_t (*bracket)(const float* x, uint32_t lo, uint32_t hi, uint32_t* pos, BracketCounts* n, int64_t len);
     // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 or float32 x (float16
     // returns -1: the caller materialises its float32 deltas); vals (len elements, scratch)
     // ends with the |delta| bits of candidate pos[c] at c. *bad is set when a delta is NaN/Inf.
-    // When lo == hi only the counts are computed (pos and vals are left unspecified): the
-    // caller needs no candidates for a one-value bracket.
-    int64_t (*delta_bracket)(const void* x, lfm_dtype dt, const float* b, uint32_t lo, uint32_t hi, uint32_t* pos, uint32_t* vals, int64_t* below, uint32_t* bad, int64_t len);
+    int64_t (*delta_bracket)(const void* x, lfm_dtype dt, const float* b, uint32_t lo, uint32_t hi, uint32_t* pos,
+                             uint32_t* vals, BracketCounts* n, uint32_t* bad, int64_t len);
     // delta_bracket for nq queries over one block in one sweep, the base read from its bytes
     // (bf16 or f32, the dtype of the base and of every x[q]): query q brackets delta =
-    // fp32(x[q]) - fp32(base) with [lo[q], hi[q]], writing count[q], below[q] and (lo < hi)
-    // its candidates to pos[q] / vals[q] (len elements of scratch each). *bad is set when the
+    // fp32(x[q]) - fp32(base) with [lo[q], hi[q]], adding to n[q] and writing count[q]
+    // candidates to pos[q] / vals[q] (len elements of scratch each). *bad is set when the
     // base or a delta is NaN/Inf. Returns false, doing nothing, for another dtype, more than
     // kMaxBracketQueries queries or more than kMaxBracketLen elements.
     bool (*delta_bracket_many)(int nq, const void* const* x, const void* base, lfm_dtype dt, const uint32_t* lo,
                                const uint32_t* hi, uint32_t* const* pos, uint32_t* const* vals, int64_t* count,
-                               int64_t* below, uint32_t* bad, int64_t len);
+                               BracketCounts* n, uint32_t* bad, int64_t len);
     // number of j with |x[j]| bits == v
     int64_t (*count_equal_abs)(const float* x, uint32_t v, int64_t len);
     // keep[j] = draws[j] < thr (thr <= 2^32 - 1 here)
