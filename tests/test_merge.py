@@ -151,7 +151,7 @@ def _della_rows(cols: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("cols", [255, 256, 1000, 4096])
+@pytest.mark.parametrize("cols", [255, 256, 258, 1000, 1027, 4096])  # 258, 1027: a ragged 16-lane tail
 @pytest.mark.parametrize("density,epsilon", [(0.4, 0.2), (0.5, 0.01), (0.9, 0.09)])
 def test_della_row_histogram_masks_bit_identical(cols, density, epsilon):
     x = _della_rows(cols)
@@ -160,6 +160,18 @@ def test_della_row_histogram_masks_bit_identical(cols, density, epsilon):
     got = kept_mask(base, x, "della_linear", **kw)
     exp = ref_mask(base, x, "della_linear", **kw) & (x != 0)
     assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("cols", [1027, 4096])
+def test_della_row_ranks_of_tied_members_in_column_order(cols):
+    """Many rows of four tied values: each value's members rank in column order, and a wide
+    epsilon makes the thresholds differ across a bin, so a member put at the wrong rank
+    flips its decision somewhere in the 256 rows."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(1, 5, (256, cols), generator=g) / 8.0
+    base = torch.zeros_like(x)
+    kw = dict(density=0.5, epsilon=0.45, seed=78, name="model.layers.1.mlp.down_proj.weight")
+    assert torch.equal(kept_mask(base, x, "della_linear", **kw), ref_mask(base, x, "della_linear", **kw))
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "della_linear"])

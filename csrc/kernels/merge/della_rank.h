@@ -20,9 +20,10 @@ struct DellaRowScratch {
     std::vector<uint16_t> bin;     // [cols] bin of each element
     std::vector<uint32_t> cnt;     // [bins] elements per bin
     std::vector<uint32_t> first;   // [bins] rank of the bin's first element
-    std::vector<uint64_t> tlo, thi;  // [bins] thr at the bin's first and last rank
+    std::vector<uint32_t> tlo, thi;  // [bins] thr at the bin's first and last rank (< 2^32)
     std::vector<uint8_t> unsure;     // [cols] the draw lies between its bin's two thresholds
     std::vector<uint32_t> straddle;  // [bins] members whose draw lies between the bin's two thresholds
+    std::vector<uint32_t> ulist;     // the columns of those members, ascending
     std::vector<uint32_t> mem, fill;  // [cols] columns grouped by bin; [bins] scatter cursors
     std::vector<uint32_t> mval;       // [cols] the value of mem's column
     std::vector<uint64_t> keys;       // (value << 32 | column) of one bin being ranked
