@@ -350,6 +350,11 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         return 0
 
+    unknown = [m for m in args.methods.split(",") if m not in METHOD_PARAMS]
+    if unknown or not args.methods:
+        print(f"bench_merge_models: --methods takes a comma list of {', '.join(METHOD_PARAMS)}; "
+              f"unknown: {', '.join(unknown) or '(empty)'}", file=sys.stderr)
+        return 2
     devices = [d for d in args.devices.split(",") if d]
     bad = [d for d in devices if d not in ("cpu", "cuda")]
     if bad or not devices:
