@@ -721,27 +721,33 @@ private:
         const bool della = a_.sparsifier == Sparsifier::Della;
         bool one_sweep = (store || della) && mbytes_ == 1 && a_.base;
         for (const lfm_tensor* m : a_.models) one_sweep = one_sweep && m->dtype == a_.base->dtype;
+        if (one_sweep) {  // does this level have the sweep for this dtype? (a zero-length call
+            // touches nothing else) Asked once here, so a level without it does not draw
+            // model 0's Philox words in every block only to draw them again below.
+            double t0 = 0.0, k0 = 0.0;
+            uint32_t bad0 = 0;
+            one_sweep = loops_.l1_block(nullptr, nullptr, a_.base->dtype, nullptr, 0, nullptr, 1, della, &t0, &k0,
+                                        &bad0, 0);
+        }
         parallel_for_runs(nblocks_, a_.n_threads, [&](int64_t blk, int slot) {
             Scratch& s = scratch(slot);
             const int64_t start = blk * kBlock, len = block_len(blk);
             if (store) std::memset(mask_.get() + start * mbytes_, 0, static_cast<size_t>(len * mbytes_));
             if (one_sweep) {
                 uint32_t bad = 0;
-                int i = 0;
-                for (; i < K_; ++i) {
+                for (int i = 0; i < K_; ++i) {
                     const uint64_t t = thr_[i];
                     uint32_t* dr = nullptr;
                     if (!della && t < 0x100000000ull) {
                         dr = s.draws.data();
                         fill_draws(a_.stream[i], start, len, dr);
                     }
-                    if (!loops_.l1_block(ptr(a_.models[i], start), ptr(a_.base, start), a_.base->dtype, dr,
-                                         static_cast<uint32_t>(t), mask_.get() + start, static_cast<uint8_t>(1u << i),
-                                         della, &tot[blk * K_ + i], &kept[blk * K_ + i], &bad, len))
-                        break;  // not at this level: the same for every model
+                    loops_.l1_block(ptr(a_.models[i], start), ptr(a_.base, start), a_.base->dtype, dr,
+                                    static_cast<uint32_t>(t), mask_.get() + start, static_cast<uint8_t>(1u << i), della,
+                                    &tot[blk * K_ + i], &kept[blk * K_ + i], &bad, len);
                 }
                 if (bad) nonfinite(start, len);
-                if (i == K_) return;
+                return;
             }
             load(s, start, len);
             for (int i = 0; i < K_; ++i) {

@@ -67,7 +67,7 @@ struct LoopTable {
     // Magnitude cut on v = |x[j]| bits at flat index e = start + j: keep iff lo_v <= v <= hi_v,
     // where v == lo_v also needs e in [lo_emin, lo_emax] and v == hi_v needs e in [hi_emin, hi_emax].
     void (*cut_keep)(const float* x, int64_t start, uint32_t lo_v, int64_t lo_emin, int64_t lo_emax, uint32_t hi_v, int64_t hi_emin, int64_t hi_emax, uint8_t* keep, int64_t len);
-    // For v = |x[j]| bits: adds to *n (BracketCounts) and writes the j with lo < v < hi to
+    // For v = |x[j]| bits: sets *n (BracketCounts) and writes the j with lo < v < hi to
     // pos (in order), returning how many.
     int64_t (*bracket)(const float* x, uint32_t lo, uint32_t hi, uint32_t* pos, BracketCounts* n, int64_t len);
     // bracket() on delta = fp32(x) - b computed on the fly from bfloat16 or float32 x (float16
@@ -77,7 +77,7 @@ struct LoopTable {
                              uint32_t* vals, BracketCounts* n, uint32_t* bad, int64_t len);
     // delta_bracket for nq queries over one block in one sweep, the base read from its bytes
     // (bf16 or f32, the dtype of the base and of every x[q]): query q brackets delta =
-    // fp32(x[q]) - fp32(base) with [lo[q], hi[q]], adding to n[q] and writing count[q]
+    // fp32(x[q]) - fp32(base) with [lo[q], hi[q]], setting n[q] and writing count[q]
     // candidates to pos[q] / vals[q] (len elements of scratch each). *bad is set when the
     // base or a delta is NaN/Inf. Returns false, doing nothing, for another dtype, more than
     // kMaxBracketQueries queries or more than kMaxBracketLen elements.
@@ -113,7 +113,8 @@ struct LoopTable {
     // m[j] |= keep ? bit : 0. *tot / *kept = what l1_sums gives for delta = fp32(x) -
     // fp32(base) and those flags (same lanes, same order: the same bits); *bad is set when
     // the base or a delta is NaN/Inf. Returns false, doing nothing, for another dtype or
-    // where the level has no such sweep (the caller then takes the separate loops).
+    // where the level has no such sweep (the caller then takes the separate loops); a call
+    // with len 0 touches only *tot, *kept and *bad, so it asks that question.
     bool (*l1_block)(const void* x, const void* base, lfm_dtype dt, const uint32_t* draws, uint32_t thr, uint8_t* m,
                      uint8_t bit, bool read_mask, double* tot, double* kept, uint32_t* bad, int64_t len);
     // m[j * stride] |= keep[j] ? bit : 0
